@@ -1,0 +1,1 @@
+"""Control plane: the only place that starts or connects to Ray."""

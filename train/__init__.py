@@ -1,0 +1,1 @@
+"""Customization jobs: JSONL -> Ray Train fine-tuning -> evaluation vs base -> merged, verified ONNX."""

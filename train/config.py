@@ -1,0 +1,239 @@
+"""The customization job's one config: a frozen pydantic model, YAML in, resolved YAML out.
+
+Shaped like the customizer's job spec. Every field is documented; unknown keys and contradictions
+are refused before any work, all problems at once, each naming its key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# The model card's conservative defaults.
+DEFAULT_LEARNING_RATE = 5e-6
+DEFAULT_WEIGHT_DECAY = 0.01
+DEFAULT_TEMPERATURE = 0.02
+RECOMMENDED_EXAMPLES = (5_000, 10_000)
+
+
+class ConfigError(ValueError):
+    """A job config that cannot run; the message lists every problem, one per line, by key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid job config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Prefixes(_Section):
+    query: str | None = Field(None, description="Prepended to queries; null = the model family's default ('query: ' for nemotron, '' otherwise).")
+    passage: str | None = Field(None, description="Prepended to documents; null = the model family's default.")
+
+
+class DatasetConfig(_Section):
+    training: str = Field(description="Training JSONL: one {query, pos_doc, neg_doc: [...]} per line.")
+    validation: str | None = Field(None, description="Validation JSONL, same format; when absent a split is taken off the training file.")
+    evaluation: str | None = Field(None, description="BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv) for base-vs-tuned evaluation; when absent the validation set is used.")
+    validation_fraction: float = Field(0.05, gt=0, lt=0.5, description="Share of training lines split off for validation when no validation file is given.")
+    max_validation_examples: int = Field(500, gt=0, description="Cap on the validation split taken off the training file.")
+    max_examples: int | None = Field(None, gt=0, description="Use a seeded subsample of this many training lines (after the validation split).")
+
+
+class LoraConfig(_Section):
+    rank: int = Field(16, gt=0, description="LoRA rank r.")
+    alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / rank).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: list[str] | None = Field(None, description="Module names to adapt; null = the family's attention and MLP projections.")
+    merge: bool = Field(True, description="Merge the adapter into the weights before export. Must be true.")
+
+    @field_validator("merge")
+    @classmethod
+    def _merge_only(cls, v: bool) -> bool:
+        if not v:
+            raise ValueError(
+                "must be true: the serving format is one ONNX graph, which cannot hold a standalone "
+                "adapter; set training.lora.merge: true (the adapter is merged into the weights)"
+            )
+        return v
+
+
+class TrainingSection(_Section):
+    training_type: Literal["sft"] = Field("sft", description="Supervised contrastive fine-tuning.")
+    finetuning_type: Literal["all_weights", "lora_merged"] = Field("all_weights", description="Full SFT, or LoRA merged into the weights.")
+    max_seq_length: int = Field(512, gt=0, le=8192, description="Tokens per text; longer texts are truncated during training.")
+    lora: LoraConfig | None = Field(None, description="LoRA settings; only with finetuning_type lora_merged.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    seed: int = Field(42, description="Seed for data order, splits and initialisation.")
+
+    @model_validator(mode="after")
+    def _lora_matches_type(self) -> "TrainingSection":
+        if self.lora is not None and self.finetuning_type != "lora_merged":
+            raise ValueError("training.lora is set but training.finetuning_type is all_weights; set finetuning_type: lora_merged or remove lora")
+        return self
+
+    @property
+    def lora_settings(self) -> LoraConfig:
+        return self.lora or LoraConfig()
+
+
+class Schedule(_Section):
+    epochs: int | None = Field(None, gt=0, description="Passes over the training set (default 1 when max_steps is not set).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; exclusive with epochs.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "Schedule":
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("schedule.epochs and schedule.max_steps are both set; keep one")
+        return self
+
+
+class Batch(_Section):
+    global_batch_size: int = Field(32, gt=0, description="Queries per optimizer step.")
+    micro_batch_size: int | None = Field(None, gt=0, description="Queries per forward pass (gradient accumulation); null = global_batch_size.")
+
+    @model_validator(mode="after")
+    def _divides(self) -> "Batch":
+        micro = self.micro_batch_size
+        if micro is not None and (micro > self.global_batch_size or self.global_batch_size % micro):
+            raise ValueError(f"batch.micro_batch_size ({micro}) must divide batch.global_batch_size ({self.global_batch_size})")
+        return self
+
+    @property
+    def micro(self) -> int:
+        return self.micro_batch_size or self.global_batch_size
+
+
+class Optimizer(_Section):
+    learning_rate: float = Field(DEFAULT_LEARNING_RATE, gt=0, lt=1, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(DEFAULT_WEIGHT_DECAY, ge=0, lt=1, description="AdamW weight decay (matrices only).")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps; null = 10% of the steps. Linear decay after.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+
+
+class Loss(_Section):
+    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, le=1, description="Softmax temperature of the contrastive loss.")
+    negatives_per_query: int = Field(1, ge=0, le=64, description="Hard negatives taken from neg_doc per query (the first ones: hardest first).")
+    in_batch_negatives: bool = Field(False, description="Also contrast each query with the other queries' documents in the batch.")
+    matryoshka_dims: list[int] | None = Field(None, description="Train several embedding sizes at once (e.g. [384, 768, 2048]); null = full size only.")
+    matryoshka_weights: list[float] | None = Field(None, description="Loss weight per Matryoshka size; null = equal.")
+
+    @model_validator(mode="after")
+    def _dims(self) -> "Loss":
+        dims, weights = self.matryoshka_dims, self.matryoshka_weights
+        if dims is not None:
+            if not dims or any(d <= 0 for d in dims) or len(set(dims)) != len(dims):
+                raise ValueError("loss.matryoshka_dims must be distinct positive sizes")
+        if weights is not None and (dims is None or len(weights) != len(dims)):
+            raise ValueError("loss.matryoshka_weights needs one weight per entry of loss.matryoshka_dims")
+        return self
+
+
+class Output(_Section):
+    dir: str = Field(description="Job output directory: checkpoints/, model/, onnx/, eval.json, eval.png, config.yaml.")
+    storage_path: str | None = Field(None, description="Ray Train storage for checkpoints (local dir or pyarrow.fs URI); null = <dir>/checkpoints.")
+    checkpoint_every_steps: int = Field(200, gt=0, description="Save a resumable checkpoint every N optimizer steps.")
+    keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept on storage.")
+    log_every_steps: int = Field(10, gt=0, description="Report loss, lr, examples/s, tokens/s every N steps.")
+    export_fp16: bool = Field(False, description="Also write onnx/model.fp16.onnx for GPU serving.")
+    onnx_opset: int = Field(18, ge=17, description="ONNX opset of the exported graph.")
+
+
+class Resources(_Section):
+    use_gpu: bool | Literal["auto"] = Field("auto", description="Train on a GPU worker; auto = when the Ray cluster has one.")
+    cpus_per_worker: int = Field(1, gt=0, description="CPUs reserved for the training worker.")
+    torch_threads: int | None = Field(None, gt=0, description="Intra-op threads on CPU; null = the cores this process may use.")
+    max_failures: int = Field(3, ge=0, description="Worker failures survived by resuming from the last checkpoint.")
+
+
+class JobConfig(_Section):
+    model: str = Field(description="Base model: a local Hugging Face directory, a Hub id, or all-MiniLM-L6-v2 (packaged).")
+    name: str = Field("rayembed-job", pattern=r"^[A-Za-z0-9_.-]+$", description="Job name (Ray Train run name).")
+    prefixes: Prefixes = Prefixes()
+    dataset: DatasetConfig
+    training: TrainingSection = TrainingSection()
+    schedule: Schedule = Schedule()
+    batch: Batch = Batch()
+    optimizer: Optimizer = Optimizer()
+    loss: Loss = Loss()
+    precision: Literal["bf16-mixed", "fp32"] = Field("bf16-mixed", description="bf16 autocast on GPU; CPU always computes in fp32.")
+    output: Output
+    resources: Resources = Resources()
+
+    def with_absolute_paths(self) -> "JobConfig":
+        """Local paths made absolute, so Ray workers (whose cwd differs) find the same files."""
+        def absolute(p: str | None) -> str | None:
+            return p if p is None or "://" in p else str(Path(p).expanduser().absolute())
+
+        ds = self.dataset.model_copy(update={k: absolute(getattr(self.dataset, k)) for k in ("training", "validation", "evaluation")})
+        out = self.output.model_copy(update={"dir": absolute(self.output.dir), "storage_path": absolute(self.output.storage_path)})
+        model = absolute(self.model) if Path(self.model).expanduser().is_dir() else self.model
+        return self.model_copy(update={"dataset": ds, "output": out, "model": model})
+
+    @property
+    def storage_path(self) -> str:
+        return self.output.storage_path or str(Path(self.output.dir).absolute() / "checkpoints")
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.get(k)
+        if not isinstance(child, dict):
+            child = node[k] = {}
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """`key.sub=value` strings -> (key, YAML-parsed value)."""
+    out = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError([f"--set {pair!r}: expected key=value (e.g. optimizer.learning_rate=2e-5)"])
+        key, raw = pair.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw)))
+    return out
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-")) or "<root>"
+
+
+def validate_config(raw: dict) -> JobConfig:
+    """dict -> JobConfig, or ConfigError listing every problem by key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(["<root>: the config must be a mapping of sections"])
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see the documented fields)"
+            problems.append(f"{_loc(err['loc'])}: {msg}")
+        raise ConfigError(problems) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """Read YAML (optional), apply `--set key=value` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError([f"{path}: expected a YAML mapping at the top level"])
+    for key, value in parse_overrides(overrides or []):
+        _set_path(raw, key, value)
+    return validate_config(raw)
+
+
+def dump_config(cfg: JobConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,230 @@
+"""Training data: streaming validation of JSONL, a byte-offset index, and lazy random access.
+
+The file is read once, line by line (memory stays flat for files far larger than RAM); what is
+kept is one int64 offset per example, so the training loop seeks to the lines it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from train.config import RECOMMENDED_EXAMPLES
+
+log = logging.getLogger(__name__)
+MAX_REPORTED_ERRORS = 20
+
+
+class DataError(ValueError):
+    """A dataset the job cannot use; names file, line and field."""
+
+
+@dataclass(frozen=True)
+class Example:
+    query: str
+    pos_doc: str
+    neg_doc: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ExampleIndex:
+    """Examples of one JSONL file: byte offset of the line, which positive, and the line number."""
+
+    path: str
+    offsets: np.ndarray  # [n] int64
+    positive: np.ndarray  # [n] int32, index into pos_doc when it is a list
+    lines: np.ndarray  # [n] int64, 1-based line number
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def take(self, rows: np.ndarray) -> "ExampleIndex":
+        return ExampleIndex(self.path, self.offsets[rows], self.positive[rows], self.lines[rows])
+
+
+def _check_record(obj: object, negatives_needed: int) -> tuple[str | None, int]:
+    """-> (problem or None, number of positives)."""
+    if not isinstance(obj, dict):
+        return "the line must be a JSON object with query, pos_doc and neg_doc", 0
+    unknown = set(obj) - {"query", "pos_doc", "neg_doc"}
+    if unknown:
+        return f"unknown field(s) {sorted(unknown)}: expected query, pos_doc, neg_doc", 0
+    q = obj.get("query")
+    if not isinstance(q, str) or not q.strip():
+        return "field 'query' must be a non-empty string", 0
+    pos = obj.get("pos_doc")
+    positives = pos if isinstance(pos, list) else [pos]
+    if not positives or not all(isinstance(p, str) and p.strip() for p in positives):
+        return "field 'pos_doc' must be a non-empty string or a non-empty list of non-empty strings", 0
+    if "neg_doc" not in obj:
+        return "field 'neg_doc' is missing: give a list of hard negatives ([] if none)", 0
+    neg = obj["neg_doc"]
+    if not isinstance(neg, list) or not all(isinstance(n, str) and n.strip() for n in neg):
+        return "field 'neg_doc' must be a list of non-empty strings", 0
+    if len(neg) < negatives_needed:
+        return (f"field 'neg_doc' has {len(neg)} entries but loss.negatives_per_query is {negatives_needed}; "
+                "add hard negatives or lower loss.negatives_per_query"), 0
+    return None, len(positives)
+
+
+def index_jsonl(path: str | Path, negatives_needed: int) -> ExampleIndex:
+    """Validate every line of a JSONL file and index its examples; DataError lists the bad lines."""
+    path = str(path)
+    if not Path(path).is_file():
+        raise DataError(f"{path}: file not found")
+    offsets, positive, lines, errors = [], [], [], []
+    n_bad = 0
+    with open(path, "rb") as fh:
+        offset, lineno = 0, 0
+        for raw in fh:
+            lineno += 1
+            start, offset = offset, offset + len(raw)
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                problem, n_pos = f"not valid JSON ({exc})", 0
+            else:
+                problem, n_pos = _check_record(obj, negatives_needed)
+            if problem:
+                n_bad += 1
+                if len(errors) < MAX_REPORTED_ERRORS:
+                    errors.append(f"{path}:{lineno}: {problem}")
+                continue
+            for p in range(n_pos):
+                offsets.append(start)
+                positive.append(p)
+                lines.append(lineno)
+    if errors:
+        more = f"\n  ... and {n_bad - len(errors)} more bad lines" if n_bad > len(errors) else ""
+        raise DataError(f"{n_bad} invalid line(s) in {path}; fix them and resubmit:\n  " + "\n  ".join(errors) + more)
+    if not offsets:
+        raise DataError(f"{path}: no examples (the file is empty)")
+    return ExampleIndex(path, np.asarray(offsets, np.int64), np.asarray(positive, np.int32), np.asarray(lines, np.int64))
+
+
+def split_validation(index: ExampleIndex, fraction: float, cap: int, seed: int) -> tuple[ExampleIndex, ExampleIndex]:
+    """Seeded split by source line (all positives of one line land on the same side)."""
+    unique_lines = np.unique(index.lines)
+    if len(unique_lines) < 2:
+        raise DataError(f"{index.path}: at least 2 examples are needed to split off a validation set (or give dataset.validation)")
+    n_val = int(min(cap, max(1, round(len(unique_lines) * fraction))))
+    rng = np.random.default_rng(seed)
+    val_lines = rng.choice(unique_lines, size=n_val, replace=False)
+    is_val = np.isin(index.lines, val_lines)
+    return index.take(np.flatnonzero(~is_val)), index.take(np.flatnonzero(is_val))
+
+
+def subsample(index: ExampleIndex, n: int, seed: int) -> ExampleIndex:
+    if n >= len(index):
+        return index
+    rows = np.sort(np.random.default_rng(seed).choice(len(index), size=n, replace=False))
+    return index.take(rows)
+
+
+def warn_on_size(n: int) -> str | None:
+    lo, hi = RECOMMENDED_EXAMPLES
+    if lo <= n <= hi:
+        return None
+    advice = ("few examples overfit quickly at higher learning rates; keep the conservative default lr and 1 epoch"
+              if n < lo else "more examples cost time for little gain; consider a subsample (dataset.max_examples)")
+    msg = f"{n} training examples: the model card advises {lo:,}-{hi:,}; {advice}"
+    log.warning(msg)
+    return msg
+
+
+class ExampleReader:
+    """Random access to indexed examples; opens the file lazily (one handle per process)."""
+
+    def __init__(self, index: ExampleIndex, negatives: int):
+        self.index = index
+        self.negatives = negatives
+        self._fh = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> Example:
+        if self._fh is None:
+            self._fh = open(self.index.path, "rb")
+        self._fh.seek(int(self.index.offsets[i]))
+        obj = json.loads(self._fh.readline())
+        pos = obj["pos_doc"]
+        pos = pos[int(self.index.positive[i])] if isinstance(pos, list) else pos
+        return Example(obj["query"], pos, tuple(obj["neg_doc"][: self.negatives]))
+
+    def __getstate__(self):
+        return {"index": self.index, "negatives": self.negatives, "_fh": None}
+
+
+@dataclass(frozen=True)
+class RetrievalSet:
+    """An evaluation set: queries, a corpus, and relevance judgments (qrels)."""
+
+    queries: dict[str, str]
+    corpus: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+
+def load_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
+    """BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
+    folder = Path(folder)
+    paths = {"corpus": folder / "corpus.jsonl", "queries": folder / "queries.jsonl", "qrels": folder / "qrels" / f"{split}.tsv"}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise DataError(f"evaluation folder {folder} is not BEIR layout: missing {', '.join(missing)}")
+    corpus = {}
+    for lineno, line in enumerate(paths["corpus"].open(encoding="utf-8"), 1):
+        if line.strip():
+            d = json.loads(line)
+            title = (d.get("title") or "").strip()
+            corpus[str(d["_id"])] = f"{title} {d['text']}".strip() if title else d["text"]
+    queries = {}
+    for line in paths["queries"].open(encoding="utf-8"):
+        if line.strip():
+            d = json.loads(line)
+            queries[str(d["_id"])] = d["text"]
+    qrels: dict[str, dict[str, int]] = {}
+    for lineno, line in enumerate(paths["qrels"].open(encoding="utf-8"), 1):
+        parts = line.rstrip("\n").split("\t")
+        if lineno == 1 and parts[0] == "query-id":
+            continue
+        if len(parts) < 3:
+            raise DataError(f"{paths['qrels']}:{lineno}: expected query-id<TAB>corpus-id<TAB>score")
+        qid, did, score = parts[0], parts[1], int(parts[2])
+        if score > 0 and qid in queries:
+            qrels.setdefault(qid, {})[did] = score
+    if not qrels:
+        raise DataError(f"{paths['qrels']}: no judged queries that appear in queries.jsonl")
+    return RetrievalSet({q: queries[q] for q in qrels}, corpus, qrels)
+
+
+def retrieval_set_from_examples(reader: ExampleReader) -> RetrievalSet:
+    """A validation retrieval task: each query against all positives and negatives of the split."""
+    doc_ids: dict[str, str] = {}
+    queries, qrels = {}, {}
+    for i in range(len(reader)):
+        ex = reader[i]
+        qid = f"q{reader.index.lines[i]}"
+        queries[qid] = ex.query
+        for text in (ex.pos_doc, *ex.neg_doc):
+            doc_ids.setdefault(text, f"d{len(doc_ids)}")
+        qrels.setdefault(qid, {})[doc_ids[ex.pos_doc]] = 1
+    return RetrievalSet(queries, {d: t for t, d in doc_ids.items()}, qrels)
+
+
+def prepare_splits(dataset, negatives: int, seed: int) -> tuple[ExampleIndex, ExampleIndex]:
+    """(train, validation) indexes for a job's dataset section; validates every line of every file."""
+    train = index_jsonl(dataset.training, negatives)
+    if dataset.validation:
+        val = index_jsonl(dataset.validation, negatives)
+    else:
+        train, val = split_validation(train, dataset.validation_fraction, dataset.max_validation_examples, seed)
+    if dataset.max_examples:
+        train = subsample(train, dataset.max_examples, seed)
+    return train, val

@@ -1,0 +1,64 @@
+"""Encode texts with a bi-encoder and score retrieval (nDCG@10, Recall@k, MRR@10) on a RetrievalSet."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from train.data import RetrievalSet
+from train.metrics import retrieval_metrics
+from train.pooling import normalize
+from train.tokenization import TextTokenizer
+
+
+def autocast(device: torch.device, precision: str):
+    if device.type == "cuda" and precision == "bf16-mixed":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def encode(model: torch.nn.Module, tokenizer: TextTokenizer, texts: list[str], prefix: str, device: torch.device,
+           precision: str = "fp32", batch_size: int = 64) -> torch.Tensor:
+    """L2-normalised embeddings [N, H] (float32, CPU), in the order of `texts`.
+
+    Texts are batched longest-first so each batch pads little.
+    """
+    was_training = model.training
+    model.eval()
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    out: list[torch.Tensor] = [None] * len(texts)  # type: ignore[list-item]
+    for start in range(0, len(texts), batch_size):
+        rows = order[start: start + batch_size]
+        ids, mask = tokenizer([prefix + texts[i] for i in rows])
+        with autocast(device, precision):
+            pooled = model(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))  # [b, H]
+        emb = normalize(pooled.float()).cpu()
+        for j, i in enumerate(rows):
+            out[i] = emb[j]
+    model.train(was_training)
+    return torch.stack(out)
+
+
+def rank(query_emb: torch.Tensor, doc_emb: torch.Tensor, query_ids: list[str], doc_ids: list[str],
+         k: int = 100, chunk: int = 1024) -> dict[str, list[str]]:
+    """Top-k documents per query by cosine (embeddings are normalised)."""
+    k = min(k, len(doc_ids))
+    rankings = {}
+    for start in range(0, len(query_ids), chunk):
+        scores = query_emb[start: start + chunk] @ doc_emb.T  # [q, D]
+        top = torch.topk(scores, k, dim=1).indices  # [q, k]
+        for row, qid in enumerate(query_ids[start: start + chunk]):
+            rankings[qid] = [doc_ids[j] for j in top[row].tolist()]
+    return rankings
+
+
+def evaluate_retrieval(model: torch.nn.Module, tokenizer: TextTokenizer, rset: RetrievalSet,
+                       prefixes: tuple[str, str], device: torch.device, precision: str = "fp32",
+                       batch_size: int = 64) -> dict[str, float]:
+    query_ids, doc_ids = list(rset.queries), list(rset.corpus)
+    q = encode(model, tokenizer, [rset.queries[i] for i in query_ids], prefixes[0], device, precision, batch_size)
+    d = encode(model, tokenizer, [rset.corpus[i] for i in doc_ids], prefixes[1], device, precision, batch_size)
+    return retrieval_metrics(rank(q, d, query_ids, doc_ids), rset.qrels)

@@ -1,0 +1,113 @@
+"""A customization job end to end, as the driver runs it.
+
+Pre-flight (config, model, every data line, eval folder) before any Ray work -> Ray Train fit ->
+merged model -> ONNX export with parity gate -> eval.json / eval.png / config.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from train.config import ConfigError, JobConfig, dump_config
+from train.data import ExampleReader, load_beir, prepare_splits, warn_on_size
+from train.model import ModelInfo, inspect_model, resolve_prefixes
+
+log = logging.getLogger(__name__)
+
+
+class OutputConflict(RuntimeError):
+    """output.dir holds another job's results; nothing was touched."""
+
+
+@dataclass(frozen=True)
+class Preflight:
+    info: ModelInfo
+    prefixes: tuple[str, str]
+    n_train: int
+    n_val: int
+    parity_texts: list[str]
+    warnings: list[str]
+
+
+def preflight(cfg: JobConfig) -> Preflight:
+    """Everything that can be checked without Ray: fails fast, naming key, file, line and field."""
+    info = inspect_model(cfg.model)
+    problems = []
+    for dim in cfg.loss.matryoshka_dims or []:
+        if dim > info.hidden_size:
+            problems.append(f"loss.matryoshka_dims: {dim} exceeds the model's embedding size {info.hidden_size}")
+    if cfg.training.max_seq_length > info.max_positions:
+        problems.append(f"training.max_seq_length: {cfg.training.max_seq_length} exceeds the model's "
+                        f"{info.max_positions} positions")
+    if cfg.loss.negatives_per_query == 0 and not cfg.loss.in_batch_negatives:
+        problems.append("loss.negatives_per_query: 0 hard negatives needs loss.in_batch_negatives: true")
+    if problems:
+        raise ConfigError(problems)
+    train_idx, val_idx = prepare_splits(cfg.dataset, cfg.loss.negatives_per_query, cfg.training.seed)
+    if cfg.dataset.evaluation:
+        load_beir(cfg.dataset.evaluation)
+    warnings = [w for w in [warn_on_size(len(train_idx))] if w]
+    prefixes = resolve_prefixes(cfg.prefixes, info)
+    reader = ExampleReader(val_idx, cfg.loss.negatives_per_query)
+    sample = [reader[i] for i in range(min(16, len(reader)))]
+    parity = [prefixes[0] + e.query for e in sample] + [prefixes[1] + e.pos_doc for e in sample]
+    return Preflight(info, prefixes, len(train_idx), len(val_idx), parity, warnings)
+
+
+def claim_output(cfg: JobConfig) -> Path:
+    """Refuse to overwrite a finished job or a different job's checkpoints; resume a crashed identical one."""
+    out = Path(cfg.output.dir)
+    resolved = dump_config(cfg)
+    if (out / "eval.json").exists():
+        raise OutputConflict(f"output.dir {out} holds a finished job (eval.json); choose a new output.dir or remove it")
+    saved = out / "config.yaml"
+    if saved.exists() and saved.read_text() != resolved:
+        raise OutputConflict(f"output.dir {out} holds checkpoints of a job with a different config ({saved}); "
+                             "choose a new output.dir, or rerun with the same config to resume it")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(resolved)
+    return out
+
+
+def run_job(cfg: JobConfig) -> dict:
+    from cluster.runtime import ensure_ray
+    from train.export import export_onnx
+    from train.report import summary, write_report
+    from train.trainer import build_trainer
+
+    job_start = time.time()
+    cfg = cfg.with_absolute_paths()
+    pre = preflight(cfg)
+    out = claim_output(cfg)
+    log.info("model %s (%s, %d-d); %d training / %d validation examples", pre.info.path, pre.info.family,
+             pre.info.hidden_size, pre.n_train, pre.n_val)
+    ensure_ray()
+    result = build_trainer(cfg).fit()
+    final = result.metrics
+    model_dir = out / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    with result.checkpoint.as_directory() as ckpt:
+        shutil.copytree(Path(ckpt) / "model", model_dir)
+    train_done = time.time()
+    manifest = export_onnx(model_dir, out / "onnx", max_seq_length=cfg.training.max_seq_length,
+                           prefixes=pre.prefixes, matryoshka_dims=cfg.loss.matryoshka_dims,
+                           parity_texts=pre.parity_texts, opset=cfg.output.onnx_opset, fp16=cfg.output.export_fp16,
+                           source={"kind": "customization_job", "job": cfg.name, "base_model": cfg.model,
+                                   "finetuning_type": cfg.training.finetuning_type,
+                                   "learning_rate": cfg.optimizer.learning_rate})
+    shutil.copy2(out / "config.yaml", out / "onnx" / "config.yaml")
+    timing = {"job_seconds": round(time.time() - job_start, 1), "export_seconds": round(time.time() - train_done, 1),
+              "first_step_seconds": round(final["first_step_at"] - job_start, 1) if final.get("first_step_at") else None}
+    report = write_report(out, final, {"timing": timing, "warnings": pre.warnings,
+                                       "onnx": {"path": str(out / "onnx"), "parity_min_cosine": manifest["parity"]["min_cosine"]}})
+    shutil.copy2(out / "eval.json", out / "onnx" / "eval.json")
+    print(summary(report))
+    print(f"timing: {json.dumps(timing)}")
+    print(f"artifacts: {out}/model (merged HF), {out}/onnx (ONNX + manifest), {out}/eval.json, {out}/eval.png")
+    return report

@@ -1,0 +1,206 @@
+"""`train_loop_per_worker`: the Ray Train worker's whole job, read top to bottom in sections.
+
+setup -> resume -> optimise (report metrics, checkpoint) -> validate -> merge -> evaluate base vs tuned
+-> final checkpoint holding the merged model (the driver exports it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from safetensors.torch import load_file, save_file
+
+from train.config import JobConfig, validate_config
+from train.data import ExampleReader, prepare_splits, retrieval_set_from_examples
+from train.evaluate import autocast, evaluate_retrieval
+from train.losses import matryoshka_loss
+from train.model import build_bi_encoder, inspect_model, merge_lora, resolve_prefixes, save_hf_directory
+from train.tokenization import TextTokenizer
+
+STATE_FILE = "train_state.json"
+EVAL_NEGATIVES = 64  # every stored negative joins the validation corpus
+
+
+def plan_steps(cfg: JobConfig, n_train: int) -> tuple[int, int]:
+    """-> (steps_per_epoch, total_steps)."""
+    per_epoch = math.ceil(n_train / cfg.batch.global_batch_size)
+    total = cfg.schedule.max_steps or per_epoch * (cfg.schedule.epochs or 1)
+    return per_epoch, total
+
+
+def linear_schedule(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+def batch_rows(step: int, per_epoch: int, n: int, size: int, seed: int) -> np.ndarray:
+    """Rows of the training index for a step: a seeded permutation per epoch, so a resume continues exactly."""
+    epoch, pos = divmod(step, per_epoch)
+    order = np.random.default_rng(seed + epoch).permutation(n)
+    return order[pos * size: (pos + 1) * size]
+
+
+def batch_loss(model, tokenizer, examples, prefixes, cfg: JobConfig, device, dims) -> tuple[torch.Tensor, int]:
+    """Contrastive loss of a micro-batch and the number of real tokens it encoded."""
+    n_neg = cfg.loss.negatives_per_query
+    q_ids, q_mask = tokenizer([prefixes[0] + e.query for e in examples])
+    docs = [prefixes[1] + t for e in examples for t in (e.pos_doc, *e.neg_doc[:n_neg])]
+    d_ids, d_mask = tokenizer(docs)
+    to = lambda a: torch.from_numpy(a).to(device, non_blocking=True)
+    with autocast(device, cfg.precision):
+        q = model(to(q_ids), to(q_mask)).float()  # [b, H]
+        d = model(to(d_ids), to(d_mask)).float().reshape(len(examples), 1 + n_neg, -1)  # [b, 1+N, H]
+    neg = d[:, 1:] if n_neg else None
+    loss = matryoshka_loss(q, d[:, 0], neg, dims, cfg.loss.temperature, cfg.loss.in_batch_negatives,
+                           cfg.loss.matryoshka_weights)
+    return loss, int(q_mask.sum() + d_mask.sum())
+
+
+def save_state(directory: Path, model, optimizer, scheduler, step: int, extra: dict) -> None:
+    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(directory / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    state = {"step": step, "scheduler": scheduler.state_dict(), "pid": os.getpid(), "host": socket.gethostname(), **extra}
+    (directory / STATE_FILE).write_text(json.dumps(state))
+
+
+def restore_state(checkpoint, model, optimizer, scheduler, device) -> dict:
+    with checkpoint.as_directory() as d:
+        d = Path(d)
+        state = json.loads((d / STATE_FILE).read_text())
+        if state.get("final"):
+            return state
+        weights = load_file(str(d / "trainable.safetensors"), device=str(device))
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
+        if missing:
+            raise RuntimeError(f"checkpoint does not match the model: {len(missing)} trainable tensors missing, e.g. {missing[0]}")
+        model.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(torch.load(d / "optimizer.pt", map_location=device, weights_only=True))
+        scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
+def _report(metrics: dict, directory: Path | None = None) -> None:
+    checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    # ---- setup: re-validate the config (Tune may have injected values), model, data ----
+    cfg = validate_config(config)
+    device = ray.train.torch.get_device()
+    if device.type != "cuda":
+        torch.set_num_threads(cfg.resources.torch_threads or len(os.sched_getaffinity(0)))
+    torch.manual_seed(cfg.training.seed)
+    info = inspect_model(cfg.model)
+    prefixes = resolve_prefixes(cfg.prefixes, info)
+    dims = cfg.loss.matryoshka_dims or [info.hidden_size]
+    tokenizer = TextTokenizer(info.path, cfg.training.max_seq_length)
+    train_idx, val_idx = prepare_splits(cfg.dataset, cfg.loss.negatives_per_query, cfg.training.seed)
+    reader = ExampleReader(train_idx, cfg.loss.negatives_per_query)
+    model = build_bi_encoder(info, cfg.training.finetuning_type, cfg.training.lora_settings,
+                             cfg.training.gradient_checkpointing).to(device)
+    model.train()
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optimizer.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optimizer.learning_rate)
+    per_epoch, total = plan_steps(cfg, len(train_idx))
+    warmup = cfg.optimizer.warmup_steps if cfg.optimizer.warmup_steps is not None else int(0.1 * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total))
+
+    # ---- resume from the last checkpoint after a worker failure ----
+    start_step, resumed_from = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        state = restore_state(checkpoint, model, optimizer, scheduler, device)
+        if state.get("final"):
+            _report(state["metrics"])
+            return
+        start_step = resumed_from = state["step"]
+
+    # ---- optimise ----
+    G, micro = cfg.batch.global_batch_size, cfg.batch.micro
+    window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
+    first_step_at, loss_value = None, float("nan")
+    for step in range(start_step, total):
+        rows = batch_rows(step, per_epoch, len(train_idx), G, cfg.training.seed)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for chunk in np.array_split(rows, math.ceil(len(rows) / micro)):
+            loss, tokens = batch_loss(model, tokenizer, [reader[int(i)] for i in chunk], prefixes, cfg, device, dims)
+            (loss * len(chunk) / len(rows)).backward()
+            loss_sum += loss.item() * len(chunk) / len(rows)
+            window_tokens += tokens
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optimizer.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        loss_value, window_examples = loss_sum, window_examples + len(rows)
+        first_step_at = first_step_at or time.time()
+        done = step + 1
+        if done % cfg.output.log_every_steps == 0 or done == total or done % cfg.output.checkpoint_every_steps == 0:
+            elapsed = time.perf_counter() - window_start
+            metrics = {"step": done, "total_steps": total, "epoch": step / per_epoch, "loss": loss_value,
+                       "lr": scheduler.get_last_lr()[0], "examples_per_s": window_examples / elapsed,
+                       "tokens_per_s": window_tokens / elapsed, "first_step_at": first_step_at,
+                       "resumed_from_step": resumed_from}
+            if done % cfg.output.checkpoint_every_steps == 0 and done < total:
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_state(Path(tmp), model, optimizer, scheduler, done, {"resumed_from_step": resumed_from})
+                    _report(metrics, Path(tmp))
+            else:
+                _report(metrics)
+            window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
+
+    # ---- validate, merge, evaluate base vs tuned ----
+    val_reader = ExampleReader(val_idx, cfg.loss.negatives_per_query)
+    val_loss = validation_loss(model, tokenizer, val_reader, prefixes, cfg, device, dims)
+    model = merge_lora(model).eval()
+    val_set = retrieval_set_from_examples(ExampleReader(val_idx, EVAL_NEGATIVES))
+    val_metrics = evaluate_retrieval(model, tokenizer, val_set, prefixes, device, cfg.precision)
+    eval_set, eval_name = val_set, "validation split"
+    if cfg.dataset.evaluation:
+        from train.data import load_beir
+
+        eval_set, eval_name = load_beir(cfg.dataset.evaluation), cfg.dataset.evaluation
+    tuned = val_metrics if eval_set is val_set else evaluate_retrieval(model, tokenizer, eval_set, prefixes, device, cfg.precision)
+    base_model = build_bi_encoder(info, "all_weights").to(device).eval()
+    base = evaluate_retrieval(base_model, tokenizer, eval_set, prefixes, device, cfg.precision)
+    del base_model
+
+    final = {"step": total, "total_steps": total, "loss": loss_value, "val_loss": val_loss,
+             "val_ndcg@10": val_metrics["ndcg@10"], "val_recall@10": val_metrics["recall@10"],
+             "first_step_at": first_step_at, "resumed_from_step": resumed_from,
+             "eval": {"dataset": eval_name, "queries": len(eval_set.queries), "documents": len(eval_set.corpus),
+                      "base": base, "tuned": tuned, "validation": val_metrics},
+             "train_examples": len(train_idx), "validation_examples": len(val_idx), "device": str(device)}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_directory(model.backbone, info, Path(tmp) / "model")
+        (Path(tmp) / STATE_FILE).write_text(json.dumps({"final": True, "step": total, "metrics": final}))
+        _report(final, Path(tmp))
+
+
+@torch.no_grad()
+def validation_loss(model, tokenizer, reader: ExampleReader, prefixes, cfg: JobConfig, device, dims) -> float:
+    model.eval()
+    size, total, count = cfg.batch.micro, 0.0, 0
+    for start in range(0, len(reader), size):
+        examples = [reader[i] for i in range(start, min(start + size, len(reader)))]
+        loss, _ = batch_loss(model, tokenizer, examples, prefixes, cfg, device, dims)
+        total, count = total + loss.item() * len(examples), count + len(examples)
+    model.train()
+    return total / max(1, count)

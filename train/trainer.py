@@ -1,0 +1,31 @@
+"""`build_trainer(cfg)`: the one TorchTrainer that training and every Tune trial use."""
+
+from __future__ import annotations
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from train.config import JobConfig
+from train.loop import train_loop_per_worker
+
+
+def cluster_has_gpu() -> bool:
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def build_trainer(cfg: JobConfig, callbacks: list | None = None) -> TorchTrainer:
+    use_gpu = cluster_has_gpu() if cfg.resources.use_gpu == "auto" else cfg.resources.use_gpu
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.model_dump(mode="json"),
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.resources.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=cfg.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+    )
