@@ -19,25 +19,26 @@ CORPUS = [
 ]
 
 
-def _word_tokenizer(special: list[str], template: str | None) -> Tokenizer:
+def _word_tokenizer(special: list[str], template: str | None, corpus: list[str] | None = None) -> Tokenizer:
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]") if "[UNK]" in special else models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = (trainers.WordPieceTrainer if "[UNK]" in special else trainers.BpeTrainer)(
-        vocab_size=400, special_tokens=special, show_progress=False)
-    tok.train_from_iterator(CORPUS * 5, trainer=trainer)
+        vocab_size=1000, special_tokens=special, show_progress=False)
+    tok.train_from_iterator((corpus or []) + CORPUS * 5, trainer=trainer)
     if template:
         tok.post_processor = processors.TemplateProcessing(
             single=template, special_tokens=[(t, tok.token_to_id(t)) for t in special if t in template])
     return tok
 
 
-def build_tiny_nemotron(out: Path, hidden: int = 64, layers: int = 2, prefix_weights: bool = False) -> Path:
+def build_tiny_nemotron(out: Path, hidden: int = 64, layers: int = 2, prefix_weights: bool = False,
+                        corpus: list[str] | None = None) -> Path:
     """Like nvidia/llama-nemotron-embed-1b-v2 on the Hub: remote-code config, Llama keys, no pad token."""
     from transformers import LlamaConfig, LlamaModel
 
     out.mkdir(parents=True, exist_ok=True)
-    tok = _word_tokenizer(["<unk>", "<|begin_of_text|>", "<|end_of_text|>"], "<|begin_of_text|> $A")
+    tok = _word_tokenizer(["<unk>", "<|begin_of_text|>", "<|end_of_text|>"], "<|begin_of_text|> $A", corpus)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "model_max_length": 8192,
@@ -62,11 +63,11 @@ def build_tiny_nemotron(out: Path, hidden: int = 64, layers: int = 2, prefix_wei
     return out
 
 
-def build_tiny_bert(out: Path, hidden: int = 32) -> Path:
+def build_tiny_bert(out: Path, hidden: int = 32, corpus: list[str] | None = None) -> Path:
     from transformers import BertConfig, BertModel
 
     out.mkdir(parents=True, exist_ok=True)
-    tok = _word_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]"], "[CLS] $A [SEP]")
+    tok = _word_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]"], "[CLS] $A [SEP]", corpus)
     tok.enable_padding(pad_id=0, pad_token="[PAD]", length=128)  # like all-MiniLM-L6-v2's tokenizer.json
     tok.save(str(out / "tokenizer.json"))
     torch.manual_seed(0)

@@ -1,0 +1,58 @@
+"""Shared fixtures: one local Ray per session, tiny offline checkpoints built once, real sample data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.builders import build_tiny_bert, build_tiny_nemotron
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "debian-pkgdesc-sample"
+
+
+def sample_lines(n: int) -> list[dict]:
+    with (SAMPLE / "train.jsonl").open() as fh:
+        return [json.loads(next(fh)) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[str]:
+    return [t for ex in sample_lines(200) for t in (ex["query"], ex["pos_doc"], *ex["neg_doc"])]
+
+
+@pytest.fixture(scope="session")
+def tiny_nemotron(tmp_path_factory, corpus) -> Path:
+    return build_tiny_nemotron(tmp_path_factory.mktemp("tiny-nemotron"), corpus=corpus)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, corpus) -> Path:
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), corpus=corpus)
+
+
+@pytest.fixture
+def train_file(tmp_path) -> Path:
+    """64 real examples (Debian synopsis -> description, 3 hard negatives each)."""
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(ex) + "\n" for ex in sample_lines(64)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, test-only local instance
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

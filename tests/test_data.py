@@ -1,0 +1,93 @@
+"""Training data validation (file, line, field), indexing, splits and BEIR loading."""
+
+import json
+
+import numpy as np
+import pytest
+
+from train.data import (DataError, ExampleReader, index_jsonl, load_beir, retrieval_set_from_examples,
+                        split_validation, warn_on_size)
+from tests.conftest import SAMPLE
+
+
+def write(tmp_path, lines):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+    return path
+
+
+GOOD = {"query": "q", "pos_doc": "p", "neg_doc": ["n1", "n2"]}
+
+
+def test_every_bad_line_named_with_line_and_field(tmp_path):
+    path = write(tmp_path, [GOOD, "{not json", {"query": "", "pos_doc": "p", "neg_doc": []},
+                            {"query": "q", "pos_doc": "p", "neg_doc": "n"}, {"query": "q", "pos_doc": "p"},
+                            {"query": "q", "pos_doc": [], "neg_doc": []}, [1, 2], {**GOOD, "score": 1}])
+    with pytest.raises(DataError) as err:
+        index_jsonl(path, negatives_needed=0)
+    msg = str(err.value)
+    assert msg.startswith(f"7 invalid line(s) in {path}")
+    assert f"{path}:2: not valid JSON" in msg
+    assert f"{path}:3: field 'query' must be a non-empty string" in msg
+    assert f"{path}:4: field 'neg_doc' must be a list of non-empty strings" in msg
+    assert f"{path}:5: field 'neg_doc' is missing" in msg
+    assert f"{path}:6: field 'pos_doc' must be a non-empty string or a non-empty list" in msg
+    assert f"{path}:7: the line must be a JSON object" in msg
+    assert f"{path}:8: unknown field(s) ['score']" in msg
+
+
+def test_too_few_negatives_for_the_loss(tmp_path):
+    path = write(tmp_path, [GOOD, GOOD])
+    with pytest.raises(DataError, match=r":1: field 'neg_doc' has 2 entries but loss.negatives_per_query is 3"):
+        index_jsonl(path, negatives_needed=3)
+
+
+def test_pos_doc_list_gives_one_example_per_positive_and_blank_lines_skip(tmp_path):
+    path = write(tmp_path, [GOOD, "", {"query": "q2", "pos_doc": ["a", "b"], "neg_doc": ["n"]}])
+    index = index_jsonl(path, negatives_needed=1)
+    assert len(index) == 3 and list(index.lines) == [1, 3, 3]
+    reader = ExampleReader(index, negatives=1)
+    assert [reader[i].pos_doc for i in range(3)] == ["p", "a", "b"]
+    assert reader[0].neg_doc == ("n1",)
+
+
+def test_empty_or_missing_file(tmp_path):
+    with pytest.raises(DataError, match="no examples"):
+        index_jsonl(write(tmp_path, [""]), 0)
+    with pytest.raises(DataError, match="file not found"):
+        index_jsonl(tmp_path / "nope.jsonl", 0)
+
+
+def test_validation_split_is_seeded_and_keeps_a_lines_positives_together(tmp_path):
+    lines = [{"query": f"q{i}", "pos_doc": [f"a{i}", f"b{i}"], "neg_doc": []} for i in range(40)]
+    index = index_jsonl(write(tmp_path, lines), 0)
+    train, val = split_validation(index, 0.1, cap=500, seed=3)
+    again, _ = split_validation(index, 0.1, cap=500, seed=3)
+    assert len(val) == 8 and len(train) == 72 and np.array_equal(train.offsets, again.offsets)
+    assert not set(train.lines) & set(val.lines)
+
+
+def test_streaming_index_of_a_large_file_holds_offsets_only(tmp_path):
+    path = tmp_path / "big.jsonl"
+    with path.open("w") as fh:
+        for i in range(50_000):
+            fh.write(json.dumps({"query": f"query {i}", "pos_doc": f"doc {i}", "neg_doc": [f"neg {i}"]}) + "\n")
+    index = index_jsonl(path, 1)
+    assert len(index) == 50_000 and index.offsets.dtype == np.int64
+    assert ExampleReader(index, 1)[49_999].query == "query 49999"
+
+
+def test_size_warning_quotes_the_model_card():
+    assert "advises 5,000-10,000" in warn_on_size(600)
+    assert warn_on_size(6000) is None
+
+
+def test_beir_sample_and_validation_retrieval_set(tmp_path):
+    rset = load_beir(SAMPLE / "eval")
+    assert len(rset.queries) == 100 and len(rset.corpus) == 600
+    assert all(d in rset.corpus for rel in rset.qrels.values() for d in rel)
+    with pytest.raises(DataError, match="missing"):
+        load_beir(tmp_path)
+    index = index_jsonl(SAMPLE / "train.jsonl", 3)
+    small = retrieval_set_from_examples(ExampleReader(index.take(np.arange(5)), 64))
+    assert len(small.queries) == 5 and len(small.corpus) <= 20

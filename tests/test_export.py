@@ -1,0 +1,69 @@
+"""ONNX export: pooling + normalisation in the graph, dynamic shapes, parity gate, manifest, CLI."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import train.export as export_mod
+from train.export import ExportError, export_onnx
+from train.model import BiEncoder, inspect_model, load_backbone
+from train.pooling import normalize
+from train.tokenization import TextTokenizer
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("fixture", ["tiny_nemotron", "tiny_bert"])
+def test_export_matches_pytorch_for_any_batch_and_length(fixture, request, tmp_path):
+    model_dir = request.getfixturevalue(fixture)
+    manifest = export_onnx(model_dir, tmp_path / "onnx", max_seq_length=64)
+    files = {p.name for p in (tmp_path / "onnx").iterdir()}
+    assert {"model.onnx", "tokenizer.json", "manifest.json"} <= files
+    assert manifest["parity"]["min_cosine"] >= 0.9999 and manifest["pooling"] == "mean"
+    assert manifest["files"]["model.onnx"] and manifest["max_seq_length"] == 64
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    info = inspect_model(str(model_dir))
+    ref_model = BiEncoder(load_backbone(info)).eval()
+    tok = TextTokenizer(tmp_path / "onnx", 64)
+    for texts in (["one"], ["perl module for web servers", "x", "a much longer description " * 8]):
+        ids, mask = tok(texts)
+        got = session.run(["embeddings"], {"input_ids": ids, "attention_mask": mask})[0]
+        with torch.no_grad():
+            ref = normalize(ref_model(torch.from_numpy(ids), torch.from_numpy(mask))).numpy()
+        assert got.shape == (len(texts), info.hidden_size)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def test_failed_parity_gate_keeps_the_previous_artifact(tiny_bert, tmp_path, monkeypatch):
+    out = tmp_path / "onnx"
+    export_onnx(tiny_bert, out, max_seq_length=32)
+    before = (out / "manifest.json").read_text()
+    monkeypatch.setattr(export_mod, "parity", lambda *a, **k: 0.5)
+    with pytest.raises(ExportError, match="parity gate failed: min cosine 0.500000 < 0.9999"):
+        export_onnx(tiny_bert, out, max_seq_length=32)
+    assert (out / "manifest.json").read_text() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".onnx-")], "staging directory left behind"
+
+
+def test_export_cli_on_the_packaged_minilm(tmp_path):
+    out = tmp_path / "minilm"
+    proc = subprocess.run([sys.executable, "-m", "train.export", "--model", "all-MiniLM-L6-v2", "--output", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["embedding_dim"] == 384 and manifest["max_seq_length"] == 256
+    assert manifest["prefixes"] == {"query": "", "passage": ""} and manifest["parity"]["min_cosine"] >= 0.9999
+    # a real model: the synopsis lands nearer its own description than an unrelated one
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    texts = ["receive RSS feeds by email", "rss2email fetches RSS and Atom feeds and sends new items as email messages",
+             "a real-time strategy game of ancient warfare"]
+    ids, mask = TextTokenizer(out, 256)(texts)
+    emb = session.run(["embeddings"], {"input_ids": ids, "attention_mask": mask})[0]
+    assert float(emb[0] @ emb[1]) > float(emb[0] @ emb[2]) + 0.2

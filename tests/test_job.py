@@ -1,0 +1,148 @@
+"""The real customization job on a local Ray: tiny nemotron-style Llama and tiny BERT, full and LoRA,
+a worker killed mid-run, and failures that happen before any Ray work."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from train.config import ConfigError, validate_config
+from train.data import DataError
+from train.job import OutputConflict, run_job
+from train.model import BiEncoder, inspect_model, load_backbone
+from train.pooling import normalize
+from train.tokenization import TextTokenizer
+
+
+def job(model_dir, train_file, out, **sections):
+    raw = {"model": str(model_dir), "name": f"t-{Path(out).name}",
+           "dataset": {"training": str(train_file), "validation_fraction": 0.2},
+           "training": {"max_seq_length": 48}, "batch": {"global_batch_size": 8, "micro_batch_size": 4},
+           "optimizer": {"learning_rate": 1e-3}, "loss": {"negatives_per_query": 2},
+           "output": {"dir": str(out), "checkpoint_every_steps": 3, "log_every_steps": 2}}
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return validate_config(raw)
+
+
+def assert_artifact(out: Path, hidden: int):
+    assert {"checkpoints", "model", "onnx", "eval.json", "eval.png", "config.yaml"} <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "eval.json").read_text())
+    assert report["verdict"]["outcome"] in {"improved", "unchanged", "worse"}
+    for side in ("base", "tuned"):
+        assert set(report[side]) == {"ndcg@10", "recall@1", "recall@5", "recall@10", "recall@100", "mrr@10"}
+    manifest = json.loads((out / "onnx" / "manifest.json").read_text())
+    assert manifest["source"]["kind"] == "customization_job" and manifest["parity"]["min_cosine"] >= 0.9999
+    # the served graph equals the merged PyTorch model on real text
+    info = inspect_model(str(out / "model"))
+    model = BiEncoder(load_backbone(info)).eval()
+    tok = TextTokenizer(out / "onnx", manifest["max_seq_length"])
+    texts = ["query: serial terminal emulator", "passage: Moose is an extension of the Perl 5 object system."]
+    ids, mask = tok(texts)
+    got = ort.InferenceSession(str(out / "onnx" / "model.onnx")).run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    with torch.no_grad():
+        ref = normalize(model(torch.from_numpy(ids), torch.from_numpy(mask))).numpy()
+    assert got.shape == (2, hidden)
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    return report, manifest
+
+
+def changed_weights(base_dir: Path, tuned_dir: Path) -> float:
+    base = load_backbone(inspect_model(str(base_dir))).state_dict()
+    tuned = load_backbone(inspect_model(str(tuned_dir))).state_dict()
+    return max((base[k] - tuned[k]).abs().max().item() for k in base)
+
+
+def test_full_sft_on_nemotron_layout_with_matryoshka(ray_session, tiny_nemotron, train_file, tmp_path):
+    cfg = job(tiny_nemotron, train_file, tmp_path / "full", schedule={"epochs": 1},
+              loss={"matryoshka_dims": [16, 32, 64], "in_batch_negatives": True})
+    report = run_job(cfg)
+    rep, manifest = assert_artifact(tmp_path / "full", 64)
+    assert manifest["prefixes"] == {"query": "query: ", "passage": "passage: "}
+    assert manifest["matryoshka_dims"] == [16, 32, 64]
+    assert rep["training"]["steps"] == 7 and rep["training"]["train_examples"] == 51
+    assert changed_weights(tiny_nemotron, tmp_path / "full" / "model") > 1e-4
+    saved = validate_config(__import__("yaml").safe_load((tmp_path / "full" / "config.yaml").read_text()))
+    assert saved.loss.matryoshka_dims == [16, 32, 64] and Path(saved.dataset.training).is_absolute()
+    assert report["timing"]["first_step_seconds"] is not None
+
+
+def test_lora_merged_on_nemotron_layout(ray_session, tiny_nemotron, train_file, tmp_path):
+    cfg = job(tiny_nemotron, train_file, tmp_path / "lora", schedule={"max_steps": 4},
+              training={"finetuning_type": "lora_merged", "lora": {"rank": 4, "alpha": 8}})
+    run_job(cfg)
+    assert_artifact(tmp_path / "lora", 64)
+    weights = json.loads((tmp_path / "lora" / "model" / "config.json").read_text())
+    assert weights["is_causal"] is False and "auto_map" not in weights
+    files = {p.name for p in (tmp_path / "lora" / "model").iterdir()}
+    assert "adapter_config.json" not in files, "the adapter must be merged, not saved beside the weights"
+    assert changed_weights(tiny_nemotron, tmp_path / "lora" / "model") > 1e-5
+
+
+def test_tiny_bert_full_sft(ray_session, tiny_bert, train_file, tmp_path):
+    run_job(job(tiny_bert, train_file, tmp_path / "bert", schedule={"max_steps": 3}))
+    report, manifest = assert_artifact(tmp_path / "bert", 32)
+    assert manifest["prefixes"] == {"query": "", "passage": ""}
+
+
+def read_state(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # still being copied into storage
+        return None
+
+
+def test_killed_worker_resumes_from_last_checkpoint(ray_session, tiny_bert, train_file, tmp_path):
+    out = tmp_path / "killed"
+    cfg = job(tiny_bert, train_file, out, schedule={"max_steps": 150},
+              output={"checkpoint_every_steps": 5, "log_every_steps": 50})
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(report=run_job(cfg)))
+    runner.start()
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and runner.is_alive() and time.time() < deadline:
+        # wait for two checkpoints, so the first is surely registered with the controller before the kill
+        states = [s for s in map(read_state, out.glob("checkpoints/*/checkpoint_*/train_state.json")) if s]
+        steps = sorted(s["step"] for s in states if not s.get("final"))
+        if len(steps) >= 2:
+            newest = max((s for s in states if not s.get("final")), key=lambda s: s["step"])
+            os.kill(newest["pid"], signal.SIGKILL)
+            killed = steps[0]
+        time.sleep(0.05)
+    runner.join(timeout=600)
+    assert killed is not None, "the job finished before a checkpoint could be observed"
+    report = result["report"]
+    assert report["training"]["steps"] == 150
+    assert report["training"]["resumed_from_step"] is not None and report["training"]["resumed_from_step"] >= killed
+    assert_artifact(out, 32)
+
+
+def test_bad_data_fails_before_ray_work_and_names_line_and_field(tiny_bert, train_file, tmp_path):
+    lines = train_file.read_text().splitlines()
+    lines[9] = json.dumps({"query": "q", "pos_doc": "p", "neg_doc": "oops"})
+    train_file.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"{train_file}:10: field 'neg_doc' must be a list"):
+        run_job(job(tiny_bert, train_file, tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_matryoshka_larger_than_model_refused(tiny_bert, train_file, tmp_path):
+    with pytest.raises(ConfigError, match="loss.matryoshka_dims: 64 exceeds the model's embedding size 32"):
+        run_job(job(tiny_bert, train_file, tmp_path / "m", loss={"matryoshka_dims": [16, 64]}))
+
+
+def test_finished_output_is_never_overwritten(tiny_bert, train_file, tmp_path):
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / "eval.json").write_text("{}")
+    with pytest.raises(OutputConflict, match="holds a finished job"):
+        run_job(job(tiny_bert, train_file, out))
+    assert (out / "eval.json").read_text() == "{}"
