@@ -41,6 +41,15 @@ def test_export_matches_pytorch_for_any_batch_and_length(fixture, request, tmp_p
         np.testing.assert_allclose(got, ref, atol=1e-4)
 
 
+def test_fp16_copy_for_gpu_serving(tiny_bert, tmp_path):
+    manifest = export_onnx(tiny_bert, tmp_path / "onnx", max_seq_length=32, fp16=True)
+    assert "model.fp16.onnx" in manifest["files"] and manifest["parity"]["fp16_min_cosine"] >= 0.999
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.fp16.onnx"), providers=["CPUExecutionProvider"])
+    ids, mask = TextTokenizer(tmp_path / "onnx", 32)(["perl module", "a library for parsing json"])
+    out = session.run(["embeddings"], {"input_ids": ids, "attention_mask": mask})[0]
+    assert out.dtype == np.float32 and out.shape == (2, 32)
+
+
 def test_failed_parity_gate_keeps_the_previous_artifact(tiny_bert, tmp_path, monkeypatch):
     out = tmp_path / "onnx"
     export_onnx(tiny_bert, out, max_seq_length=32)

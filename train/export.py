@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx for GPU serving")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
     manifest = export_onnx(args.model, args.output, max_seq_length=args.max_seq_length, fp16=args.fp16,
                            source={"kind": "base_model_export", "base_model": args.model})
     print(json.dumps({k: manifest[k] for k in ("base_model", "embedding_dim", "matryoshka_dims", "max_seq_length", "parity")}, indent=2))

@@ -136,7 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
     # ---- optimise ----
     G, micro = cfg.batch.global_batch_size, cfg.batch.micro
     window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
-    first_step_at, loss_value = None, float("nan")
+    loss_value, train_start = float("nan"), time.time()
     for step in range(start_step, total):
         rows = batch_rows(step, per_epoch, len(train_idx), G, cfg.training.seed)
         optimizer.zero_grad(set_to_none=True)
@@ -150,13 +150,12 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.step()
         scheduler.step()
         loss_value, window_examples = loss_sum, window_examples + len(rows)
-        first_step_at = first_step_at or time.time()
         done = step + 1
         if done % cfg.output.log_every_steps == 0 or done == total or done % cfg.output.checkpoint_every_steps == 0:
             elapsed = time.perf_counter() - window_start
             metrics = {"step": done, "total_steps": total, "epoch": step / per_epoch, "loss": loss_value,
                        "lr": scheduler.get_last_lr()[0], "examples_per_s": window_examples / elapsed,
-                       "tokens_per_s": window_tokens / elapsed, "first_step_at": first_step_at,
+                       "tokens_per_s": window_tokens / elapsed, "first_step_at": train_start,
                        "resumed_from_step": resumed_from}
             if done % cfg.output.checkpoint_every_steps == 0 and done < total:
                 with tempfile.TemporaryDirectory() as tmp:
@@ -165,6 +164,9 @@ def train_loop_per_worker(config: dict) -> None:
             else:
                 _report(metrics)
             window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
+
+    train_seconds = time.time() - train_start
+    trained_examples = sum(len(batch_rows(s, per_epoch, len(train_idx), G, cfg.training.seed)) for s in range(start_step, total))
 
     # ---- validate, merge, evaluate base vs tuned ----
     val_reader = ExampleReader(val_idx, cfg.loss.negatives_per_query)
@@ -184,7 +186,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     final = {"step": total, "total_steps": total, "loss": loss_value, "val_loss": val_loss,
              "val_ndcg@10": val_metrics["ndcg@10"], "val_recall@10": val_metrics["recall@10"],
-             "first_step_at": first_step_at, "resumed_from_step": resumed_from,
+             "first_step_at": train_start, "train_seconds": train_seconds,
+             "train_examples_per_s": trained_examples / max(train_seconds, 1e-9), "resumed_from_step": resumed_from,
              "eval": {"dataset": eval_name, "queries": len(eval_set.queries), "documents": len(eval_set.corpus),
                       "base": base, "tuned": tuned, "validation": val_metrics},
              "train_examples": len(train_idx), "validation_examples": len(val_idx), "device": str(device)}

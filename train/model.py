@@ -118,8 +118,9 @@ def load_backbone(info: ModelInfo) -> nn.Module:
         return model
     from transformers import AutoModel
 
+    extra = {"add_pooling_layer": False} if info.model_type in {"bert", "roberta", "xlm-roberta"} else {}
     try:
-        return AutoModel.from_pretrained(info.path, dtype=torch.float32, trust_remote_code=False, use_safetensors=True)
+        return AutoModel.from_pretrained(info.path, dtype=torch.float32, trust_remote_code=False, use_safetensors=True, **extra)
     except ValueError as exc:
         raise ModelError(f"{info.path}: cannot load as a Hugging Face encoder without remote code: {exc}") from None
 

@@ -30,7 +30,8 @@ def write_report(out_dir: Path, final: dict, extra: dict) -> dict:
               "validation": {"loss": final["val_loss"], **ev["validation"]},
               "training": {"final_loss": final["loss"], "steps": final["step"], "train_examples": final["train_examples"],
                            "validation_examples": final["validation_examples"], "device": final["device"],
-                           "resumed_from_step": final.get("resumed_from_step")},
+                           "resumed_from_step": final.get("resumed_from_step"),
+                           "train_seconds": final.get("train_seconds"), "examples_per_s": final.get("train_examples_per_s")},
               **extra}
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
     plot(out_dir / "eval.png", ev["base"], ev["tuned"], ev["dataset"])
