@@ -2,19 +2,47 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+from pathlib import Path
 
 import ray
 
+log = logging.getLogger(__name__)
+ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")  # written by `ray start --head`
+
+
+def _reachable(address: str, timeout: float = 1.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def local_cluster_address() -> str | None:
+    """The address of a running `ray start` cluster on this machine, or None (also for a stale file)."""
+    if not ADDRESS_FILE.is_file():
+        return None
+    address = ADDRESS_FILE.read_text().split()[0] if ADDRESS_FILE.read_text().strip() else ""
+    if address and _reachable(address):
+        return address
+    log.warning("%s names %s, which does not answer (a head that died without `ray stop`); starting a fresh "
+                "local Ray instead", ADDRESS_FILE, address or "nothing")
+    return None
+
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local one.
+    """Join RAY_ADDRESS (as under `ray job submit`) or a running local `ray start` cluster, else start one.
 
-    A local Ray gets the dashboard on 127.0.0.1 so training progress is visible.
+    A fresh local Ray gets the dashboard on 127.0.0.1 so training progress is visible.
     """
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+    address = os.environ.get("RAY_ADDRESS") or local_cluster_address()
+    if address:
+        ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)

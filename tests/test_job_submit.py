@@ -25,7 +25,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kill_cluster(temp_dir: Path) -> None:
+def kill_cluster(temp_dir: Path, gcs_port: int) -> None:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     for line in out.splitlines()[1:]:
         pid, _, args = line.strip().partition(" ")
@@ -34,12 +34,16 @@ def kill_cluster(temp_dir: Path) -> None:
                 os.kill(int(pid), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    # a killed head leaves its address behind; a later ray.init() would try to join it and hang
+    for address_file in (temp_dir / "ray_current_cluster", Path("/tmp/ray/ray_current_cluster")):
+        if address_file.is_file() and f":{gcs_port}" in address_file.read_text():
+            address_file.unlink()
 
 
 @pytest.mark.slow
 def test_training_job_under_ray_job_submit(tmp_path, tiny_bert, train_file):
     temp_dir = Path("/tmp") / f"rayembed-submit-{os.getpid()}"  # short: Ray's socket paths have a length limit
-    dash = free_port()
+    dash, gcs = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     bin_dir = Path(sys.executable).parent
     cfg = {"model": str(tiny_bert), "name": "submitted", "dataset": {"training": str(train_file)},
@@ -47,7 +51,7 @@ def test_training_job_under_ray_job_submit(tmp_path, tiny_bert, train_file):
            "output": {"dir": str(tmp_path / "out")}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
     start = [str(bin_dir / "ray"), "start", "--head", "--num-cpus", "2", "--temp-dir", str(temp_dir),
-             "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+             "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
              "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
              "--metrics-export-port", str(free_port()), "--ray-client-server-port", str(free_port()),
              "--runtime-env-agent-port", str(free_port())]
@@ -68,4 +72,4 @@ def test_training_job_under_ray_job_submit(tmp_path, tiny_bert, train_file):
         denied = subprocess.run(submit, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=120)
         assert denied.returncode != 0 and "authentication" in (denied.stdout + denied.stderr).lower()
     finally:
-        kill_cluster(temp_dir)
+        kill_cluster(temp_dir, gcs)

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[str]):
         self.problems = problems
-        super().__init__("invalid job config:\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 class _Section(BaseModel):

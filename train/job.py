@@ -86,7 +86,9 @@ def run_job(cfg: JobConfig) -> dict:
     out = claim_output(cfg)
     log.info("model %s (%s, %d-d); %d training / %d validation examples", pre.info.path, pre.info.family,
              pre.info.hidden_size, pre.n_train, pre.n_val)
+    preflight_done = time.time()
     ensure_ray()
+    ray_ready = time.time()
     result = build_trainer(cfg).fit()
     final = result.metrics
     model_dir = out / "model"
@@ -103,7 +105,9 @@ def run_job(cfg: JobConfig) -> dict:
                                    "learning_rate": cfg.optimizer.learning_rate})
     shutil.copy2(out / "config.yaml", out / "onnx" / "config.yaml")
     timing = {"job_seconds": round(time.time() - job_start, 1), "export_seconds": round(time.time() - train_done, 1),
-              "first_step_seconds": round(final["first_step_at"] - job_start, 1) if final.get("first_step_at") else None}
+              "first_step_seconds": round(final["first_step_at"] - job_start, 1),
+              "preflight_seconds": round(preflight_done - job_start, 1), "ray_init_seconds": round(ray_ready - preflight_done, 1),
+              "worker_setup_seconds": round(final["worker_setup_seconds"], 1)}
     report = write_report(out, final, {"timing": timing, "warnings": pre.warnings,
                                        "onnx": {"path": str(out / "onnx"), "parity_min_cosine": manifest["parity"]["min_cosine"]}})
     shutil.copy2(out / "eval.json", out / "onnx" / "eval.json")

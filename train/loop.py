@@ -100,6 +100,7 @@ def _report(metrics: dict, directory: Path | None = None) -> None:
 
 def train_loop_per_worker(config: dict) -> None:
     # ---- setup: re-validate the config (Tune may have injected values), model, data ----
+    worker_start = time.time()
     cfg = validate_config(config)
     device = ray.train.torch.get_device()
     if device.type != "cuda":
@@ -186,7 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     final = {"step": total, "total_steps": total, "loss": loss_value, "val_loss": val_loss,
              "val_ndcg@10": val_metrics["ndcg@10"], "val_recall@10": val_metrics["recall@10"],
-             "first_step_at": train_start, "train_seconds": train_seconds,
+             "first_step_at": train_start, "worker_setup_seconds": train_start - worker_start, "train_seconds": train_seconds,
              "train_examples_per_s": trained_examples / max(train_seconds, 1e-9), "resumed_from_step": resumed_from,
              "eval": {"dataset": eval_name, "queries": len(eval_set.queries), "documents": len(eval_set.corpus),
                       "base": base, "tuned": tuned, "validation": val_metrics},

@@ -1,1 +1,1 @@
-"""Learning-rate sweeps over the training job with Ray Tune (planned: issue 4)."""
+"""Learning-rate sweeps over the training job with Ray Tune (each trial is the job's own TorchTrainer)."""

@@ -1,0 +1,141 @@
+"""The learning-rate sweep: Ray Tune trials, each the very same `build_trainer(cfg)` as a training job.
+
+Grid around the conservative default, extended one step past an end that wins; trials scored by
+validation nDCG@10; a failed trial is reported and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from train.config import JobConfig, dump_config
+from tune.config import SweepConfig, trial_job
+
+METRIC = "val_ndcg@10"
+
+
+@dataclass
+class Trial:
+    lr: float
+    status: str  # "ok" | "failed"
+    ndcg: float | None = None
+    recall: float | None = None
+    loss: float | None = None
+    val_loss: float | None = None
+    seconds: float | None = None
+    error: str | None = None
+    extension: bool = False
+
+
+def run_trial(config: dict, sweep: dict) -> None:
+    """A Tune function trainable: build and fit the job's TorchTrainer at this learning rate."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from train.trainer import build_trainer
+
+    cfg = trial_job(SweepConfig.model_validate(sweep), config["learning_rate"])
+    build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+
+
+def max_concurrent_trials(job: JobConfig) -> int:
+    """Trials that fit the cluster at once: one per GPU, else per `threads` CPUs (never oversubscribe)."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if job.resources.use_gpu is True or (job.resources.use_gpu == "auto" and gpus):
+        return max(1, gpus)
+    threads = job.resources.torch_threads or os.cpu_count() or 1
+    per_trial = max(job.resources.cpus_per_worker, threads)
+    return max(1, int(resources.get("CPU", 1) // per_trial))
+
+
+def run_points(sweep: SweepConfig, space, num_samples: int, label: str) -> list[Trial]:
+    storage = str(Path(sweep.output.dir).absolute() / "tune")
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(run_trial, sweep=sweep.model_dump(mode="json")), {"CPU": 0}),
+        param_space={"learning_rate": space},
+        tune_config=tune.TuneConfig(num_samples=num_samples, max_concurrent_trials=max_concurrent_trials(sweep.job),
+                                    search_alg=BasicVariantGenerator(random_state=sweep.search.seed)),
+        run_config=tune.RunConfig(name=f"{sweep.job.name}-{label}", storage_path=storage, verbose=0),
+    )
+    trials = []
+    for result in tuner.fit():
+        lr = result.config["learning_rate"]
+        m = result.metrics or {}
+        if result.error is not None or METRIC not in m:
+            error = str(result.error).strip().splitlines()[-1][:300] if result.error else "no validation metric reported"
+            trials.append(Trial(lr, "failed", error=error))
+            continue
+        ndcg = m[METRIC]
+        trials.append(Trial(lr, "ok", ndcg=ndcg if math.isfinite(ndcg) else None, recall=m.get("val_recall@10"),
+                            loss=m.get("loss"), val_loss=m.get("val_loss"), seconds=m.get("time_total_s")))
+    return trials
+
+
+def best(trials: list[Trial]) -> Trial | None:
+    scored = [t for t in trials if t.status == "ok" and t.ndcg is not None]
+    return max(scored, key=lambda t: (t.ndcg, -t.lr)) if scored else None
+
+
+def next_extension(trials: list[Trial], search) -> float | None:
+    """One step past the end of the successful range that holds the winner, within the bounds; else None.
+
+    Never steps onto or past a learning rate whose trial failed.
+    """
+    winner = best(trials)
+    tried = sorted({t.lr for t in trials if t.status == "ok" and t.ndcg is not None})
+    if winner is None or len(tried) < 2 or winner.lr not in (tried[0], tried[-1]):
+        return None
+    up = winner.lr == tried[-1]
+    lr = winner.lr * search.extension_factor if up else winner.lr / search.extension_factor
+    if not search.min_learning_rate <= lr <= search.max_learning_rate:
+        return None
+    failed = [t.lr for t in trials if t.status != "ok" or t.ndcg is None]
+    if any((winner.lr < f <= lr) if up else (lr <= f < winner.lr) for f in failed):
+        return None
+    return lr
+
+
+def run_sweep(sweep: SweepConfig) -> dict:
+    from cluster.runtime import ensure_ray
+    from train.job import preflight, run_job
+    from tune.report import write_outputs
+
+    start = time.time()
+    sweep = sweep.model_copy(update={"job": sweep.job.with_absolute_paths(),
+                                     "output": sweep.output.model_copy(update={"dir": str(Path(sweep.output.dir).absolute())})})
+    preflight(sweep.job)  # config, model and every data line once, before any trial starts
+    Path(sweep.output.dir).mkdir(parents=True, exist_ok=True)
+    ensure_ray()
+    s = sweep.search
+    if s.mode == "loguniform":
+        trials = run_points(sweep, tune.loguniform(s.min_learning_rate, s.max_learning_rate), s.num_samples, "loguniform")
+    else:
+        trials = run_points(sweep, tune.grid_search(sorted(set(s.learning_rates))), 1, "grid")
+        for i in range(s.max_extensions if s.extend else 0):
+            lr = next_extension(trials, s)
+            if lr is None:
+                break
+            extra = run_points(sweep, tune.grid_search([lr]), 1, f"extension{i + 1}")
+            for t in extra:
+                t.extension = True
+            trials += extra
+    winner = best(trials)
+    summary = {"metric": METRIC, "trials": [asdict(t) for t in sorted(trials, key=lambda t: t.lr)],
+               "best": asdict(winner) if winner else None, "seconds": round(time.time() - start, 1)}
+    if winner:
+        best_job = trial_job(sweep, winner.lr).model_copy(update={"output": sweep.job.output.model_copy(
+            update={"dir": str(Path(sweep.output.dir) / "winner")}), "dataset": sweep.job.dataset, "name": f"{sweep.job.name}-best"})
+        (Path(sweep.output.dir) / "best_job.yaml").write_text(dump_config(best_job))
+        if sweep.promote_winner:
+            summary["winner_report"] = run_job(best_job)
+    write_outputs(Path(sweep.output.dir), summary)
+    return summary
