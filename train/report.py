@@ -52,7 +52,7 @@ def plot(path: Path, base: dict, tuned: dict, title: str) -> None:
         ax.text(x + 0.2, tuned[m] + 0.01, f"{tuned[m] - base[m]:+.3f}", ha="center", fontsize=7)
     ax.set_xticks(list(xs), SHOWN)
     ax.set_ylim(0, 1.08)
-    ax.set_title(f"base vs tuned on {Path(title).name or title}", fontsize=9)
+    ax.set_title(f"base vs tuned on {'/'.join(Path(title).parts[-2:]) or title}", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

@@ -22,7 +22,6 @@ class Search(_Section):
     min_learning_rate: float = Field(1e-7, gt=0, description="No extension (or sample) below this.")
     max_learning_rate: float = Field(2e-4, gt=0, description="No extension (or sample) above this.")
     num_samples: int = Field(8, gt=0, description="Draws in loguniform mode.")
-    seed: int = Field(0, description="Seed of loguniform draws.")
 
     @model_validator(mode="after")
     def _points(self) -> "Search":

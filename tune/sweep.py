@@ -15,7 +15,6 @@ from pathlib import Path
 
 import ray
 from ray import tune
-from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from train.config import JobConfig, dump_config
 from tune.config import SweepConfig, trial_job
@@ -34,6 +33,18 @@ class Trial:
     seconds: float | None = None
     error: str | None = None
     extension: bool = False
+
+
+def error_text(err: BaseException) -> str:
+    """The innermost cause of a trial's failure, on one line (Ray wraps it in task and Tune errors)."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "cause", None) or err.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        err = inner
+    return f"{type(err).__name__}: " + " ".join(str(err).split())[:400]
 
 
 def run_trial(config: dict, sweep: dict) -> None:
@@ -60,10 +71,10 @@ def max_concurrent_trials(job: JobConfig) -> int:
 def run_points(sweep: SweepConfig, space, num_samples: int, label: str) -> list[Trial]:
     storage = str(Path(sweep.output.dir).absolute() / "tune")
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_trial, sweep=sweep.model_dump(mode="json")), {"CPU": 0}),
+        tune.with_resources(tune.with_parameters(run_trial, sweep=sweep.model_dump(mode="json")),
+                            {"CPU": 0.1}),  # the trial only drives its Train run; the worker holds the CPUs,
         param_space={"learning_rate": space},
-        tune_config=tune.TuneConfig(num_samples=num_samples, max_concurrent_trials=max_concurrent_trials(sweep.job),
-                                    search_alg=BasicVariantGenerator(random_state=sweep.search.seed)),
+        tune_config=tune.TuneConfig(num_samples=num_samples, max_concurrent_trials=max_concurrent_trials(sweep.job)),
         run_config=tune.RunConfig(name=f"{sweep.job.name}-{label}", storage_path=storage, verbose=0),
     )
     trials = []
@@ -71,7 +82,7 @@ def run_points(sweep: SweepConfig, space, num_samples: int, label: str) -> list[
         lr = result.config["learning_rate"]
         m = result.metrics or {}
         if result.error is not None or METRIC not in m:
-            error = str(result.error).strip().splitlines()[-1][:300] if result.error else "no validation metric reported"
+            error = error_text(result.error) if result.error else "no validation metric reported"
             trials.append(Trial(lr, "failed", error=error))
             continue
         ndcg = m[METRIC]
