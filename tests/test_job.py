@@ -86,10 +86,14 @@ def test_lora_merged_on_nemotron_layout(ray_session, tiny_nemotron, train_file, 
     assert changed_weights(tiny_nemotron, tmp_path / "lora" / "model") > 1e-5
 
 
-def test_tiny_bert_full_sft(ray_session, tiny_bert, train_file, tmp_path):
-    run_job(job(tiny_bert, train_file, tmp_path / "bert", schedule={"max_steps": 3}))
+@pytest.mark.parametrize("finetuning_type", ["all_weights", "lora_merged"])
+def test_tiny_bert(ray_session, tiny_bert, train_file, tmp_path, finetuning_type):
+    run_job(job(tiny_bert, train_file, tmp_path / "bert", schedule={"max_steps": 3},
+                training={"finetuning_type": finetuning_type}))
     report, manifest = assert_artifact(tmp_path / "bert", 32)
     assert manifest["prefixes"] == {"query": "", "passage": ""}
+    assert manifest["source"]["finetuning_type"] == finetuning_type
+    assert changed_weights(tiny_bert, tmp_path / "bert" / "model") > 1e-5
 
 
 def read_state(path: Path) -> dict | None:
