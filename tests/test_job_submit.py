@@ -26,14 +26,21 @@ def free_port() -> int:
 
 
 def kill_cluster(temp_dir: Path, gcs_port: int) -> None:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    for line in out.splitlines()[1:]:
-        pid, _, args = line.strip().partition(" ")
-        if str(temp_dir) in args and int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    """SIGKILL this cluster's processes: those naming its temp dir, and workers of its raylet(s)."""
+    def read(proc: Path, name: str) -> str:
+        try:
+            return (proc / name).read_bytes().replace(b"\0", b"\n").decode(errors="replace")
+        except OSError:
+            return ""
+
+    procs = [p for p in Path("/proc").iterdir() if p.name.isdigit() and int(p.name) != os.getpid()]
+    ours = {p.name for p in procs if str(temp_dir) in read(p, "cmdline")}
+    ours |= {p.name for p in procs if any(f"RAY_RAYLET_PID={pid}\n" in read(p, "environ") for pid in ours)}
+    for pid in ours:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     # a killed head leaves its address behind; a later ray.init() would try to join it and hang
     for address_file in (temp_dir / "ray_current_cluster", Path("/tmp/ray/ray_current_cluster")):
         if address_file.is_file() and f":{gcs_port}" in address_file.read_text():
