@@ -105,7 +105,7 @@ def read_state(path: Path) -> dict | None:
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_session, tiny_bert, train_file, tmp_path):
     out = tmp_path / "killed"
-    cfg = job(tiny_bert, train_file, out, schedule={"max_steps": 150},
+    cfg = job(tiny_bert, train_file, out, schedule={"max_steps": 300},
               output={"checkpoint_every_steps": 5, "log_every_steps": 50})
     result = {}
     runner = threading.Thread(target=lambda: result.update(report=run_job(cfg)))
@@ -113,18 +113,20 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, tiny_bert, trai
     killed = None
     deadline = time.time() + 300
     while killed is None and runner.is_alive() and time.time() < deadline:
-        # wait for two checkpoints, so the first is surely registered with the controller before the kill
-        states = [s for s in map(read_state, out.glob("checkpoints/*/checkpoint_*/train_state.json")) if s]
-        steps = sorted(s["step"] for s in states if not s.get("final"))
-        if len(steps) >= 2:
-            newest = max((s for s in states if not s.get("final")), key=lambda s: s["step"])
-            os.kill(newest["pid"], signal.SIGKILL)
-            killed = steps[0]
+        # kill only once the controller has registered a checkpoint (its snapshot lists it): a checkpoint
+        # still on its way from the worker to the controller is lost with the worker, by design
+        for snapshot in out.glob("checkpoints/*/checkpoint_manager_snapshot.json"):
+            registered = [r for r in (read_state(snapshot) or {}).get("checkpoint_results", [])
+                          if r["metrics"].get("total_steps") and r["metrics"]["step"] < r["metrics"]["total_steps"]]
+            state = read_state(snapshot.parent / registered[-1]["checkpoint_dir_name"] / "train_state.json") if registered else None
+            if state:
+                os.kill(state["pid"], signal.SIGKILL)
+                killed = state["step"]
         time.sleep(0.05)
     runner.join(timeout=600)
     assert killed is not None, "the job finished before a checkpoint could be observed"
     report = result["report"]
-    assert report["training"]["steps"] == 150
+    assert report["training"]["steps"] == 300
     assert report["training"]["resumed_from_step"] is not None and report["training"]["resumed_from_step"] >= killed
     assert_artifact(out, 32)
 
