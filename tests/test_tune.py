@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from train.config import ConfigError
+from train.job import OutputConflict
 from tune.config import Search, load_sweep
 from tune.sweep import Trial, best, next_extension, run_sweep
 
@@ -60,6 +61,8 @@ def test_absurd_learning_rate_does_not_win(ray_session, train_file, tmp_path):
     assert {"results.json", "results.md", "sweep.png", "best_job.yaml"} <= {p.name for p in out.iterdir()}
     best_job = yaml.safe_load((out / "best_job.yaml").read_text())
     assert best_job["optimizer"]["learning_rate"] == summary["best"]["lr"]
+    with pytest.raises(OutputConflict, match="holds a finished sweep"):  # a rerun must not reuse old trials
+        run_sweep(load_sweep(path))
 
 
 def test_failing_trial_is_reported_and_extension_runs(ray_session, tiny_bert, train_file, tmp_path):

@@ -23,11 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+    from train.job import OutputConflict
     from tune.sweep import run_sweep
 
     try:
         summary = run_sweep(load_sweep(args.config, args.overrides))
-    except (ConfigError, DataError, ModelError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, ModelError, OutputConflict, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0 if summary["best"] else 1

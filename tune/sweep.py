@@ -117,13 +117,15 @@ def next_extension(trials: list[Trial], search) -> float | None:
 
 def run_sweep(sweep: SweepConfig) -> dict:
     from cluster.runtime import ensure_ray
-    from train.job import preflight, run_job
+    from train.job import OutputConflict, preflight, run_job
     from tune.report import write_outputs
 
     start = time.time()
     sweep = sweep.model_copy(update={"job": sweep.job.with_absolute_paths(),
                                      "output": sweep.output.model_copy(update={"dir": str(Path(sweep.output.dir).absolute())})})
     preflight(sweep.job)  # config, model and every data line once, before any trial starts
+    if (Path(sweep.output.dir) / "results.json").exists():
+        raise OutputConflict(f"output.dir {sweep.output.dir} holds a finished sweep (results.json); choose a new one")
     Path(sweep.output.dir).mkdir(parents=True, exist_ok=True)
     ensure_ray()
     s = sweep.search
@@ -146,7 +148,8 @@ def run_sweep(sweep: SweepConfig) -> dict:
         best_job = trial_job(sweep, winner.lr).model_copy(update={"output": sweep.job.output.model_copy(
             update={"dir": str(Path(sweep.output.dir) / "winner")}), "dataset": sweep.job.dataset, "name": f"{sweep.job.name}-best"})
         (Path(sweep.output.dir) / "best_job.yaml").write_text(dump_config(best_job))
-        if sweep.promote_winner:
-            summary["winner_report"] = run_job(best_job)
-    write_outputs(Path(sweep.output.dir), summary)
+    write_outputs(Path(sweep.output.dir), summary)  # before promotion: a failing winner job keeps the table
+    if winner and sweep.promote_winner:
+        summary["winner_report"] = run_job(best_job)
+        write_outputs(Path(sweep.output.dir), summary)
     return summary
