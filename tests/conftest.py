@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -52,7 +51,3 @@ def ray_session():
     yield ray
     ray.shutdown()
 
-
-def copy_dir(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
