@@ -1,0 +1,88 @@
+"""Standalone serving: `python -m serve --model-dir DIR [--name NAME] [--port 8080] [--replicas N]`.
+
+Starts (or joins) Ray, runs the gateway with one model behind it, and blocks until Ctrl-C. With
+`--config gateway.yaml` it serves a whole routing table instead (several models, providers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from serve.settings import ConfigError, load_gateway_config, single_model_config
+
+APP_NAME = "rayembed-gateway"
+
+
+def default_name(model_dir: Path) -> str:
+    """The training job's name, else the base model's directory name."""
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    source = manifest.get("source") or {}
+    return source.get("job") or Path(str(manifest.get("base_model") or model_dir)).name
+
+
+def wait_ready(url: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s; see the Serve logs (ray dashboard, Serve tab)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-dir", type=Path, help="ONNX artifact directory (a job's onnx/ or train.export output)")
+    source.add_argument("--config", type=Path, help="routing table YAML (models -> providers), see examples/gateway.yaml")
+    parser.add_argument("--name", help="model name clients send (default: the training job's name)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (= its ONNX Runtime threads)")
+    parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (CUDA provider when > 0)")
+    args = parser.parse_args(argv)
+    try:
+        if args.config:
+            config = load_gateway_config(args.config)
+        else:
+            config = single_model_config(str(args.model_dir), args.name or default_name(args.model_dir),
+                                         replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from ray import serve
+
+    from cluster.runtime import ensure_ray
+    from serve.app import gateway_app
+
+    ensure_ray()
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(gateway_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+    base = f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}"
+    wait_ready(base + "/v1/health/ready")
+    model = next(iter(config.models))
+    print(f"serving {', '.join(m.name for m in config.models)} at {base}/v1/embeddings\n"
+          f"  curl {base}/v1/embeddings -H 'Content-Type: application/json' "
+          f"-d '{{\"model\": \"{model.name}\", \"input\": [\"hello world\"]}}'\n"
+          f"  gateway: {base}/v2/workspaces/{model.workspace}/inference/gateway/model/{model.name}/-/v1/embeddings\n"
+          "Ctrl-C stops.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(APP_NAME)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

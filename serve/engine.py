@@ -1,0 +1,96 @@
+"""ONNX Runtime for one artifact: session, providers check, length-grouped batch plans, Matryoshka.
+
+No Ray and no torch here, so the benchmark's in-process ceiling runs exactly this code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def read_manifest(model_dir: str | Path) -> dict:
+    return json.loads((Path(model_dir) / "manifest.json").read_text())
+
+
+def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
+    """Sequential execution, `threads` intra-op threads; no spin-waiting by default.
+
+    Spinning intra-op threads burn the core they wait on; on a CPU shared with the HTTP proxy and
+    the gateway that halves throughput (../shared/bench/ANCHORS.md), so they sleep instead.
+    """
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return so
+
+
+class OnnxEmbedder:
+    """An ONNX Runtime session over `model.onnx` (or the fp16 copy) that returns float32 embeddings."""
+
+    def __init__(self, model_dir: str | Path, *, device: str = "auto", precision: str = "auto",
+                 threads: int = 1, has_gpu: bool = False, spin: bool = False):
+        model_dir = Path(model_dir)
+        self.manifest = read_manifest(model_dir)
+        self.want_cuda = device == "cuda" or (device == "auto" and has_gpu)
+        if self.want_cuda and CUDA not in ort.get_available_providers():
+            raise RuntimeError(f"CUDA was asked for but this onnxruntime has only {ort.get_available_providers()}: "
+                               "install the `gpu` extra (onnxruntime-gpu) instead of `cpu`")
+        fp16 = model_dir / "model.fp16.onnx"
+        use_fp16 = precision == "fp16" or (precision == "auto" and self.want_cuda and fp16.is_file())
+        if use_fp16 and not fp16.is_file():
+            raise FileNotFoundError(f"precision fp16 asked for but {fp16} is missing (export with export_fp16: true)")
+        self.path = fp16 if use_fp16 else model_dir / "model.onnx"
+        providers = [(CUDA, {"device_id": 0}), CPU] if self.want_cuda else [CPU]
+        self.session = ort.InferenceSession(str(self.path), session_options(threads, spin), providers=providers)
+        self.providers = self.session.get_providers()
+        self.threads = threads
+        self.check()
+
+    def check(self) -> None:
+        """Raise when CUDA was asked for and ONNX Runtime fell back to the CPU (a silent 10-50x slowdown)."""
+        if self.want_cuda and self.providers[0] != CUDA:
+            raise RuntimeError(f"CUDA was asked for but the session runs on {self.providers}")
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        out = self.session.run(["embeddings"], {"input_ids": input_ids, "attention_mask": attention_mask})[0]  # [B, H]
+        return out.astype(np.float32, copy=False)
+
+
+def plan_batches(lengths: list[int], max_texts: int, max_tokens: int) -> list[list[int]]:
+    """Group item indices by length into runs of <= max_texts whose padded size fits max_tokens.
+
+    Sorting first makes each run's texts about equally long, so padding is cut to a minimum;
+    a single text longer than max_tokens still gets a run of its own.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    plans: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        # sorted ascending, so lengths[i] is the run's widest text: padded size = count * width
+        if current and (len(current) >= max_texts or (len(current) + 1) * lengths[i] > max_tokens):
+            plans.append(current)
+            current = []
+        current.append(i)
+    if current:
+        plans.append(current)
+    return plans
+
+
+def matryoshka(embeddings: np.ndarray, dim: int | None) -> np.ndarray:
+    """Keep the first `dim` components and re-normalize (the model was trained for these prefixes)."""
+    if dim is None or dim == embeddings.shape[1]:
+        return embeddings
+    cut = embeddings[:, :dim]  # [B, dim]
+    norms = np.linalg.norm(cut, axis=1, keepdims=True)  # [B, 1]
+    return cut / np.maximum(norms, 1e-12)

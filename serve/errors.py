@@ -1,0 +1,78 @@
+"""Typed serving errors, their HTTP status in one table, and the OpenAI error envelope.
+
+Only `serve/` knows HTTP: the domain raises `ServeError` subclasses; the gateway's one handler turns
+them (and pydantic's validation errors, Serve's back-pressure and unavailability) into a status and
+`{"error": {"message", "type", "param", "code"}}`. Anything unexpected is a 500 without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class ServeError(Exception):
+    """Base of every error a client may see; `param` names the offending request field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message, param)
+        self.message = message
+        self.param = param
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequest(ServeError):
+    """The request body is malformed or asks for something the model cannot do."""
+
+
+class InputTooLong(InvalidRequest):
+    """An input exceeds the model's maximum token count and `truncate` is NONE."""
+
+
+class PayloadTooLarge(ServeError):
+    """Too many inputs in one request, or an input longer than the character limit."""
+
+
+class NotFound(ServeError):
+    """Unknown workspace, model entity or provider."""
+
+
+class QueueFull(ServeError):
+    """The model's replicas and queue are full; retry later."""
+
+
+class Unavailable(ServeError):
+    """No healthy replica can take the request (not deployed yet, failed, or shutting down)."""
+
+
+# class -> (HTTP status, OpenAI error type). The most specific class wins (checked in MRO order).
+STATUS: dict[type[ServeError], tuple[int, str]] = {
+    InvalidRequest: (400, "invalid_request_error"),
+    InputTooLong: (400, "invalid_request_error"),
+    NotFound: (404, "not_found_error"),
+    PayloadTooLarge: (413, "invalid_request_error"),
+    QueueFull: (429, "rate_limit_error"),
+    Unavailable: (503, "service_unavailable_error"),
+}
+INTERNAL = (500, "internal_server_error")
+
+# Error `code` strings, stable for clients that branch on them.
+CODES: dict[type[ServeError], str] = {
+    InvalidRequest: "invalid_request",
+    InputTooLong: "input_too_long",
+    NotFound: "not_found",
+    PayloadTooLarge: "payload_too_large",
+    QueueFull: "queue_full",
+    Unavailable: "no_healthy_replica",
+}
+
+
+def status_of(exc: BaseException) -> tuple[int, str, str]:
+    """(HTTP status, error type, code) for an exception; unknown exceptions map to 500."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return (*STATUS[cls], CODES[cls])
+    return (*INTERNAL, "internal_error")
+
+
+def envelope(message: str, err_type: str, param: str | None, code: str | None) -> dict:
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}

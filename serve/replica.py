@@ -1,0 +1,133 @@
+"""EmbeddingReplica: a Serve deployment holding one ONNX Runtime session and the model's tokenizer.
+
+Each text is one `@serve.batch` item whose size is its token count, so a batch is bounded by a
+token budget (`max_batch_tokens`); the batch is then cut into length-sorted ONNX Runtime calls of
+at most `max_batch_texts` texts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import ray
+from ray import serve
+from ray.serve import metrics
+
+from serve.engine import OnnxEmbedder, matryoshka, plan_batches
+from serve.errors import InvalidRequest, ServeError
+from serve.settings import ProviderSettings
+from serve.tokens import ServingTokenizer
+
+
+class _Item:
+    __slots__ = ("ids", "queued_at")
+
+    def __init__(self, ids: list[int], queued_at: float):
+        self.ids = ids
+        self.queued_at = queued_at
+
+
+def _tokens(items: list[_Item]) -> int:
+    return sum(len(item.ids) for item in items)
+
+
+@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
+class EmbeddingReplica:
+    def __init__(self, settings: dict):
+        self.settings = ProviderSettings.model_validate(settings)
+        s = self.settings
+        self.engine = OnnxEmbedder(s.model_dir, device=s.device, precision=s.precision, threads=s.threads(),
+                                   has_gpu=bool(ray.get_gpu_ids()))
+        self.tokenizer = ServingTokenizer(s.model_dir, self.engine.manifest)
+        m = self.engine.manifest
+        self.dims = sorted(set(m.get("matryoshka_dims") or []) | {m["embedding_dim"]})
+        if s.max_batch_tokens < self.tokenizer.max_length:
+            raise ValueError(f"max_batch_tokens ({s.max_batch_tokens}) must be >= the model's max_seq_length "
+                             f"({self.tokenizer.max_length}) or a full-length input could never be batched")
+        self._batched.set_max_batch_size(s.max_batch_tokens)
+        self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        tags = ("provider",)
+        self._m_batch_texts = metrics.Histogram(
+            "rayembed_batch_texts", "texts per ONNX Runtime call", boundaries=[1, 2, 4, 8, 16, 32, 64, 128], tag_keys=tags)
+        self._m_batch_tokens = metrics.Histogram(
+            "rayembed_batch_tokens", "padded tokens per ONNX Runtime call",
+            boundaries=[16, 64, 256, 1024, 4096, 16384, 65536], tag_keys=tags)
+        self._m_queue_ms = metrics.Histogram(
+            "rayembed_queue_ms", "time a text waited before its ONNX Runtime call started",
+            boundaries=[0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000], tag_keys=tags)
+        self._m_tokens = metrics.Counter("rayembed_prompt_tokens", "tokens embedded", tag_keys=tags)
+        for m in (self._m_batch_texts, self._m_batch_tokens, self._m_queue_ms, self._m_tokens):
+            m.set_default_tags({"provider": s.name})
+        self.batch_log: list[int] = []  # texts per ONNX Runtime call, newest last (bounded; read by info())
+
+    def info(self) -> dict:
+        """What the gateway needs to validate requests before sending them here."""
+        m = self.engine.manifest
+        return {
+            "provider": self.settings.name,
+            "embedding_dim": m["embedding_dim"],
+            "matryoshka_dims": self.dims,
+            "max_seq_length": self.tokenizer.max_length,
+            "prefixes": self.tokenizer.prefixes,
+            "needs_input_type": self.tokenizer.needs_input_type and self.settings.default_input_type is None,
+            "base_model": m.get("base_model"),
+            "onnx_file": self.engine.path.name,
+            "providers": self.engine.providers,
+            "threads": self.engine.threads,
+            "recent_batch_texts": list(self.batch_log[-256:]),
+        }
+
+    def check_health(self) -> None:
+        self.engine.check()
+
+    async def embed(self, texts: list[str], input_type: str | None = None, truncate: str = "NONE",
+                    dimensions: int | None = None) -> tuple[np.ndarray, int] | ServeError:
+        """Embeddings [len(texts), dimensions or H] (float32, normalized) and the prompt token count.
+
+        A client error comes back as a value, not raised: raising would make Serve log a traceback
+        for every bad request. The gateway raises it on its side.
+        """
+        try:
+            return await self._embed(texts, input_type, truncate, dimensions)
+        except ServeError as exc:
+            return exc
+
+    async def _embed(self, texts: list[str], input_type: str | None, truncate: str,
+                     dimensions: int | None) -> tuple[np.ndarray, int]:
+        input_type = input_type or self.settings.default_input_type
+        if input_type is None and self.tokenizer.needs_input_type:
+            raise InvalidRequest("input_type is required for this model: 'query' for search queries, 'passage' "
+                                 "for documents (it selects the prefix the model was trained with)", "input_type")
+        if dimensions is not None and dimensions not in self.dims:
+            raise InvalidRequest(f"dimensions must be one of {self.dims} for this model, not {dimensions}", "dimensions")
+        ids = self.tokenizer.encode(texts, input_type, truncate)
+        now = time.perf_counter()
+        out = np.stack(await asyncio.gather(*(self._batched(_Item(x, now)) for x in ids)))  # [N, H]
+        n_tokens = sum(len(x) for x in ids)
+        self._m_tokens.inc(n_tokens)
+        return matryoshka(out, dimensions), n_tokens
+
+    @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.0, batch_size_fn=_tokens)
+    async def _batched(self, items: list[_Item]) -> list[np.ndarray]:
+        # ONNX Runtime runs on this event loop on purpose: while it runs, arriving requests queue up
+        # and the next batch takes all of them. Awaiting an executor instead would let @serve.batch
+        # cut tiny batches from whatever arrived in the meantime (it forms a batch before waiting
+        # for the previous one to finish).
+        s = self.settings
+        started = time.perf_counter()
+        for item in items:
+            self._m_queue_ms.observe((started - item.queued_at) * 1000)
+        out: list[np.ndarray | None] = [None] * len(items)
+        for plan in plan_batches([len(i.ids) for i in items], s.max_batch_texts, s.max_batch_tokens):
+            input_ids, mask = self.tokenizer.pad([items[i].ids for i in plan])  # [b, S]
+            emb = self.engine.run(input_ids, mask)  # [b, H]
+            for row, i in enumerate(plan):
+                out[i] = emb[row]
+            self._m_batch_texts.observe(len(plan))
+            self._m_batch_tokens.observe(int(input_ids.size))
+            self.batch_log.append(len(plan))
+        if len(self.batch_log) > 4096:
+            del self.batch_log[:-256]
+        return out

@@ -1,0 +1,64 @@
+"""The routing table: OpenAI model ids, model entities and provider names -> a provider (no Ray here)."""
+
+from __future__ import annotations
+
+import itertools
+
+from serve.errors import InvalidRequest, NotFound
+from serve.settings import GatewayConfig, ModelRoute, ProviderSettings
+
+DEFAULT_WORKSPACE = "default"
+
+
+def model_id(route: ModelRoute) -> str:
+    """The id /v1/models lists: a bare name in the default workspace, else workspace/name."""
+    return route.name if route.workspace == DEFAULT_WORKSPACE else f"{route.workspace}/{route.name}"
+
+
+class RoutingTable:
+    def __init__(self, config: GatewayConfig):
+        self.models = {(m.workspace, m.name): m for m in config.models}
+        self.workspaces = {m.workspace for m in config.models}
+        self.owner = {p.name: m for m in config.models for p in m.providers}
+        self.providers = {p.name: p for m in config.models for p in m.providers}
+        self._turns = {key: itertools.cycle(m.providers) for key, m in self.models.items()}
+
+    def _workspace(self, workspace: str) -> None:
+        if workspace not in self.workspaces:
+            raise NotFound(f"workspace {workspace!r} does not exist (known: {', '.join(sorted(self.workspaces))})")
+
+    def entity(self, workspace: str, name: str) -> tuple[ModelRoute, ProviderSettings]:
+        """Route by model entity; several providers of one model take turns."""
+        self._workspace(workspace)
+        route = self.models.get((workspace, name))
+        if route is None:
+            known = sorted(n for w, n in self.models if w == workspace)
+            raise NotFound(f"model {name!r} does not exist in workspace {workspace!r} (known: {', '.join(known)})", "model")
+        return route, next(self._turns[(workspace, name)])
+
+    def provider(self, workspace: str, name: str) -> tuple[ModelRoute, ProviderSettings]:
+        self._workspace(workspace)
+        route = self.owner.get(name)
+        if route is None or route.workspace != workspace:
+            known = sorted(p for p, m in self.owner.items() if m.workspace == workspace)
+            raise NotFound(f"provider {name!r} does not exist in workspace {workspace!r} (known: {', '.join(known)})")
+        return route, self.providers[name]
+
+    def openai(self, model: str | None) -> tuple[ModelRoute, ProviderSettings]:
+        """`model` is workspace/name, or a bare name in the default workspace."""
+        if not model:
+            raise InvalidRequest("model is required: one of " + ", ".join(self.model_ids()), "model")
+        workspace, _, name = model.rpartition("/")
+        try:
+            return self.entity(workspace or DEFAULT_WORKSPACE, name)
+        except NotFound:
+            raise NotFound(f"model {model!r} does not exist (known: {', '.join(self.model_ids())})", "model") from None
+
+    def model_ids(self) -> list[str]:
+        return sorted(model_id(m) for m in self.models.values())
+
+    def listing(self, routes: list[ModelRoute] | None = None) -> dict:
+        routes = list(self.models.values()) if routes is None else routes
+        return {"object": "list", "data": [
+            {"id": model_id(m), "object": "model", "created": 0, "owned_by": m.workspace,
+             "providers": [p.name for p in m.providers]} for m in routes]}

@@ -1,0 +1,146 @@
+"""The gateway's routing table and each provider's replica settings (pydantic, YAML-shaped).
+
+workspace/model entity -> provider(s) -> an EmbeddingReplica deployment (built here from
+`model_dir`) or an already running Serve application (`app`, as the control plane creates them).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """A routing or provider config problem; the message names every bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Autoscaling(_Section):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(32, gt=0, description="per replica; Serve adds replicas above it")
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class ProviderSettings(_Section):
+    """One provider: a deployment of one ONNX artifact (or a running Serve app that serves one)."""
+
+    name: str = Field(description="provider / deployment name, unique across the gateway (the provider route uses it)")
+    model_dir: str | None = Field(None, description="ONNX artifact directory (model.onnx, tokenizer.json, manifest.json)")
+    app: str | None = Field(None, description="instead of model_dir: a running Serve application serving an EmbeddingReplica")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when the replica holds a GPU")
+    precision: Literal["auto", "fp32", "fp16"] = Field("auto", description="auto: model.fp16.onnx on CUDA when exported")
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: Autoscaling | None = Field(None, description="replaces num_replicas when set")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs each replica reserves; also its ONNX Runtime thread count")
+    num_gpus: float = Field(0.0, ge=0)
+    intra_op_threads: int | None = Field(None, ge=1, description="default: the CPUs the replica reserves (at least 1)")
+    max_batch_tokens: int = Field(8192, ge=1, description="token budget of one @serve.batch batch")
+    max_batch_texts: int = Field(32, ge=1, description="texts per ONNX Runtime call (length-sorted sub-batches)")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="extra wait for a batch to fill; 0 batches what queued "
+                                                               "while the previous batch ran")
+    max_ongoing_requests: int = Field(256, ge=1, description="requests one replica accepts (they wait in its batch queue)")
+    max_queued_requests: int = Field(512, ge=-1, description="requests waiting for a replica; beyond it: 429 (-1: no limit)")
+    default_input_type: Literal["query", "passage"] | None = Field(
+        None, description="input_type when a request has none (a model with prefixes otherwise requires it)")
+
+    @model_validator(mode="after")
+    def _source(self, info: ValidationInfo):
+        if not NAME.match(self.name):
+            raise ValueError(f"name {self.name!r} must be 1-128 of letters, digits, '.', '_', '-'")
+        if (self.model_dir is None) == (self.app is None):
+            raise ValueError("give exactly one of model_dir (an ONNX artifact) or app (a running Serve application)")
+        if self.model_dir is not None and (info.context or {}).get("check_files", True):
+            # replicas run in other working directories: pin the path where the config was read
+            object.__setattr__(self, "model_dir", str(Path(self.model_dir).resolve()))
+            missing = [f for f in ("model.onnx", "tokenizer.json", "manifest.json") if not (Path(self.model_dir) / f).is_file()]
+            if missing:
+                raise ValueError(f"model_dir {self.model_dir} lacks {', '.join(missing)}: export one with "
+                                 "`python -m train.export` or point at a training job's onnx/ directory")
+        return self
+
+    def threads(self) -> int:
+        return self.intra_op_threads or max(1, int(self.num_cpus))
+
+    def deployment_options(self) -> dict:
+        """Serve `.options(...)` for this provider's EmbeddingReplica."""
+        opts: dict = {
+            "name": f"replica-{self.name}",
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+        }
+        if self.autoscaling:
+            opts["autoscaling_config"] = self.autoscaling.model_dump()
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class ModelRoute(_Section):
+    workspace: str = "default"
+    name: str = Field(description="model entity name")
+    providers: list[ProviderSettings] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names(self):
+        for value, what in ((self.workspace, "workspace"), (self.name, "name")):
+            if not NAME.match(value):
+                raise ValueError(f"{what} {value!r} must be 1-128 of letters, digits, '.', '_', '-'")
+        return self
+
+
+class Limits(_Section):
+    max_inputs_per_request: int = Field(2048, ge=1, description="more inputs in one request: 413")
+    max_chars_per_input: int = Field(100_000, ge=1, description="a longer input: 413")
+
+
+class GatewayConfig(_Section):
+    models: list[ModelRoute] = Field(min_length=1)
+    limits: Limits = Limits()
+
+    @model_validator(mode="after")
+    def _unique(self):
+        entities = [(m.workspace, m.name) for m in self.models]
+        providers = [p.name for m in self.models for p in m.providers]
+        dup_e = sorted({f"{w}/{n}" for w, n in entities if entities.count((w, n)) > 1})
+        dup_p = sorted({p for p in providers if providers.count(p) > 1})
+        if dup_e or dup_p:
+            raise ValueError("names must be unique: " + "; ".join(
+                [f"model {e} appears twice" for e in dup_e] + [f"provider {p} appears twice" for p in dup_p]))
+        return self
+
+    def providers(self) -> dict[str, ProviderSettings]:
+        return {p.name: p for m in self.models for p in m.providers}
+
+
+def load_gateway_config(source: dict | str | Path) -> GatewayConfig:
+    """Validate a routing table (a dict, or a YAML file); every problem is reported with its key."""
+    data = yaml.safe_load(Path(source).read_text()) if isinstance(source, (str, Path)) else source
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = [f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg'].removeprefix('Value error, ')}"
+                    for err in exc.errors()]
+        where = f" in {source}" if isinstance(source, (str, Path)) else ""
+        raise ConfigError(f"invalid gateway config{where}:\n  " + "\n  ".join(problems)) from None
+
+
+def single_model_config(model_dir: str, name: str, replicas: int = 1, **provider: object) -> GatewayConfig:
+    """The standalone `python -m serve --model-dir DIR` table: one model, one provider of the same name."""
+    return load_gateway_config({"models": [{"name": name, "providers": [
+        {"name": name, "model_dir": str(Path(model_dir).resolve()), "num_replicas": replicas, **provider}]}]})
