@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from serve.app import gateway_app
 
     ensure_ray()
-    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"enable_access_log": False})
     serve.run(gateway_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     base = f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}"
     wait_ready(base + "/v1/health/ready")

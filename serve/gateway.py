@@ -82,7 +82,7 @@ def _api(kind: str):
     return wrap
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096, logging_config={"enable_access_log": False})
 @serve.ingress(app)
 class Gateway:
     def __init__(self, config: dict, handles: dict[str, DeploymentHandle]):

@@ -1,0 +1,166 @@
+"""Serving benchmark: our gateway over HTTP against the raw ONNX Runtime ceiling, in one run.
+
+    python bench/serve.py [--model-dir DIR] [--duration 15] [--configs 1x1,32x1,32x16]
+
+Exports all-MiniLM-L6-v2 with our exporter when no --model-dir is given, dumps loadgen's sentence
+texts, measures the in-process ceiling (serve.engine, best of threads x batch x order), starts
+`python -m serve`, drives it with bench/loadgen.py (a copy of ../shared/bench/loadgen.py), measures
+the ceiling again after the server is gone, and prints a table plus one JSON line per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+# run as a script, this file's folder comes first on sys.path and its name would shadow the serve package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+LOADGEN = ROOT / "bench" / "loadgen.py"
+PY = sys.executable
+
+
+def ensure_artifact(model_dir: Path | None, work: Path) -> Path:
+    if model_dir:
+        return model_dir
+    out = work / "minilm-onnx"
+    if not (out / "manifest.json").is_file():
+        subprocess.run([PY, "-m", "train.export", "--model", "all-MiniLM-L6-v2", "--output", str(out)], check=True, cwd=ROOT)
+    return out
+
+
+def ensure_texts(work: Path) -> Path:
+    path = work / "texts_sentence_4096.jsonl"
+    if not path.is_file():
+        subprocess.run([PY, str(LOADGEN), "--dump-texts", str(path), "--pool", "4096"], check=True, capture_output=True)
+    return path
+
+
+def read_texts(path: Path) -> list[str]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r if isinstance(r, str) else r["text"] for r in rows]
+
+
+def ceiling(model_dir: Path, texts: list[str], seconds: float) -> list[dict]:
+    """In-process tokenize + ONNX Runtime run, the same code the replica runs, without any server."""
+    from serve.engine import OnnxEmbedder, read_manifest
+    from serve.tokens import ServingTokenizer
+
+    tok = ServingTokenizer(model_dir, read_manifest(model_dir))
+    rows = []
+    for threads, spin in ((1, False), (2, False), (2, True)):
+        engine = OnnxEmbedder(model_dir, threads=threads, spin=spin)
+        for batch in (1, 8, 16, 32):
+            for order in ("arrival", "sorted") if batch > 1 else ("arrival",):
+                done, lat, i = 0, [], 0
+                engine.run(*tok.pad(tok.encode(texts[:batch], None, "NONE")))  # warm the shapes' kernels
+                start = time.perf_counter()
+                while time.perf_counter() - start < seconds:
+                    chunk = texts[i:i + (batch * 8 if order == "sorted" else batch)]
+                    i = (i + len(chunk)) % (len(texts) - 256)
+                    ids = tok.encode(chunk, None, "NONE")
+                    if order == "sorted":  # what a server's length grouping reaches: sort a window, then cut
+                        ids.sort(key=len)
+                    for j in range(0, len(ids), batch):
+                        t0 = time.perf_counter()
+                        engine.run(*tok.pad(ids[j:j + batch]))
+                        lat.append(time.perf_counter() - t0)
+                        done += len(ids[j:j + batch])
+                rows.append({"what": "ceiling", "threads": threads, "spin": spin, "batch": batch, "order": order,
+                             "texts_per_s": round(done / (time.perf_counter() - start), 1),
+                             "p50_ms": round(float(np.median(lat)) * 1000, 2)})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def start_server(model_dir: Path, port: int, num_cpus: float, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([PY, "-m", "serve", "--model-dir", str(model_dir), "--name", "bench", "--port", str(port),
+                             "--num-cpus", str(num_cpus)], cwd=ROOT, env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health/ready", timeout=5) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"server not ready; see {log}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def load(port: int, texts: Path, c: int, b: int, duration: float) -> dict:
+    out = subprocess.run([PY, str(LOADGEN), "--url", f"http://127.0.0.1:{port}/v1/embeddings", "--model", "bench",
+                          "-c", str(c), "-b", str(b), "-d", str(duration), "--warmup", str(max(8, 2 * c)),
+                          "--texts", str(texts), "-q"], capture_output=True, text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    row = {"what": "gateway", "concurrency": c, "batch": b, "texts_per_s": result["texts_per_s"],
+           "p50_ms": result["latency_ms"]["p50"], "p99_ms": result["latency_ms"]["p99"],
+           "errors": result["errors"], "client_cpu": result["client"]["cpu_util"]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path)
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-serve")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per loadgen config")
+    parser.add_argument("--ceiling-seconds", type=float, default=3.0, help="seconds per ceiling config")
+    parser.add_argument("--configs", default="1x1,32x1,32x16", help="concurrency x batch, comma separated")
+    parser.add_argument("--num-cpus", type=float, default=2.0, help="replica CPUs (= ONNX Runtime threads)")
+    parser.add_argument("--port", type=int, default=8181)
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    model_dir = ensure_artifact(args.model_dir, args.work)
+    texts_path = ensure_texts(args.work)
+    texts = read_texts(texts_path)
+
+    rows = ceiling(model_dir, texts, args.ceiling_seconds)
+    proc = start_server(model_dir, args.port, args.num_cpus, args.work / "server.log")
+    try:
+        for spec in args.configs.split(","):
+            c, b = (int(x) for x in spec.split("x"))
+            rows.append(load(args.port, texts_path, c, b, args.duration))
+    finally:
+        stop_server(proc)
+    rows += ceiling(model_dir, texts, args.ceiling_seconds)
+
+    ceil = [r for r in rows if r["what"] == "ceiling"]
+    best = max(r["texts_per_s"] for r in ceil)
+    one = min(r["p50_ms"] for r in ceil if r["batch"] == 1)
+    print(f"\nceiling (best of {len(ceil)} in-process configs, before and after): {best} texts/s; one text p50 {one} ms")
+    print("| c x b | texts/s | x ceiling | p50 ms | p99 ms | errors |\n| --- | --- | --- | --- | --- | --- |")
+    for r in (r for r in rows if r["what"] == "gateway"):
+        print(f"| {r['concurrency']} x {r['batch']} | {r['texts_per_s']} | {r['texts_per_s'] / best:.2f} | "
+              f"{r['p50_ms']} | {r['p99_ms']} | {sum(r['errors'].values())} |")
+    with (args.work / "results.jsonl").open("a") as fh:
+        for r in rows:
+            fh.write(json.dumps({**r, "num_cpus": args.num_cpus, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

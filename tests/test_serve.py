@@ -1,0 +1,294 @@
+"""Serving end to end: real Ray Serve HTTP, real ONNX Runtime replicas, the official openai SDK.
+
+Two models behind one gateway: the packaged all-MiniLM-L6-v2 (workspace `default`) and a tiny
+nemotron-style model with query/passage prefixes and Matryoshka sizes (workspace `research`).
+Every served vector is checked against the ONNX artifact run offline with plain onnxruntime.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from tokenizers import Tokenizer
+
+from train.export import export_onnx
+from train.tokenization import TextTokenizer
+
+APP = "rayembed-test"
+GW = "/v2/workspaces/{ws}/inference/gateway"
+
+
+# ---------------------------------------------------------------- offline reference (no serve code)
+class Offline:
+    def __init__(self, model_dir: Path):
+        self.dir = model_dir
+        self.manifest = json.loads((model_dir / "manifest.json").read_text())
+        self.tok = TextTokenizer(model_dir, self.manifest["max_seq_length"])
+        self.sess = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def embed(self, texts: list[str], prefix: str = "") -> np.ndarray:
+        ids, mask = self.tok([prefix + t for t in texts])
+        return self.sess.run(["embeddings"], {"input_ids": ids, "attention_mask": mask})[0]
+
+    def embed_ids(self, ids: list[int]) -> np.ndarray:
+        ids_arr = np.array([ids], dtype=np.int64)
+        return self.sess.run(["embeddings"], {"input_ids": ids_arr, "attention_mask": np.ones_like(ids_arr)})[0][0]
+
+    def raw_ids(self, text: str, direction: str | None = None) -> list[int]:
+        tok = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
+        tok.no_padding()
+        tok.no_truncation()
+        if direction:
+            tok.enable_truncation(self.manifest["max_seq_length"], direction=direction)
+        return tok.encode(text).ids
+
+
+def cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, tiny_nemotron) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve-artifacts")
+    export_onnx("all-MiniLM-L6-v2", root / "minilm")
+    export_onnx(tiny_nemotron, root / "nemo", max_seq_length=64, matryoshka_dims=[16, 32])
+    return {"minilm": root / "minilm", "nemo": root / "nemo"}
+
+
+@pytest.fixture(scope="module")
+def offline(artifacts) -> dict[str, Offline]:
+    return {name: Offline(path) for name, path in artifacts.items()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def table(artifacts: dict[str, Path], **extra_models) -> dict:
+    models = [
+        {"name": "minilm", "providers": [{"name": "minilm-cpu", "model_dir": str(artifacts["minilm"]), "num_cpus": 0.5}]},
+        {"workspace": "research", "name": "nemo", "providers": [
+            {"name": "nemo-cpu", "model_dir": str(artifacts["nemo"]), "num_cpus": 0.25, "max_batch_texts": 8}]},
+    ]
+    return {"models": models + list(extra_models.values()), "limits": {"max_inputs_per_request": 64,
+                                                                         "max_chars_per_input": 5000}}
+
+
+@pytest.fixture(scope="module")
+def gateway(ray_session, artifacts):
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(table(artifacts)), name=APP, route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def call(url: str, body: dict | bytes | None = None, method: str | None = None) -> tuple[int, dict, dict]:
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read()), {k.lower(): v for k, v in resp.headers.items()}
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read()), {k.lower(): v for k, v in err.headers.items()}
+
+
+def vectors(body: dict) -> np.ndarray:
+    rows = sorted(body["data"], key=lambda d: d["index"])
+    return np.array([r["embedding"] for r in rows], dtype=np.float32)
+
+
+TEXTS = ["libgtk-3-0: GTK graphical user interface library", "a tool to convert between image formats",
+         "Python bindings for the Qt toolkit", "small and fast HTTP server"]
+
+
+# ---------------------------------------------------------------- OpenAI clients
+def test_openai_sdk_float_base64_match_offline_artifact(gateway, offline):
+    import openai
+
+    client = openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    b64 = client.embeddings.create(model="minilm", input=TEXTS)  # the SDK asks for base64 by default
+    flt = client.embeddings.create(model="minilm", input=TEXTS, encoding_format="float")
+    got_b64 = np.array([d.embedding for d in b64.data], dtype=np.float32)
+    got_flt = np.array([d.embedding for d in flt.data], dtype=np.float32)
+    want = offline["minilm"].embed(TEXTS)
+    assert got_b64.shape == (4, 384) and [d.index for d in b64.data] == [0, 1, 2, 3]
+    np.testing.assert_allclose(got_b64, want, atol=1e-5)
+    np.testing.assert_allclose(got_flt, want, atol=1e-5)
+    assert b64.model == "minilm"
+    n_tokens = sum(len(offline["minilm"].raw_ids(t)) for t in TEXTS)
+    assert b64.usage.prompt_tokens == n_tokens == b64.usage.total_tokens
+
+
+def test_base64_is_little_endian_float32(gateway, offline):
+    status, body, _ = call(gateway + "/v1/embeddings", {"model": "minilm", "input": TEXTS[0], "encoding_format": "base64"})
+    assert status == 200
+    vec = np.frombuffer(base64.b64decode(body["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(vec, offline["minilm"].embed(TEXTS[:1])[0], atol=1e-5)
+
+
+def test_openai_sdk_dimensions_matryoshka(gateway, offline):
+    import openai
+
+    client = openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    res = client.embeddings.create(model="research/nemo", input=TEXTS[:2], dimensions=16,
+                                   extra_body={"input_type": "passage"})
+    got = np.array([d.embedding for d in res.data], dtype=np.float32)
+    full = offline["nemo"].embed(TEXTS[:2], prefix="passage: ")
+    want = full[:, :16] / np.linalg.norm(full[:, :16], axis=1, keepdims=True)
+    assert got.shape == (2, 16)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_input_type_selects_the_manifest_prefix(gateway, offline):
+    url = gateway + GW.format(ws="research") + "/model/nemo/-/v1/embeddings"
+    q = vectors(call(url, {"input": TEXTS[0], "input_type": "query"})[1])[0]
+    p = vectors(call(url, {"input": TEXTS[0], "input_type": "passage"})[1])[0]
+    np.testing.assert_allclose(q, offline["nemo"].embed(TEXTS[:1], prefix="query: ")[0], atol=1e-5)
+    np.testing.assert_allclose(p, offline["nemo"].embed(TEXTS[:1], prefix="passage: ")[0], atol=1e-5)
+    assert cos(q, p) < 0.9999
+    status, body, _ = call(url, {"input": TEXTS[0]})
+    assert status == 400 and body["error"]["param"] == "input_type" and "input_type is required" in body["error"]["message"]
+
+
+def test_truncate_none_start_end(gateway, offline):
+    url = gateway + "/v1/embeddings"
+    text = " ".join(["package"] * 300) + " description"
+    n = len(offline["minilm"].raw_ids(text))
+    status, body, _ = call(url, {"model": "minilm", "input": [TEXTS[0], text]})
+    assert status == 400
+    assert f"Input length {n} exceeds maximum allowed token size 256" in body["error"]["message"]
+    assert body["error"] == {**body["error"], "type": "invalid_request_error", "param": "input", "code": "input_too_long"}
+    end = vectors(call(url, {"model": "minilm", "input": text, "truncate": "END"})[1])[0]
+    start = vectors(call(url, {"model": "minilm", "input": text, "truncate": "start"})[1])[0]
+    np.testing.assert_allclose(end, offline["minilm"].embed_ids(offline["minilm"].raw_ids(text, "right")), atol=1e-5)
+    np.testing.assert_allclose(start, offline["minilm"].embed_ids(offline["minilm"].raw_ids(text, "left")), atol=1e-5)
+    assert cos(start, end) < 0.9999  # START keeps "description", END drops it
+
+
+# ---------------------------------------------------------------- routing
+def test_routes_by_entity_provider_and_openai_model(gateway, offline):
+    want = offline["minilm"].embed(TEXTS[:1])[0]
+    for url, body in [
+        (gateway + "/v1/embeddings", {"model": "minilm", "input": TEXTS[0]}),
+        (gateway + "/v1/embeddings", {"model": "default/minilm", "input": TEXTS[0]}),
+        (gateway + GW.format(ws="default") + "/model/minilm/-/v1/embeddings", {"input": TEXTS[0]}),
+        (gateway + GW.format(ws="default") + "/provider/minilm-cpu/-/v1/embeddings", {"input": [TEXTS[0]]}),
+    ]:
+        status, res, _ = call(url, body)
+        assert status == 200, (url, res)
+        np.testing.assert_allclose(vectors(res)[0], want, atol=1e-5)
+    status, res, _ = call(gateway + GW.format(ws="research") + "/provider/nemo-cpu/-/v1/embeddings",
+                          {"input": TEXTS[0], "input_type": "query"})
+    assert status == 200 and res["model"] == "research/nemo" and len(res["data"][0]["embedding"]) == 64
+
+
+def test_model_listings_and_health(gateway):
+    status, body, _ = call(gateway + "/v1/models")
+    assert status == 200 and sorted(m["id"] for m in body["data"]) == ["minilm", "research/nemo"]
+    status, body, _ = call(gateway + GW.format(ws="research") + "/provider/nemo-cpu/-/v1/models")
+    assert status == 200 and [m["id"] for m in body["data"]] == ["research/nemo"]
+    assert call(gateway + "/v1/health/live")[0] == 200
+    status, body, _ = call(gateway + "/v1/health/ready")
+    assert status == 200 and sorted(body["providers"]) == ["minilm-cpu", "nemo-cpu"]
+
+
+# ---------------------------------------------------------------- errors: status, envelope, message
+ERRORS = [
+    # (path, body, status, param, message fragment)
+    ("/v1/embeddings", b"{not json", 400, None, "not valid JSON"),
+    ("/v1/embeddings", {"model": "minilm"}, 400, "input", "input is required"),
+    ("/v1/embeddings", {"input": "x"}, 400, "model", "model is required"),
+    ("/v1/embeddings", {"model": "minilm", "input": []}, 400, "input", "must not be empty"),
+    ("/v1/embeddings", {"model": "minilm", "input": ["ok", ""]}, 400, "input", "input[1] is an empty string"),
+    ("/v1/embeddings", {"model": "minilm", "input": [101, 2023]}, 400, "input", "token-id input is not supported"),
+    ("/v1/embeddings", {"model": "minilm", "input": "x", "encoding_format": "hex"}, 400, "encoding_format", "base64"),
+    ("/v1/embeddings", {"model": "minilm", "input": "x", "truncate": "MIDDLE"}, 400, "truncate", "'END'"),
+    ("/v1/embeddings", {"model": "minilm", "input": "x", "input_type": "doc"}, 400, "input_type", "'passage'"),
+    ("/v1/embeddings", {"model": "minilm", "input": "x", "dimensions": 100}, 400, "dimensions", "one of [384]"),
+    ("/v1/embeddings", {"model": "minilm", "input": "x", "dimensions": 0}, 400, "dimensions", "greater than or equal"),
+    ("/v1/embeddings", {"model": "nope", "input": "x"}, 404, "model", "model 'nope' does not exist"),
+    ("/v1/embeddings", {"model": "minilm", "input": ["x"] * 65}, 413, "input", "65 inputs in one request; the limit is 64"),
+    ("/v1/embeddings", {"model": "minilm", "input": "x" * 5001}, 413, "input", "5001 characters; the limit is 5000"),
+    (GW.format(ws="nowhere") + "/model/minilm/-/v1/embeddings", {"input": "x"}, 404, None, "workspace 'nowhere'"),
+    (GW.format(ws="default") + "/model/nemo/-/v1/embeddings", {"input": "x"}, 404, "model", "does not exist in workspace 'default'"),
+    (GW.format(ws="default") + "/provider/nemo-cpu/-/v1/embeddings", {"input": "x"}, 404, None, "provider 'nemo-cpu'"),
+    (GW.format(ws="default") + "/provider/ghost/-/v1/models", None, 404, None, "provider 'ghost'"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param,fragment", ERRORS, ids=[e[4][:30] for e in ERRORS])
+def test_error_status_and_envelope(gateway, path, body, status, param, fragment):
+    got, res, _ = call(gateway + path, body)
+    assert got == status, res
+    assert set(res) == {"error"} and set(res["error"]) == {"message", "type", "param", "code"}
+    assert fragment in res["error"]["message"], res
+    assert res["error"]["param"] == param
+    expected_type = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error"}[status]
+    assert res["error"]["type"] == expected_type
+
+
+# ---------------------------------------------------------------- batching under concurrency
+def test_concurrent_requests_are_batched_and_never_mixed_up(gateway, offline):
+    from ray import serve
+
+    corpus = [f"{t} (variant {i})" for i in range(12) for t in TEXTS]  # 48 distinct texts
+    want = offline["minilm"].embed(corpus)
+    jobs = [corpus[i:i + 1 + i % 3] for i in range(0, 48)]  # 1-3 texts per request, overlapping
+
+    def one(texts):
+        return texts, call(gateway + "/v1/embeddings", {"model": "minilm", "input": texts, "encoding_format": "float"})
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(one, jobs * 2))
+    for texts, (status, body, _) in results:
+        assert status == 200, body
+        got = vectors(body)
+        for text, vec in zip(texts, got):
+            assert cos(vec, want[corpus.index(text)]) > 0.9999, text
+    handle = serve.get_deployment_handle("replica-minilm-cpu", app_name=APP)
+    sizes = handle.info.remote().result()["recent_batch_texts"]
+    assert max(sizes) > 1, sizes
+
+
+# ---------------------------------------------------------------- 429 and 503 (redeploys the app: keep last)
+def test_queue_full_is_429_and_missing_replica_is_503(gateway, artifacts, ray_session):
+    from ray import serve
+
+    from serve.app import build_app
+
+    tight = {"name": "tight", "providers": [{"name": "tight-cpu", "model_dir": str(artifacts["minilm"]), "num_cpus": 0.25,
+                                             "max_ongoing_requests": 1, "max_queued_requests": 1, "max_batch_texts": 4}]}
+    ghost = {"name": "ghost", "providers": [{"name": "ghost-app", "app": "no-such-app"}]}
+    serve.run(build_app(table(artifacts, tight=tight, ghost=ghost)), name=APP, route_prefix="/")
+
+    status, body, headers = call(gateway + "/v1/embeddings", {"model": "ghost", "input": "x"})
+    assert status == 503 and body["error"]["code"] == "no_healthy_replica" and headers.get("retry-after") == "1"
+    status, body, _ = call(gateway + "/v1/health/ready")
+    assert status == 503 and "ghost-app" in body["error"]["message"]
+
+    payload = {"model": "tight", "input": [" ".join(["word"] * 200)] * 32}
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda _: call(gateway + "/v1/embeddings", payload), range(12)))
+    codes = sorted(a[0] for a in answers)
+    assert 200 in codes and 429 in codes, codes
+    limited = next(a for a in answers if a[0] == 429)
+    assert limited[1]["error"]["type"] == "rate_limit_error" and limited[2].get("retry-after") == "1"

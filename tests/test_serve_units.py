@@ -1,0 +1,130 @@
+"""Serving pieces without Ray: batch plans, Matryoshka, the status table, request parsing, routing, config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serve.engine import matryoshka, plan_batches
+from serve.errors import (InputTooLong, InvalidRequest, NotFound, PayloadTooLarge, QueueFull, Unavailable, envelope,
+                          status_of)
+from serve.routing import RoutingTable
+from serve.schemas import parse_request, render
+from serve.settings import ConfigError, GatewayConfig, Limits, load_gateway_config
+
+
+def test_plan_batches_sorts_by_length_and_respects_both_bounds():
+    lengths = [50, 3, 48, 4, 5, 49, 2, 51]
+    plans = plan_batches(lengths, max_texts=3, max_tokens=120)
+    assert sorted(i for p in plans for i in p) == list(range(8))
+    for plan in plans:
+        assert len(plan) <= 3
+        assert len(plan) * max(lengths[i] for i in plan) <= 120
+    # short texts travel together, long ones together: padding stays small
+    assert [sorted(lengths[i] for i in p) for p in plans] == [[2, 3, 4], [5, 48], [49, 50], [51]]
+
+
+def test_plan_batches_gives_an_oversized_text_its_own_run():
+    assert plan_batches([10, 500, 10], max_texts=8, max_tokens=100) == [[0, 2], [1]]
+
+
+def test_matryoshka_slices_then_renormalizes():
+    emb = np.array([[3.0, 4.0, 12.0], [1.0, 0.0, 0.0]], dtype=np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    cut = matryoshka(emb, 2)
+    np.testing.assert_allclose(cut, [[0.6, 0.8], [1.0, 0.0]], atol=1e-6)
+    assert matryoshka(emb, None) is emb and matryoshka(emb, 3) is emb
+
+
+@pytest.mark.parametrize("exc,status,kind", [
+    (InvalidRequest("x"), 400, "invalid_request_error"), (InputTooLong("x"), 400, "invalid_request_error"),
+    (NotFound("x"), 404, "not_found_error"), (PayloadTooLarge("x"), 413, "invalid_request_error"),
+    (QueueFull("x"), 429, "rate_limit_error"), (Unavailable("x"), 503, "service_unavailable_error"),
+    (KeyError("secret"), 500, "internal_server_error")])
+def test_one_status_table(exc, status, kind):
+    assert status_of(exc)[:2] == (status, kind)
+
+
+def test_envelope_shape():
+    assert envelope("m", "t", "p", "c") == {"error": {"message": "m", "type": "t", "param": "p", "code": "c"}}
+
+
+def test_parse_request_normalizes_and_names_fields():
+    req = parse_request(b'{"model": "m", "input": "hi", "truncate": "end", "input_type": "Query", "extra": 1}')
+    assert (req.truncate, req.input_type, req.encoding_format) == ("END", "query", "float")
+    with pytest.raises(InvalidRequest, match="dimensions") as err:
+        parse_request(b'{"input": "hi", "dimensions": "big"}')
+    assert err.value.param == "dimensions"
+    with pytest.raises(InvalidRequest, match="must be a JSON object"):
+        parse_request(b'["hi"]')
+
+
+def test_request_limits():
+    limits = Limits(max_inputs_per_request=2, max_chars_per_input=5)
+    assert parse_request(b'{"input": ["ab", "cd"]}').texts(limits) == ["ab", "cd"]
+    with pytest.raises(PayloadTooLarge, match="3 inputs"):
+        parse_request(b'{"input": ["a", "b", "c"]}').texts(limits)
+    with pytest.raises(PayloadTooLarge, match="input\\[0\\] has 6 characters"):
+        parse_request(b'{"input": "abcdef"}').texts(limits)
+
+
+def test_render_float_and_base64():
+    emb = np.array([[0.5, -0.25]], dtype=np.float32)
+    import base64
+    import json
+
+    body = json.loads(render(emb, "float", "m", 7))
+    assert body["data"] == [{"object": "embedding", "index": 0, "embedding": [0.5, -0.25]}]
+    assert body["usage"] == {"prompt_tokens": 7, "total_tokens": 7} and body["model"] == "m"
+    b64 = json.loads(render(emb, "base64", "m", 7))["data"][0]["embedding"]
+    assert np.frombuffer(base64.b64decode(b64), "<f4").tolist() == [0.5, -0.25]
+
+
+def _table(**extra) -> RoutingTable:
+    cfg = GatewayConfig.model_validate({"models": [
+        {"name": "a", "providers": [{"name": "a1", "app": "x"}, {"name": "a2", "app": "y"}]},
+        {"workspace": "team", "name": "b", "providers": [{"name": "b1", "app": "z"}]}]})
+    return RoutingTable(cfg)
+
+
+def test_routing_table_resolution():
+    t = _table()
+    assert [t.entity("default", "a")[1].name for _ in range(3)] == ["a1", "a2", "a1"]  # providers take turns
+    assert t.openai("team/b")[1].name == "b1" and t.openai("default/a")[0].name == "a"
+    assert t.provider("team", "b1")[0].name == "b"
+    with pytest.raises(NotFound, match="provider 'b1' does not exist in workspace 'default'"):
+        t.provider("default", "b1")
+    with pytest.raises(NotFound, match="model 'b' does not exist"):
+        t.openai("b")  # bare names live in the default workspace
+    with pytest.raises(InvalidRequest, match="model is required: one of a, team/b"):
+        t.openai(None)
+    assert t.model_ids() == ["a", "team/b"]
+
+
+def test_gateway_config_reports_every_problem(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_gateway_config({"models": [
+            {"name": "a", "providers": [{"name": "p", "model_dir": str(tmp_path)}]},
+            {"name": "b", "providers": [{"name": "q", "model_dir": "/x", "app": "y"},
+                                        {"name": "s", "app": "y", "autoscaling": {"min_replicas": 3, "max_replicas": 1}}]},
+            {"name": "c", "providers": [{"name": "r", "app": "y", "replicas": 2}]}]})
+    text = str(err.value)
+    assert "models.0.providers.0: model_dir" in text and "lacks model.onnx, tokenizer.json, manifest.json" in text
+    assert "give exactly one of model_dir" in text and "min_replicas (3) > max_replicas (1)" in text
+    assert "models.2.providers.0.replicas: Extra inputs are not permitted" in text
+    with pytest.raises(ConfigError, match="provider p appears twice"):
+        load_gateway_config({"models": [{"name": "a", "providers": [{"name": "p", "app": "x"}]},
+                                        {"name": "b", "providers": [{"name": "p", "app": "y"}]}]})
+
+
+def test_config_yaml_files_in_the_repo_parse():
+    import yaml
+
+    from tests.conftest import ROOT
+
+    serve_cfg = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    args = serve_cfg["applications"][0]["args"]
+    assert serve_cfg["applications"][0]["import_path"] == "serve.app:build_app"
+    GatewayConfig.model_validate(args, context={"check_files": False})
+    GatewayConfig.model_validate(yaml.safe_load((ROOT / "examples" / "gateway.yaml").read_text()),
+                                 context={"check_files": False})
