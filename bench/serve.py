@@ -51,16 +51,17 @@ def read_texts(path: Path) -> list[str]:
     return [r if isinstance(r, str) else r["text"] for r in rows]
 
 
-def ceiling(model_dir: Path, texts: list[str], seconds: float) -> list[dict]:
+def ceiling(model_dir: Path, texts: list[str], seconds: float, label: str = "ceiling",
+            grid: tuple = ((1, False), (2, False), (2, True)), batches: tuple = (1, 8, 16, 32)) -> list[dict]:
     """In-process tokenize + ONNX Runtime run, the same code the replica runs, without any server."""
     from serve.engine import OnnxEmbedder, read_manifest
     from serve.tokens import ServingTokenizer
 
     tok = ServingTokenizer(model_dir, read_manifest(model_dir))
     rows = []
-    for threads, spin in ((1, False), (2, False), (2, True)):
+    for threads, spin in grid:
         engine = OnnxEmbedder(model_dir, threads=threads, spin=spin)
-        for batch in (1, 8, 16, 32):
+        for batch in batches:
             for order in ("arrival", "sorted") if batch > 1 else ("arrival",):
                 done, lat, i = 0, [], 0
                 engine.run(*tok.pad(tok.encode(texts[:batch], None, "NONE")))  # warm the shapes' kernels
@@ -76,19 +77,22 @@ def ceiling(model_dir: Path, texts: list[str], seconds: float) -> list[dict]:
                         engine.run(*tok.pad(ids[j:j + batch]))
                         lat.append(time.perf_counter() - t0)
                         done += len(ids[j:j + batch])
-                rows.append({"what": "ceiling", "threads": threads, "spin": spin, "batch": batch, "order": order,
+                rows.append({"what": label, "threads": threads, "spin": spin, "batch": batch, "order": order,
                              "texts_per_s": round(done / (time.perf_counter() - start), 1),
                              "p50_ms": round(float(np.median(lat)) * 1000, 2)})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def start_server(model_dir: Path, port: int, num_cpus: float, log: Path) -> subprocess.Popen:
+def start_server(model_dir: Path, port: int, provider: dict, log: Path) -> subprocess.Popen:
+    """`python -m serve --config` with one model named "bench" and the given provider settings."""
+    config = log.with_name("gateway.yaml")
+    config.write_text(json.dumps({"models": [{"name": "bench", "providers": [
+        {"name": "bench", "model_dir": str(model_dir.resolve()), **provider}]}]}))
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([PY, "-m", "serve", "--model-dir", str(model_dir), "--name", "bench", "--port", str(port),
-                             "--num-cpus", str(num_cpus)], cwd=ROOT, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([PY, "-m", "serve", "--config", str(config), "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -130,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per loadgen config")
     parser.add_argument("--ceiling-seconds", type=float, default=3.0, help="seconds per ceiling config")
     parser.add_argument("--configs", default="1x1,32x1,32x16", help="concurrency x batch, comma separated")
-    parser.add_argument("--num-cpus", type=float, default=2.0, help="replica CPUs (= ONNX Runtime threads)")
+    parser.add_argument("--provider", default='{"num_cpus": 2}',
+                        help="provider settings as JSON (serve/settings.py ProviderSettings), e.g. '{\"spin\": true}'")
+    parser.add_argument("--skip-ceiling", action="store_true", help="only the gateway (for quick config comparisons)")
     parser.add_argument("--port", type=int, default=8181)
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -138,27 +144,39 @@ def main(argv: list[str] | None = None) -> int:
     texts_path = ensure_texts(args.work)
     texts = read_texts(texts_path)
 
-    rows = ceiling(model_dir, texts, args.ceiling_seconds)
-    proc = start_server(model_dir, args.port, args.num_cpus, args.work / "server.log")
+    provider = json.loads(args.provider)
+    rows = [] if args.skip_ceiling else ceiling(model_dir, texts, args.ceiling_seconds)
+    proc = start_server(model_dir, args.port, provider, args.work / "server.log")
     try:
+        if not args.skip_ceiling:  # the same loop with the idle Ray + Serve processes sharing the CPUs
+            rows += ceiling(model_dir, texts, args.ceiling_seconds, "ceiling_beside_idle_ray",
+                            grid=((2, False), (2, True)), batches=(1, 16, 32))
         for spec in args.configs.split(","):
             c, b = (int(x) for x in spec.split("x"))
             rows.append(load(args.port, texts_path, c, b, args.duration))
     finally:
         stop_server(proc)
-    rows += ceiling(model_dir, texts, args.ceiling_seconds)
+    if not args.skip_ceiling:
+        rows += ceiling(model_dir, texts, args.ceiling_seconds)
 
-    ceil = [r for r in rows if r["what"] == "ceiling"]
+    ceil = [r for r in rows if r["what"] == "ceiling"] or [{"texts_per_s": float("nan"), "p50_ms": float("nan"), "batch": 1}]
     best = max(r["texts_per_s"] for r in ceil)
     one = min(r["p50_ms"] for r in ceil if r["batch"] == 1)
-    print(f"\nceiling (best of {len(ceil)} in-process configs, before and after): {best} texts/s; one text p50 {one} ms")
-    print("| c x b | texts/s | x ceiling | p50 ms | p99 ms | errors |\n| --- | --- | --- | --- | --- | --- |")
+    print(f"\nceiling (best of {len(ceil)} in-process configs, no Ray running, before and after the server): "
+          f"{best} texts/s; one text p50 {one} ms")
+    beside = [r for r in rows if r["what"] == "ceiling_beside_idle_ray"]
+    best_beside = max((r["texts_per_s"] for r in beside), default=float("nan"))
+    if beside:
+        one_beside = min(r["p50_ms"] for r in beside if r["batch"] == 1)
+        print(f"ceiling beside an idle Ray + Serve on the same CPUs: {best_beside} texts/s; one text p50 {one_beside} ms")
+    print("| c x b | texts/s | x ceiling | x ceiling beside idle Ray | p50 ms | p99 ms | errors |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     for r in (r for r in rows if r["what"] == "gateway"):
         print(f"| {r['concurrency']} x {r['batch']} | {r['texts_per_s']} | {r['texts_per_s'] / best:.2f} | "
-              f"{r['p50_ms']} | {r['p99_ms']} | {sum(r['errors'].values())} |")
+              f"{r['texts_per_s'] / best_beside:.2f} | {r['p50_ms']} | {r['p99_ms']} | {sum(r['errors'].values())} |")
     with (args.work / "results.jsonl").open("a") as fh:
         for r in rows:
-            fh.write(json.dumps({**r, "num_cpus": args.num_cpus, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+            fh.write(json.dumps({**r, "provider": provider, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
     return 0
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 import urllib.request
@@ -38,6 +40,10 @@ def wait_ready(url: str, timeout_s: float = 300) -> None:
     raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s; see the Serve logs (ray dashboard, Serve tab)")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -62,10 +68,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import serve
 
-    from cluster.runtime import ensure_ray
+    from cluster.runtime import ensure_ray, local_cluster_address
     from serve.app import gateway_app
 
+    import ray
+
+    joined = bool(os.environ.get("RAY_ADDRESS")) or local_cluster_address() is not None
     ensure_ray()
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"enable_access_log": False})
     serve.run(gateway_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     base = f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}"
@@ -80,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        print("stopping", flush=True)
+    if joined:  # a shared cluster: take our application down, leave the cluster and Serve running
         serve.delete(APP_NAME)
+    else:  # our own local Ray: stop it with us
+        serve.shutdown()
+        ray.shutdown()
     return 0
 
 

@@ -40,7 +40,7 @@ class EmbeddingReplica:
         self.settings = ProviderSettings.model_validate(settings)
         s = self.settings
         self.engine = OnnxEmbedder(s.model_dir, device=s.device, precision=s.precision, threads=s.threads(),
-                                   has_gpu=bool(ray.get_gpu_ids()))
+                                   has_gpu=bool(ray.get_gpu_ids()), spin=s.spin)
         self.tokenizer = ServingTokenizer(s.model_dir, self.engine.manifest)
         m = self.engine.manifest
         self.dims = sorted(set(m.get("matryoshka_dims") or []) | {m["embedding_dim"]})

@@ -49,6 +49,8 @@ class ProviderSettings(_Section):
     num_cpus: float = Field(1.0, ge=0, description="CPUs each replica reserves; also its ONNX Runtime thread count")
     num_gpus: float = Field(0.0, ge=0)
     intra_op_threads: int | None = Field(None, ge=1, description="default: the CPUs the replica reserves (at least 1)")
+    spin: bool = Field(False, description="let ONNX Runtime's idle threads spin; only worth it when the replica's CPUs "
+                                          "are its own (spinning on a shared CPU halves throughput)")
     max_batch_tokens: int = Field(8192, ge=1, description="token budget of one @serve.batch batch")
     max_batch_texts: int = Field(32, ge=1, description="texts per ONNX Runtime call (length-sorted sub-batches)")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="extra wait for a batch to fill; 0 batches what queued "

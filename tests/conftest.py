@@ -51,3 +51,13 @@ def ray_session():
     yield ray
     ray.shutdown()
 
+
+
+@pytest.fixture(scope="session")
+def minilm_onnx(tmp_path_factory) -> Path:
+    """The packaged all-MiniLM-L6-v2 exported by our exporter (what `python -m serve` serves)."""
+    from train.export import export_onnx
+
+    out = tmp_path_factory.mktemp("minilm-onnx") / "onnx"
+    export_onnx("all-MiniLM-L6-v2", out)
+    return out

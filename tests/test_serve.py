@@ -58,11 +58,10 @@ def cos(a: np.ndarray, b: np.ndarray) -> float:
 
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, tiny_nemotron) -> dict[str, Path]:
+def artifacts(tmp_path_factory, tiny_nemotron, minilm_onnx) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve-artifacts")
-    export_onnx("all-MiniLM-L6-v2", root / "minilm")
     export_onnx(tiny_nemotron, root / "nemo", max_seq_length=64, matryoshka_dims=[16, 32])
-    return {"minilm": root / "minilm", "nemo": root / "nemo"}
+    return {"minilm": minilm_onnx, "nemo": root / "nemo"}
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +266,14 @@ def test_concurrent_requests_are_batched_and_never_mixed_up(gateway, offline):
     handle = serve.get_deployment_handle("replica-minilm-cpu", app_name=APP)
     sizes = handle.info.remote().result()["recent_batch_texts"]
     assert max(sizes) > 1, sizes
+
+
+def test_bench_ceiling_runs_the_replica_code(artifacts):
+    from bench.serve import ceiling
+
+    rows = ceiling(artifacts["minilm"], TEXTS * 8, 0.05, grid=((1, False),), batches=(1, 8))
+    assert [(r["batch"], r["order"]) for r in rows] == [(1, "arrival"), (8, "arrival"), (8, "sorted")]
+    assert all(r["texts_per_s"] > 0 and r["p50_ms"] > 0 for r in rows)
 
 
 # ---------------------------------------------------------------- 429 and 503 (redeploys the app: keep last)

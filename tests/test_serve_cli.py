@@ -1,0 +1,50 @@
+"""`python -m serve --model-dir DIR` joins a running Ray (RAY_ADDRESS), serves, and leaves cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import onnxruntime as ort
+
+from tests.conftest import ROOT
+from train.tokenization import TextTokenizer
+
+
+def test_standalone_cli_serves_one_model_and_stops(ray_session, minilm_onnx, tmp_path):
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model-dir", str(minilm_onnx), "--name", "minilm",
+                             "--port", str(port), "--num-cpus", "0.5"], cwd=ROOT, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while "Ctrl-C stops" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        body = json.dumps({"model": "minilm", "input": ["a fast HTTP server"]}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/embeddings", data=body,
+                                     headers={"Content-Type": "application/json"})
+        got = np.array(json.loads(urllib.request.urlopen(req, timeout=60).read())["data"][0]["embedding"])
+        manifest = json.loads((minilm_onnx / "manifest.json").read_text())
+        ids, mask = TextTokenizer(minilm_onnx, manifest["max_seq_length"])(["a fast HTTP server"])
+        want = ort.InferenceSession(str(minilm_onnx / "model.onnx")).run(None, {"input_ids": ids, "attention_mask": mask})[0][0]
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(120)
+    assert code == 0, log.read_text()[-3000:]
+    assert "rayembed-gateway" not in serve.status().applications  # it took its app down, left the cluster up
+    serve.shutdown()
