@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cluster.runtime import ensure_ray, local_cluster_address
     from serve.app import gateway_app
+    from serve.routing import model_id
 
     import ray
 
@@ -82,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}"
     wait_ready(base + "/v1/health/ready")
     model = next(iter(config.models))
-    print(f"serving {', '.join(m.name for m in config.models)} at {base}/v1/embeddings\n"
+    print(f"serving {', '.join(model_id(m) for m in config.models)} at {base}/v1/embeddings\n"
           f"  curl {base}/v1/embeddings -H 'Content-Type: application/json' "
-          f"-d '{{\"model\": \"{model.name}\", \"input\": [\"hello world\"]}}'\n"
+          f"-d '{{\"model\": \"{model_id(model)}\", \"input\": [\"hello world\"]}}'\n"
           f"  gateway: {base}/v2/workspaces/{model.workspace}/inference/gateway/model/{model.name}/-/v1/embeddings\n"
           "Ctrl-C stops.", flush=True)
     try:

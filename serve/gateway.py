@@ -46,8 +46,6 @@ def _domain_error(exc: BaseException) -> BaseException:
         return QueueFull(f"the model's replicas and queue are full ({exc.message}); retry later")
     if isinstance(exc, (DeploymentUnavailableError, RayActorError, ActorDiedError, ActorUnavailableError)):
         return Unavailable(f"no healthy replica for this model: {exc}")
-    if isinstance(exc, RayServeException) and "does not exist" in str(exc):
-        return Unavailable(f"no healthy replica for this model: {exc}")
     return exc
 
 
@@ -98,7 +96,11 @@ class Gateway:
     def _handle(self, provider: ProviderSettings) -> DeploymentHandle:
         handle = self.handles.get(provider.name)
         if handle is None:  # a provider served by its own application (created by the control plane)
-            handle = self.handles[provider.name] = serve.get_app_handle(provider.app)
+            try:
+                handle = self.handles[provider.name] = serve.get_app_handle(provider.app)
+            except RayServeException as exc:
+                raise Unavailable(f"no healthy replica for provider {provider.name!r}: application "
+                                  f"{provider.app!r} is not running ({exc})") from None
         return handle
 
     async def _embed(self, body: EmbeddingRequest, provider: ProviderSettings, model: str) -> Response:

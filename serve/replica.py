@@ -1,8 +1,8 @@
 """EmbeddingReplica: a Serve deployment holding one ONNX Runtime session and the model's tokenizer.
 
-Each text is one `@serve.batch` item whose size is its token count, so a batch is bounded by a
-token budget (`max_batch_tokens`); the batch is then cut into length-sorted ONNX Runtime calls of
-at most `max_batch_texts` texts.
+Each text is one `@serve.batch` item, and a batch is bounded by a token budget (`max_batch_tokens`)
+and a count (`max_batch_items`); the batch is then cut into length-sorted ONNX Runtime calls of at
+most `max_batch_texts` texts.
 """
 
 from __future__ import annotations
@@ -22,15 +22,19 @@ from serve.tokens import ServingTokenizer
 
 
 class _Item:
-    __slots__ = ("ids", "queued_at")
+    """One text waiting for a batch. `cost` = max(its tokens, budget / max items), so a batch whose
+    costs fit the token budget holds at most max_batch_tokens tokens and max_batch_items texts."""
 
-    def __init__(self, ids: list[int], queued_at: float):
+    __slots__ = ("ids", "queued_at", "cost")
+
+    def __init__(self, ids: list[int], queued_at: float, min_cost: int):
         self.ids = ids
         self.queued_at = queued_at
+        self.cost = max(len(ids), min_cost)
 
 
-def _tokens(items: list[_Item]) -> int:
-    return sum(len(item.ids) for item in items)
+def _cost(items: list[_Item]) -> int:
+    return sum(item.cost for item in items)
 
 
 # Access logs off: one log line per request costs the 2-core box ~1 ms of CPU in every process it crosses.
@@ -48,6 +52,7 @@ class EmbeddingReplica:
             raise ValueError(f"max_batch_tokens ({s.max_batch_tokens}) must be >= the model's max_seq_length "
                              f"({self.tokenizer.max_length}) or a full-length input could never be batched")
         self._batched.set_max_batch_size(s.max_batch_tokens)
+        self._min_cost = s.max_batch_tokens // s.max_batch_items
         self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         tags = ("provider",)
         self._m_batch_texts = metrics.Histogram(
@@ -105,12 +110,12 @@ class EmbeddingReplica:
             raise InvalidRequest(f"dimensions must be one of {self.dims} for this model, not {dimensions}", "dimensions")
         ids = self.tokenizer.encode(texts, input_type, truncate)
         now = time.perf_counter()
-        out = np.stack(await asyncio.gather(*(self._batched(_Item(x, now)) for x in ids)))  # [N, H]
+        out = np.stack(await asyncio.gather(*(self._batched(_Item(x, now, self._min_cost)) for x in ids)))  # [N, H]
         n_tokens = sum(len(x) for x in ids)
         self._m_tokens.inc(n_tokens)
         return matryoshka(out, dimensions), n_tokens
 
-    @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.0, batch_size_fn=_tokens)
+    @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.0, batch_size_fn=_cost)
     async def _batched(self, items: list[_Item]) -> list[np.ndarray]:
         # ONNX Runtime runs on this event loop on purpose: while it runs, arriving requests queue up
         # and the next batch takes all of them. Awaiting an executor instead would let @serve.batch

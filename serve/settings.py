@@ -52,6 +52,7 @@ class ProviderSettings(_Section):
     spin: bool = Field(False, description="let ONNX Runtime's idle threads spin; only worth it when the replica's CPUs "
                                           "are its own (spinning on a shared CPU halves throughput)")
     max_batch_tokens: int = Field(8192, ge=1, description="token budget of one @serve.batch batch")
+    max_batch_items: int = Field(512, ge=1, description="texts in one @serve.batch batch (bound together with the tokens)")
     max_batch_texts: int = Field(32, ge=1, description="texts per ONNX Runtime call (length-sorted sub-batches)")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="extra wait for a batch to fill; 0 batches what queued "
                                                                "while the previous batch ran")

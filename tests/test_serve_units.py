@@ -128,3 +128,39 @@ def test_config_yaml_files_in_the_repo_parse():
     GatewayConfig.model_validate(args, context={"check_files": False})
     GatewayConfig.model_validate(yaml.safe_load((ROOT / "examples" / "gateway.yaml").read_text()),
                                  context={"check_files": False})
+
+
+def test_serving_never_imports_torch():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import sys, serve.app, serve.__main__, serve.replica, serve.gateway; "
+            "print(sorted(m for m in ('torch', 'train', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_serve_batch_cost_bounds_tokens_and_count():
+    from serve.replica import _cost, _Item
+
+    budget, max_items = 8192, 512
+    short = [_Item([1] * 3, 0.0, budget // max_items) for _ in range(max_items)]
+    assert _cost(short) == budget and _cost(short + short[:1]) > budget  # 513 short texts overflow by count
+    long = [_Item([1] * 4096, 0.0, budget // max_items) for _ in range(2)]
+    assert _cost(long) == budget and _cost(long + short[:1]) > budget  # by tokens
+
+
+def test_provider_deployment_options(tmp_path):
+    from serve.settings import ProviderSettings
+
+    fixed = ProviderSettings(name="p", app="x", num_replicas=3, num_cpus=2, max_queued_requests=7).deployment_options()
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0} and fixed["max_queued_requests"] == 7
+    auto = ProviderSettings(name="p", app="x", autoscaling={"min_replicas": 1, "max_replicas": 4,
+                                                             "target_ongoing_requests": 8}).deployment_options()
+    assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
+    assert "num_replicas" not in auto
+    assert ProviderSettings(name="p", app="x", num_cpus=2).threads() == 2
+    assert ProviderSettings(name="p", app="x", num_cpus=0.5).threads() == 1
