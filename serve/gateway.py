@@ -19,7 +19,7 @@ from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from serve.errors import QueueFull, ServeError, Unavailable, envelope, status_of
+from serve.errors import PayloadTooLarge, QueueFull, ServeError, Unavailable, envelope, status_of
 from serve.routing import RoutingTable, model_id
 from serve.schemas import EmbeddingRequest, parse_request, render
 from serve.settings import GatewayConfig, ProviderSettings
@@ -103,6 +103,16 @@ class Gateway:
                                   f"{provider.app!r} is not running ({exc})") from None
         return handle
 
+    async def _body(self, request: Request) -> EmbeddingRequest:
+        limit = self.config.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"request body of {int(declared)} bytes; the limit is {limit}: split the request")
+        raw = await request.body()
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"request body of {len(raw)} bytes; the limit is {limit}: split the request")
+        return parse_request(raw)
+
     async def _embed(self, body: EmbeddingRequest, provider: ProviderSettings, model: str) -> Response:
         texts = body.texts(self.config.limits)
         result = self._handle(provider).embed.remote(texts, body.input_type, body.truncate, body.dimensions)
@@ -115,7 +125,7 @@ class Gateway:
     @app.post("/v1/embeddings")
     @_api("openai")
     async def openai_embeddings(self, request: Request) -> Response:
-        body = parse_request(await request.body())
+        body = await self._body(request)
         _, provider = self.table.openai(body.model)
         return await self._embed(body, provider, body.model)
 
@@ -123,13 +133,13 @@ class Gateway:
     @_api("model")
     async def model_embeddings(self, workspace: str, name: str, request: Request) -> Response:
         route, provider = self.table.entity(workspace, name)
-        return await self._embed(parse_request(await request.body()), provider, model_id(route))
+        return await self._embed(await self._body(request), provider, model_id(route))
 
     @app.post(GATEWAY + "/provider/{deployment}/-/v1/embeddings")
     @_api("provider")
     async def provider_embeddings(self, workspace: str, deployment: str, request: Request) -> Response:
         route, provider = self.table.provider(workspace, deployment)
-        return await self._embed(parse_request(await request.body()), provider, model_id(route))
+        return await self._embed(await self._body(request), provider, model_id(route))
 
     @app.get(GATEWAY + "/provider/{deployment}/-/v1/models")
     @_api("provider_models")

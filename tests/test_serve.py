@@ -82,7 +82,8 @@ def table(artifacts: dict[str, Path], **extra_models) -> dict:
             {"name": "nemo-cpu", "model_dir": str(artifacts["nemo"]), "num_cpus": 0.25, "max_batch_texts": 8}]},
     ]
     return {"models": models + list(extra_models.values()), "limits": {"max_inputs_per_request": 64,
-                                                                         "max_chars_per_input": 5000}}
+                                                                         "max_chars_per_input": 5000,
+                                                                         "max_body_bytes": 100_000}}
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +228,7 @@ ERRORS = [
     ("/v1/embeddings", {"model": "nope", "input": "x"}, 404, "model", "model 'nope' does not exist"),
     ("/v1/embeddings", {"model": "minilm", "input": ["x"] * 65}, 413, "input", "65 inputs in one request; the limit is 64"),
     ("/v1/embeddings", {"model": "minilm", "input": "x" * 5001}, 413, "input", "5001 characters; the limit is 5000"),
+    ("/v1/embeddings", {"model": "minilm", "input": ["x" * 4000] * 30}, 413, None, "the limit is 100000"),
     (GW.format(ws="nowhere") + "/model/minilm/-/v1/embeddings", {"input": "x"}, 404, None, "workspace 'nowhere'"),
     (GW.format(ws="default") + "/model/nemo/-/v1/embeddings", {"input": "x"}, 404, "model", "does not exist in workspace 'default'"),
     (GW.format(ws="default") + "/provider/nemo-cpu/-/v1/embeddings", {"input": "x"}, 404, None, "provider 'nemo-cpu'"),
