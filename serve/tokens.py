@@ -62,10 +62,18 @@ class ServingTokenizer:
         return ids
 
     def pad(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        width = max(1, max(len(x) for x in ids))
-        input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)  # [B, S]
-        mask = np.zeros((len(ids), width), dtype=np.int64)  # [B, S]
-        for row, x in enumerate(ids):
-            input_ids[row, : len(x)] = x
-            mask[row, : len(x)] = 1
-        return input_ids, mask
+        return pad_batch(ids, self.pad_id)
+
+
+def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ONNX artifact's inputs: ids padded to the batch's longest text, and the attention mask.
+
+    Training, evaluation and export parity pad through this function too, so they match serving.
+    """
+    width = max(1, max(len(x) for x in ids))
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)  # [B, S]
+    mask = np.zeros((len(ids), width), dtype=np.int64)  # [B, S]
+    for row, x in enumerate(ids):
+        input_ids[row, : len(x)] = x
+        mask[row, : len(x)] = 1
+    return input_ids, mask

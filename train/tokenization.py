@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from serve.tokens import pad_batch
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "tokenizer.model", "merges.txt", "vocab.json")
 
@@ -56,13 +58,7 @@ class TextTokenizer:
         self.max_length = max_length
 
     def pad(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        width = max(1, max(len(x) for x in ids))
-        input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)  # [B, S]
-        mask = np.zeros((len(ids), width), dtype=np.int64)  # [B, S]
-        for row, x in enumerate(ids):
-            input_ids[row, : len(x)] = x
-            mask[row, : len(x)] = 1
-        return input_ids, mask
+        return pad_batch(ids, self.pad_id)
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         return self.pad([e.ids for e in self.tokenizer.encode_batch(list(texts))])
