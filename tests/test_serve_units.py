@@ -164,3 +164,19 @@ def test_provider_deployment_options(tmp_path):
     assert "num_replicas" not in auto
     assert ProviderSettings(name="p", app="x", num_cpus=2).threads() == 2
     assert ProviderSettings(name="p", app="x", num_cpus=0.5).threads() == 1
+
+
+def test_cuda_request_without_cuda_fails_loudly(minilm_onnx):
+    import onnxruntime as ort
+
+    from serve.engine import CUDA, OnnxEmbedder
+
+    if CUDA in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(RuntimeError, match="install the `gpu` extra"):
+        OnnxEmbedder(minilm_onnx, device="cuda")
+    engine = OnnxEmbedder(minilm_onnx, device="auto", has_gpu=False)
+    assert engine.providers == ["CPUExecutionProvider"]
+    engine.want_cuda = True  # what the health check sees when a session silently fell back to the CPU
+    with pytest.raises(RuntimeError, match="CUDA was asked for but the session runs on"):
+        engine.check()
