@@ -7,7 +7,6 @@ Starts (or joins) Ray, runs the gateway with one model behind it, and blocks unt
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -22,7 +21,9 @@ APP_NAME = "rayembed-gateway"
 
 def default_name(model_dir: Path) -> str:
     """The training job's name, else the base model's directory name."""
-    manifest = json.loads((model_dir / "manifest.json").read_text())
+    from serve.engine import read_manifest
+
+    manifest = read_manifest(model_dir)
     source = manifest.get("source") or {}
     return source.get("job") or Path(str(manifest.get("base_model") or model_dir)).name
 

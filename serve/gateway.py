@@ -14,7 +14,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import RayActorError
 from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 from ray.serve.handle import DeploymentHandle
@@ -36,15 +36,10 @@ def _json(body: dict | bytes, status: int = 200, headers: dict | None = None) ->
 
 
 def _domain_error(exc: BaseException) -> BaseException:
-    """Unwrap errors that crossed the Ray boundary and name Serve's own failures in our terms."""
-    if isinstance(exc, ServeError):
-        return exc
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, ServeError):
-        return cause
+    """Name Serve's own failures in our terms (replicas return client errors as values, not raised)."""
     if isinstance(exc, BackPressureError):
         return QueueFull(f"the model's replicas and queue are full ({exc.message}); retry later")
-    if isinstance(exc, (DeploymentUnavailableError, RayActorError, ActorDiedError, ActorUnavailableError)):
+    if isinstance(exc, (DeploymentUnavailableError, RayActorError)):
         return Unavailable(f"no healthy replica for this model: {exc}")
     return exc
 
@@ -115,8 +110,7 @@ class Gateway:
 
     async def _embed(self, body: EmbeddingRequest, provider: ProviderSettings, model: str) -> Response:
         texts = body.texts(self.config.limits)
-        result = self._handle(provider).embed.remote(texts, body.input_type, body.truncate, body.dimensions)
-        result = await result
+        result = await self._handle(provider).embed.remote(texts, body.input_type, body.truncate, body.dimensions)
         if isinstance(result, ServeError):
             raise result
         embeddings, tokens = result

@@ -69,7 +69,7 @@ class EmbeddingReplica:
         self.batch_log: list[int] = []  # texts per ONNX Runtime call, newest last (bounded; read by info())
 
     def info(self) -> dict:
-        """What the gateway needs to validate requests before sending them here."""
+        """The served model and recent batch sizes; the gateway's readiness probe calls it."""
         m = self.engine.manifest
         return {
             "provider": self.settings.name,

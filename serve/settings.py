@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -61,6 +61,14 @@ class ProviderSettings(_Section):
     default_input_type: Literal["query", "passage"] | None = Field(
         None, description="input_type when a request has none (a model with prefixes otherwise requires it)")
 
+    @field_validator("model_dir")
+    @classmethod
+    def _absolute(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # replicas run in other working directories: pin the path where the config was read
+        if value is None or not (info.context or {}).get("check_files", True):
+            return value
+        return str(Path(value).resolve())
+
     @model_validator(mode="after")
     def _source(self, info: ValidationInfo):
         if not NAME.match(self.name):
@@ -68,8 +76,6 @@ class ProviderSettings(_Section):
         if (self.model_dir is None) == (self.app is None):
             raise ValueError("give exactly one of model_dir (an ONNX artifact) or app (a running Serve application)")
         if self.model_dir is not None and (info.context or {}).get("check_files", True):
-            # replicas run in other working directories: pin the path where the config was read
-            object.__setattr__(self, "model_dir", str(Path(self.model_dir).resolve()))
             missing = [f for f in ("model.onnx", "tokenizer.json", "manifest.json") if not (Path(self.model_dir) / f).is_file()]
             if missing:
                 raise ValueError(f"model_dir {self.model_dir} lacks {', '.join(missing)}: export one with "

@@ -279,15 +279,24 @@ def test_bench_ceiling_runs_the_replica_code(artifacts):
 
 
 # ---------------------------------------------------------------- 429 and 503 (redeploys the app: keep last)
-def test_queue_full_is_429_and_missing_replica_is_503(gateway, artifacts, ray_session):
+def test_provider_app_429_and_503(gateway, artifacts, offline, ray_session):
+    """A provider that is its own Serve application (as the control plane deploys them), a provider
+    whose queue is full (429), and one whose application is not running (503)."""
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import build_app, build_provider_app
 
+    serve.run(build_provider_app({"name": "ext", "model_dir": str(artifacts["minilm"]), "num_cpus": 0.25}),
+              name="ext-app", route_prefix=None)
+    external = {"workspace": "team", "name": "external", "providers": [{"name": "ext-prov", "app": "ext-app"}]}
     tight = {"name": "tight", "providers": [{"name": "tight-cpu", "model_dir": str(artifacts["minilm"]), "num_cpus": 0.25,
                                              "max_ongoing_requests": 1, "max_queued_requests": 1, "max_batch_texts": 4}]}
     ghost = {"name": "ghost", "providers": [{"name": "ghost-app", "app": "no-such-app"}]}
-    serve.run(build_app(table(artifacts, tight=tight, ghost=ghost)), name=APP, route_prefix="/")
+    serve.run(build_app(table(artifacts, tight=tight, ghost=ghost, external=external)), name=APP, route_prefix="/")
+
+    status, body, _ = call(gateway + "/v1/embeddings", {"model": "team/external", "input": TEXTS[:2]})
+    assert status == 200, body
+    np.testing.assert_allclose(vectors(body), offline["minilm"].embed(TEXTS[:2]), atol=1e-5)
 
     status, body, headers = call(gateway + "/v1/embeddings", {"model": "ghost", "input": "x"})
     assert status == 503 and body["error"]["code"] == "no_healthy_replica" and headers.get("retry-after") == "1"
