@@ -1,7 +1,7 @@
 """Training-step throughput of the full-size nemotron architecture (random weights): tokens/s and MFU.
 
-    python bench/gpu_train.py                       # full size, bf16 autocast, seq 512, on the GPU
-    python bench/gpu_train.py --size tiny --steps 2 # a CPU smoke run (the tests do this)
+    python -m bench.gpu_train                       # full size, bf16 autocast, seq 512, on the GPU
+    python -m bench.gpu_train --size tiny --steps 2 # a CPU smoke run (the tests do this)
 
 One step = the job's own step: bi-encoder forward on queries and documents, the contrastive loss,
 backward, AdamW. Model FLOPs per token = 6 * non-embedding params + 12 * layers * hidden * seq

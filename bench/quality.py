@@ -1,6 +1,6 @@
 """Quality benchmark: base vs tuned nDCG@10 of the real training job at several learning rates.
 
-    python bench/quality.py --data ../shared/data/debian-pkgdesc --lr 5e-6 --lr 2e-5 \
+    python -m bench.quality --data ../shared/data/debian-pkgdesc --lr 5e-6 --lr 2e-5 \
         --max-examples 1000 --negatives 1 --out runs/quality-sub1000
 
 Each learning rate is one full `python -m train` job (Ray Train, eval vs base, ONNX export);

@@ -1,6 +1,6 @@
 """Training speed: the Ray Train job against a plain sentence-transformers fit, alternated in one run.
 
-    python bench/train_speed.py --data ../shared/data/debian-pkgdesc --examples 320 --rounds 2
+    python -m bench.train_speed --data ../shared/data/debian-pkgdesc --examples 320 --rounds 2
 
 Same model (all-MiniLM-L6-v2), data, batch size (32), hard negatives (1), max_seq_length (128),
 in-batch negatives, on the same machine. Reports training examples/s of each and the ratio, and the

@@ -14,18 +14,19 @@ import time
 import urllib.request
 from pathlib import Path
 
-from serve.settings import ConfigError, load_gateway_config, single_model_config
+from rayembed.artifact import ArtifactError
+from rayembed.config import ConfigError
+from serve.settings import load_gateway_config, single_model_config
 
 APP_NAME = "rayembed-gateway"
 
 
 def default_name(model_dir: Path) -> str:
     """The training job's name, else the base model's directory name."""
-    from serve.engine import read_manifest
+    from rayembed.artifact import read_manifest
 
     manifest = read_manifest(model_dir)
-    source = manifest.get("source") or {}
-    return source.get("job") or Path(str(manifest.get("base_model") or model_dir)).name
+    return manifest.job or Path(manifest.base_model or str(model_dir)).name
 
 
 def wait_ready(url: str, timeout_s: float = 300) -> None:
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config = single_model_config(str(args.model_dir), args.name or default_name(args.model_dir),
                                          replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, ArtifactError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    joined = bool(os.environ.get("RAY_ADDRESS")) or local_cluster_address() is not None
+    joined = os.environ.get("RAY_ADDRESS", "local") != "local" or (
+        not os.environ.get("RAY_ADDRESS") and local_cluster_address() is not None)
     ensure_ray()
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)

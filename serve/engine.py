@@ -5,18 +5,15 @@ No Ray and no torch here, so the benchmark's in-process ceiling runs exactly thi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from rayembed.artifact import GRAPH, GRAPH_FP16, read_manifest
+
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-
-
-def read_manifest(model_dir: str | Path) -> dict:
-    return json.loads((Path(model_dir) / "manifest.json").read_text())
 
 
 def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
@@ -46,11 +43,11 @@ class OnnxEmbedder:
         if self.want_cuda and CUDA not in ort.get_available_providers():
             raise RuntimeError(f"CUDA was asked for but this onnxruntime has only {ort.get_available_providers()}: "
                                "install the `gpu` extra (onnxruntime-gpu) instead of `cpu`")
-        fp16 = model_dir / "model.fp16.onnx"
+        fp16 = model_dir / GRAPH_FP16
         use_fp16 = precision == "fp16" or (precision == "auto" and self.want_cuda and fp16.is_file())
         if use_fp16 and not fp16.is_file():
             raise FileNotFoundError(f"precision fp16 asked for but {fp16} is missing (export with export_fp16: true)")
-        self.path = fp16 if use_fp16 else model_dir / "model.onnx"
+        self.path = fp16 if use_fp16 else model_dir / GRAPH
         providers = [(CUDA, {"device_id": 0}), CPU] if self.want_cuda else [CPU]
         self.session = ort.InferenceSession(str(self.path), session_options(threads, spin), providers=providers)
         self.providers = self.session.get_providers()

@@ -46,8 +46,7 @@ class EmbeddingReplica:
         self.engine = OnnxEmbedder(s.model_dir, device=s.device, precision=s.precision, threads=s.threads(),
                                    has_gpu=bool(ray.get_gpu_ids()), spin=s.spin)
         self.tokenizer = ServingTokenizer(s.model_dir, self.engine.manifest)
-        m = self.engine.manifest
-        self.dims = sorted(set(m.get("matryoshka_dims") or []) | {m["embedding_dim"]})
+        self.dims = self.engine.manifest.dims
         if s.max_batch_tokens < self.tokenizer.max_length:
             raise ValueError(f"max_batch_tokens ({s.max_batch_tokens}) must be >= the model's max_seq_length "
                              f"({self.tokenizer.max_length}) or a full-length input could never be batched")
@@ -73,12 +72,12 @@ class EmbeddingReplica:
         m = self.engine.manifest
         return {
             "provider": self.settings.name,
-            "embedding_dim": m["embedding_dim"],
+            "embedding_dim": m.embedding_dim,
             "matryoshka_dims": self.dims,
             "max_seq_length": self.tokenizer.max_length,
             "prefixes": self.tokenizer.prefixes,
             "needs_input_type": self.tokenizer.needs_input_type and self.settings.default_input_type is None,
-            "base_model": m.get("base_model"),
+            "base_model": m.base_model,
             "onnx_file": self.engine.path.name,
             "providers": self.engine.providers,
             "threads": self.engine.threads,

@@ -10,21 +10,15 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from rayembed.artifact import missing_files
+from rayembed.config import ConfigError, Section, read_yaml, validate
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class ConfigError(ValueError):
-    """A routing or provider config problem; the message names every bad key."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Autoscaling(_Section):
+class Autoscaling(Section):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(32, gt=0, description="per replica; Serve adds replicas above it")
@@ -36,7 +30,7 @@ class Autoscaling(_Section):
         return self
 
 
-class ProviderSettings(_Section):
+class ProviderSettings(Section):
     """One provider: a deployment of one ONNX artifact (or a running Serve app that serves one)."""
 
     name: str = Field(description="provider / deployment name, unique across the gateway (the provider route uses it)")
@@ -76,7 +70,7 @@ class ProviderSettings(_Section):
         if (self.model_dir is None) == (self.app is None):
             raise ValueError("give exactly one of model_dir (an ONNX artifact) or app (a running Serve application)")
         if self.model_dir is not None and (info.context or {}).get("check_files", True):
-            missing = [f for f in ("model.onnx", "tokenizer.json", "manifest.json") if not (Path(self.model_dir) / f).is_file()]
+            missing = missing_files(self.model_dir)
             if missing:
                 raise ValueError(f"model_dir {self.model_dir} lacks {', '.join(missing)}: export one with "
                                  "`python -m train.export` or point at a training job's onnx/ directory")
@@ -100,7 +94,7 @@ class ProviderSettings(_Section):
         return opts
 
 
-class ModelRoute(_Section):
+class ModelRoute(Section):
     workspace: str = "default"
     name: str = Field(description="model entity name")
     providers: list[ProviderSettings] = Field(min_length=1)
@@ -113,13 +107,13 @@ class ModelRoute(_Section):
         return self
 
 
-class Limits(_Section):
+class Limits(Section):
     max_inputs_per_request: int = Field(2048, ge=1, description="more inputs in one request: 413")
     max_chars_per_input: int = Field(100_000, ge=1, description="a longer input: 413")
     max_body_bytes: int = Field(32 * 2**20, ge=1024, description="a larger request body: 413, refused before it is read")
 
 
-class GatewayConfig(_Section):
+class GatewayConfig(Section):
     models: list[ModelRoute] = Field(min_length=1)
     limits: Limits = Limits()
 
@@ -140,14 +134,9 @@ class GatewayConfig(_Section):
 
 def load_gateway_config(source: dict | str | Path) -> GatewayConfig:
     """Validate a routing table (a dict, or a YAML file); every problem is reported with its key."""
-    data = yaml.safe_load(Path(source).read_text()) if isinstance(source, (str, Path)) else source
-    try:
-        return GatewayConfig.model_validate(data)
-    except ValidationError as exc:
-        problems = [f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg'].removeprefix('Value error, ')}"
-                    for err in exc.errors()]
-        where = f" in {source}" if isinstance(source, (str, Path)) else ""
-        raise ConfigError(f"invalid gateway config{where}:\n  " + "\n  ".join(problems)) from None
+    data = read_yaml(source) if isinstance(source, (str, Path)) else source
+    where = f" in {source}" if isinstance(source, (str, Path)) else ""
+    return validate(GatewayConfig, data, title=f"invalid gateway config{where}")
 
 
 def single_model_config(model_dir: str, name: str, replicas: int = 1, **provider: object) -> GatewayConfig:

@@ -9,31 +9,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
 
+from rayembed.artifact import Manifest, load_tokenizer, pad_batch
 from serve.errors import InputTooLong, InvalidRequest
 
 
-def _load(path: Path) -> Tokenizer:
-    tok = Tokenizer.from_file(str(path))
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
 
 
 class ServingTokenizer:
     """Prefix, tokenize and length-check request texts; `pad` builds the ONNX inputs."""
 
-    def __init__(self, model_dir: str | Path, manifest: dict):
-        path = Path(model_dir) / "tokenizer.json"
-        self.max_length = int(manifest["max_seq_length"])
-        self.pad_id = int(manifest.get("pad_id") or 0)
-        self.prefixes = {k: v or "" for k, v in (manifest.get("prefixes") or {}).items()}
-        self._plain = _load(path)
+    def __init__(self, model_dir: str | Path, manifest: Manifest):
+        path = Path(model_dir) / manifest.tokenizer
+        self.max_length = manifest.max_seq_length
+        self.pad_id = manifest.pad_id
+        self.prefixes = manifest.prefixes.model_dump()
+        self._plain = load_tokenizer(path)
         # Truncation through the tokenizer keeps special tokens ([CLS] ... [SEP], <bos>) in place.
-        self._cut_end = _load(path)
+        self._cut_end = load_tokenizer(path)
         self._cut_end.enable_truncation(self.max_length, direction="right")
-        self._cut_start = _load(path)
+        self._cut_start = load_tokenizer(path)
         self._cut_start.enable_truncation(self.max_length, direction="left")
 
     @property
@@ -64,16 +59,3 @@ class ServingTokenizer:
     def pad(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         return pad_batch(ids, self.pad_id)
 
-
-def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ONNX artifact's inputs: ids padded to the batch's longest text, and the attention mask.
-
-    Training, evaluation and export parity pad through this function too, so they match serving.
-    """
-    width = max(1, max(len(x) for x in ids))
-    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)  # [B, S]
-    mask = np.zeros((len(ids), width), dtype=np.int64)  # [B, S]
-    for row, x in enumerate(ids):
-        input_ids[row, : len(x)] = x
-        mask[row, : len(x)] = 1
-    return input_ids, mask

@@ -7,7 +7,7 @@ import pytest
 
 from train.data import (DataError, ExampleReader, index_jsonl, load_beir, retrieval_set_from_examples,
                         split_validation, warn_on_size)
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, sample_lines
 
 
 def write(tmp_path, lines):
@@ -90,4 +90,6 @@ def test_beir_sample_and_validation_retrieval_set(tmp_path):
         load_beir(tmp_path)
     index = index_jsonl(SAMPLE / "train.jsonl", 3)
     small = retrieval_set_from_examples(ExampleReader(index.take(np.arange(5)), 64))
-    assert len(small.queries) == 5 and len(small.corpus) <= 20
+    first = sample_lines(5)
+    distinct = {t for ex in first for t in (ex["pos_doc"], *ex["neg_doc"])}
+    assert len(small.queries) == 5 and sorted(small.corpus.values()) == sorted(distinct)

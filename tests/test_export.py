@@ -13,7 +13,7 @@ import train.export as export_mod
 from train.export import ExportError, export_onnx
 from train.model import BiEncoder, inspect_model, load_backbone
 from train.pooling import normalize
-from train.tokenization import TextTokenizer
+from rayembed.artifact import TextTokenizer
 from tests.conftest import ROOT
 
 
@@ -23,8 +23,8 @@ def test_export_matches_pytorch_for_any_batch_and_length(fixture, request, tmp_p
     manifest = export_onnx(model_dir, tmp_path / "onnx", max_seq_length=64)
     files = {p.name for p in (tmp_path / "onnx").iterdir()}
     assert {"model.onnx", "tokenizer.json", "manifest.json"} <= files
-    assert manifest["parity"]["min_cosine"] >= 0.9999 and manifest["pooling"] == "mean"
-    assert manifest["files"]["model.onnx"] and manifest["max_seq_length"] == 64
+    assert manifest.parity.min_cosine >= 0.9999 and manifest.pooling == "mean"
+    assert manifest.files["model.onnx"] and manifest.max_seq_length == 64
     session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_providers() == ["CPUExecutionProvider"]
     assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
@@ -43,7 +43,7 @@ def test_export_matches_pytorch_for_any_batch_and_length(fixture, request, tmp_p
 
 def test_fp16_copy_for_gpu_serving(tiny_bert, tmp_path):
     manifest = export_onnx(tiny_bert, tmp_path / "onnx", max_seq_length=32, fp16=True)
-    assert "model.fp16.onnx" in manifest["files"] and manifest["parity"]["fp16_min_cosine"] >= 0.999
+    assert "model.fp16.onnx" in manifest.files and manifest.parity.fp16_min_cosine >= 0.999
     session = ort.InferenceSession(str(tmp_path / "onnx" / "model.fp16.onnx"), providers=["CPUExecutionProvider"])
     ids, mask = TextTokenizer(tmp_path / "onnx", 32)(["perl module", "a library for parsing json"])
     out = session.run(["embeddings"], {"input_ids": ids, "attention_mask": mask})[0]

@@ -7,7 +7,7 @@ import torch
 
 from tests.builders import build_tiny_nemotron
 from train.model import BiEncoder, inspect_model, load_backbone
-from train.tokenization import TextTokenizer
+from rayembed.artifact import TextTokenizer
 
 
 def test_nemotron_layout_loads_as_bidirectional_llama_without_remote_code(tiny_nemotron):

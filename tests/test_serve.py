@@ -21,7 +21,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from train.export import export_onnx
-from train.tokenization import TextTokenizer
+from rayembed.artifact import TextTokenizer
 
 APP = "rayembed-test"
 GW = "/v2/workspaces/{ws}/inference/gateway"
@@ -271,7 +271,7 @@ def test_concurrent_requests_are_batched_and_never_mixed_up(gateway, offline):
 
 
 def test_bench_ceiling_runs_the_replica_code(artifacts):
-    from bench.serve import ceiling
+    from bench.serving import ceiling
 
     rows = ceiling(artifacts["minilm"], TEXTS * 8, 0.05, grid=((1, False),), batches=(1, 8))
     assert [(r["batch"], r["order"]) for r in rows] == [(1, "arrival"), (8, "arrival"), (8, "sorted")]

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tests.conftest import ROOT
-from train.tokenization import TextTokenizer
+from rayembed.artifact import TextTokenizer
 
 
 def test_standalone_cli_serves_one_model_and_stops(ray_session, minilm_onnx, tmp_path):

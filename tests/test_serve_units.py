@@ -111,7 +111,7 @@ def test_gateway_config_reports_every_problem(tmp_path):
     text = str(err.value)
     assert "models.0.providers.0: model_dir" in text and "lacks model.onnx, tokenizer.json, manifest.json" in text
     assert "give exactly one of model_dir" in text and "min_replicas (3) > max_replicas (1)" in text
-    assert "models.2.providers.0.replicas: Extra inputs are not permitted" in text
+    assert "models.2.providers.0.replicas: unknown key" in text
     with pytest.raises(ConfigError, match="provider p appears twice"):
         load_gateway_config({"models": [{"name": "a", "providers": [{"name": "p", "app": "x"}]},
                                         {"name": "b", "providers": [{"name": "p", "app": "y"}]}]})

@@ -1,4 +1,4 @@
-"""Run a customization job:  python -m train --config job.yaml [--set key=value ...]
+"""Run a customization job:  python -m train --config job.yaml [--set key=value ...] [--check]
 
 Under Ray's job API:  ray job submit --working-dir . -- python -m train --config job.yaml
 """
@@ -6,40 +6,41 @@ Under Ray's job API:  ray job submit --working-dir . -- python -m train --config
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from train.config import ConfigError, load_config
-from train.data import DataError
-from train.model import ModelError
+from rayembed.cli import run_config_cli
+from train.config import JobConfig, load_config
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="job YAML (see examples/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set optimizer.learning_rate=2e-5 (repeatable)")
-    parser.add_argument("--check", action="store_true", help="validate config, model and data, then stop")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one INFO line per folded initializer
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from train.job import user_errors
+
+    return user_errors()
+
+
+def _run(args: argparse.Namespace) -> int:
     from train.export import ExportError
-    from train.job import OutputConflict, preflight, run_job
+    from train.job import preflight, run_job
 
+    cfg = load_config(args.config, args.overrides)
+    if args.check:
+        pre = preflight(cfg)
+        print(f"ok: {pre.n_train} training / {pre.n_val} validation examples, model {pre.info.path}")
+        return 0
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.check:
-            pre = preflight(cfg)
-            print(f"ok: {pre.n_train} training / {pre.n_val} validation examples, model {pre.info.path}")
-            return 0
         run_job(cfg)
-    except (ConfigError, DataError, ModelError, OutputConflict, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_config_cli(
+        argv, prog="python -m train", doc=__doc__, model=JobConfig, run=_run, user_errors=_user_errors,
+        config_help="job YAML (see examples/)", set_example="optimizer.learning_rate=2e-5",
+        add_arguments=lambda p: p.add_argument("--check", action="store_true",
+                                               help="validate config, model and data, then stop"))
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ are refused before any work, all problems at once, each naming its key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from rayembed.config import ConfigError, Section, dump, load, validate
 
 # The model card's conservative defaults.
 DEFAULT_LEARNING_RATE = 5e-6
@@ -19,27 +20,12 @@ DEFAULT_TEMPERATURE = 0.02
 RECOMMENDED_EXAMPLES = (5_000, 10_000)
 
 
-class ConfigError(ValueError):
-    """A job config that cannot run; the message lists every problem, one per line, by key."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in self.problems))
-
-    def __reduce__(self):  # survives Ray's trip back to the driver with its problem list intact
-        return (type(self), (self.problems,))
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Prefixes(_Section):
+class Prefixes(Section):
     query: str | None = Field(None, description="Prepended to queries; null = the model family's default ('query: ' for nemotron, '' otherwise).")
     passage: str | None = Field(None, description="Prepended to documents; null = the model family's default.")
 
 
-class DatasetConfig(_Section):
+class DatasetConfig(Section):
     training: str = Field(description="Training JSONL: one {query, pos_doc, neg_doc: [...]} per line.")
     validation: str | None = Field(None, description="Validation JSONL, same format; when absent a split is taken off the training file.")
     evaluation: str | None = Field(None, description="BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv) for base-vs-tuned evaluation; when absent the validation set is used.")
@@ -48,7 +34,7 @@ class DatasetConfig(_Section):
     max_examples: int | None = Field(None, gt=0, description="Use a seeded subsample of this many training lines (after the validation split).")
 
 
-class LoraConfig(_Section):
+class LoraConfig(Section):
     rank: int = Field(16, gt=0, description="LoRA rank r.")
     alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / rank).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
@@ -66,7 +52,7 @@ class LoraConfig(_Section):
         return v
 
 
-class TrainingSection(_Section):
+class TrainingSection(Section):
     training_type: Literal["sft"] = Field("sft", description="Supervised contrastive fine-tuning.")
     finetuning_type: Literal["all_weights", "lora_merged"] = Field("all_weights", description="Full SFT, or LoRA merged into the weights.")
     max_seq_length: int = Field(512, gt=0, le=8192, description="Tokens per text; longer texts are truncated during training.")
@@ -85,7 +71,7 @@ class TrainingSection(_Section):
         return self.lora or LoraConfig()
 
 
-class Schedule(_Section):
+class Schedule(Section):
     epochs: int | None = Field(None, gt=0, description="Passes over the training set (default 1 when max_steps is not set).")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; exclusive with epochs.")
 
@@ -96,7 +82,7 @@ class Schedule(_Section):
         return self
 
 
-class Batch(_Section):
+class Batch(Section):
     global_batch_size: int = Field(32, gt=0, description="Queries per optimizer step.")
     micro_batch_size: int | None = Field(None, gt=0, description="Queries per forward pass (gradient accumulation); null = global_batch_size.")
 
@@ -112,14 +98,14 @@ class Batch(_Section):
         return self.micro_batch_size or self.global_batch_size
 
 
-class Optimizer(_Section):
+class Optimizer(Section):
     learning_rate: float = Field(DEFAULT_LEARNING_RATE, gt=0, lt=1, description="Peak AdamW learning rate.")
     weight_decay: float = Field(DEFAULT_WEIGHT_DECAY, ge=0, lt=1, description="AdamW weight decay (matrices only).")
     warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps; null = 10% of the steps. Linear decay after.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
 
 
-class Loss(_Section):
+class Loss(Section):
     temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, le=1, description="Softmax temperature of the contrastive loss.")
     negatives_per_query: int = Field(1, ge=0, le=64, description="Hard negatives taken from neg_doc per query (the first ones: hardest first).")
     in_batch_negatives: bool = Field(False, description="Also contrast each query with the other queries' documents in the batch.")
@@ -137,7 +123,7 @@ class Loss(_Section):
         return self
 
 
-class Output(_Section):
+class Output(Section):
     dir: str = Field(description="Job output directory: checkpoints/, model/, onnx/, eval.json, eval.png, config.yaml.")
     storage_path: str | None = Field(None, description="Ray Train storage for checkpoints (local dir or pyarrow.fs URI); null = <dir>/checkpoints.")
     checkpoint_every_steps: int = Field(200, gt=0, description="Save a resumable checkpoint every N optimizer steps.")
@@ -147,14 +133,14 @@ class Output(_Section):
     onnx_opset: int = Field(18, ge=17, description="ONNX opset of the exported graph.")
 
 
-class Resources(_Section):
+class Resources(Section):
     use_gpu: bool | Literal["auto"] = Field("auto", description="Train on a GPU worker; auto = when the Ray cluster has one.")
     cpus_per_worker: int = Field(1, gt=0, description="CPUs reserved for the training worker.")
     torch_threads: int | None = Field(None, gt=0, description="Intra-op threads on CPU; null = the cores this process may use.")
     max_failures: int = Field(3, ge=0, description="Worker failures survived by resuming from the last checkpoint.")
 
 
-class JobConfig(_Section):
+class JobConfig(Section):
     model: str = Field(description="Base model: a local Hugging Face directory, a Hub id, or all-MiniLM-L6-v2 (packaged).")
     name: str = Field("rayembed-job", pattern=r"^[A-Za-z0-9_.-]+$", description="Job name (Ray Train run name).")
     prefixes: Prefixes = Prefixes()
@@ -183,60 +169,15 @@ class JobConfig(_Section):
         return self.output.storage_path or str(Path(self.output.dir).absolute() / "checkpoints")
 
 
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        child = node.get(k)
-        if not isinstance(child, dict):
-            child = node[k] = {}
-        node = child
-    node[keys[-1]] = value
-
-
-def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
-    """`key.sub=value` strings -> (key, YAML-parsed value)."""
-    out = []
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError([f"--set {pair!r}: expected key=value (e.g. optimizer.learning_rate=2e-5)"])
-        key, raw = pair.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw)))
-    return out
-
-
-def _loc(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc if not str(p).startswith("function-")) or "<root>"
-
-
 def validate_config(raw: dict) -> JobConfig:
     """dict -> JobConfig, or ConfigError listing every problem by key."""
-    if not isinstance(raw, dict):
-        raise ConfigError(["<root>: the config must be a mapping of sections"])
-    try:
-        return JobConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (check the spelling; see the documented fields)"
-            problems.append(f"{_loc(err['loc'])}: {msg}")
-        raise ConfigError(problems) from None
+    return validate(JobConfig, raw)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
     """Read YAML (optional), apply `--set key=value` overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError([f"{path}: expected a YAML mapping at the top level"])
-    for key, value in parse_overrides(overrides or []):
-        _set_path(raw, key, value)
-    return validate_config(raw)
+    return load(JobConfig, path, overrides)
 
 
 def dump_config(cfg: JobConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return dump(cfg)

@@ -10,7 +10,7 @@ import torch
 from train.data import RetrievalSet
 from train.metrics import retrieval_metrics
 from train.pooling import normalize
-from train.tokenization import TextTokenizer
+from rayembed.artifact import TextTokenizer
 
 
 def autocast(device: torch.device, precision: str):

@@ -21,7 +21,7 @@ from torch import nn
 
 from train.model import BiEncoder, inspect_model, load_backbone
 from train.pooling import normalize
-from train.tokenization import TOKENIZER_FILES, TextTokenizer
+from rayembed.artifact import FORMAT_VERSION, GRAPH, GRAPH_FP16, TOKENIZER_FILES, Manifest, TextTokenizer, write_manifest
 
 log = logging.getLogger(__name__)
 PARITY_MIN_COSINE = 0.9999
@@ -104,7 +104,7 @@ def _fp16_copy(src: Path, dst: Path, external: bool) -> None:
 def export_onnx(model_dir: str | Path, output_dir: str | Path, *, max_seq_length: int | None = None,
                 prefixes: tuple[str, str] | None = None, matryoshka_dims: list[int] | None = None,
                 parity_texts: list[str] | None = None, source: dict | None = None, opset: int = 18,
-                fp16: bool = False) -> dict:
+                fp16: bool = False) -> Manifest:
     """Export a (merged) model directory to `output_dir` (model.onnx, tokenizer files, manifest.json)."""
     info = inspect_model(str(model_dir))
     max_len = max_seq_length or default_max_length(info.path, info.max_positions)
@@ -125,25 +125,25 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, *, max_seq_length
                                     dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
                                     opset_version=opset, external_data=False, verbose=False)
         params = sum(p.numel() * p.element_size() for p in model.parameters())
-        program.save(str(staging / "model.onnx"), external_data=params > EXTERNAL_DATA_BYTES)
+        program.save(str(staging / GRAPH), external_data=params > EXTERNAL_DATA_BYTES)
         export_s = time.perf_counter() - start
         parity_texts_prefixed = [prefixes[i % 2] + t for i, t in enumerate(texts)]
-        min_cos = parity(model, staging / "model.onnx", tokenizer, parity_texts_prefixed)
+        min_cos = parity(model, staging / GRAPH, tokenizer, parity_texts_prefixed)
         if not min_cos >= PARITY_MIN_COSINE:
             raise ExportError(f"ONNX parity gate failed: min cosine {min_cos:.6f} < {PARITY_MIN_COSINE} against PyTorch "
                               f"on {len(texts)} texts; the export was discarded")
         fp16_cos = None
         if fp16:
-            _fp16_copy(staging / "model.onnx", staging / "model.fp16.onnx", params // 2 > EXTERNAL_DATA_BYTES)
-            fp16_cos = parity(model, staging / "model.fp16.onnx", tokenizer, parity_texts_prefixed)
+            _fp16_copy(staging / GRAPH, staging / GRAPH_FP16, params // 2 > EXTERNAL_DATA_BYTES)
+            fp16_cos = parity(model, staging / GRAPH_FP16, tokenizer, parity_texts_prefixed)
             if not fp16_cos >= FP16_MIN_COSINE:
                 raise ExportError(f"fp16 ONNX parity failed: min cosine {fp16_cos:.5f} < {FP16_MIN_COSINE}")
         for name in TOKENIZER_FILES:
             if (Path(info.path) / name).is_file():
                 shutil.copy2(Path(info.path) / name, staging / name)
         dims = sorted(set(info.matryoshka_dims) | set(matryoshka_dims or []))
-        manifest = {
-            "format_version": 1,
+        manifest = Manifest.model_validate({
+            "format_version": FORMAT_VERSION,
             "base_model": (source or {}).get("base_model", str(model_dir)),
             "family": info.family, "model_type": info.model_type,
             "embedding_dim": info.hidden_size, "matryoshka_dims": dims,
@@ -156,8 +156,8 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, *, max_seq_length
             "source": source or {"kind": "base_model_export"},
             "export_seconds": round(export_s, 2),
             "files": {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()},
-        }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        })
+        write_manifest(staging, manifest)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)
     manifest = export_onnx(args.model, args.output, max_seq_length=args.max_seq_length, fp16=args.fp16,
                            source={"kind": "base_model_export", "base_model": args.model})
-    print(json.dumps({k: manifest[k] for k in ("base_model", "embedding_dim", "matryoshka_dims", "max_seq_length", "parity")}, indent=2))
+    print(manifest.model_dump_json(include={"base_model", "embedding_dim", "matryoshka_dims", "max_seq_length", "parity"}, indent=2))
     print(f"wrote {args.output}")
     return 0
 

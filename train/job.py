@@ -14,14 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train.config import ConfigError, JobConfig, dump_config
-from train.data import ExampleReader, load_beir, prepare_splits, warn_on_size
-from train.model import ModelInfo, inspect_model, resolve_prefixes
+from train.data import DataError, ExampleReader, load_beir, prepare_splits, warn_on_size
+from train.model import ModelError, ModelInfo, inspect_model, resolve_prefixes
 
 log = logging.getLogger(__name__)
 
 
 class OutputConflict(RuntimeError):
     """output.dir holds another job's results; nothing was touched."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "fix your config, data, model or output dir": printed without a traceback (exit 2)."""
+    return ConfigError, DataError, ModelError, OutputConflict
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ def run_job(cfg: JobConfig) -> dict:
               "preflight_seconds": round(preflight_done - job_start, 1), "ray_init_seconds": round(ray_ready - preflight_done, 1),
               "worker_setup_seconds": round(final["worker_setup_seconds"], 1)}
     report = write_report(out, final, {"timing": timing, "warnings": pre.warnings,
-                                       "onnx": {"path": str(out / "onnx"), "parity_min_cosine": manifest["parity"]["min_cosine"]}})
+                                       "onnx": {"path": str(out / "onnx"), "parity_min_cosine": manifest.parity.min_cosine}})
     shutil.copy2(out / "eval.json", out / "onnx" / "eval.json")
     print(summary(report))
     print(f"timing: {json.dumps(timing)}")

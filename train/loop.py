@@ -25,7 +25,7 @@ from train.data import ExampleReader, prepare_splits, retrieval_set_from_example
 from train.evaluate import autocast, evaluate_retrieval
 from train.losses import matryoshka_loss
 from train.model import build_bi_encoder, inspect_model, merge_lora, resolve_prefixes, save_hf_directory
-from train.tokenization import TextTokenizer
+from rayembed.artifact import TextTokenizer
 
 STATE_FILE = "train_state.json"
 EVAL_NEGATIVES = 64  # every stored negative joins the validation corpus

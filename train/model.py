@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from train.pooling import mean_pool
-from train.tokenization import TOKENIZER_FILES
+from rayembed.artifact import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 

@@ -6,14 +6,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from train.config import ConfigError, JobConfig, _loc, _Section, _set_path, parse_overrides, validate_config
+from rayembed.config import ConfigError, Section, load
+from train.config import JobConfig, validate_config
 
 DEFAULT_GRID = [5e-6, 1e-5, 2e-5]
 
 
-class Search(_Section):
+class Search(Section):
     mode: Literal["grid", "loguniform"] = Field("grid", description="grid: learning_rates (+ extension); loguniform: num_samples draws between the bounds.")
     learning_rates: list[Annotated[float, Field(gt=0)]] = Field(min_length=1, default_factory=lambda: list(DEFAULT_GRID), description="Grid points (default around the card's 5e-6).")
     extend: bool = Field(True, description="When the best point is an end of the grid, try one step further that way.")
@@ -30,11 +31,11 @@ class Search(_Section):
         return self
 
 
-class SweepOutput(_Section):
+class SweepOutput(Section):
     dir: str = Field(description="Sweep directory: trials/, results.json, results.md, sweep.png, best_job.yaml.")
 
 
-class SweepConfig(_Section):
+class SweepConfig(Section):
     job: JobConfig = Field(description="The training job every trial runs (its optimizer.learning_rate is swept).")
     search: Search = Search()
     trial_evaluation: Literal["validation", "job"] = Field("validation", description="Trials score on the validation split (fast); 'job' also runs the job's evaluation set in every trial.")
@@ -42,20 +43,18 @@ class SweepConfig(_Section):
     output: SweepOutput
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError([f"{path}: expected a YAML mapping"])
-    if isinstance(raw.get("job"), str):  # a path to a job YAML, relative to the sweep file
-        job_path = (Path(path).parent / raw["job"]) if not Path(raw["job"]).is_absolute() else Path(raw["job"])
+def _inline_job(raw: dict, path: Path | None) -> dict:
+    """`job:` may be a path to a job YAML, relative to the sweep file."""
+    if isinstance(raw.get("job"), str) and path is not None:
+        job_path = Path(raw["job"]) if Path(raw["job"]).is_absolute() else path.parent / raw["job"]
+        if not job_path.is_file():
+            raise ConfigError([f"job: {job_path} does not exist"])
         raw["job"] = yaml.safe_load(job_path.read_text())
-    for key, value in parse_overrides(overrides or []):
-        _set_path(raw, key, value)
-    try:
-        return SweepConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError([f"{_loc(e['loc'])}: " + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, "))
-                           for e in exc.errors()]) from None
+    return raw
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    return load(SweepConfig, path, overrides, prepare=_inline_job)
 
 
 def trial_job(sweep: SweepConfig, lr: float) -> JobConfig:

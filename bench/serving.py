@@ -1,6 +1,6 @@
 """Serving benchmark: our gateway over HTTP against the raw ONNX Runtime ceiling, in one run.
 
-    python bench/serve.py [--model-dir DIR] [--duration 15] [--configs 1x1,32x1,32x16]
+    python -m bench.serving [--model-dir DIR] [--duration 15] [--configs 1x1,32x1,32x16]
 
 Exports all-MiniLM-L6-v2 with our exporter when no --model-dir is given, dumps loadgen's sentence
 texts, measures the in-process ceiling (serve.engine, best of threads x batch x order), starts
@@ -23,9 +23,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-# run as a script, this file's folder comes first on sys.path and its name would shadow the serve package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
-sys.path.insert(0, str(ROOT))
 LOADGEN = ROOT / "bench" / "loadgen.py"
 PY = sys.executable
 
@@ -54,7 +51,8 @@ def read_texts(path: Path) -> list[str]:
 def ceiling(model_dir: Path, texts: list[str], seconds: float, label: str = "ceiling",
             grid: tuple = ((1, False), (2, False), (2, True)), batches: tuple = (1, 8, 16, 32)) -> list[dict]:
     """In-process tokenize + ONNX Runtime run, the same code the replica runs, without any server."""
-    from serve.engine import OnnxEmbedder, read_manifest
+    from rayembed.artifact import read_manifest
+    from serve.engine import OnnxEmbedder
     from serve.tokens import ServingTokenizer
 
     tok = ServingTokenizer(model_dir, read_manifest(model_dir))

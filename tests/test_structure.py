@@ -1,0 +1,97 @@
+"""The tree's contracts: train/ and serve/ are siblings over rayembed/, serving imports no torch,
+the artifact manifest is versioned, the CLIs document their fields, benchmark commands run as written."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rayembed.artifact import ArtifactError, read_manifest
+from tests.conftest import ROOT
+
+PACKAGES = ("rayembed", "cluster", "train", "tune", "serve")
+
+
+def imports_of(package: str) -> list[tuple[str, str, list[str]]]:
+    """(file, imported module, imported names) for every import in a package."""
+    out = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                out.extend((path.name, a.name, []) for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                out.append((path.name, node.module, [a.name for a in node.names]))
+    return out
+
+
+@pytest.mark.parametrize("package,forbidden", [
+    ("serve", {"train", "tune", "torch", "transformers", "peft"}),
+    ("train", {"serve", "tune"}),
+    ("rayembed", {"train", "tune", "serve", "cluster", "torch", "ray"}),
+])
+def test_layering(package, forbidden):
+    bad = [(f, m) for f, m, _ in imports_of(package) if m.split(".")[0] in forbidden]
+    # cluster.runtime (the one ray.init) is the only part of the control plane the engines use
+    bad += [(f, m) for f, m, _ in imports_of(package) if m.startswith("cluster") and m != "cluster.runtime" and package != "cluster"]
+    assert bad == [], f"{package}/ must not import {sorted(forbidden)}: {bad}"
+
+
+def test_no_module_imports_another_packages_private_names():
+    bad = [(pkg, f, m, n) for pkg in PACKAGES for f, m, names in imports_of(pkg)
+           if m.split(".")[0] in PACKAGES and m.split(".")[0] != pkg for n in names if n.startswith("_")]
+    assert bad == []
+
+
+def test_serving_modules_import_without_torch():
+    code = ("import sys\nfor m in ('torch', 'transformers', 'peft'): sys.modules[m] = None\n"
+            "import serve.app, serve.gateway, serve.__main__, rayembed.artifact, rayembed.config\nprint('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_manifest_of_a_newer_format_is_refused(minilm_onnx, tmp_path):
+    data = json.loads((minilm_onnx / "manifest.json").read_text())
+    assert read_manifest(minilm_onnx).format_version == 1
+    (tmp_path / "manifest.json").write_text(json.dumps({**data, "format_version": 2, "new_field": {"x": 1}}))
+    with pytest.raises(ArtifactError, match=r"format_version 2 is newer than this rayembed reads \(1\): upgrade rayembed"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({**data, "unknown_but_same_version": True}))
+    assert read_manifest(tmp_path).embedding_dim == 384
+    with pytest.raises(ArtifactError, match="has no manifest.json"):
+        read_manifest(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("module,fields", [
+    ("train", ["optimizer.learning_rate (default 5e-06): Peak AdamW learning rate.",
+               "training.lora.rank (default 16): LoRA rank r.", "dataset.training (required)"]),
+    ("tune", ["search.learning_rates", "job.optimizer.weight_decay", "output.dir (required)"]),
+])
+def test_cli_help_lists_every_field_with_its_description(module, fields):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for field in fields:
+        assert field in proc.stdout
+
+
+def documented_bench_commands() -> list[str]:
+    texts = [(ROOT / "README.md").read_text(), (ROOT / "docs" / "benchmarks.md").read_text()]
+    texts += [p.read_text() for p in (ROOT / "bench").glob("*.py")]
+    return sorted({m for t in texts for m in re.findall(r"python (?:-m bench\.\w+|bench/\w+\.py)", t)})
+
+
+def test_every_documented_benchmark_command_starts():
+    commands = documented_bench_commands()
+    assert {"python -m bench.gpu_train", "python -m bench.serving"} <= set(commands)
+    for command in commands:
+        args = command.split()[1:]
+        proc = subprocess.run([sys.executable, *args, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "usage:" in proc.stdout, f"{command}: {proc.stderr[-1500:]}"
+    # the script form works too now that no bench file shadows a package
+    proc = subprocess.run([sys.executable, "bench/gpu_train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1500:]
