@@ -36,6 +36,18 @@ class NotFound(ServeError):
     """Unknown workspace, model entity or provider."""
 
 
+class InvalidName(ServeError):
+    """A management request names something invalidly (workspace, model, job, deployment): 422."""
+
+
+class Conflict(ServeError):
+    """The request clashes with what exists: a name already taken, a job already finished, a deployment in use."""
+
+
+class PromotionRefused(Conflict):
+    """Deploying a model whose evaluation says it is worse than its base, without the explicit override."""
+
+
 class QueueFull(ServeError):
     """The model's replicas and queue are full; retry later."""
 
@@ -49,6 +61,9 @@ STATUS: dict[type[ServeError], tuple[int, str]] = {
     InvalidRequest: (400, "invalid_request_error"),
     InputTooLong: (400, "invalid_request_error"),
     NotFound: (404, "not_found_error"),
+    Conflict: (409, "conflict_error"),
+    PromotionRefused: (409, "conflict_error"),
+    InvalidName: (422, "invalid_request_error"),
     PayloadTooLarge: (413, "invalid_request_error"),
     QueueFull: (429, "rate_limit_error"),
     Unavailable: (503, "service_unavailable_error"),
@@ -60,6 +75,9 @@ CODES: dict[type[ServeError], str] = {
     InvalidRequest: "invalid_request",
     InputTooLong: "input_too_long",
     NotFound: "not_found",
+    Conflict: "conflict",
+    PromotionRefused: "promotion_refused",
+    InvalidName: "invalid_name",
     PayloadTooLarge: "payload_too_large",
     QueueFull: "queue_full",
     Unavailable: "no_healthy_replica",

@@ -1,7 +1,10 @@
-"""The inference gateway: a FastAPI ingress deployment that routes embeddings requests to replicas.
+"""The inference gateway: routes embeddings requests to replicas by model entity, by provider, or by
+the OpenAI `model` field; answers every error with the OpenAI envelope from one handler
+(`error_response`) and records request metrics.
 
-Routes by model entity, by provider, or by the OpenAI `model` field; answers every error with the
-OpenAI envelope from one handler (`_error_response`), and records request metrics.
+`GatewayCore` holds the routing table (swappable at run time) and the handlers; `inference_routes`
+mounts them on any FastAPI app: the standalone `Gateway` deployment here, and the control plane's
+API ingress (cluster/api.py), whose table follows the deployments the control plane reports READY.
 """
 
 
@@ -9,6 +12,7 @@ import asyncio
 import functools
 import logging
 import time
+from typing import Callable
 
 import orjson
 from fastapi import FastAPI, Request
@@ -25,12 +29,11 @@ from serve.schemas import EmbeddingRequest, parse_request, render
 from serve.settings import GatewayConfig, ProviderSettings
 
 log = logging.getLogger("ray.serve")
-app = FastAPI(title="rayembed inference gateway", docs_url="/docs", redoc_url=None)
 GATEWAY = "/v2/workspaces/{workspace}/inference/gateway"
 READY_TIMEOUT_S = 5.0
 
 
-def _json(body: dict | bytes, status: int = 200, headers: dict | None = None) -> Response:
+def json_response(body: dict | bytes, status: int = 200, headers: dict | None = None) -> Response:
     content = body if isinstance(body, bytes) else orjson.dumps(body)
     return Response(content=content, status_code=status, media_type="application/json", headers=headers)
 
@@ -44,7 +47,7 @@ def _domain_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def _error_response(exc: BaseException) -> Response:
+def error_response(exc: BaseException) -> Response:
     """The one place an exception becomes an HTTP answer; unknown errors are a 500 with no traceback."""
     exc = _domain_error(exc)
     status, err_type, code = status_of(exc)
@@ -54,45 +57,58 @@ def _error_response(exc: BaseException) -> Response:
         log.exception("unhandled error in the gateway", exc_info=exc)
         message, param = "internal error; the gateway log has the details", None
     headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return _json(envelope(message, err_type, param, code), status, headers)
+    return json_response(envelope(message, err_type, param, code), status, headers)
 
 
-def _api(kind: str):
-    """Wrap a route: map every exception through `_error_response` and record metrics."""
+class RequestMetrics:
+    def __init__(self):
+        self.requests = metrics.Counter("rayembed_requests", "gateway requests by route and HTTP status",
+                                        tag_keys=("route", "status"))
+        self.latency = metrics.Histogram(
+            "rayembed_request_ms", "gateway request latency", tag_keys=("route", "status"),
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000])
+
+    def record(self, kind: str, status: int, start: float) -> None:
+        tags = {"route": kind, "status": str(status)}
+        self.requests.inc(tags=tags)
+        self.latency.observe((time.perf_counter() - start) * 1000, tags=tags)
+
+
+def api_route(kind: str, metrics_of: Callable[[], RequestMetrics]):
+    """Wrap a route: map every exception through `error_response` and record metrics."""
     def wrap(fn):
         @functools.wraps(fn)
-        async def route(self, *args, **kwargs):
+        async def route(*args, **kwargs):
             start = time.perf_counter()
             try:
-                response = await fn(self, *args, **kwargs)
+                response = await fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - the single edge handler
-                response = _error_response(exc)
-            tags = {"route": kind, "status": str(response.status_code)}
-            self._m_requests.inc(tags=tags)
-            self._m_latency.observe((time.perf_counter() - start) * 1000, tags=tags)
+                response = error_response(exc)
+            metrics_of().record(kind, response.status_code, start)
             return response
         return route
     return wrap
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096, logging_config={"enable_access_log": False})
-@serve.ingress(app)
-class Gateway:
-    def __init__(self, config: dict, handles: dict[str, DeploymentHandle]):
-        self.config = GatewayConfig.model_validate(config, context={"check_files": False})
-        self.table = RoutingTable(self.config)
-        self.handles = dict(handles)  # provider -> handle (deployments of this application)
-        self._m_requests = metrics.Counter("rayembed_requests", "gateway requests by route and HTTP status",
-                                           tag_keys=("route", "status"))
-        self._m_latency = metrics.Histogram(
-            "rayembed_request_ms", "gateway request latency", tag_keys=("route", "status"),
-            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000])
+class GatewayCore:
+    """The routing table, the provider handles and the request handlers, without any HTTP routing."""
+
+    def __init__(self, config: GatewayConfig, handles: dict[str, DeploymentHandle] | None = None,
+                 workspaces: tuple[str, ...] = ()):
+        self.set_table(config, workspaces)
+        self.handles = dict(handles or {})  # provider name or app name -> handle
+        self.metrics = RequestMetrics()
+
+    def set_table(self, config: GatewayConfig, workspaces: tuple[str, ...] | list[str] = ()) -> None:
+        self.config = config
+        self.table = RoutingTable(config, workspaces)
 
     def _handle(self, provider: ProviderSettings) -> DeploymentHandle:
-        handle = self.handles.get(provider.name)
+        key = provider.app or provider.name
+        handle = self.handles.get(key)
         if handle is None:  # a provider served by its own application (created by the control plane)
             try:
-                handle = self.handles[provider.name] = serve.get_app_handle(provider.app)
+                handle = self.handles[key] = serve.get_app_handle(provider.app)
             except RayServeException as exc:
                 raise Unavailable(f"no healthy replica for provider {provider.name!r}: application "
                                   f"{provider.app!r} is not running ({exc})") from None
@@ -114,45 +130,28 @@ class Gateway:
         if isinstance(result, ServeError):
             raise result
         embeddings, tokens = result
-        return _json(render(embeddings, body.encoding_format, model, tokens))
+        return json_response(render(embeddings, body.encoding_format, model, tokens))
 
-    @app.post("/v1/embeddings")
-    @_api("openai")
     async def openai_embeddings(self, request: Request) -> Response:
         body = await self._body(request)
         _, provider = self.table.openai(body.model)
         return await self._embed(body, provider, body.model)
 
-    @app.post(GATEWAY + "/model/{name}/-/v1/embeddings")
-    @_api("model")
     async def model_embeddings(self, workspace: str, name: str, request: Request) -> Response:
         route, provider = self.table.entity(workspace, name)
         return await self._embed(await self._body(request), provider, model_id(route))
 
-    @app.post(GATEWAY + "/provider/{deployment}/-/v1/embeddings")
-    @_api("provider")
     async def provider_embeddings(self, workspace: str, deployment: str, request: Request) -> Response:
         route, provider = self.table.provider(workspace, deployment)
         return await self._embed(await self._body(request), provider, model_id(route))
 
-    @app.get(GATEWAY + "/provider/{deployment}/-/v1/models")
-    @_api("provider_models")
     async def provider_models(self, workspace: str, deployment: str) -> Response:
         route, _ = self.table.provider(workspace, deployment)
-        return _json(self.table.listing([route]))
+        return json_response(self.table.listing([route]))
 
-    @app.get("/v1/models")
-    @_api("models")
     async def models(self) -> Response:
-        return _json(self.table.listing())
+        return json_response(self.table.listing())
 
-    @app.get("/v1/health/live")
-    @_api("live")
-    async def live(self) -> Response:
-        return _json({"status": "live"})
-
-    @app.get("/v1/health/ready")
-    @_api("ready")
     async def ready(self) -> Response:
         """Ready once every routed provider answers (each has at least one running replica)."""
         providers = list(self.table.providers.values())
@@ -167,4 +166,71 @@ class Gateway:
         failures = [f for f in await asyncio.gather(*(probe(p) for p in providers)) if f]
         if failures:
             raise Unavailable("not ready: " + "; ".join(failures))
-        return _json({"status": "ready", "providers": [p.name for p in providers]})
+        return json_response({"status": "ready", "providers": [p.name for p in providers]})
+
+
+def inference_routes(app: FastAPI, core: Callable[[], GatewayCore]) -> None:
+    """Mount the inference routes on `app`; `core()` returns the replica's GatewayCore."""
+    metrics_of = lambda: core().metrics  # noqa: E731
+
+    @app.post("/v1/embeddings")
+    @api_route("openai", metrics_of)
+    async def openai_embeddings(request: Request) -> Response:
+        return await core().openai_embeddings(request)
+
+    @app.post(GATEWAY + "/model/{name}/-/v1/embeddings")
+    @api_route("model", metrics_of)
+    async def model_embeddings(workspace: str, name: str, request: Request) -> Response:
+        return await core().model_embeddings(workspace, name, request)
+
+    @app.post(GATEWAY + "/provider/{deployment}/-/v1/embeddings")
+    @api_route("provider", metrics_of)
+    async def provider_embeddings(workspace: str, deployment: str, request: Request) -> Response:
+        return await core().provider_embeddings(workspace, deployment, request)
+
+    @app.get(GATEWAY + "/provider/{deployment}/-/v1/models")
+    @api_route("provider_models", metrics_of)
+    async def provider_models(workspace: str, deployment: str) -> Response:
+        return await core().provider_models(workspace, deployment)
+
+    @app.get("/v1/models")
+    @api_route("models", metrics_of)
+    async def models() -> Response:
+        return await core().models()
+
+    @app.get("/v1/health/live")
+    @api_route("live", metrics_of)
+    async def live() -> Response:
+        return json_response({"status": "live"})
+
+    @app.get("/v1/health/ready")
+    @api_route("ready", metrics_of)
+    async def ready() -> Response:
+        return await core().ready()
+
+
+app = FastAPI(title="rayembed inference gateway", docs_url="/docs", redoc_url=None)
+# This replica's core. Serve ships the ingress class and the FastAPI app by value (cloudpickle), so
+# the core lives in this importable module and is reached through named module-level functions,
+# which cloudpickle passes by reference: a lambda or the class's own globals would be private copies.
+_CORE: list[GatewayCore] = []
+
+
+def installed_core() -> GatewayCore:
+    return _CORE[0]
+
+
+def install_core(core: GatewayCore) -> None:
+    _CORE[:] = [core]
+
+
+inference_routes(app, installed_core)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096, logging_config={"enable_access_log": False})
+@serve.ingress(app)
+class Gateway:
+    """The standalone gateway over a fixed routing table (`python -m serve`, `serve run`)."""
+
+    def __init__(self, config: dict, handles: dict[str, DeploymentHandle]):
+        install_core(GatewayCore(GatewayConfig.model_validate(config, context={"check_files": False}), handles))

@@ -16,11 +16,13 @@ def model_id(route: ModelRoute) -> str:
 
 
 class RoutingTable:
-    def __init__(self, config: GatewayConfig):
+    """Immutable once built; the gateway swaps in a new table when the control plane's routes change."""
+
+    def __init__(self, config: GatewayConfig, workspaces: tuple[str, ...] | list[str] = ()):
         self.models = {(m.workspace, m.name): m for m in config.models}
-        self.workspaces = {m.workspace for m in config.models}
-        self.owner = {p.name: m for m in config.models for p in m.providers}
-        self.providers = {p.name: p for m in config.models for p in m.providers}
+        self.workspaces = {m.workspace for m in config.models} | set(workspaces)
+        self.owner = {(m.workspace, p.name): m for m in config.models for p in m.providers}
+        self.providers = {(m.workspace, p.name): p for m in config.models for p in m.providers}
         self._turns = {key: itertools.cycle(m.providers) for key, m in self.models.items()}
 
     def _workspace(self, workspace: str) -> None:
@@ -38,11 +40,11 @@ class RoutingTable:
 
     def provider(self, workspace: str, name: str) -> tuple[ModelRoute, ProviderSettings]:
         self._workspace(workspace)
-        route = self.owner.get(name)
-        if route is None or route.workspace != workspace:
-            known = sorted(p for p, m in self.owner.items() if m.workspace == workspace)
+        route = self.owner.get((workspace, name))
+        if route is None:
+            known = sorted(p for w, p in self.owner if w == workspace)
             raise NotFound(f"provider {name!r} does not exist in workspace {workspace!r} (known: {', '.join(known)})")
-        return route, self.providers[name]
+        return route, self.providers[(workspace, name)]
 
     def openai(self, model: str | None) -> tuple[ModelRoute, ProviderSettings]:
         """`model` is workspace/name, or a bare name in the default workspace."""

@@ -114,21 +114,22 @@ class Limits(Section):
 
 
 class GatewayConfig(Section):
-    models: list[ModelRoute] = Field(min_length=1)
+    models: list[ModelRoute] = Field(default_factory=list, description="model entities and their providers")
     limits: Limits = Limits()
 
     @model_validator(mode="after")
     def _unique(self):
         entities = [(m.workspace, m.name) for m in self.models]
-        providers = [p.name for m in self.models for p in m.providers]
+        providers = [(m.workspace, p.name) for m in self.models for p in m.providers]  # unique per workspace
         dup_e = sorted({f"{w}/{n}" for w, n in entities if entities.count((w, n)) > 1})
-        dup_p = sorted({p for p in providers if providers.count(p) > 1})
+        dup_p = sorted({p for w, p in providers if providers.count((w, p)) > 1})
         if dup_e or dup_p:
             raise ValueError("names must be unique: " + "; ".join(
                 [f"model {e} appears twice" for e in dup_e] + [f"provider {p} appears twice" for p in dup_p]))
         return self
 
     def providers(self) -> dict[str, ProviderSettings]:
+        """Providers this config builds itself (model_dir), by name; app-backed ones run elsewhere."""
         return {p.name: p for m in self.models for p in m.providers}
 
 
@@ -136,7 +137,10 @@ def load_gateway_config(source: dict | str | Path) -> GatewayConfig:
     """Validate a routing table (a dict, or a YAML file); every problem is reported with its key."""
     data = read_yaml(source) if isinstance(source, (str, Path)) else source
     where = f" in {source}" if isinstance(source, (str, Path)) else ""
-    return validate(GatewayConfig, data, title=f"invalid gateway config{where}")
+    config = validate(GatewayConfig, data, title=f"invalid gateway config{where}")
+    if not config.models:
+        raise ConfigError(["models: give at least one model with its providers"], f"invalid gateway config{where}")
+    return config
 
 
 def single_model_config(model_dir: str, name: str, replicas: int = 1, **provider: object) -> GatewayConfig:

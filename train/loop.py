@@ -26,6 +26,7 @@ from train.evaluate import autocast, evaluate_retrieval
 from train.losses import matryoshka_loss
 from train.model import build_bi_encoder, inspect_model, merge_lora, resolve_prefixes, save_hf_directory
 from rayembed.artifact import TextTokenizer
+from rayembed.progress import progress_line
 
 STATE_FILE = "train_state.json"
 EVAL_NEGATIVES = 64  # every stored negative joins the validation corpus
@@ -158,6 +159,8 @@ def train_loop_per_worker(config: dict) -> None:
                        "lr": scheduler.get_last_lr()[0], "examples_per_s": window_examples / elapsed,
                        "tokens_per_s": window_tokens / elapsed, "first_step_at": train_start,
                        "resumed_from_step": resumed_from}
+            # one line in the job's log: the control plane follows the job through it
+            print(progress_line(done, total, loss_value, metrics["examples_per_s"], G), flush=True)
             if done % cfg.output.checkpoint_every_steps == 0 and done < total:
                 with tempfile.TemporaryDirectory() as tmp:
                     save_state(Path(tmp), model, optimizer, scheduler, done, {"resumed_from_step": resumed_from})

@@ -43,7 +43,7 @@ class SweepConfig(Section):
     output: SweepOutput
 
 
-def _inline_job(raw: dict, path: Path | None) -> dict:
+def inline_job(raw: dict, path: Path | None) -> dict:
     """`job:` may be a path to a job YAML, relative to the sweep file."""
     if isinstance(raw.get("job"), str) and path is not None:
         job_path = Path(raw["job"]) if Path(raw["job"]).is_absolute() else path.parent / raw["job"]
@@ -54,7 +54,7 @@ def _inline_job(raw: dict, path: Path | None) -> dict:
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
-    return load(SweepConfig, path, overrides, prepare=_inline_job)
+    return load(SweepConfig, path, overrides, prepare=inline_job)
 
 
 def trial_job(sweep: SweepConfig, lr: float) -> JobConfig:

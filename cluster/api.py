@@ -1,0 +1,164 @@
+"""The API ingress on the base URL (:8080): the management API (`/v2/workspaces/...`, shaped like the
+customizer's) and the inference gateway's routes, in one Serve deployment.
+
+Management calls go to the ControlPlane actor; its typed errors come back through the gateway's one
+error handler (OpenAPI envelope, status from serve/errors.py). The gateway's routing table follows
+the control plane: a thread asks for it every half second and swaps it in when its version changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+
+import orjson
+import ray
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse, Response
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from starlette.exceptions import HTTPException
+
+from cluster.settings import CONTROL_PLANE, NAMESPACE
+from serve.errors import InvalidRequest, NotFound, ServeError, Unavailable
+from serve.gateway import (GatewayCore, api_route, error_response, inference_routes, install_core, installed_core,
+                           json_response)
+from serve.settings import GatewayConfig
+
+log = logging.getLogger("ray.serve")
+ROUTES_POLL_S = 0.5
+WS = "/v2/workspaces/{workspace}"
+
+app = FastAPI(title="rayembed", description="Customize and serve embedding models on Ray: management API "
+              "(workspaces, models, customization jobs, deployment configs, deployments, providers) and the "
+              "OpenAI/NIM-compatible inference gateway.", docs_url="/docs", redoc_url=None)
+inference_routes(app, installed_core)  # the core lives in serve.gateway (see the note there)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    if exc.status_code == 404:
+        return error_response(NotFound(f"no route {request.method} {request.url.path[:200]}; see /docs"))
+    if exc.status_code == 405:
+        return error_response(InvalidRequest(f"method {request.method} is not allowed on {request.url.path[:200]}"))
+    return error_response(InvalidRequest(str(exc.detail)))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    return error_response(InvalidRequest(f"invalid request: {exc.errors()[0].get('msg', 'see /docs')}"))
+
+
+def _control_plane():
+    return ray.get_actor(CONTROL_PLANE, namespace=NAMESPACE)
+
+
+async def _call(method: str, *args):
+    try:
+        return await getattr(_control_plane(), method).remote(*args)
+    except RayTaskError as exc:
+        if isinstance(exc.cause, ServeError):
+            raise exc.cause from None
+        raise
+    except (RayActorError, ActorUnavailableError, ValueError) as exc:  # ValueError: no such named actor (yet)
+        raise Unavailable(f"the control plane is not available ({type(exc).__name__}); retry in a few seconds") from None
+
+
+async def _body(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return body
+
+
+def _metrics():
+    return installed_core().metrics
+
+
+def management(verb: str, path: str, method: str, *, body: bool = False, status: int = 200, listing: bool = False,
+               text: bool = False, summary: str = "") -> None:
+    """One management route: path parameters (in order) and the JSON body go to the actor's `method`."""
+    params = re.findall(r"{(\w+)}", path)
+
+    @api_route("management", _metrics)
+    async def handler(request: Request) -> Response:
+        args = [request.path_params[p] for p in params]
+        if body:
+            args.append(await _body(request))
+        result = await _call(method, *args)
+        if text:
+            return PlainTextResponse(result)
+        return json_response({"object": "list", "data": result} if listing else result, status)
+
+    handler.__name__ = method
+    app.add_api_route(path, handler, methods=[verb], summary=summary or method.replace("_", " "))
+
+
+for _verb, _path, _method, _opts in [
+    ("GET", "/v2/workspaces", "list_workspaces", {"listing": True}),
+    ("POST", "/v2/workspaces", "create_workspace", {"body": True, "status": 201}),
+    ("GET", WS, "get_workspace", {}),
+    ("DELETE", WS, "delete_workspace", {}),
+    ("GET", WS + "/models", "list_models", {"listing": True}),
+    ("POST", WS + "/models", "create_model", {"body": True, "status": 201}),
+    ("GET", WS + "/models/{name}", "get_model", {}),
+    ("DELETE", WS + "/models/{name}", "delete_model", {}),
+    ("GET", WS + "/customization/jobs", "list_jobs", {"listing": True}),
+    ("POST", WS + "/customization/jobs", "create_job", {"body": True, "status": 201}),
+    ("GET", WS + "/customization/jobs/{job_id}", "get_job", {}),
+    ("GET", WS + "/customization/jobs/{job_id}/status", "job_status", {}),
+    ("POST", WS + "/customization/jobs/{job_id}/cancel", "cancel_job", {}),
+    ("GET", WS + "/customization/jobs/{job_id}/logs", "job_logs", {"text": True}),
+    ("GET", WS + "/deployment-configs", "list_deployment_configs", {"listing": True}),
+    ("POST", WS + "/deployment-configs", "create_deployment_config", {"body": True, "status": 201}),
+    ("GET", WS + "/deployment-configs/{name}", "get_deployment_config", {}),
+    ("PATCH", WS + "/deployment-configs/{name}", "update_deployment_config", {"body": True}),
+    ("DELETE", WS + "/deployment-configs/{name}", "delete_deployment_config", {}),
+    ("GET", WS + "/deployments", "list_deployments", {"listing": True}),
+    ("POST", WS + "/deployments", "create_deployment", {"body": True, "status": 201}),
+    ("GET", WS + "/deployments/{name}", "get_deployment", {}),
+    ("PATCH", WS + "/deployments/{name}", "update_deployment", {"body": True}),
+    ("DELETE", WS + "/deployments/{name}", "delete_deployment", {}),
+    ("GET", WS + "/providers", "list_providers", {"listing": True}),
+    ("GET", WS + "/providers/{name}", "get_provider", {}),
+]:
+    management(_verb, _path, _method, **_opts)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096, logging_config={"enable_access_log": False})
+@serve.ingress(app)
+class Api:
+    def __init__(self):
+        install_core(GatewayCore(GatewayConfig()))
+        self._version = None
+        threading.Thread(target=self._follow_routes, name="routes", daemon=True).start()
+
+    def _follow_routes(self) -> None:
+        warned = False
+        while True:
+            try:
+                routes = ray.get(_control_plane().routes.remote(self._version), timeout=10)
+                if routes is not None:
+                    config = GatewayConfig.model_validate(routes["config"], context={"check_files": False})
+                    installed_core().set_table(config, routes["workspaces"])
+                    self._version = routes["version"]
+                warned = False
+            except Exception as exc:  # noqa: BLE001 - the control plane may be restarting
+                if not warned:
+                    log.warning("routes from the control plane: %s: %s", type(exc).__name__, exc)
+                    warned = True
+            time.sleep(ROUTES_POLL_S)
+
+    def routes_version(self) -> int | None:
+        return self._version
+
+
+def build_api_app(args: dict | None = None):
+    return Api.bind()

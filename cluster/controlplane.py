@@ -1,0 +1,679 @@
+"""The ControlPlane: a detached, named Ray actor that owns the state and every lifecycle.
+
+It validates and stores entities (cluster.store), submits customization jobs and base-model exports
+as Ray jobs, and reconciles once a second: job status and progress from Ray, deployments from Serve
+(PENDING -> READY once the application runs and a probe embedding comes back; then its provider
+exists and the gateway's routes change), model swaps as a new generation beside the old one, and
+deletions. Killed, Ray restarts it; it reloads the store and picks every lifecycle up where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from cluster import deployments, jobs
+from cluster.entities import (DEFAULT_WORKSPACE, JOB_DONE, NAME, Artifact, CustomizationJob, Entity, ModelDeployment,
+                              ModelDeploymentConfig, ModelEntity, ModelProvider, StatusChange, Workspace, now)
+from cluster.store import open_store
+from rayembed.artifact import ArtifactError, missing_files, read_manifest
+from serve.errors import Conflict, InvalidName, InvalidRequest, NotFound, PromotionRefused
+
+log = logging.getLogger(__name__)
+NAME_RULE = "2-63 characters of lowercase letters, digits and '-', starting with a letter or digit"
+TICK_S = 1.0
+PENDING_TIMEOUT_S = 900.0
+RETIRE_AFTER_S = 5.0  # an old generation keeps serving this long after the routes moved (gateways poll at 0.5 s)
+DEFAULT_GPU_MEMORY_GIB = 80.0
+KIND_OF = {Workspace: "workspace", ModelEntity: "model", CustomizationJob: "job",
+           ModelDeploymentConfig: "deployment_config", ModelDeployment: "deployment", ModelProvider: "provider"}
+WHAT = {"model": "model", "job": "customization job", "deployment_config": "deployment config",
+        "deployment": "deployment", "provider": "provider"}
+
+
+def check_name(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not NAME.match(name):
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+        raise InvalidName(f"{what} name {shown} is invalid: use {NAME_RULE}", "name")
+    return name
+
+
+def _fields(model: type, body: dict, what: str, **fixed: Any):
+    try:
+        return model.model_validate({**body, **fixed})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or what}: {e['msg']}" for e in exc.errors())
+        raise InvalidRequest(f"invalid {what}: {problems}") from None
+
+
+class ControlPlane:
+    def __init__(self, home: str, dashboard_url: str, base_url: str, state_url: str | None = None):
+        self.home = Path(home)
+        self.dashboard_url = dashboard_url
+        self.base_url = base_url
+        self.store = open_store(state_url or str(self.home / "state.db"))
+        self._lock = threading.RLock()
+        self._routes_version = time.time_ns()  # a restart changes it, so every gateway re-reads the routes
+        self._client = None
+        self._last_log_poll: dict[str, float] = {}
+        if self.store.get("workspace", "", DEFAULT_WORKSPACE) is None:
+            self._save(Workspace(name=DEFAULT_WORKSPACE, description="always exists"))
+        self._stop = threading.Event()
+        threading.Thread(target=self._loop, name="reconcile", daemon=True).start()
+
+    # ---------------------------------------------------------------- plumbing
+    def _jobs_client(self):
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            self._client = JobSubmissionClient(self.dashboard_url)
+        return self._client
+
+    def _save(self, entity) -> None:
+        kind = KIND_OF[type(entity)]
+        workspace = "" if kind == "workspace" else entity.workspace
+        self.store.put(kind, workspace, entity.name, entity.model_dump(mode="json"))
+
+    def _load(self, kind: str, workspace: str, name: str, model: type):
+        check_name(name, WHAT.get(kind, kind))
+        body = self.store.get(kind, workspace, name)
+        if body is None:
+            raise NotFound(f"{WHAT.get(kind, kind)} {name!r} does not exist in workspace {workspace!r}")
+        return model.model_validate(body)
+
+    def _all(self, kind: str, model: type, workspace: str | None = None) -> list:
+        return [model.model_validate(b) for b in self.store.list(kind, workspace)]
+
+    def _workspace(self, workspace: str) -> str:
+        check_name(workspace, "workspace")
+        if self.store.get("workspace", "", workspace) is None:
+            raise NotFound(f"workspace {workspace!r} does not exist; create it with POST /v2/workspaces")
+        return workspace
+
+    def _bump_routes(self) -> None:
+        self._routes_version = time.time_ns()
+
+    def ping(self) -> dict:
+        return {"ok": True, "schema_version": self.store.schema_version(), "home": str(self.home)}
+
+    # ---------------------------------------------------------------- workspaces
+    def list_workspaces(self) -> list[dict]:
+        return [w.model_dump(mode="json") for w in self._all("workspace", Workspace)]
+
+    def create_workspace(self, body: dict) -> dict:
+        name = check_name(body.get("name"), "workspace")
+        with self._lock:
+            if self.store.get("workspace", "", name) is not None:
+                raise Conflict(f"workspace {name!r} already exists")
+            ws = _fields(Workspace, body, "workspace")
+            self._save(ws)
+        return ws.model_dump(mode="json")
+
+    def get_workspace(self, name: str) -> dict:
+        self._workspace(name)
+        return self.store.get("workspace", "", name)
+
+    def delete_workspace(self, name: str) -> dict:
+        with self._lock:
+            self._workspace(name)
+            if name == DEFAULT_WORKSPACE:
+                raise Conflict("the default workspace cannot be deleted")
+            used = [k for k in ("model", "job", "deployment_config", "deployment") if self.store.list(k, name)]
+            if used:
+                raise Conflict(f"workspace {name!r} still holds {', '.join(WHAT[k] + 's' for k in used)}; delete them first")
+            self.store.delete("workspace", "", name)
+        return {"name": name, "deleted": True}
+
+    # ---------------------------------------------------------------- model entities
+    def list_models(self, workspace: str) -> list[dict]:
+        self._workspace(workspace)
+        return [m.model_dump(mode="json") for m in self._all("model", ModelEntity, workspace)]
+
+    def get_model(self, workspace: str, name: str) -> dict:
+        self._workspace(workspace)
+        return self._load("model", workspace, name, ModelEntity).model_dump(mode="json")
+
+    def create_model(self, workspace: str, body: dict) -> dict:
+        """Register a base model: `base_model` (a local HF folder, a Hub-layout nemotron folder, or
+        all-MiniLM-L6-v2) is exported and verified once, as a Ray job; `artifact` (an ONNX folder this
+        project wrote) is registered as it is."""
+        self._workspace(workspace)
+        name = check_name(body.get("name"), "model")
+        base, artifact = body.get("base_model"), body.get("artifact")
+        if (base is None) == (artifact is None):
+            raise InvalidRequest("give exactly one of base_model (exported once) or artifact (an ONNX folder)", "base_model")
+        with self._lock:
+            if self.store.get("model", workspace, name) is not None:
+                raise Conflict(f"model {name!r} already exists in workspace {workspace!r}")
+            if artifact is not None:
+                entity = self._entity_from_artifact(workspace, name, str(artifact), str(artifact), None, None,
+                                                    description=str(body.get("description", "")))
+            else:
+                out = self.home / "workspaces" / workspace / "models" / name / "onnx"
+                job_id = f"export-{workspace}-{name}-{jobs.new_job_id()[5:13]}"
+                entry = (f"{shlex.quote(sys.executable)} -m train.export --model {shlex.quote(str(base))} "
+                         f"--output {shlex.quote(str(out))}")
+                self._jobs_client().submit_job(entrypoint=entry, submission_id=job_id, **self._gpu_request(),
+                                               metadata={"rayembed": "model-export", "workspace": workspace, "model": name})
+                entity = ModelEntity(workspace=workspace, name=name, status="exporting", base_model=str(base),
+                                     artifact=Artifact(onnx_dir=str(out)), source_job=job_id,
+                                     description=str(body.get("description", "")))
+            self._save(entity)
+        return entity.model_dump(mode="json")
+
+    def _entity_from_artifact(self, workspace: str, name: str, onnx_dir: str, base_model: str, hf_dir: str | None,
+                              source_job: str | None, evaluation=None, description: str = "") -> ModelEntity:
+        missing = missing_files(onnx_dir)
+        if missing:
+            raise InvalidRequest(f"artifact {onnx_dir} lacks {', '.join(missing)}: give a folder written by "
+                                 "`python -m train.export` or a job's onnx/", "artifact")
+        try:
+            m = read_manifest(onnx_dir)
+        except ArtifactError as exc:
+            raise InvalidRequest(str(exc), "artifact") from None
+        params = None
+        if hf_dir and (Path(hf_dir) / "model.safetensors").is_file():
+            params = _count_parameters(Path(hf_dir) / "model.safetensors")
+        return ModelEntity(workspace=workspace, name=name, status="ready",
+                           base_model=m.base_model if base_model == onnx_dir else base_model,
+                           artifact=Artifact(onnx_dir=str(Path(onnx_dir).absolute()), hf_dir=hf_dir),
+                           parameter_count=params, precision="fp32 (ONNX; trained bf16-mixed on GPU)",
+                           embedding_dim=m.embedding_dim, matryoshka_dims=m.dims, max_seq_length=m.max_seq_length,
+                           prefixes=m.prefixes.model_dump(), evaluation=evaluation, source_job=source_job,
+                           description=description)
+
+    def delete_model(self, workspace: str, name: str) -> dict:
+        with self._lock:
+            self._workspace(workspace)
+            self._load("model", workspace, name, ModelEntity)
+            users = [d.name for d in self._all("deployment", ModelDeployment, workspace) if name in (d.model, d.pending_model)]
+            if users:
+                raise Conflict(f"model {name!r} is deployed by {', '.join(users)}; delete or repoint those deployments first")
+            self.store.delete("model", workspace, name)
+        return {"name": name, "deleted": True}
+
+    # ---------------------------------------------------------------- customization jobs
+    def _gpu_request(self) -> dict:
+        import ray
+
+        if ray.cluster_resources().get("GPU", 0) < 1:
+            return {}
+        request: dict = {"entrypoint_num_gpus": 1}
+        accelerator = os.environ.get("RAYEMBED_ACCELERATOR_TYPE")
+        if accelerator:
+            request["entrypoint_resources"] = {f"accelerator_type:{accelerator}": 0.001}
+        return request
+
+    def create_job(self, workspace: str, body: dict) -> dict:
+        self._workspace(workspace)
+        output_model = check_name(body.get("output_model"), "output model")
+        if ("config" in body) == ("sweep" in body):
+            raise InvalidRequest("give exactly one of config (a training job config) or sweep (a learning-rate sweep)", "config")
+        kind = "sweep" if "sweep" in body else "training"
+        spec = body[kind if kind == "sweep" else "config"]
+        if not isinstance(spec, dict):
+            raise InvalidRequest(f"{'sweep' if kind == 'sweep' else 'config'} must be a JSON object", "config")
+        with self._lock:
+            if self.store.get("model", workspace, output_model) is not None:
+                raise Conflict(f"model {output_model!r} already exists in workspace {workspace!r}: choose another output_model")
+            clash = [j.name for j in self._all("job", CustomizationJob, workspace)
+                     if j.output_model == output_model and j.status not in JOB_DONE]
+            if clash:
+                raise Conflict(f"job {clash[0]} already creates model {output_model!r}")
+            job_id = jobs.new_job_id()
+            job_dir = self.home / "workspaces" / workspace / "jobs" / job_id
+            has_gpu = bool(self._gpu_request())
+            gpu_gib = float(os.environ.get("RAYEMBED_GPU_MEMORY_GIB", DEFAULT_GPU_MEMORY_GIB)) if has_gpu else None
+            prepared = jobs.prepare(kind, spec, job_dir, gpu_gib)
+            job = CustomizationJob(workspace=workspace, name=job_id, kind=kind, spec=prepared.spec,
+                                   output_model=output_model, output_dir=str(prepared.artifact_dir),
+                                   ray_job_id=job_id, warnings=prepared.warnings, gpu_estimate=prepared.gpu_estimate,
+                                   status_history=[StatusChange(status="created")])
+            self._save(job)
+            self._jobs_client().submit_job(entrypoint=prepared.entrypoint, submission_id=job_id, **self._gpu_request(),
+                                           metadata={"rayembed": "customization-job", "workspace": workspace,
+                                                     "output_model": output_model})
+            job = self._job_status(job, "pending", "submitted to Ray as job " + job_id)
+        return job.model_dump(mode="json")
+
+    def _job_status(self, job: CustomizationJob, status: str, reason: str = "", **changes) -> CustomizationJob:
+        history = job.status_history + ([StatusChange(status=status, reason=reason)] if status != job.status else [])
+        job = job.touched(status=status, status_history=history, **changes)
+        self._save(job)
+        return job
+
+    def list_jobs(self, workspace: str) -> list[dict]:
+        self._workspace(workspace)
+        return [j.model_dump(mode="json") for j in sorted(self._all("job", CustomizationJob, workspace),
+                                                           key=lambda j: j.created_at, reverse=True)]
+
+    def get_job(self, workspace: str, job_id: str) -> dict:
+        self._workspace(workspace)
+        return self._load("job", workspace, job_id, CustomizationJob).model_dump(mode="json")
+
+    def job_status(self, workspace: str, job_id: str) -> dict:
+        job = self.get_job(workspace, job_id)
+        return {k: job[k] for k in ("name", "status", "progress", "status_history", "error", "output_model",
+                                    "started_at", "finished_at", "warnings")}
+
+    def cancel_job(self, workspace: str, job_id: str) -> dict:
+        with self._lock:
+            self._workspace(workspace)
+            job = self._load("job", workspace, job_id, CustomizationJob)
+            if job.status in JOB_DONE:
+                raise Conflict(f"job {job_id} is already {job.status}")
+            try:
+                self._jobs_client().stop_job(job.ray_job_id)
+            except RuntimeError as exc:
+                log.warning("stopping Ray job %s: %s", job.ray_job_id, exc)
+            job = self._job_status(job, "cancelled", "cancelled by request; the Ray job was stopped", finished_at=now())
+        return job.model_dump(mode="json")
+
+    def job_logs(self, workspace: str, job_id: str) -> str:
+        self._workspace(workspace)
+        job = self._load("job", workspace, job_id, CustomizationJob)
+        try:
+            return self._jobs_client().get_job_logs(job.ray_job_id)
+        except RuntimeError as exc:
+            return f"(the Ray job's logs are not available: {exc})\n" + (job.error or "")
+
+    # ---------------------------------------------------------------- deployment configs
+    def create_deployment_config(self, workspace: str, body: dict) -> dict:
+        self._workspace(workspace)
+        name = check_name(body.get("name"), "deployment config")
+        with self._lock:
+            if self.store.get("deployment_config", workspace, name) is not None:
+                raise Conflict(f"deployment config {name!r} already exists in workspace {workspace!r}")
+            cfg = _fields(ModelDeploymentConfig, body, "deployment config", workspace=workspace, version=1)
+            self._model_for(workspace, cfg.model)
+            self._save(cfg)
+            self.store.add_version("deployment_config", workspace, name, 1, cfg.model_dump(mode="json"))
+        return cfg.model_dump(mode="json")
+
+    def update_deployment_config(self, workspace: str, name: str, body: dict) -> dict:
+        with self._lock:
+            self._workspace(workspace)
+            old = self._load("deployment_config", workspace, name, ModelDeploymentConfig)
+            merged = {**old.model_dump(mode="json", exclude={"created_at", "updated_at"}), **body}
+            cfg = _fields(ModelDeploymentConfig, merged, "deployment config", workspace=workspace, name=name,
+                          version=old.version + 1, created_at=old.created_at)
+            self._model_for(workspace, cfg.model)
+            self._save(cfg)
+            self.store.add_version("deployment_config", workspace, name, cfg.version, cfg.model_dump(mode="json"))
+        return cfg.model_dump(mode="json")
+
+    def get_deployment_config(self, workspace: str, name: str) -> dict:
+        self._workspace(workspace)
+        cfg = self._load("deployment_config", workspace, name, ModelDeploymentConfig).model_dump(mode="json")
+        cfg["versions"] = self.store.versions("deployment_config", workspace, name)
+        return cfg
+
+    def list_deployment_configs(self, workspace: str) -> list[dict]:
+        self._workspace(workspace)
+        return [c.model_dump(mode="json") for c in self._all("deployment_config", ModelDeploymentConfig, workspace)]
+
+    def delete_deployment_config(self, workspace: str, name: str) -> dict:
+        with self._lock:
+            self._workspace(workspace)
+            self._load("deployment_config", workspace, name, ModelDeploymentConfig)
+            users = [d.name for d in self._all("deployment", ModelDeployment, workspace) if d.config == name]
+            if users:
+                raise Conflict(f"deployment config {name!r} is used by {', '.join(users)}")
+            self.store.delete("deployment_config", workspace, name)
+        return {"name": name, "deleted": True}
+
+    # ---------------------------------------------------------------- deployments
+    def _model_for(self, workspace: str, name: str) -> ModelEntity:
+        model = self._load("model", workspace, check_name(name, "model"), ModelEntity)
+        if model.status != "ready" or model.artifact is None:
+            raise Conflict(f"model {name!r} is {model.status}" + (f": {model.error}" if model.error else "; wait until it is ready"))
+        return model
+
+    def _gate(self, model: ModelEntity, allow_worse: bool) -> None:
+        """Promotion gate: a model its own job found worse than its base is not deployed without an override."""
+        ev = model.evaluation
+        if ev is not None and ev.verdict == "worse" and not allow_worse:
+            raise PromotionRefused(f"model {model.name!r} is worse than its base model: {ev.summary()}. "
+                                   "Deploy it anyway with allow_worse: true, or train again", "model")
+
+    def create_deployment(self, workspace: str, body: dict) -> dict:
+        self._workspace(workspace)
+        name = check_name(body.get("name"), "deployment")
+        allow_worse = bool(body.get("allow_worse", False))
+        with self._lock:
+            if self.store.get("deployment", workspace, name) is not None:
+                raise Conflict(f"deployment {name!r} already exists in workspace {workspace!r}")
+            if "config" in body:
+                cfg = self._load("deployment_config", workspace, check_name(body["config"], "deployment config"),
+                                 ModelDeploymentConfig)
+            else:  # inline settings: a config of the deployment's name is created with them
+                settings = {k: v for k, v in body.items() if k not in ("name", "allow_worse")}
+                if self.store.get("deployment_config", workspace, name) is not None:
+                    raise Conflict(f"deployment config {name!r} already exists: pass config: {name!r} to use it")
+                cfg = ModelDeploymentConfig.model_validate(
+                    self.create_deployment_config(workspace, {**settings, "name": name}))
+            model = self._model_for(workspace, cfg.model)
+            self._gate(model, allow_worse)
+            dep = ModelDeployment(workspace=workspace, name=name, config=cfg.name, config_version=cfg.version,
+                                  model=model.name, allow_worse=allow_worse,
+                                  status_history=[StatusChange(status="CREATED", reason=f"model {model.name}")])
+            self._save(dep)
+        return dep.model_dump(mode="json")
+
+    def update_deployment(self, workspace: str, name: str, body: dict) -> dict:
+        """Point a deployment at another model (or config version): a new generation starts beside the
+        old one, and the routes move only once it answers (zero-downtime swap)."""
+        with self._lock:
+            self._workspace(workspace)
+            dep = self._load("deployment", workspace, name, ModelDeployment)
+            if dep.status == "DELETING":
+                raise Conflict(f"deployment {name!r} is being deleted")
+            allow_worse = bool(body.get("allow_worse", dep.allow_worse))
+            changes = {k: v for k, v in body.items() if k not in ("allow_worse", "config")}
+            cfg_name = check_name(body.get("config", dep.config), "deployment config")
+            cfg = self._load("deployment_config", workspace, cfg_name, ModelDeploymentConfig)
+            if changes:
+                cfg = ModelDeploymentConfig.model_validate(self.update_deployment_config(workspace, cfg_name, changes))
+            model = self._model_for(workspace, cfg.model)
+            self._gate(model, allow_worse)
+            if (dep.status == "READY" and dep.pending_model is None and model.name == dep.model
+                    and (cfg.name, cfg.version) == (dep.config, dep.config_version)):
+                return dep.model_dump(mode="json")  # nothing changed: keep serving
+            dep = dep.touched(config=cfg.name, config_version=cfg.version, pending_model=model.name, allow_worse=allow_worse,
+                              status_history=dep.status_history + [StatusChange(
+                                  status=dep.status, reason=f"update to model {model.name} (config v{cfg.version})")])
+            self._save(dep)
+        return dep.model_dump(mode="json")
+
+    def get_deployment(self, workspace: str, name: str) -> dict:
+        self._workspace(workspace)
+        return self._load("deployment", workspace, name, ModelDeployment).model_dump(mode="json")
+
+    def list_deployments(self, workspace: str) -> list[dict]:
+        self._workspace(workspace)
+        return [d.model_dump(mode="json") for d in self._all("deployment", ModelDeployment, workspace)]
+
+    def delete_deployment(self, workspace: str, name: str) -> dict:
+        with self._lock:
+            self._workspace(workspace)
+            dep = self._load("deployment", workspace, name, ModelDeployment)
+            dep = self._deployment_status(dep, "DELETING", "deleted by request")
+            if self.store.delete("provider", workspace, name):
+                self._bump_routes()
+        return dep.model_dump(mode="json")
+
+    def _deployment_status(self, dep: ModelDeployment, status: str, reason: str, **changes) -> ModelDeployment:
+        history = dep.status_history + [StatusChange(status=status, reason=reason)]
+        dep = dep.touched(status=status, status_history=history[-50:], **changes)
+        self._save(dep)
+        return dep
+
+    # ---------------------------------------------------------------- providers and routes
+    def list_providers(self, workspace: str) -> list[dict]:
+        self._workspace(workspace)
+        return [p.model_dump(mode="json") for p in self._all("provider", ModelProvider, workspace)]
+
+    def get_provider(self, workspace: str, name: str) -> dict:
+        self._workspace(workspace)
+        return self._load("provider", workspace, name, ModelProvider).model_dump(mode="json")
+
+    def routes(self, known_version: int | None = None) -> dict | None:
+        """The gateway's routing table (None when `known_version` is current): READY providers by model entity."""
+        version = self._routes_version
+        if known_version == version:
+            return None
+        by_model: dict[tuple[str, str], list[dict]] = {}
+        for p in self._all("provider", ModelProvider):
+            by_model.setdefault((p.workspace, p.model), []).append({"name": p.name, "app": p.app})
+        models = [{"workspace": w, "name": m, "providers": ps} for (w, m), ps in sorted(by_model.items())]
+        workspaces = [w.name for w in self._all("workspace", Workspace)]
+        return {"version": version, "workspaces": workspaces, "config": {"models": models}}
+
+    # ---------------------------------------------------------------- reconciliation
+    def _loop(self) -> None:
+        while not self._stop.wait(TICK_S):
+            try:
+                self.reconcile()
+            except Exception:  # noqa: BLE001 - keep reconciling; the next tick retries
+                log.exception("reconcile failed")
+
+    def reconcile(self) -> None:
+        for job in self._all("job", CustomizationJob):
+            if job.status not in JOB_DONE:
+                self._reconcile_job(job)
+        for model in self._all("model", ModelEntity):
+            if model.status == "exporting":
+                self._reconcile_export(model)
+        apps = deployments.statuses()
+        for dep in self._all("deployment", ModelDeployment):
+            self._reconcile_deployment(dep, apps)
+
+    def _fresh(self, entity: Entity, model: type):
+        """The stored entity if nobody changed it since `entity` was read, else None (skip this tick)."""
+        body = self.store.get(KIND_OF[model], entity.workspace, entity.name)
+        if body is None or body["updated_at"] != entity.updated_at:
+            return None
+        return model.model_validate(body)
+
+    def _ray_job(self, job_id: str):
+        try:
+            return self._jobs_client().get_job_info(job_id)
+        except RuntimeError:  # the cluster does not know it (restarted since)
+            return None
+
+    def _reconcile_job(self, job: CustomizationJob) -> None:
+        info = self._ray_job(job.ray_job_id)
+        status = getattr(info.status, "value", str(info.status)) if info else None
+        log_text = None
+        if status in ("RUNNING", "FAILED", "SUCCEEDED") and (status != "RUNNING" or time.time() - self._last_log_poll.get(job.name, 0) > 2):
+            self._last_log_poll[job.name] = time.time()
+            try:
+                log_text = self._jobs_client().get_job_logs(job.ray_job_id)
+            except RuntimeError:
+                log_text = ""
+        with self._lock:
+            job = self._fresh(job, CustomizationJob)
+            if job is None or job.status in JOB_DONE:
+                return
+            progress = jobs.progress_from_log(log_text) if log_text else None
+            update = {"progress": progress} if progress else {}
+            if info is None:
+                self._job_status(job, "failed", "the Ray job is gone: the cluster restarted while it ran", finished_at=now(),
+                                 error=f"the Ray job {job.ray_job_id} no longer exists (the Ray cluster was restarted while "
+                                       f"it was {job.status}); its files are in {Path(job.output_dir).parent}; "
+                                       "create the job again")
+            elif status == "PENDING" and job.status != "pending":
+                self._job_status(job, "pending", info.message or "waiting for resources")
+            elif status == "RUNNING":
+                if job.status != "running":
+                    self._job_status(job, "running", "the Ray job started", started_at=now(), **update)
+                elif update:
+                    self._save(job.touched(**update))
+            elif status == "SUCCEEDED":
+                self._complete_job(job, update)
+            elif status == "FAILED":
+                self._job_status(job, "failed", info.message or "the Ray job failed", finished_at=now(),
+                                 error=jobs.last_lines(log_text or info.message or ""), **update)
+            elif status == "STOPPED":
+                self._job_status(job, "cancelled", "the Ray job was stopped", finished_at=now(), **update)
+
+    def _complete_job(self, job: CustomizationJob, update: dict) -> None:
+        artifact_dir = Path(job.output_dir)
+        try:
+            result, evaluation = jobs.read_results(job.kind, artifact_dir, artifact_dir.parent.parent)
+            base = job.spec["job"]["model"] if job.kind == "sweep" else job.spec["model"]
+            model = self._entity_from_artifact(job.workspace, job.output_model, str(artifact_dir / "onnx"), base,
+                                               str(artifact_dir / "model"), job.name, evaluation)
+        except (OSError, ValueError, KeyError) as exc:
+            self._job_status(job, "failed", "the job finished without a usable artifact", finished_at=now(),
+                             error=f"the Ray job succeeded but its output in {artifact_dir} is not usable: {exc}", **update)
+            return
+        if self.store.get("model", job.workspace, job.output_model) is not None:
+            self._job_status(job, "failed", "output model name taken", finished_at=now(),
+                             error=f"model {job.output_model!r} was created meanwhile; the artifact stays in {artifact_dir}")
+            return
+        self._save(model)
+        progress = update.get("progress") or job.progress
+        progress = progress.model_copy(update={"step": progress.total_steps or progress.step, "percent": 100.0, "eta_seconds": 0})
+        self._job_status(job, "completed", f"model {model.name} created: {evaluation.summary()}", finished_at=now(),
+                         result=result, progress=progress)
+
+    def _reconcile_export(self, model: ModelEntity) -> None:
+        info = self._ray_job(model.source_job)
+        status = getattr(info.status, "value", str(info.status)) if info else "GONE"
+        if status in ("PENDING", "RUNNING"):
+            return
+        log_text = ""
+        if status == "FAILED":
+            try:
+                log_text = self._jobs_client().get_job_logs(model.source_job)
+            except RuntimeError:
+                pass
+        with self._lock:
+            model = self._fresh(model, ModelEntity)
+            if model is None:
+                return
+            if status == "SUCCEEDED":
+                try:
+                    ready = self._entity_from_artifact(model.workspace, model.name, model.artifact.onnx_dir, model.base_model,
+                                                       None, model.source_job, description=model.description)
+                    self._save(ready.model_copy(update={"created_at": model.created_at}))
+                except InvalidRequest as exc:
+                    self._save(model.touched(status="failed", error=exc.message))
+            else:
+                why = {"GONE": "the export's Ray job is gone (cluster restarted); register the model again",
+                       "STOPPED": "the export was stopped"}.get(status, jobs.last_lines(log_text or (info.message if info else "")))
+                self._save(model.touched(status="failed", error=why))
+
+    def _reconcile_deployment(self, dep: ModelDeployment, apps: dict[str, tuple[str, str]]) -> None:
+        if dep.status == "DELETING":
+            self._reconcile_delete(dep, apps)
+            return
+        due = [a for a, at in dep.retiring.items() if at <= time.time()]
+        for app in due:
+            deployments.delete(app)
+        if due:
+            with self._lock:
+                fresh = self._fresh(dep, ModelDeployment)
+                if fresh is not None:
+                    dep = fresh.touched(retiring={a: t for a, t in fresh.retiring.items() if a not in due})
+                    self._save(dep)
+        if dep.status == "FAILED" and dep.pending_model is None:
+            return
+        # a generation to start: the first, a model swap, or a READY app that vanished (cluster restarted)
+        lost = dep.status == "READY" and dep.app not in apps and dep.pending_app is None
+        wants = dep.pending_app is None and (dep.status == "CREATED" or dep.pending_model is not None or lost)
+        if wants:
+            self._start_generation(dep, lost)
+            return
+        if dep.pending_app is not None:
+            self._watch_generation(dep, apps)
+
+    def _start_generation(self, dep: ModelDeployment, lost: bool) -> None:
+        with self._lock:
+            dep = self._fresh(dep, ModelDeployment)
+            if dep is None:
+                return
+            target = dep.pending_model or dep.model
+            try:
+                model = self._model_for(dep.workspace, target)
+                cfg = self._load("deployment_config", dep.workspace, dep.config, ModelDeploymentConfig)
+                generation = dep.generation + 1
+                settings = deployments.provider_settings(dep, cfg, model, generation)
+                deployments.start(settings)
+            except Exception as exc:  # noqa: BLE001 - recorded on the deployment
+                self._deployment_status(dep, "FAILED" if dep.status != "READY" else "READY",
+                                        f"could not start model {target}: {exc}"[:1000], pending_model=None, error=str(exc)[:1000])
+                return
+            status = "READY" if dep.status == "READY" and not lost else "PENDING"
+            reason = (f"application {dep.app} is gone (the cluster restarted); redeploying" if lost else
+                      f"starting generation {generation} with model {target}")
+            if lost and self.store.delete("provider", dep.workspace, dep.name):
+                self._bump_routes()
+            self._deployment_status(dep, status, reason, generation=generation, pending_app=settings.name,
+                                    pending_model=target, pending_since=now(), error=None)
+
+    def _watch_generation(self, dep: ModelDeployment, apps: dict[str, tuple[str, str]]) -> None:
+        status, message = apps.get(dep.pending_app, ("NOT_STARTED", ""))
+        failure = None
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            failure = f"Serve reports {status}: {message}"[:2000]
+        elif status != "RUNNING":
+            if time.time() - (dep.pending_since or dep.updated_at) > PENDING_TIMEOUT_S:
+                failure = f"not running after {PENDING_TIMEOUT_S:.0f} s (Serve: {status} {message})"[:2000]
+            else:
+                return
+        model = self.store.get("model", dep.workspace, dep.pending_model)
+        if failure is None:
+            failure = deployments.probe(dep.pending_app, (model or {}).get("embedding_dim"))
+            if failure is not None and time.time() - (dep.pending_since or dep.updated_at) < PENDING_TIMEOUT_S:
+                return  # replicas may still be warming up; probe again next tick
+        with self._lock:
+            dep = self._fresh(dep, ModelDeployment)
+            if dep is None:
+                return
+            if failure is not None:
+                deployments.delete(dep.pending_app)
+                swapping = dep.status == "READY"
+                reason = (f"swap to model {dep.pending_model} failed, still serving {dep.model}: " if swapping else "") + failure
+                self._deployment_status(dep, "READY" if swapping else "FAILED", reason, pending_app=None,
+                                        pending_model=None, error=failure)
+                return
+            old = dep.app
+            retiring = dict(dep.retiring)
+            if old and old != dep.pending_app:
+                retiring[old] = time.time() + RETIRE_AFTER_S
+            dep = self._deployment_status(dep, "READY", f"model {dep.pending_model} answered a probe embedding",
+                                          app=dep.pending_app, model=dep.pending_model, pending_app=None,
+                                          pending_model=None, retiring=retiring, error=None)
+            base = f"{self.base_url}/v2/workspaces/{dep.workspace}/inference/gateway"
+            self._save(ModelProvider(workspace=dep.workspace, name=dep.name, deployment=dep.name, model=dep.model,
+                                     app=dep.app, embedding_dim=(model or {}).get("embedding_dim"),
+                                     routes={"model": f"{base}/model/{dep.model}/-/v1/embeddings",
+                                             "provider": f"{base}/provider/{dep.name}/-/v1/embeddings",
+                                             "openai": f"{self.base_url}/v1/embeddings"}))
+            self._bump_routes()
+
+    def _reconcile_delete(self, dep: ModelDeployment, apps: dict[str, tuple[str, str]]) -> None:
+        mine = [a for a in (dep.app, dep.pending_app, *dep.retiring) if a]
+        alive = [a for a in mine if a in apps]
+        for app in alive:
+            if apps[app][0] != "DELETING":
+                deployments.delete(app)
+        if alive:
+            return
+        with self._lock:
+            if self._fresh(dep, ModelDeployment) is None:
+                return
+            self.store.delete("deployment", dep.workspace, dep.name)
+            if self.store.delete("provider", dep.workspace, dep.name):
+                self._bump_routes()
+
+
+def _count_parameters(path: Path) -> int | None:
+    """Parameters in a safetensors file, read from its header alone (no torch)."""
+    import json
+    import struct
+
+    try:
+        with path.open("rb") as fh:
+            size = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(size))
+    except (OSError, ValueError):
+        return None
+    total = 0
+    for key, meta in header.items():
+        if key != "__metadata__":
+            n = 1
+            for d in meta["shape"]:
+                n *= d
+            total += n
+    return total

@@ -1,0 +1,181 @@
+"""The control plane's entities (pydantic): workspaces, model entities, customization jobs,
+deployment configs, deployments and providers. Stored as JSON documents by `cluster.store`."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{1,62}$"
+NAME = re.compile(NAME_PATTERN)
+DEFAULT_WORKSPACE = "default"
+
+JobStatus = Literal["created", "pending", "running", "completed", "failed", "cancelled"]
+JOB_DONE = ("completed", "failed", "cancelled")
+DeploymentStatus = Literal["CREATED", "PENDING", "READY", "FAILED", "DELETING"]
+
+
+def now() -> float:
+    return round(time.time(), 3)
+
+
+class Entity(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workspace: str = DEFAULT_WORKSPACE
+    name: str
+    created_at: float = Field(default_factory=now)
+    updated_at: float = Field(default_factory=now)
+
+    def touched(self, **changes: Any) -> "Entity":
+        return self.model_copy(update={**changes, "updated_at": now()})
+
+
+class Workspace(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    created_at: float = Field(default_factory=now)
+    updated_at: float = Field(default_factory=now)
+
+
+class Evaluation(BaseModel):
+    """Base vs tuned on the job's evaluation set, as the job's eval.json reports it."""
+
+    dataset: str
+    queries: int
+    documents: int
+    base: dict[str, float]
+    tuned: dict[str, float]
+    verdict: Literal["improved", "unchanged", "worse"]
+    delta_ndcg_at_10: float
+    warning: str | None = None
+
+    @classmethod
+    def from_report(cls, report: dict) -> "Evaluation":
+        v = report["verdict"]
+        return cls(dataset=str(report["dataset"]), queries=report["queries"], documents=report["documents"],
+                   base=report["base"], tuned=report["tuned"], verdict=v["outcome"],
+                   delta_ndcg_at_10=v["delta_ndcg@10"], warning=v.get("warning"))
+
+    def summary(self) -> str:
+        return (f"nDCG@10 base {self.base['ndcg@10']:.4f} -> tuned {self.tuned['ndcg@10']:.4f} "
+                f"({self.delta_ndcg_at_10:+.4f}) on {self.dataset}: {self.verdict}")
+
+
+class Artifact(BaseModel):
+    onnx_dir: str = Field(description="the ONNX artifact folder (model.onnx, tokenizer, manifest.json)")
+    hf_dir: str | None = Field(None, description="the merged Hugging Face folder (None for a base model)")
+
+
+class ModelEntity(Entity):
+    status: Literal["exporting", "ready", "failed"] = "ready"
+    error: str | None = None
+    base_model: str
+    artifact: Artifact | None = None
+    parameter_count: int | None = None
+    precision: str = "fp32"
+    embedding_dim: int | None = None
+    matryoshka_dims: list[int] = Field(default_factory=list)
+    max_seq_length: int | None = None
+    prefixes: dict[str, str] = Field(default_factory=dict)
+    evaluation: Evaluation | None = None
+    source_job: str | None = None
+    description: str = ""
+
+
+class JobProgress(BaseModel):
+    step: int = 0
+    total_steps: int | None = None
+    loss: float | None = None
+    examples_per_s: float | None = None
+    eta_seconds: float | None = None
+    percent: float = 0.0
+
+
+class StatusChange(BaseModel):
+    status: str
+    reason: str = ""
+    at: float = Field(default_factory=now)
+
+
+class CustomizationJob(Entity):
+    """`name` is the job id; the Ray job carries the same id as its submission id."""
+
+    kind: Literal["training", "sweep"] = "training"
+    spec: dict[str, Any] = Field(description="the training job config (or, for a sweep, the sweep config), unchanged")
+    output_model: str = Field(description="model entity the job creates on success")
+    status: JobStatus = "created"
+    status_history: list[StatusChange] = Field(default_factory=list)
+    progress: JobProgress = JobProgress()
+    ray_job_id: str | None = None
+    output_dir: str
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    gpu_estimate: dict[str, Any] | None = None
+    warnings: list[str] = Field(default_factory=list)
+
+
+class Batching(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_batch_tokens: int = Field(8192, ge=1)
+    max_batch_items: int = Field(512, ge=1)
+    max_batch_texts: int = Field(32, ge=1)
+
+
+class Autoscaling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(32, gt=0)
+
+
+class ModelDeploymentConfig(Entity):
+    """Versioned: every change stores a new version; deployments record the version they run."""
+
+    version: int = 1
+    model: str = Field(description="model entity name in the same workspace")
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: Autoscaling | None = None
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    batching: Batching = Batching()
+    default_input_type: Literal["query", "passage"] | None = None
+
+
+class ModelDeployment(Entity):
+    config: str = Field(description="the ModelDeploymentConfig it runs")
+    config_version: int = 1
+    model: str
+    status: DeploymentStatus = "CREATED"
+    status_history: list[StatusChange] = Field(default_factory=list)
+    generation: int = 0
+    app: str | None = Field(None, description="the Serve application serving it now")
+    pending_app: str | None = Field(None, description="a new generation being started (a model swap)")
+    pending_model: str | None = Field(None, description="the model the pending generation serves")
+    pending_since: float | None = None
+    retiring: dict[str, float] = Field(default_factory=dict, description="old generations -> when they are deleted")
+    allow_worse: bool = False
+    error: str | None = None
+
+
+class ModelProvider(Entity):
+    """Exists exactly while its deployment is READY; the gateway routes to it."""
+
+    deployment: str
+    model: str
+    app: str
+    embedding_dim: int | None = None
+    routes: dict[str, str] = Field(default_factory=dict)
+
+
+KINDS: dict[str, type[BaseModel]] = {
+    "workspace": Workspace, "model": ModelEntity, "job": CustomizationJob,
+    "deployment_config": ModelDeploymentConfig, "deployment": ModelDeployment, "provider": ModelProvider,
+}

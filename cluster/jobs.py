@@ -1,0 +1,119 @@
+"""Customization jobs as Ray jobs: the spec -> a config file and an entrypoint (`python -m train` or
+`python -m tune`), GPU requests and memory warnings, and the job's results read back on success."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from cluster.entities import Evaluation, JobProgress
+from rayembed.config import ConfigError
+from rayembed.progress import last_progress
+from serve.errors import InvalidRequest
+
+GIB = 1024**3
+
+
+def new_job_id() -> str:
+    return f"cust-{uuid.uuid4().hex[:12]}"
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    kind: str  # training | sweep
+    spec: dict  # validated, resolved (output dir filled in)
+    config_path: Path
+    entrypoint: str
+    artifact_dir: Path  # where the winning/trained job writes onnx/, model/, eval.json
+    warnings: list[str]
+    gpu_estimate: dict | None
+
+
+def _invalid(exc: ConfigError, what: str) -> InvalidRequest:
+    return InvalidRequest(f"invalid {what}: " + "; ".join(exc.problems), what)
+
+
+def prepare(kind: str, spec: dict, job_dir: Path, gpu_memory_gib: float | None) -> PreparedJob:
+    """Validate the spec as the job itself will, fill in the output folder, write the config file."""
+    from train.config import validate_config
+
+    spec = json.loads(json.dumps(spec))  # a private copy
+    out = job_dir / "output"
+    if kind == "training":
+        spec.setdefault("output", {})
+        if not isinstance(spec["output"], dict):
+            raise InvalidRequest("config.output must be a mapping", "config")
+        spec["output"]["dir"] = str(out)
+        spec["output"].pop("storage_path", None)
+        try:
+            cfg = validate_config(spec)
+        except ConfigError as exc:
+            raise _invalid(exc, "config") from None
+        cfg = cfg.with_absolute_paths()
+        job_cfg, artifact_dir, module = cfg, out, "train"
+        resolved = cfg.model_dump(mode="json")
+    else:
+        from tune.config import SweepConfig
+        from rayembed.config import validate
+
+        spec["output"] = {"dir": str(out)}
+        spec["promote_winner"] = True  # the winner becomes the output model entity
+        if isinstance(spec.get("job"), dict):
+            spec["job"].setdefault("output", {"dir": str(out / "job")})
+        try:
+            sweep = validate(SweepConfig, spec)
+        except ConfigError as exc:
+            raise _invalid(exc, "sweep") from None
+        job_cfg, artifact_dir, module = sweep.job.with_absolute_paths(), out / "winner", "tune"
+        resolved = sweep.model_copy(update={"job": job_cfg}).model_dump(mode="json")
+    warnings, estimate = check_gpu_memory(job_cfg, gpu_memory_gib)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    config_path = job_dir / ("job.yaml" if kind == "training" else "sweep.yaml")
+    config_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    entrypoint = f"{shlex.quote(sys.executable)} -m {module} --config {shlex.quote(str(config_path))}"
+    return PreparedJob(kind, resolved, config_path, entrypoint, artifact_dir, warnings, estimate)
+
+
+def check_gpu_memory(cfg, gpu_memory_gib: float | None) -> tuple[list[str], dict | None]:
+    """Estimate the job's GPU memory; warn when the cluster's GPUs are smaller (None: no GPU, no check)."""
+    if gpu_memory_gib is None:
+        return [], None
+    from train.memory import estimate_gpu_memory
+
+    estimate = estimate_gpu_memory(cfg)
+    if estimate and estimate["total_gib"] > gpu_memory_gib:
+        return [f"the job needs about {estimate['total_gib']} GiB of GPU memory "
+                f"({cfg.training.finetuning_type}, micro batch {cfg.batch.micro}, sequence {cfg.training.max_seq_length}) "
+                f"but the GPU has {gpu_memory_gib:.0f} GiB: lower batch.micro_batch_size, turn on "
+                "training.gradient_checkpointing, or use finetuning_type: lora_merged"], estimate
+    return [], estimate
+
+
+def progress_from_log(log: str) -> JobProgress | None:
+    p = last_progress(log)
+    if p is None:
+        return None
+    total = p.get("total_steps") or None
+    return JobProgress(step=p["step"], total_steps=total, loss=p.get("loss"), examples_per_s=p.get("examples_per_s"),
+                       eta_seconds=p.get("eta_seconds"), percent=round(100.0 * p["step"] / total, 1) if total else 0.0)
+
+
+def last_lines(log: str, n: int = 30) -> str:
+    return "\n".join(log.rstrip().splitlines()[-n:])
+
+
+def read_results(kind: str, artifact_dir: Path, job_dir: Path) -> tuple[dict, Evaluation | None]:
+    """-> (the job's result for the API, the evaluation of the output model)."""
+    report = json.loads((artifact_dir / "eval.json").read_text())
+    result: dict = {"eval": report, "artifact_dir": str(artifact_dir)}
+    if kind == "sweep":
+        trials = job_dir / "output" / "results.json"
+        if trials.is_file():
+            result["trials"] = json.loads(trials.read_text())
+    return result, Evaluation.from_report(report)

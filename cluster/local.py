@@ -1,0 +1,210 @@
+"""`rayembed up` / `down`: start (or join) a Ray cluster, the ControlPlane actor and the API ingress;
+stop only what `up` started. A local head binds to 127.0.0.1 and is recorded in <home>/cluster.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from cluster.settings import API_APP, CONTROL_PLANE, NAMESPACE, Settings
+
+RECORD = "cluster.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reachable(address: str, timeout: float = 1.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def read_record(s: Settings) -> dict | None:
+    path = s.home / RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _temp_dir(s: Settings) -> Path:
+    # short: Ray's socket paths have a length limit; unique per RAYEMBED_HOME
+    return Path("/tmp") / f"rayembed-{hashlib.sha1(str(s.home).encode()).hexdigest()[:10]}"
+
+
+def _gcs_address(temp_dir: Path, port: int) -> str:
+    """The address `ray start` wrote for this head (its node IP), else the loopback."""
+    written = temp_dir / "ray_current_cluster"
+    if written.is_file() and written.read_text().strip():
+        return written.read_text().split()[0]
+    return f"127.0.0.1:{port}"
+
+
+def start_head(s: Settings, num_cpus: int | None, num_gpus: int | None) -> dict:
+    """`ray start --head` on 127.0.0.1 with every port chosen free, recorded in <home>/cluster.json."""
+    temp_dir, gcs, dash = _temp_dir(s), free_port(), free_port()
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head",
+           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+           "--temp-dir", str(temp_dir), "--disable-usage-stats",
+           "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+           "--metrics-export-port", str(free_port()), "--ray-client-server-port", str(free_port()),
+           "--runtime-env-agent-port", str(free_port())]
+    if num_cpus is not None:
+        cmd += ["--num-cpus", str(num_cpus)]
+    if num_gpus is not None:
+        cmd += ["--num-gpus", str(num_gpus)]
+    auth = os.environ.get("RAY_AUTH_MODE", "token")  # Ray 2.60's default for `ray start` clusters
+    if auth == "token":  # the token lives in ~/.ray/auth_token; every client on this machine reads it
+        subprocess.run([cmd[0], "get-auth-token", "--generate"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`ray start --head` failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    record = {"gcs_address": _gcs_address(temp_dir, gcs), "dashboard_url": f"http://127.0.0.1:{dash}",
+              "temp_dir": str(temp_dir), "started_by_up": True, "started_at": time.time(), "auth_mode": auth}
+    s.home.mkdir(parents=True, exist_ok=True)
+    (s.home / RECORD).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def auth_env(s: Settings) -> None:
+    """RAY_AUTH_MODE for this process, from the head's record; Ray reads it once, so before `import ray`."""
+    if "ray" in sys.modules and "RAY_AUTH_MODE" not in os.environ:
+        raise RuntimeError("internal: Ray was imported before its auth mode was set")
+    if not os.environ.get("RAY_ADDRESS"):
+        record = read_record(s)
+        os.environ.setdefault("RAY_AUTH_MODE", (record or {}).get("auth_mode") or "token")
+
+
+def connect(s: Settings, start: bool = False, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
+    """ray.init against RAY_ADDRESS, else the head `up` recorded (started when `start` and none answers)."""
+    auth_env(s)
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        record = {"gcs_address": address, "dashboard_url": os.environ.get("RAY_DASHBOARD_URL") or _dashboard_of(address),
+                  "started_by_up": False}
+    else:
+        record = read_record(s)
+        if record is None or not _reachable(record["gcs_address"]):
+            if not start:
+                raise RuntimeError(f"no rayembed cluster is running for RAYEMBED_HOME={s.home}: run `rayembed up`")
+            record = start_head(s, num_cpus, num_gpus)
+    if not ray.is_initialized():
+        ray.init(address=record["gcs_address"], namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+    return record
+
+
+def _dashboard_of(address: str) -> str:
+    if address.startswith("http"):
+        return address
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+    return "http://" + ray.worker.get_dashboard_url()
+
+
+def wait_http(url: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def up(s: Settings, num_cpus: int | None = None, num_gpus: int | None = None, log=print) -> dict:
+    """Idempotent: a running cluster, control plane and API are reused."""
+    auth_env(s)
+    import ray
+    from ray import serve
+
+    from cluster.api import build_api_app
+    from cluster.controlplane import ControlPlane
+
+    record = connect(s, start=True, num_cpus=num_cpus, num_gpus=num_gpus)
+    log(f"ray: {record['gcs_address']} (dashboard {record['dashboard_url']})")
+    serve.start(http_options={"host": s.host, "port": s.port}, logging_config={"enable_access_log": False})
+    actor = ray.remote(ControlPlane).options(
+        name=CONTROL_PLANE, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
+        max_concurrency=32, num_cpus=0).remote(str(s.home), record["dashboard_url"], s.base_url, s.state_url)
+    info = ray.get(actor.ping.remote(), timeout=120)
+    log(f"control plane: state in {info['home']} (schema v{info['schema_version']})")
+    serve.run(build_api_app(), name=API_APP, route_prefix="/")  # unchanged code: Serve keeps the running replica
+    wait_http(s.base_url + "/v1/health/live")
+    log(f"api: {s.base_url} (OpenAPI docs {s.base_url}/docs)")
+    return record
+
+
+def down(s: Settings, log=print) -> None:
+    """Remove the API, the deployments' applications and the control plane (state stays on disk);
+    stop the head only if `up` started it, by killing its own processes (never `ray stop`)."""
+    auth_env(s)
+    import ray
+    from ray import serve
+
+    record = read_record(s)
+    joined = bool(os.environ.get("RAY_ADDRESS"))
+    if not joined and (record is None or not _reachable(record["gcs_address"])):
+        log("nothing is running")
+        _forget(s, record)
+        return
+    connect(s)
+    for name in list(serve.status().applications):
+        if name == API_APP or name.startswith("rayembed."):
+            serve.delete(name)
+    try:
+        ray.kill(ray.get_actor(CONTROL_PLANE, namespace=NAMESPACE), no_restart=True)
+    except ValueError:
+        pass
+    ray.shutdown()
+    if not joined and record and record.get("started_by_up"):
+        kill_processes(Path(record["temp_dir"]))
+        log(f"stopped the local Ray head {record['gcs_address']}")
+    _forget(s, record if not joined else None)
+    log(f"down; state kept in {s.home}")
+
+
+def _forget(s: Settings, record: dict | None) -> None:
+    (s.home / RECORD).unlink(missing_ok=True)
+    if record:
+        port = record["gcs_address"].rpartition(":")[2]
+        for f in (Path(record.get("temp_dir", "/nonexistent")) / "ray_current_cluster", Path("/tmp/ray/ray_current_cluster")):
+            if f.is_file() and f":{port}" in f.read_text():
+                f.unlink()
+
+
+def kill_processes(temp_dir: Path) -> None:
+    """SIGKILL the processes of one local head: those naming its temp dir, and the workers of its raylet."""
+    def read(proc: Path, name: str) -> str:
+        try:
+            return (proc / name).read_bytes().replace(b"\0", b"\n").decode(errors="replace")
+        except OSError:
+            return ""
+
+    procs = [p for p in Path("/proc").iterdir() if p.name.isdigit() and int(p.name) != os.getpid()]
+    ours = {p.name for p in procs if str(temp_dir) in read(p, "cmdline")}
+    ours |= {p.name for p in procs if any(f"RAY_RAYLET_PID={pid}\n" in read(p, "environ") for pid in ours)}
+    for pid in ours:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
