@@ -9,6 +9,7 @@ deletions. Killed, Ray restarts it; it reloads the store and picks every lifecyc
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -21,7 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cluster import deployments, jobs
-from cluster.entities import (DEFAULT_WORKSPACE, JOB_DONE, NAME, Artifact, CustomizationJob, Entity, ModelDeployment,
+from cluster.entities import (DEFAULT_WORKSPACE, JOB_DONE, NAME, Artifact, CustomizationJob, Entity, Evaluation, ModelDeployment,
                               ModelDeploymentConfig, ModelEntity, ModelProvider, StatusChange, Workspace, now)
 from cluster.store import open_store
 from rayembed.artifact import ArtifactError, missing_files, read_manifest
@@ -179,6 +180,11 @@ class ControlPlane:
             m = read_manifest(onnx_dir)
         except ArtifactError as exc:
             raise InvalidRequest(str(exc), "artifact") from None
+        if evaluation is None and (Path(onnx_dir) / "eval.json").is_file():  # a job's onnx/ carries its evaluation
+            try:
+                evaluation = Evaluation.from_report(json.loads((Path(onnx_dir) / "eval.json").read_text()))
+            except (ValueError, KeyError) as exc:
+                raise InvalidRequest(f"{onnx_dir}/eval.json is not a job's evaluation report: {exc}", "artifact") from None
         params = None
         if hf_dir and (Path(hf_dir) / "model.safetensors").is_file():
             params = _count_parameters(Path(hf_dir) / "model.safetensors")
@@ -447,7 +453,7 @@ class ControlPlane:
 
     def reconcile(self) -> None:
         for job in self._all("job", CustomizationJob):
-            if job.status not in JOB_DONE:
+            if job.status not in JOB_DONE and job.status != "created":  # created: being submitted right now
                 self._reconcile_job(job)
         for model in self._all("model", ModelEntity):
             if model.status == "exporting":
@@ -660,7 +666,6 @@ class ControlPlane:
 
 def _count_parameters(path: Path) -> int | None:
     """Parameters in a safetensors file, read from its header alone (no torch)."""
-    import json
     import struct
 
     try:

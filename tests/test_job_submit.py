@@ -6,8 +6,6 @@ The cluster is torn down by killing its own processes (never `ray stop`, which k
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,31 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster.local import free_port, kill_processes
 from tests.conftest import ROOT
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def kill_cluster(temp_dir: Path, gcs_port: int) -> None:
-    """SIGKILL this cluster's processes: those naming its temp dir, and workers of its raylet(s)."""
-    def read(proc: Path, name: str) -> str:
-        try:
-            return (proc / name).read_bytes().replace(b"\0", b"\n").decode(errors="replace")
-        except OSError:
-            return ""
-
-    procs = [p for p in Path("/proc").iterdir() if p.name.isdigit() and int(p.name) != os.getpid()]
-    ours = {p.name for p in procs if str(temp_dir) in read(p, "cmdline")}
-    ours |= {p.name for p in procs if any(f"RAY_RAYLET_PID={pid}\n" in read(p, "environ") for pid in ours)}
-    for pid in ours:
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """SIGKILL this cluster's own processes (cluster.local.kill_processes); forget its address file."""
+    kill_processes(temp_dir)
     # a killed head leaves its address behind; a later ray.init() would try to join it and hang
     for address_file in (temp_dir / "ray_current_cluster", Path("/tmp/ray/ray_current_cluster")):
         if address_file.is_file() and f":{gcs_port}" in address_file.read_text():

@@ -1,0 +1,255 @@
+"""The control plane end to end on a real local Ray head started by `rayembed up` (token auth, a real
+SQLite file, real Ray jobs, real Serve applications, real HTTP): the README's story with a tiny model,
+names, isolation, the promotion gate, a model swap under load, the actor killed mid-job, and the
+whole cluster stopped and started again."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster.client import ApiError, Client
+from cluster.local import free_port
+from tests.conftest import ROOT, SAMPLE
+
+pytestmark = pytest.mark.timeout(1500)
+
+
+class Platform:
+    def __init__(self, home: Path, port: int):
+        self.home, self.port = home, port
+        self.env = {**os.environ, "RAYEMBED_HOME": str(home), "RAYEMBED_PORT": str(port), "RAY_AUTH_MODE": "token"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    def cli(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run([str(Path(sys.executable).parent / "rayembed"), *args], env=self.env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert proc.returncode == 0, f"rayembed {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc
+
+    def ray(self, code: str) -> str:
+        """Run Python connected to this cluster (as an operator would), return its stdout."""
+        script = ("from cluster.local import connect\nfrom cluster.settings import settings\nimport os\n"
+                  "connect(settings())\nimport ray\n" + code)
+        proc = subprocess.run([sys.executable, "-c", script], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    def client(self, workspace: str = "default") -> Client:
+        return Client(base_url=self.base_url, workspace=workspace)
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    p = Platform(tmp_path_factory.mktemp("rayembed-home"), free_port())
+    try:
+        p.cli("up", "--num-cpus", "4")
+        yield p
+    finally:
+        p.cli("down", check=False)
+
+
+def tiny_job(model: str, train_file: Path, steps: int, **sections) -> dict:
+    cfg = {"model": model, "name": "tiny", "dataset": {"training": str(train_file), "evaluation": str(SAMPLE / "eval")},
+           "training": {"finetuning_type": "lora_merged", "max_seq_length": 32, "lora": {"rank": 4, "alpha": 8}},
+           "schedule": {"max_steps": steps}, "batch": {"global_batch_size": 8},
+           "optimizer": {"learning_rate": 1e-3}, "output": {"log_every_steps": 1, "checkpoint_every_steps": 5}}
+    cfg.update(sections)
+    return cfg
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_quickstart_story_on_a_tiny_model(platform, tiny_bert):
+    """The README's story (examples/quickstart.py) end to end: register, customize, follow, evaluate, deploy, embed."""
+    proc = subprocess.run([sys.executable, "examples/quickstart.py", "--base-url", platform.base_url, "--base-model",
+                           str(tiny_bert), "--name", "tiny", "--max-steps", "4"], env=platform.env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "step 4/4" in out and "verdict:" in out and "READY in" in out
+    assert "model entity  2 x 32-d" in out and "provider      2 x 32-d" in out and "openai SDK    2 x 32-d" in out
+    c = platform.client()
+    job = [j for j in c.customization.jobs.list() if j.output_model == "tiny-debian"][0]
+    assert job.status == "completed" and job.progress.step == 4 and job.result["eval"]["queries"] == 100
+    assert [h.status for h in job.status_history][-1] == "completed" and "pending" in [h.status for h in job.status_history]
+    model = c.models.retrieve("tiny-debian")
+    assert model.status == "ready" and model.embedding_dim == 32 and model.source_job == job.name
+    assert model.evaluation.verdict == job.result["eval"]["verdict"]["outcome"]
+    assert model.evaluation.tuned["ndcg@10"] == job.result["eval"]["tuned"]["ndcg@10"]
+    assert Path(model.artifact.hf_dir, "config.json").is_file()
+    assert model.parameter_count > 10_000
+    assert "rayembed-progress" in c.customization.jobs.get_logs(job.name)
+    provider = c.providers.retrieve("tiny-debian")
+    assert provider.model == "tiny-debian" and provider.app.startswith("rayembed.default.tiny-debian.g")
+
+
+def test_names_unknowns_and_workspace_isolation(platform):
+    c = platform.client()
+    for url, body in [(f"{platform.base_url}/v2/workspaces/default/models", {"name": "Bad_Name", "artifact": "/x"}),
+                      (f"{platform.base_url}/v2/workspaces", {"name": "-x"}),
+                      (f"{platform.base_url}/v2/workspaces/default/deployments", {"name": "a" * 64, "model": "tiny"})]:
+        status, body = post(url, body)
+        assert status == 422 and body["error"]["code"] == "invalid_name" and "lowercase letters" in body["error"]["message"]
+    with pytest.raises(ApiError) as err:
+        c.models.retrieve("no-such-model")
+    assert err.value.status == 404 and "does not exist in workspace 'default'" in err.value.message
+    with pytest.raises(ApiError) as err:
+        Client(base_url=platform.base_url, workspace="nowhere").models.list()
+    assert err.value.status == 404
+    c.workspaces.create("team-a")
+    c.workspaces.create("team-b")
+    a, b = platform.client("team-a"), platform.client("team-b")
+    a.models.create("secret", artifact=c.models.retrieve("tiny").artifact.onnx_dir)
+    assert [m.name for m in a.models.list()] == ["secret"] and b.models.list() == []
+    with pytest.raises(ApiError) as err:
+        b.models.retrieve("secret")
+    assert err.value.status == 404
+    with pytest.raises(ApiError) as err:
+        b.deployments.create("steal", model="secret")
+    assert err.value.status == 404
+    with pytest.raises(ApiError) as err:
+        c.workspaces.delete("team-a")
+    assert err.value.status == 409 and "still holds models" in err.value.message
+    a.models.delete("secret")
+    c.workspaces.delete("team-a")
+    assert "team-a" not in [w.name for w in c.workspaces.list()]
+    with urllib.request.urlopen(platform.base_url + "/docs", timeout=30) as resp:
+        assert resp.status == 200
+    spec = json.loads(urllib.request.urlopen(platform.base_url + "/openapi.json", timeout=30).read())
+    assert "/v2/workspaces/{workspace}/customization/jobs" in spec["paths"]
+
+
+def test_promotion_gate_refuses_a_worse_model_unless_overridden(platform, tmp_path):
+    c = platform.client()
+    worse = tmp_path / "worse-onnx"
+    shutil.copytree(c.models.retrieve("tiny-debian").artifact.onnx_dir, worse)
+    report = json.loads((worse / "eval.json").read_text())
+    report["tuned"] = {k: v - 0.2 for k, v in report["base"].items()}
+    report["verdict"] = {"outcome": "worse", "delta_ndcg@10": -0.2, "warning": "overfitting: ..."}
+    (worse / "eval.json").write_text(json.dumps(report))
+    c.models.create("tiny-worse", artifact=str(worse))
+    with pytest.raises(ApiError) as err:
+        c.deployments.create("worse", model="tiny-worse")
+    assert err.value.status == 409 and err.value.code == "promotion_refused"
+    assert "worse than its base model" in err.value.message and "(-0.2000)" in err.value.message
+    assert "allow_worse" in err.value.message
+    with pytest.raises(ApiError):
+        c.deployments.retrieve("worse")  # nothing was created
+    dep = c.deployments.create("worse", model="tiny-worse", allow_worse=True, num_cpus=0.25)
+    assert dep.status == "CREATED" and dep.allow_worse is True
+    c.deployments.delete("worse")
+    c.deployments.wait_deleted("worse")
+
+
+def _embed(platform, provider: str) -> np.ndarray:
+    status, body = post(f"{platform.base_url}/v2/workspaces/default/inference/gateway/provider/{provider}/-/v1/embeddings",
+                        {"input": ["a tool to compress files"]})
+    assert status == 200, body
+    return np.array(body["data"][0]["embedding"])
+
+
+def test_swap_under_load_and_delete(platform):
+    """Repointing a deployment at another model serves every request during the swap; delete -> 404."""
+    c = platform.client()
+    c.deployments.create("swap", model="tiny", num_cpus=0.25)
+    start = time.monotonic()
+    c.deployments.wait_ready("swap")
+    ready_s = time.monotonic() - start
+    before = _embed(platform, "swap")
+    counts, stop = {"ok": 0, "failed": 0, "errors": []}, threading.Event()
+
+    def load():
+        while not stop.is_set():
+            status, body = post(f"{platform.base_url}/v2/workspaces/default/inference/gateway/provider/swap/-/v1/embeddings",
+                                {"input": ["a tool to compress files", "an image viewer"]})
+            if status == 200:
+                counts["ok"] += 1
+            else:
+                counts["failed"] += 1
+                counts["errors"].append((status, body))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        c.deployments.update("swap", model="tiny-debian")
+        c.deployments.wait_ready("swap")
+        time.sleep(8)  # past the old generation's retirement
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert counts["failed"] == 0, counts["errors"][:3]
+    assert counts["ok"] > 20
+    dep = c.deployments.retrieve("swap")
+    assert dep.model == "tiny-debian" and dep.generation == 2 and dep.retiring == {}
+    after = _embed(platform, "swap")
+    assert not np.allclose(before, after, atol=1e-4), "the swap must serve the new model"
+    apps = platform.ray("from ray import serve\nprint(sorted(serve.status().applications))")
+    assert "rayembed.default.swap.g1" not in apps and "rayembed.default.swap.g2" in apps
+    (platform.home / "swap.json").write_text(json.dumps({"ready_s": ready_s, **{k: counts[k] for k in ("ok", "failed")}}))
+    c.deployments.delete("swap")
+    c.deployments.wait_deleted("swap")
+    status, body = post(f"{platform.base_url}/v2/workspaces/default/inference/gateway/provider/swap/-/v1/embeddings",
+                        {"input": ["x"]})
+    assert status == 404 and body["error"]["code"] == "not_found"
+    with pytest.raises(ApiError) as err:
+        c.providers.retrieve("swap")
+    assert err.value.status == 404
+
+
+def test_actor_killed_mid_job_then_cluster_restarted(platform, tiny_bert, train_file):
+    c = platform.client()
+    c.deployments.create("keep", model="tiny-debian", num_cpus=0.25)
+    c.deployments.wait_ready("keep")
+    job = c.customization.jobs.create("tiny-long", config=tiny_job(str(tiny_bert), train_file, 12))
+    deadline = time.monotonic() + 600
+    while c.customization.jobs.get_status(job.name).status != "running":
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    platform.ray("ray.kill(ray.get_actor('rayembed-control-plane', namespace='rayembed'), no_restart=False)\nprint('killed')")
+    done = c.customization.jobs.wait(job.name, timeout_s=900)  # the client retries while the actor restarts
+    assert done.status == "completed", done.error
+    assert c.models.retrieve("tiny-long").source_job == job.name
+
+    # a job running while the whole cluster goes down is reported truthfully afterwards
+    running = c.customization.jobs.create("tiny-interrupted", config=tiny_job(str(tiny_bert), train_file, 5000))
+    while c.customization.jobs.get_status(running.name).status != "running":
+        assert time.monotonic() < deadline + 600
+        time.sleep(1)
+    platform.cli("down")
+    with pytest.raises(ApiError):
+        c.workspaces.list()
+    platform.cli("up", "--num-cpus", "4")
+    assert "team-b" in [w.name for w in c.workspaces.list()]
+    assert {"tiny", "tiny-debian", "tiny-long", "tiny-worse"} <= {m.name for m in c.models.list()}
+    assert c.customization.jobs.retrieve(job.name).status == "completed"
+    deadline = time.monotonic() + 120
+    while (j := c.customization.jobs.retrieve(running.name)).status == "running":
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    assert j.status == "failed" and "cluster was restarted" in j.error
+    c.deployments.wait_ready("keep", timeout_s=600)
+    assert _embed(platform, "keep").shape == (32,)
+    assert any("redeploying" in h.reason for h in c.deployments.retrieve("keep").status_history)
