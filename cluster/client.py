@@ -173,18 +173,35 @@ class Deployments(_Resource):
     def update(self, name: str, workspace: str | None = None, **changes) -> Obj:
         return self._http.request("PATCH", self._url(name, workspace=workspace), changes)
 
-    def wait_ready(self, name: str, timeout_s: float = 900, workspace: str | None = None) -> Obj:
-        """Until READY with no generation pending (a swap finished), or FAILED (raises)."""
+    def wait_ready(self, name: str, timeout_s: float = 900, workspace: str | None = None, routable: bool = True) -> Obj:
+        """Until READY with no generation pending (a swap finished), or FAILED (raises); with `routable`,
+        also until the gateway routes to its provider (the API picks routes up within a second)."""
         deadline = time.monotonic() + timeout_s
         while True:
             dep = self.retrieve(name, workspace)
             if dep.status == "READY" and dep.pending_app is None and dep.pending_model is None:
+                if routable:
+                    self._wait_routable(name, dep.model, workspace, deadline)
                 return dep
             if dep.status == "FAILED":
                 raise ApiError(409, f"deployment {name} failed: {dep.error}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"deployment {name} still {dep.status} after {timeout_s:.0f} s")
             time.sleep(0.5)
+
+    def _wait_routable(self, name: str, model: str, workspace: str | None, deadline: float) -> None:
+        url = f"/v2/workspaces/{workspace or self._workspace}/inference/gateway/provider/{name}/-/v1/models"
+        while True:
+            try:
+                listing = self._http.request("GET", url)
+                if any(m.id.split("/")[-1] == model for m in listing.data):
+                    return
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"deployment {name} is READY but the gateway does not route to it")
+            time.sleep(0.1)
 
     def wait_deleted(self, name: str, timeout_s: float = 300, workspace: str | None = None) -> None:
         deadline = time.monotonic() + timeout_s

@@ -357,19 +357,23 @@ class ControlPlane:
         with self._lock:
             if self.store.get("deployment", workspace, name) is not None:
                 raise Conflict(f"deployment {name!r} already exists in workspace {workspace!r}")
-            if "config" in body:
+            inline = "config" not in body
+            if not inline:
                 cfg = self._load("deployment_config", workspace, check_name(body["config"], "deployment config"),
                                  ModelDeploymentConfig)
-            else:  # inline settings: a config of the deployment's name is created with them
+            else:  # inline settings: a config of the deployment's name, owned by it
                 settings = {k: v for k, v in body.items() if k not in ("name", "allow_worse")}
                 if self.store.get("deployment_config", workspace, name) is not None:
                     raise Conflict(f"deployment config {name!r} already exists: pass config: {name!r} to use it")
-                cfg = ModelDeploymentConfig.model_validate(
-                    self.create_deployment_config(workspace, {**settings, "name": name}))
+                cfg = _fields(ModelDeploymentConfig, {**settings, "name": name}, "deployment config",
+                              workspace=workspace, version=1)
             model = self._model_for(workspace, cfg.model)
-            self._gate(model, allow_worse)
+            self._gate(model, allow_worse)  # before anything is stored
+            if inline:
+                self._save(cfg)
+                self.store.add_version("deployment_config", workspace, name, 1, cfg.model_dump(mode="json"))
             dep = ModelDeployment(workspace=workspace, name=name, config=cfg.name, config_version=cfg.version,
-                                  model=model.name, allow_worse=allow_worse,
+                                  model=model.name, allow_worse=allow_worse, owns_config=inline,
                                   status_history=[StatusChange(status="CREATED", reason=f"model {model.name}")])
             self._save(dep)
         return dep.model_dump(mode="json")
@@ -660,6 +664,8 @@ class ControlPlane:
             if self._fresh(dep, ModelDeployment) is None:
                 return
             self.store.delete("deployment", dep.workspace, dep.name)
+            if dep.owns_config:
+                self.store.delete("deployment_config", dep.workspace, dep.config)
             if self.store.delete("provider", dep.workspace, dep.name):
                 self._bump_routes()
 

@@ -162,6 +162,7 @@ class ModelDeployment(Entity):
     pending_since: float | None = None
     retiring: dict[str, float] = Field(default_factory=dict, description="old generations -> when they are deleted")
     allow_worse: bool = False
+    owns_config: bool = Field(False, description="its config was created inline with it and goes with it")
     error: str | None = None
 
 

@@ -133,6 +133,16 @@ def test_names_unknowns_and_workspace_isolation(platform):
     a.models.delete("secret")
     c.workspaces.delete("team-a")
     assert "team-a" not in [w.name for w in c.workspaces.list()]
+    cfg = c.deployment_configs.create("cfg-a", model="tiny", num_replicas=1, num_cpus=0.25)
+    assert cfg.version == 1
+    cfg = c.deployment_configs.update("cfg-a", num_replicas=2, batching={"max_batch_texts": 8})
+    stored = c.deployment_configs.retrieve("cfg-a")
+    assert (cfg.version, stored.num_replicas, stored.batching.max_batch_texts) == (2, 2, 8)
+    assert [v["num_replicas"] for v in stored.versions] == [1, 2]
+    with pytest.raises(ApiError) as err:
+        c.deployment_configs.update("cfg-a", num_replicas=0)
+    assert err.value.status == 400 and "num_replicas" in err.value.message
+    c.deployment_configs.delete("cfg-a")
     with urllib.request.urlopen(platform.base_url + "/docs", timeout=30) as resp:
         assert resp.status == 200
     spec = json.loads(urllib.request.urlopen(platform.base_url + "/openapi.json", timeout=30).read())
@@ -154,11 +164,13 @@ def test_promotion_gate_refuses_a_worse_model_unless_overridden(platform, tmp_pa
     assert "worse than its base model" in err.value.message and "(-0.2000)" in err.value.message
     assert "allow_worse" in err.value.message
     with pytest.raises(ApiError):
-        c.deployments.retrieve("worse")  # nothing was created
+        c.deployments.retrieve("worse")  # nothing was stored
+    assert "worse" not in [cfg.name for cfg in c.deployment_configs.list()]
     dep = c.deployments.create("worse", model="tiny-worse", allow_worse=True, num_cpus=0.25)
     assert dep.status == "CREATED" and dep.allow_worse is True
     c.deployments.delete("worse")
     c.deployments.wait_deleted("worse")
+    assert "worse" not in [cfg.name for cfg in c.deployment_configs.list()]  # its inline config went with it
 
 
 def _embed(platform, provider: str) -> np.ndarray:
@@ -173,8 +185,10 @@ def test_swap_under_load_and_delete(platform):
     c = platform.client()
     c.deployments.create("swap", model="tiny", num_cpus=0.25)
     start = time.monotonic()
-    c.deployments.wait_ready("swap")
+    c.deployments.wait_ready("swap", routable=False)
     ready_s = time.monotonic() - start
+    c.deployments.wait_ready("swap", timeout_s=5)  # READY -> routed by the gateway within 5 s, no restart
+    routable_s = time.monotonic() - start - ready_s
     before = _embed(platform, "swap")
     counts, stop = {"ok": 0, "failed": 0, "errors": []}, threading.Event()
 
@@ -208,7 +222,7 @@ def test_swap_under_load_and_delete(platform):
     assert not np.allclose(before, after, atol=1e-4), "the swap must serve the new model"
     apps = platform.ray("from ray import serve\nprint(sorted(serve.status().applications))")
     assert "rayembed.default.swap.g1" not in apps and "rayembed.default.swap.g2" in apps
-    (platform.home / "swap.json").write_text(json.dumps({"ready_s": ready_s, **{k: counts[k] for k in ("ok", "failed")}}))
+    (platform.home / "swap.json").write_text(json.dumps({"ready_s": ready_s, "routable_s": routable_s, **{k: counts[k] for k in ("ok", "failed")}}))
     c.deployments.delete("swap")
     c.deployments.wait_deleted("swap")
     status, body = post(f"{platform.base_url}/v2/workspaces/default/inference/gateway/provider/swap/-/v1/embeddings",

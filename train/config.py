@@ -58,6 +58,7 @@ class TrainingSection(Section):
     max_seq_length: int = Field(512, gt=0, le=8192, description="Tokens per text; longer texts are truncated during training.")
     lora: LoraConfig | None = Field(None, description="LoRA settings; only with finetuning_type lora_merged.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the encoder; auto = on CUDA only. Compile time is reported apart and left out of examples/s.")
     seed: int = Field(42, description="Seed for data order, splits and initialisation.")
 
     @model_validator(mode="after")

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from train.config import JobConfig, validate_config
 from train.data import ExampleReader, prepare_splits, retrieval_set_from_examples
-from train.evaluate import autocast, evaluate_retrieval
-from train.losses import matryoshka_loss
+from train.evaluate import evaluate_retrieval
+from train.step import compile_encoder, make_optimizer, micro_batch_loss, tokenize, train_step, uncompile_encoder
 from train.model import build_bi_encoder, inspect_model, merge_lora, resolve_prefixes, save_hf_directory
 from rayembed.artifact import TextTokenizer
 from rayembed.progress import progress_line
@@ -52,22 +52,6 @@ def batch_rows(step: int, per_epoch: int, n: int, size: int, seed: int) -> np.nd
     epoch, pos = divmod(step, per_epoch)
     order = np.random.default_rng(seed + epoch).permutation(n)
     return order[pos * size: (pos + 1) * size]
-
-
-def batch_loss(model, tokenizer, examples, prefixes, cfg: JobConfig, device, dims) -> tuple[torch.Tensor, int]:
-    """Contrastive loss of a micro-batch and the number of real tokens it encoded."""
-    n_neg = cfg.loss.negatives_per_query
-    q_ids, q_mask = tokenizer([prefixes[0] + e.query for e in examples])
-    docs = [prefixes[1] + t for e in examples for t in (e.pos_doc, *e.neg_doc[:n_neg])]
-    d_ids, d_mask = tokenizer(docs)
-    to = lambda a: torch.from_numpy(a).to(device, non_blocking=True)
-    with autocast(device, cfg.precision):
-        q = model(to(q_ids), to(q_mask)).float()  # [b, H]
-        d = model(to(d_ids), to(d_mask)).float().reshape(len(examples), 1 + n_neg, -1)  # [b, 1+N, H]
-    neg = d[:, 1:] if n_neg else None
-    loss = matryoshka_loss(q, d[:, 0], neg, dims, cfg.loss.temperature, cfg.loss.in_batch_negatives,
-                           cfg.loss.matryoshka_weights)
-    return loss, int(q_mask.sum() + d_mask.sum())
 
 
 def save_state(directory: Path, model, optimizer, scheduler, step: int, extra: dict) -> None:
@@ -117,10 +101,7 @@ def train_loop_per_worker(config: dict) -> None:
                              cfg.training.gradient_checkpointing).to(device)
     model.train()
 
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optimizer.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optimizer.learning_rate)
+    optimizer = make_optimizer(model, cfg, device)
     per_epoch, total = plan_steps(cfg, len(train_idx))
     warmup = cfg.optimizer.warmup_steps if cfg.optimizer.warmup_steps is not None else int(0.1 * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total))
@@ -136,29 +117,30 @@ def train_loop_per_worker(config: dict) -> None:
         start_step = resumed_from = state["step"]
 
     # ---- optimise ----
-    G, micro = cfg.batch.global_batch_size, cfg.batch.micro
+    G, micro, n_neg = cfg.batch.global_batch_size, cfg.batch.micro, cfg.loss.negatives_per_query
+    compiled = compile_encoder(model, cfg, device)
+    compile_seconds = None
     window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
     loss_value, train_start = float("nan"), time.time()
     for step in range(start_step, total):
         rows = batch_rows(step, per_epoch, len(train_idx), G, cfg.training.seed)
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for chunk in np.array_split(rows, math.ceil(len(rows) / micro)):
-            loss, tokens = batch_loss(model, tokenizer, [reader[int(i)] for i in chunk], prefixes, cfg, device, dims)
-            (loss * len(chunk) / len(rows)).backward()
-            loss_sum += loss.item() * len(chunk) / len(rows)
-            window_tokens += tokens
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optimizer.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        loss_value, window_examples = loss_sum, window_examples + len(rows)
+        batches = [tokenize(tokenizer, [reader[int(i)] for i in chunk], prefixes, n_neg)
+                   for chunk in np.array_split(rows, math.ceil(len(rows) / micro))]
+        loss = train_step(model, optimizer, scheduler, batches, cfg, device, dims)
+        window_examples += len(rows)
+        window_tokens += sum(b.tokens for b in batches)
         done = step + 1
+        if compiled and compile_seconds is None:  # the first step compiles: timed apart, not in examples/s
+            loss.item()
+            compile_seconds = time.perf_counter() - window_start
+            window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
         if done % cfg.output.log_every_steps == 0 or done == total or done % cfg.output.checkpoint_every_steps == 0:
-            elapsed = time.perf_counter() - window_start
+            loss_value = loss.item()  # the only host sync of the loop, once per log
+            elapsed = max(time.perf_counter() - window_start, 1e-9)
             metrics = {"step": done, "total_steps": total, "epoch": step / per_epoch, "loss": loss_value,
                        "lr": scheduler.get_last_lr()[0], "examples_per_s": window_examples / elapsed,
                        "tokens_per_s": window_tokens / elapsed, "first_step_at": train_start,
-                       "resumed_from_step": resumed_from}
+                       "resumed_from_step": resumed_from, "compile_seconds": compile_seconds}
             # one line in the job's log: the control plane follows the job through it
             print(progress_line(done, total, loss_value, metrics["examples_per_s"], G), flush=True)
             if done % cfg.output.checkpoint_every_steps == 0 and done < total:
@@ -168,6 +150,7 @@ def train_loop_per_worker(config: dict) -> None:
             else:
                 _report(metrics)
             window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
+    uncompile_encoder(model)
 
     train_seconds = time.time() - train_start
     trained_examples = sum(len(batch_rows(s, per_epoch, len(train_idx), G, cfg.training.seed)) for s in range(start_step, total))
@@ -188,7 +171,7 @@ def train_loop_per_worker(config: dict) -> None:
     base = evaluate_retrieval(base_model, tokenizer, eval_set, prefixes, device, cfg.precision)
     del base_model
 
-    final = {"step": total, "total_steps": total, "loss": loss_value, "val_loss": val_loss,
+    final = {"step": total, "total_steps": total, "loss": loss_value, "val_loss": val_loss, "compile_seconds": compile_seconds,
              "val_ndcg@10": val_metrics["ndcg@10"], "val_recall@10": val_metrics["recall@10"],
              "first_step_at": train_start, "worker_setup_seconds": train_start - worker_start, "train_seconds": train_seconds,
              "train_examples_per_s": trained_examples / max(train_seconds, 1e-9), "resumed_from_step": resumed_from,
@@ -207,7 +190,8 @@ def validation_loss(model, tokenizer, reader: ExampleReader, prefixes, cfg: JobC
     size, total, count = cfg.batch.micro, 0.0, 0
     for start in range(0, len(reader), size):
         examples = [reader[i] for i in range(start, min(start + size, len(reader)))]
-        loss, _ = batch_loss(model, tokenizer, examples, prefixes, cfg, device, dims)
+        mb = tokenize(tokenizer, examples, prefixes, cfg.loss.negatives_per_query).to(device)
+        loss = micro_batch_loss(model, mb, cfg, device, dims)
         total, count = total + loss.item() * len(examples), count + len(examples)
     model.train()
     return total / max(1, count)

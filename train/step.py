@@ -1,0 +1,100 @@
+"""One optimizer step of the training job: micro-batches -> contrastive loss -> backward -> clip ->
+AdamW -> schedule. train/loop.py and bench/gpu_train.py both call `train_step`, so the benchmark's
+figure is the job's. No host synchronisation inside a step: the loss stays a device tensor until the
+loop logs it; on CUDA AdamW is fused and the encoder may be compiled (`training.compile`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rayembed.artifact import TextTokenizer
+from train.config import JobConfig
+from train.evaluate import autocast
+from train.losses import matryoshka_loss
+
+
+@dataclass
+class MicroBatch:
+    q_ids: torch.Tensor  # [b, Sq]
+    q_mask: torch.Tensor  # [b, Sq]
+    d_ids: torch.Tensor  # [b * (1 + N), Sd]
+    d_mask: torch.Tensor  # [b * (1 + N), Sd]
+    size: int  # queries
+    tokens: int  # real (unpadded) tokens
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        if device.type != "cuda":
+            return self
+        move = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
+        return MicroBatch(move(self.q_ids), move(self.q_mask), move(self.d_ids), move(self.d_mask), self.size, self.tokens)
+
+
+def tokenize(tokenizer: TextTokenizer, examples, prefixes: tuple[str, str], negatives: int) -> MicroBatch:
+    """Queries and their [positive + N hard negatives] documents, each padded to its own longest text."""
+    q_ids, q_mask = tokenizer([prefixes[0] + e.query for e in examples])
+    d_ids, d_mask = tokenizer([prefixes[1] + t for e in examples for t in (e.pos_doc, *e.neg_doc[:negatives])])
+    return MicroBatch(torch.from_numpy(q_ids), torch.from_numpy(q_mask), torch.from_numpy(d_ids),
+                      torch.from_numpy(d_mask), len(examples), int(q_mask.sum() + d_mask.sum()))
+
+
+def micro_batch_loss(model, mb: MicroBatch, cfg: JobConfig, device: torch.device, dims: list[int]) -> torch.Tensor:
+    n_neg = cfg.loss.negatives_per_query
+    with autocast(device, cfg.precision):
+        if mb.q_ids.shape[1] == mb.d_ids.shape[1]:  # one forward for both: larger GEMMs, one weight cast
+            both = model(torch.cat([mb.q_ids, mb.d_ids]), torch.cat([mb.q_mask, mb.d_mask])).float()  # [b + b(1+N), H]
+            q, d = both[: mb.size], both[mb.size:].reshape(mb.size, 1 + n_neg, -1)  # [b, H], [b, 1+N, H]
+        else:
+            q = model(mb.q_ids, mb.q_mask).float()  # [b, H]
+            d = model(mb.d_ids, mb.d_mask).float().reshape(mb.size, 1 + n_neg, -1)  # [b, 1+N, H]
+    neg = d[:, 1:] if n_neg else None
+    return matryoshka_loss(q, d[:, 0], neg, dims, cfg.loss.temperature, cfg.loss.in_batch_negatives,
+                           cfg.loss.matryoshka_weights)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: JobConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; fused into one kernel per step on CUDA."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optimizer.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optimizer.learning_rate,
+                             fused=device.type == "cuda")
+
+
+def compile_wanted(cfg: JobConfig, device: torch.device) -> bool:
+    setting = cfg.training.compile
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def compile_encoder(model, cfg: JobConfig, device: torch.device) -> bool:
+    """Compile the backbone in place (parameter names unchanged, so checkpoints and merging still work)."""
+    if not compile_wanted(cfg, device):
+        return False
+    model.backbone.compile(dynamic=None)  # fixed shapes first; automatic dynamic shapes after a recompile
+    return True
+
+
+def uncompile_encoder(model) -> None:
+    """Back to eager for evaluation and export (new shapes there would only trigger recompiles)."""
+    if getattr(model.backbone, "_compiled_call_impl", None) is not None:
+        model.backbone._compiled_call_impl = None
+
+
+def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], cfg: JobConfig, device: torch.device,
+               dims: list[int]) -> torch.Tensor:
+    """One optimizer step over the micro-batches (gradient accumulation); returns the mean loss on device."""
+    optimizer.zero_grad(set_to_none=True)
+    total = sum(mb.size for mb in micro_batches)
+    loss_sum = torch.zeros((), device=device)
+    for mb in micro_batches:
+        mb = mb.to(device)
+        loss = micro_batch_loss(model, mb, cfg, device, dims)
+        (loss * (mb.size / total)).backward()
+        loss_sum += loss.detach() * (mb.size / total)
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.max_grad_norm, foreach=device.type == "cuda")
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss_sum
