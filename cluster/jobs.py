@@ -64,8 +64,10 @@ def prepare(kind: str, spec: dict, job_dir: Path, gpu_memory_gib: float | None) 
 
         spec["output"] = {"dir": str(out)}
         spec["promote_winner"] = True  # the winner becomes the output model entity
-        if isinstance(spec.get("job"), dict):
-            spec["job"].setdefault("output", {"dir": str(out / "job")})
+        if isinstance(spec.get("job"), dict):  # trials and the winner get their own folders under out/
+            if not isinstance(spec["job"].get("output"), dict):
+                spec["job"]["output"] = {}
+            spec["job"]["output"]["dir"] = str(out / "job")
         try:
             sweep = validate(SweepConfig, spec)
         except ConfigError as exc:

@@ -233,6 +233,42 @@ def test_swap_under_load_and_delete(platform):
     assert err.value.status == 404
 
 
+def test_sweep_job_and_cancel(platform, tiny_bert, train_file):
+    """A customization job may carry a learning-rate sweep: its winner becomes the output model, and the
+    trial table is part of the result. Cancelling a job stops its Ray job."""
+    c = platform.client()
+    job = c.customization.jobs.create("tiny-swept", sweep={
+        "job": tiny_job(str(tiny_bert), train_file, 2),
+        "search": {"learning_rates": [1e-4, 1e-3], "extend": False}})
+    assert job.kind == "sweep" and job.spec["promote_winner"] is True
+    done = c.customization.jobs.wait(job.name, timeout_s=1200)
+    assert done.status == "completed", done.error
+    trials = done.result["trials"]["trials"]
+    assert sorted(t["lr"] for t in trials) == [1e-4, 1e-3] and all(t["status"] == "ok" for t in trials)
+    best = done.result["trials"]["best"]["lr"]
+    model = c.models.retrieve("tiny-swept")
+    assert model.status == "ready" and model.source_job == job.name and "winner" in model.artifact.onnx_dir
+    import yaml
+
+    winner = yaml.safe_load((Path(model.artifact.onnx_dir) / "config.yaml").read_text())
+    assert model.evaluation is not None and winner["optimizer"]["learning_rate"] == best
+
+    doomed = c.customization.jobs.create("tiny-cancelled", config=tiny_job(str(tiny_bert), train_file, 5000))
+    cancelled = c.customization.jobs.cancel(doomed.name)
+    assert cancelled.status == "cancelled"
+    with pytest.raises(ApiError) as err:
+        c.customization.jobs.cancel(doomed.name)
+    assert err.value.status == 409
+    status = platform.ray("from ray.job_submission import JobSubmissionClient\nimport time, json\n"
+                          "from cluster.local import read_record\nr = read_record(settings())\n"
+                          "cl = JobSubmissionClient(r['dashboard_url'])\n"
+                          f"for _ in range(60):\n    s = cl.get_job_status('{doomed.name}')\n"
+                          "    if s.value in ('STOPPED', 'FAILED', 'SUCCEEDED'): break\n    time.sleep(1)\nprint(s.value)")
+    assert status.strip() == "STOPPED"
+    with pytest.raises(ApiError):
+        c.models.retrieve("tiny-cancelled")
+
+
 def test_actor_killed_mid_job_then_cluster_restarted(platform, tiny_bert, train_file):
     c = platform.client()
     c.deployments.create("keep", model="tiny-debian", num_cpus=0.25)
