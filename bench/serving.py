@@ -49,7 +49,8 @@ def read_texts(path: Path) -> list[str]:
 
 
 def ceiling(model_dir: Path, texts: list[str], seconds: float, label: str = "ceiling",
-            grid: tuple = ((1, False), (2, False), (2, True)), batches: tuple = (1, 8, 16, 32)) -> list[dict]:
+            grid: tuple = ((1, False), (2, False), (2, True)), batches: tuple = (1, 8, 16, 32),
+            precision: str = "auto") -> list[dict]:
     """In-process tokenize + ONNX Runtime run, the same code the replica runs, without any server."""
     from rayembed.artifact import read_manifest
     from serve.engine import OnnxEmbedder
@@ -58,7 +59,7 @@ def ceiling(model_dir: Path, texts: list[str], seconds: float, label: str = "cei
     tok = ServingTokenizer(model_dir, read_manifest(model_dir))
     rows = []
     for threads, spin in grid:
-        engine = OnnxEmbedder(model_dir, threads=threads, spin=spin)
+        engine = OnnxEmbedder(model_dir, threads=threads, spin=spin, precision=precision)
         for batch in batches:
             for order in ("arrival", "sorted") if batch > 1 else ("arrival",):
                 done, lat, i = 0, [], 0
@@ -75,11 +76,25 @@ def ceiling(model_dir: Path, texts: list[str], seconds: float, label: str = "cei
                         engine.run(*tok.pad(ids[j:j + batch]))
                         lat.append(time.perf_counter() - t0)
                         done += len(ids[j:j + batch])
-                rows.append({"what": label, "threads": threads, "spin": spin, "batch": batch, "order": order,
+                rows.append({"what": label, "graph": engine.path.name, "threads": threads, "spin": spin, "batch": batch, "order": order,
                              "texts_per_s": round(done / (time.perf_counter() - start), 1),
                              "p50_ms": round(float(np.median(lat)) * 1000, 2)})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def compare_graphs(model_dir: Path, texts: list[str], seconds: float, rounds: int) -> int:
+    """Plain (model.onnx) against fused (model.opt.onnx) graph, same code, alternated; prints the ratios."""
+    results: dict[tuple, list[float]] = {}
+    for _ in range(rounds):
+        for precision in ("fp32", "optimized"):
+            for row in ceiling(model_dir, texts, seconds, "graph", grid=((2, False),), batches=(1, 32), precision=precision):
+                results.setdefault((precision, row["batch"], row["order"]), []).append(row["texts_per_s"])
+    for batch, order in ((1, "arrival"), (32, "arrival"), (32, "sorted")):
+        plain, fused = (float(np.mean(results[(p, batch, order)])) for p in ("fp32", "optimized"))
+        print(json.dumps({"batch": batch, "order": order, "plain_texts_per_s": round(plain, 1),
+                          "fused_texts_per_s": round(fused, 1), "fused_over_plain": round(fused / plain, 3)}))
+    return 0
 
 
 def start_server(model_dir: Path, port: int, provider: dict, log: Path) -> subprocess.Popen:
@@ -136,8 +151,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="provider settings as JSON (serve/settings.py ProviderSettings), e.g. '{\"spin\": true}'")
     parser.add_argument("--skip-ceiling", action="store_true", help="only the gateway (for quick config comparisons)")
     parser.add_argument("--port", type=int, default=8181)
+    parser.add_argument("--compare-graphs", type=int, metavar="ROUNDS", default=0,
+                        help="only compare the plain and the fused graph in process (2 threads), alternated ROUNDS times")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.compare_graphs:
+        return compare_graphs(ensure_artifact(args.model_dir, args.work), read_texts(ensure_texts(args.work)),
+                              args.ceiling_seconds, args.compare_graphs)
     model_dir = ensure_artifact(args.model_dir, args.work)
     texts_path = ensure_texts(args.work)
     texts = read_texts(texts_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -141,6 +142,7 @@ def up(s: Settings, num_cpus: int | None = None, num_gpus: int | None = None, lo
     from cluster.controlplane import ControlPlane
 
     record = connect(s, start=True, num_cpus=num_cpus, num_gpus=num_gpus)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one line per step below is what a person reads
     log(f"ray: {record['gcs_address']} (dashboard {record['dashboard_url']})")
     serve.start(http_options={"host": s.host, "port": s.port}, logging_config={"enable_access_log": False})
     actor = ray.remote(ControlPlane).options(

@@ -19,6 +19,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
 GRAPH_FP16 = "model.fp16.onnx"
+GRAPH_OPTIMIZED = "model.opt.onnx"  # ONNX Runtime's transformer fusions, saved offline, parity-checked
 TOKENIZER = "tokenizer.json"
 REQUIRED_FILES = (GRAPH, TOKENIZER, MANIFEST)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -41,6 +42,7 @@ class Parity(BaseModel):
     threshold: float
     texts: int
     fp16_min_cosine: float | None = None
+    optimized_min_cosine: float | None = None
 
 
 class Manifest(BaseModel):
@@ -68,6 +70,7 @@ class Manifest(BaseModel):
     source: dict[str, Any] = Field(default_factory=dict)
     export_seconds: float | None = None
     files: dict[str, str] = Field(default_factory=dict)
+    optimized: dict[str, Any] | None = Field(None, description="the fused graph's file and fusion counts, when written")
 
     @model_validator(mode="before")
     @classmethod

@@ -55,15 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (= its ONNX Runtime threads)")
+    parser.add_argument("--num-cpus", type=float, default=None,
+                        help="CPUs per replica (= its ONNX Runtime threads); default: this machine's cores / replicas")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (CUDA provider when > 0)")
     args = parser.parse_args(argv)
     try:
         if args.config:
             config = load_gateway_config(args.config)
         else:
+            cores = len(os.sched_getaffinity(0))  # default: the machine's cores, shared by the replicas
+            num_cpus = args.num_cpus if args.num_cpus is not None else float(max(1, cores // args.replicas))
             config = single_model_config(str(args.model_dir), args.name or default_name(args.model_dir),
-                                         replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+                                         replicas=args.replicas, num_cpus=num_cpus, num_gpus=args.num_gpus)
     except (ConfigError, ArtifactError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from rayembed.artifact import GRAPH, GRAPH_FP16, read_manifest
+from rayembed.artifact import GRAPH, GRAPH_FP16, GRAPH_OPTIMIZED, read_manifest
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -47,7 +47,12 @@ class OnnxEmbedder:
         use_fp16 = precision == "fp16" or (precision == "auto" and self.want_cuda and fp16.is_file())
         if use_fp16 and not fp16.is_file():
             raise FileNotFoundError(f"precision fp16 asked for but {fp16} is missing (export with export_fp16: true)")
-        self.path = fp16 if use_fp16 else model_dir / GRAPH
+        fused = model_dir / GRAPH_OPTIMIZED
+        use_fused = precision == "optimized" or (precision == "auto" and not self.want_cuda and fused.is_file()
+                                                 and self.manifest.optimized is not None)
+        if use_fused and not fused.is_file():
+            raise FileNotFoundError(f"precision optimized asked for but {fused} is missing (re-export the model)")
+        self.path = fp16 if use_fp16 else fused if use_fused else model_dir / GRAPH
         providers = [(CUDA, {"device_id": 0}), CPU] if self.want_cuda else [CPU]
         self.session = ort.InferenceSession(str(self.path), session_options(threads, spin), providers=providers)
         self.providers = self.session.get_providers()

@@ -37,7 +37,9 @@ class ProviderSettings(Section):
     model_dir: str | None = Field(None, description="ONNX artifact directory (model.onnx, tokenizer.json, manifest.json)")
     app: str | None = Field(None, description="instead of model_dir: a running Serve application serving an EmbeddingReplica")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when the replica holds a GPU")
-    precision: Literal["auto", "fp32", "fp16"] = Field("auto", description="auto: model.fp16.onnx on CUDA when exported")
+    precision: Literal["auto", "fp32", "fp16", "optimized"] = Field(
+        "auto", description="auto: model.fp16.onnx on CUDA, model.opt.onnx (fused, parity-checked) on CPU, when exported; "
+                            "fp32: the plain graph")
     num_replicas: int = Field(1, ge=1)
     autoscaling: Autoscaling | None = Field(None, description="replaces num_replicas when set")
     num_cpus: float = Field(1.0, ge=0, description="CPUs each replica reserves; also its ONNX Runtime thread count")

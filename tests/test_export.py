@@ -76,3 +76,22 @@ def test_export_cli_on_the_packaged_minilm(tmp_path):
     ids, mask = TextTokenizer(out, 256)(texts)
     emb = session.run(["embeddings"], {"input_ids": ids, "attention_mask": mask})[0]
     assert float(emb[0] @ emb[1]) > float(emb[0] @ emb[2]) + 0.2
+
+
+def test_fused_graph_is_written_parity_checked_and_preferred_on_cpu(minilm_onnx):
+    """The packaged MiniLM's export carries ONNX Runtime's fused graph; replicas load it on CPU."""
+    from serve.engine import OnnxEmbedder
+
+    manifest = json.loads((minilm_onnx / "manifest.json").read_text())
+    assert manifest["optimized"]["file"] == "model.opt.onnx" and manifest["optimized"]["fusions"]["LayerNormalization"] > 0
+    assert manifest["parity"]["optimized_min_cosine"] >= 0.9999 and "model.opt.onnx" in manifest["files"]
+    texts = ["receive RSS feeds by email", "a real-time strategy game of ancient warfare"]
+    ids, mask = TextTokenizer(minilm_onnx, 256)(texts)
+    fused, plain = OnnxEmbedder(minilm_onnx), OnnxEmbedder(minilm_onnx, precision="fp32")
+    assert fused.path.name == "model.opt.onnx" and plain.path.name == "model.onnx"
+    np.testing.assert_allclose(fused.run(ids, mask), plain.run(ids, mask), atol=1e-4)
+
+
+def test_llama_export_has_no_fused_graph(tiny_nemotron, tmp_path):
+    manifest = export_onnx(tiny_nemotron, tmp_path / "onnx", max_seq_length=32)
+    assert manifest.optimized is None and not (tmp_path / "onnx" / "model.opt.onnx").exists()

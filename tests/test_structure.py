@@ -92,6 +92,10 @@ def test_every_documented_benchmark_command_starts():
         args = command.split()[1:]
         proc = subprocess.run([sys.executable, *args, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and "usage:" in proc.stdout, f"{command}: {proc.stderr[-1500:]}"
-    # the script form works too now that no bench file shadows a package
-    proc = subprocess.run([sys.executable, "bench/gpu_train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-1500:]
+    # the script form works too: no bench file shadows a package of ours or of the standard library
+    shadowing = {p.stem for p in (ROOT / "bench").glob("*.py")} & (set(sys.stdlib_module_names) | set(PACKAGES))
+    assert shadowing == set()
+    for script in sorted((ROOT / "bench").glob("[!_]*.py")):
+        proc = subprocess.run([sys.executable, str(script.relative_to(ROOT)), "--help"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, f"{script.name}: {proc.stderr[-1500:]}"

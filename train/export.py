@@ -21,7 +21,8 @@ from torch import nn
 
 from train.model import BiEncoder, inspect_model, load_backbone
 from train.pooling import normalize
-from rayembed.artifact import FORMAT_VERSION, GRAPH, GRAPH_FP16, TOKENIZER_FILES, Manifest, TextTokenizer, write_manifest
+from rayembed.artifact import (FORMAT_VERSION, GRAPH, GRAPH_FP16, GRAPH_OPTIMIZED, TOKENIZER_FILES, Manifest,
+                               TextTokenizer, write_manifest)
 
 log = logging.getLogger(__name__)
 PARITY_MIN_COSINE = 0.9999
@@ -101,10 +102,27 @@ def _fp16_copy(src: Path, dst: Path, external: bool) -> None:
     onnx.save(half, str(dst), save_as_external_data=external, location=dst.name + ".data" if external else None)
 
 
+def _optimized_copy(src: Path, dst: Path) -> dict | None:
+    """ONNX Runtime's transformer optimizer (LayerNorm, GELU, attention fusions where it finds them),
+    saved offline; None when it does not apply to this graph."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    try:
+        model = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0, opt_level=1)
+    except Exception as exc:  # noqa: BLE001 - an optional speed-up; the plain graph stays
+        log.warning("ONNX Runtime's transformer optimizer does not apply (%s); serving the plain graph", exc)
+        return None
+    fused = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
+    if not fused:
+        return None
+    model.save_model_to_file(str(dst))
+    return fused
+
+
 def export_onnx(model_dir: str | Path, output_dir: str | Path, *, max_seq_length: int | None = None,
                 prefixes: tuple[str, str] | None = None, matryoshka_dims: list[int] | None = None,
                 parity_texts: list[str] | None = None, source: dict | None = None, opset: int = 18,
-                fp16: bool = False) -> Manifest:
+                fp16: bool = False, optimize: bool = True) -> Manifest:
     """Export a (merged) model directory to `output_dir` (model.onnx, tokenizer files, manifest.json)."""
     info = inspect_model(str(model_dir))
     max_len = max_seq_length or default_max_length(info.path, info.max_positions)
@@ -138,6 +156,17 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, *, max_seq_length
             fp16_cos = parity(model, staging / GRAPH_FP16, tokenizer, parity_texts_prefixed)
             if not fp16_cos >= FP16_MIN_COSINE:
                 raise ExportError(f"fp16 ONNX parity failed: min cosine {fp16_cos:.5f} < {FP16_MIN_COSINE}")
+        optimized, opt_cos = None, None
+        if optimize and info.family == "hf_encoder" and params <= EXTERNAL_DATA_BYTES:
+            fused = _optimized_copy(staging / GRAPH, staging / GRAPH_OPTIMIZED)
+            if fused is not None:
+                opt_cos = parity(model, staging / GRAPH_OPTIMIZED, tokenizer, parity_texts_prefixed)
+                if opt_cos >= PARITY_MIN_COSINE:
+                    optimized = {"file": GRAPH_OPTIMIZED, "fusions": fused}
+                else:
+                    log.warning("the fused graph fails the parity gate (min cosine %.6f); serving the plain graph", opt_cos)
+                    (staging / GRAPH_OPTIMIZED).unlink()
+                    opt_cos = None
         for name in TOKENIZER_FILES:
             if (Path(info.path) / name).is_file():
                 shutil.copy2(Path(info.path) / name, staging / name)
@@ -152,7 +181,9 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, *, max_seq_length
             "inputs": {"input_ids": "int64 [batch, sequence]", "attention_mask": "int64 [batch, sequence]"},
             "outputs": {"embeddings": f"float32 [batch, {info.hidden_size}]"},
             "opset": opset, "tokenizer": "tokenizer.json", "pad_id": tokenizer.pad_id,
-            "parity": {"min_cosine": min_cos, "threshold": PARITY_MIN_COSINE, "texts": len(texts), "fp16_min_cosine": fp16_cos},
+            "parity": {"min_cosine": min_cos, "threshold": PARITY_MIN_COSINE, "texts": len(texts), "fp16_min_cosine": fp16_cos,
+                       "optimized_min_cosine": opt_cos},
+            "optimized": optimized,
             "source": source or {"kind": "base_model_export"},
             "export_seconds": round(export_s, 2),
             "files": {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()},

@@ -1,6 +1,6 @@
 """Control-plane benchmark against a running platform (`rayembed up` first):
 
-    python -m bench.platform [--base-url URL] [--threads 8] [--requests 200]
+    python -m bench.control_plane [--base-url URL] [--threads 8] [--requests 200]
 
 Measures, for the packaged all-MiniLM-L6-v2: `deploy` -> READY, READY -> first 200 through the gateway's
 model-entity route, management API latency (p50/p95 of GET models and GET deployments), and a
