@@ -149,6 +149,26 @@ def test_names_unknowns_and_workspace_isolation(platform):
     assert "/v2/workspaces/{workspace}/customization/jobs" in spec["paths"]
 
 
+def test_cli_verbs(platform):
+    """The `rayembed` verbs a person types: register, deploy (with its routes), embed by model and by
+    provider, status, undeploy; errors come back as one line, not a traceback."""
+    onnx = platform.client().models.retrieve("tiny").artifact.onnx_dir
+    out = platform.cli("models", "register", "tiny-cli", "--artifact", onnx).stdout
+    assert "model tiny-cli: ready" in out
+    out = platform.cli("deploy", "cli-dep", "--model", "tiny-cli", "--num-cpus", "0.25").stdout
+    assert "cli-dep: READY in" in out and "/provider/cli-dep/-/v1/embeddings" in out
+    out = platform.cli("embed", "--model", "tiny-cli", "a tool to compress files", "an image viewer").stdout
+    assert out.count("32-d [") == 2 and "model tiny-cli" in out
+    out = platform.cli("embed", "--provider", "cli-dep", "--input-type", "query", "x y z").stdout
+    assert "32-d [" in out
+    status = json.loads(platform.cli("status").stdout)
+    assert status["deployments"]["cli-dep"] == "READY (tiny-cli)" and "cli-dep" in status["providers"]
+    assert "cli-dep: deleted" in platform.cli("undeploy", "cli-dep").stdout
+    bad = platform.cli("deploy", "Bad_Name", "--model", "tiny-cli", check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "HTTP 422" in bad.stderr
+    platform.cli("models", "delete", "tiny-cli")
+
+
 def test_promotion_gate_refuses_a_worse_model_unless_overridden(platform, tmp_path):
     c = platform.client()
     worse = tmp_path / "worse-onnx"
