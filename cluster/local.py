@@ -12,9 +12,9 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
+from cluster.runtime import reachable, wait_http
 from cluster.settings import API_APP, CONTROL_PLANE, NAMESPACE, Settings
 
 RECORD = "cluster.json"
@@ -24,15 +24,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _reachable(address: str, timeout: float = 1.0) -> bool:
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            return True
-    except (OSError, ValueError):
-        return False
 
 
 def read_record(s: Settings) -> dict | None:
@@ -99,7 +90,7 @@ def connect(s: Settings, start: bool = False, num_cpus: int | None = None, num_g
                   "started_by_up": False}
     else:
         record = read_record(s)
-        if record is None or not _reachable(record["gcs_address"]):
+        if record is None or not reachable(record["gcs_address"]):
             if not start:
                 raise RuntimeError(f"no rayembed cluster is running for RAYEMBED_HOME={s.home}: run `rayembed up`")
             record = start_head(s, num_cpus, num_gpus)
@@ -116,20 +107,6 @@ def _dashboard_of(address: str) -> str:
     if not ray.is_initialized():
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
     return "http://" + ray.worker.get_dashboard_url()
-
-
-def wait_http(url: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
-        time.sleep(0.5)
 
 
 def up(s: Settings, num_cpus: int | None = None, num_gpus: int | None = None, log=print) -> dict:
@@ -165,7 +142,7 @@ def down(s: Settings, log=print) -> None:
 
     record = read_record(s)
     joined = bool(os.environ.get("RAY_ADDRESS"))
-    if not joined and (record is None or not _reachable(record["gcs_address"])):
+    if not joined and (record is None or not reachable(record["gcs_address"])):
         log("nothing is running")
         _forget(s, record)
         return

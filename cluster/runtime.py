@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
+import urllib.request
 from pathlib import Path
 
 import ray
@@ -13,7 +15,8 @@ log = logging.getLogger(__name__)
 ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")  # written by `ray start --head`
 
 
-def _reachable(address: str, timeout: float = 1.0) -> bool:
+def reachable(address: str, timeout: float = 1.0) -> bool:
+    """Whether host:port accepts a TCP connection."""
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):
@@ -27,11 +30,26 @@ def local_cluster_address() -> str | None:
     if not ADDRESS_FILE.is_file():
         return None
     address = ADDRESS_FILE.read_text().split()[0] if ADDRESS_FILE.read_text().strip() else ""
-    if address and _reachable(address):
+    if address and reachable(address):
         return address
     log.warning("%s names %s, which does not answer (a head that died without `ray stop`); starting a fresh "
                 "local Ray instead", ADDRESS_FILE, address or "nothing")
     return None
+
+
+def wait_http(url: str, timeout_s: float = 300) -> None:
+    """Poll a URL until it answers 200 (readiness of the gateway or the API)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s; see the Serve logs (ray dashboard, Serve tab)")
+        time.sleep(0.5)
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:

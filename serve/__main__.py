@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from rayembed.artifact import ArtifactError
@@ -27,19 +26,6 @@ def default_name(model_dir: Path) -> str:
 
     manifest = read_manifest(model_dir)
     return manifest.job or Path(manifest.base_model or str(model_dir)).name
-
-
-def wait_ready(url: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=10) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s; see the Serve logs (ray dashboard, Serve tab)")
 
 
 def _interrupt(signum, frame):
@@ -73,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import serve
 
-    from cluster.runtime import ensure_ray, local_cluster_address
+    from cluster.runtime import ensure_ray, local_cluster_address, wait_http
     from serve.app import gateway_app
     from serve.routing import model_id
 
@@ -87,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"enable_access_log": False})
     serve.run(gateway_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     base = f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}"
-    wait_ready(base + "/v1/health/ready")
+    wait_http(base + "/v1/health/ready")
     model = next(iter(config.models))
     print(f"serving {', '.join(model_id(m) for m in config.models)} at {base}/v1/embeddings\n"
           f"  curl {base}/v1/embeddings -H 'Content-Type: application/json' "

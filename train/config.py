@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rayembed.config import ConfigError, Section, dump, load, validate
+from rayembed.config import ConfigError, Section, dump, load, validate  # noqa: F401 - ConfigError re-exported for callers
 
 # The model card's conservative defaults.
 DEFAULT_LEARNING_RATE = 5e-6
