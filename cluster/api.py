@@ -156,9 +156,6 @@ class Api:
                     warned = True
             time.sleep(ROUTES_POLL_S)
 
-    def routes_version(self) -> int | None:
-        return self._version
-
 
 def build_api_app(args: dict | None = None):
     return Api.bind()

@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve.settings import Autoscaling  # the provider's own section: one definition, one min <= max check
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{1,62}$"
 NAME = re.compile(NAME_PATTERN)
 DEFAULT_WORKSPACE = "default"
@@ -127,13 +129,6 @@ class Batching(BaseModel):
     max_batch_tokens: int = Field(8192, ge=1)
     max_batch_items: int = Field(512, ge=1)
     max_batch_texts: int = Field(32, ge=1)
-
-
-class Autoscaling(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(32, gt=0)
 
 
 class ModelDeploymentConfig(Entity):

@@ -17,8 +17,6 @@ from rayembed.config import ConfigError
 from rayembed.progress import last_progress
 from serve.errors import InvalidRequest
 
-GIB = 1024**3
-
 
 def new_job_id() -> str:
     return f"cust-{uuid.uuid4().hex[:12]}"

@@ -89,3 +89,14 @@ def test_gpu_memory_estimate_warns_when_the_gpu_is_smaller(tmp_path):
     lora = cfg.model_copy(update={"training": cfg.training.model_copy(update={
         "finetuning_type": "lora_merged", "gradient_checkpointing": True})})
     assert check_gpu_memory(lora, 40.0)[0] == [] and check_gpu_memory(cfg, None) == ([], None)
+
+
+def test_deployment_config_checks_autoscaling_like_the_provider_does():
+    from pydantic import ValidationError
+
+    from cluster.entities import ModelDeploymentConfig
+
+    cfg = ModelDeploymentConfig.model_validate({"name": "ab", "model": "m", "autoscaling": {"max_replicas": 3}})
+    assert cfg.autoscaling.min_replicas == 1 and cfg.autoscaling.max_replicas == 3
+    with pytest.raises(ValidationError, match=r"min_replicas \(3\) > max_replicas \(1\)"):
+        ModelDeploymentConfig.model_validate({"name": "ab", "model": "m", "autoscaling": {"min_replicas": 3, "max_replicas": 1}})
