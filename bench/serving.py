@@ -3,7 +3,7 @@
     python -m bench.serving [--model-dir DIR] [--duration 15] [--configs 1x1,32x1,32x16]
 
 Exports all-MiniLM-L6-v2 with our exporter when no --model-dir is given, dumps loadgen's sentence
-texts, measures the in-process ceiling (serve.engine, best of threads x batch x order), starts
+texts, measures the in-process ceiling (rayembed.engine, best of threads x batch x order), starts
 `python -m serve`, drives it with bench/loadgen.py (a copy of ../shared/bench/loadgen.py), measures
 the ceiling again after the server is gone, and prints a table plus one JSON line per row.
 """
@@ -53,7 +53,7 @@ def ceiling(model_dir: Path, texts: list[str], seconds: float, label: str = "cei
             precision: str = "auto") -> list[dict]:
     """In-process tokenize + ONNX Runtime run, the same code the replica runs, without any server."""
     from rayembed.artifact import read_manifest
-    from serve.engine import OnnxEmbedder
+    from rayembed.engine import OnnxEmbedder
     from serve.tokens import ServingTokenizer
 
     tok = ServingTokenizer(model_dir, read_manifest(model_dir))

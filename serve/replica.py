@@ -15,7 +15,7 @@ import ray
 from ray import serve
 from ray.serve import metrics
 
-from serve.engine import OnnxEmbedder, matryoshka, plan_batches
+from rayembed.engine import OnnxEmbedder, matryoshka, plan_batches
 from serve.errors import InvalidRequest, ServeError
 from serve.settings import ProviderSettings
 from serve.tokens import ServingTokenizer

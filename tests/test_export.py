@@ -80,7 +80,7 @@ def test_export_cli_on_the_packaged_minilm(tmp_path):
 
 def test_fused_graph_is_written_parity_checked_and_preferred_on_cpu(minilm_onnx):
     """The packaged MiniLM's export carries ONNX Runtime's fused graph; replicas load it on CPU."""
-    from serve.engine import OnnxEmbedder
+    from rayembed.engine import OnnxEmbedder
 
     manifest = json.loads((minilm_onnx / "manifest.json").read_text())
     assert manifest["optimized"]["file"] == "model.opt.onnx" and manifest["optimized"]["fusions"]["LayerNormalization"] > 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serve.engine import matryoshka, plan_batches
+from rayembed.engine import matryoshka, plan_batches
 from serve.errors import (InputTooLong, InvalidRequest, NotFound, PayloadTooLarge, QueueFull, Unavailable, envelope,
                           status_of)
 from serve.routing import RoutingTable
@@ -169,7 +169,7 @@ def test_provider_deployment_options(tmp_path):
 def test_cuda_request_without_cuda_fails_loudly(minilm_onnx):
     import onnxruntime as ort
 
-    from serve.engine import CUDA, OnnxEmbedder
+    from rayembed.engine import CUDA, OnnxEmbedder
 
     if CUDA not in ort.get_available_providers():  # the CPU build (this repo's `cpu` extra)
         with pytest.raises(RuntimeError, match="install the `gpu` extra"):

@@ -24,8 +24,16 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.check:
+        from train.data import negative_counts, negatives_advice
+
         pre = preflight(cfg)
+        counts = negative_counts(cfg.dataset.training)
         print(f"ok: {pre.n_train} training / {pre.n_val} validation examples, model {pre.info.path}")
+        print(f"hard negatives per line: {', '.join(f'{n}: {c} lines' for n, c in counts.items())}")
+        if cfg.dataset.mining:
+            print(f"mining: {cfg.dataset.mining.negatives} negatives per line will be mined with the base model before training")
+        elif advice := negatives_advice(counts, cfg.loss.negatives_per_query):
+            print(f"note: {advice}")
         return 0
     try:
         run_job(cfg)

@@ -25,6 +25,14 @@ class Prefixes(Section):
     passage: str | None = Field(None, description="Prepended to documents; null = the model family's default.")
 
 
+class Mining(Section):
+    negatives: int = Field(gt=0, le=64, description="Hard negatives mined per query with the base model; they replace neg_doc, and loss.negatives_per_query follows.")
+    corpus: str | None = Field(None, description="JSONL or Parquet (a `text` field) to mine from; null = the training file's own documents.")
+    max_score_ratio: float = Field(0.95, gt=0, le=1, description="Candidates scoring above this x the positive's score are dropped as likely false negatives (NV-Retriever's TopK-PercPos).")
+    top_k: int | None = Field(None, gt=0, description="Candidates searched per query; null = max(30, 10 x negatives).")
+    cache_dir: str | None = Field(None, description="Where mined files and the base model's ONNX export are cached by input hash; null = $RAYEMBED_HOME/mining (~/.rayembed/mining).")
+
+
 class DatasetConfig(Section):
     training: str = Field(description="Training JSONL: one {query, pos_doc, neg_doc: [...]} per line.")
     validation: str | None = Field(None, description="Validation JSONL, same format; when absent a split is taken off the training file.")
@@ -32,6 +40,7 @@ class DatasetConfig(Section):
     validation_fraction: float = Field(0.05, gt=0, lt=0.5, description="Share of training lines split off for validation when no validation file is given.")
     max_validation_examples: int = Field(500, gt=0, description="Cap on the validation split taken off the training file.")
     max_examples: int | None = Field(None, gt=0, description="Use a seeded subsample of this many training lines (after the validation split).")
+    mining: Mining | None = Field(None, description="Mine hard negatives with the base model before training (cached); null = use neg_doc as given.")
 
 
 class LoraConfig(Section):
@@ -155,12 +164,31 @@ class JobConfig(Section):
     output: Output
     resources: Resources = Resources()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mined_negatives_are_used(cls, data):
+        """dataset.mining.negatives sets loss.negatives_per_query unless that is set too (then they must agree)."""
+        mining = ((data.get("dataset") or {}).get("mining") or {}) if isinstance(data, dict) else {}
+        n = mining.get("negatives") if isinstance(mining, dict) else None
+        if not isinstance(n, int) or isinstance(n, bool):
+            return data
+        loss = data.get("loss") or {}
+        if not isinstance(loss, dict):
+            return data
+        if "negatives_per_query" in loss and loss["negatives_per_query"] != n:
+            raise ValueError(f"loss.negatives_per_query ({loss['negatives_per_query']}) differs from "
+                             f"dataset.mining.negatives ({n}); remove loss.negatives_per_query (mining sets it)")
+        return {**data, "loss": {**loss, "negatives_per_query": n}}
+
     def with_absolute_paths(self) -> "JobConfig":
         """Local paths made absolute, so Ray workers (whose cwd differs) find the same files."""
         def absolute(p: str | None) -> str | None:
             return p if p is None or "://" in p else str(Path(p).expanduser().absolute())
 
         ds = self.dataset.model_copy(update={k: absolute(getattr(self.dataset, k)) for k in ("training", "validation", "evaluation")})
+        if ds.mining is not None:
+            ds = ds.model_copy(update={"mining": ds.mining.model_copy(update={k: absolute(getattr(ds.mining, k))
+                                                                               for k in ("corpus", "cache_dir")})})
         out = self.output.model_copy(update={"dir": absolute(self.output.dir), "storage_path": absolute(self.output.storage_path)})
         model = absolute(self.model) if Path(self.model).expanduser().is_dir() else self.model
         return self.model_copy(update={"dataset": ds, "output": out, "model": model})

@@ -67,7 +67,8 @@ def _check_record(obj: object, negatives_needed: int) -> tuple[str | None, int]:
         return "field 'neg_doc' must be a list of non-empty strings", 0
     if len(neg) < negatives_needed:
         return (f"field 'neg_doc' has {len(neg)} entries but loss.negatives_per_query is {negatives_needed}; "
-                "add hard negatives or lower loss.negatives_per_query"), 0
+                "add hard negatives, lower loss.negatives_per_query, or mine them with the base model "
+                "(dataset.mining.negatives: N)"), 0
     return None, len(positives)
 
 
@@ -219,8 +220,11 @@ def retrieval_set_from_examples(reader: ExampleReader) -> RetrievalSet:
 
 
 def prepare_splits(dataset, negatives: int, seed: int) -> tuple[ExampleIndex, ExampleIndex]:
-    """(train, validation) indexes for a job's dataset section; validates every line of every file."""
-    train = index_jsonl(dataset.training, negatives)
+    """(train, validation) indexes for a job's dataset section; validates every line of every file.
+
+    A training file still to be mined (dataset.mining set) needs no neg_doc entries yet.
+    """
+    train = index_jsonl(dataset.training, 0 if dataset.mining else negatives)
     if dataset.validation:
         val = index_jsonl(dataset.validation, negatives)
     else:
@@ -228,3 +232,26 @@ def prepare_splits(dataset, negatives: int, seed: int) -> tuple[ExampleIndex, Ex
     if dataset.max_examples:
         train = subsample(train, dataset.max_examples, seed)
     return train, val
+
+
+def negative_counts(path: str | Path) -> dict[int, int]:
+    """How many lines carry 0, 1, 2, ... hard negatives (lines already validated)."""
+    counts: dict[int, int] = {}
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if raw.strip():
+                n = len(json.loads(raw).get("neg_doc") or [])
+                counts[n] = counts.get(n, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def negatives_advice(counts: dict[int, int], wanted: int) -> str | None:
+    """A note for `--check` when hard negatives are missing or few, pointing to mining."""
+    lines = sum(counts.values())
+    none, fewest = counts.get(0, 0), min(counts) if counts else 0
+    if none == 0 and fewest >= max(wanted, 1) and fewest >= 3:
+        return None
+    what = (f"{none} of {lines} lines have no hard negatives" if none else
+            f"the lines carry {fewest}-{max(counts)} hard negatives")
+    return (f"{what}; mined ones usually help: set dataset.mining.negatives: 3 to mine them with the base model "
+            "before training, or run python -m batch mine")

@@ -58,7 +58,7 @@ def preflight(cfg: JobConfig) -> Preflight:
         load_beir(cfg.dataset.evaluation)
     warnings = [w for w in [warn_on_size(len(train_idx))] if w]
     prefixes = resolve_prefixes(cfg.prefixes, info)
-    reader = ExampleReader(val_idx, cfg.loss.negatives_per_query)
+    reader = ExampleReader(val_idx, 0 if cfg.dataset.mining else cfg.loss.negatives_per_query)
     sample = [reader[i] for i in range(min(16, len(reader)))]
     parity = [prefixes[0] + e.query for e in sample] + [prefixes[1] + e.pos_doc for e in sample]
     return Preflight(info, prefixes, len(train_idx), len(val_idx), parity, warnings)
@@ -94,6 +94,15 @@ def run_job(cfg: JobConfig) -> dict:
     preflight_done = time.time()
     ensure_ray()
     ray_ready = time.time()
+    mining = None
+    if cfg.dataset.mining:
+        from train.mining import mine_for_job, summary as mining_summary
+
+        cfg, mining = mine_for_job(cfg, pre.info.path, pre.prefixes, pre.parity_texts)
+        print(mining_summary(mining), flush=True)
+        (out / "mining.json").write_text(json.dumps(mining, indent=1, ensure_ascii=False))
+        pre = preflight(cfg)  # the mined file: every line again, now with its negatives
+    mined = time.time()
     result = build_trainer(cfg).fit()
     final = result.metrics
     model_dir = out / "model"
@@ -112,8 +121,10 @@ def run_job(cfg: JobConfig) -> dict:
     timing = {"job_seconds": round(time.time() - job_start, 1), "export_seconds": round(time.time() - train_done, 1),
               "first_step_seconds": round(final["first_step_at"] - job_start, 1),
               "preflight_seconds": round(preflight_done - job_start, 1), "ray_init_seconds": round(ray_ready - preflight_done, 1),
+              "mining_seconds": round(mined - ray_ready, 1),
               "worker_setup_seconds": round(final["worker_setup_seconds"], 1)}
-    report = write_report(out, final, {"timing": timing, "warnings": pre.warnings,
+    extra = {"mining": {k: v for k, v in mining.items() if not k.startswith("examples")}} if mining else {}
+    report = write_report(out, final, {**extra, "timing": timing, "warnings": pre.warnings,
                                        "onnx": {"path": str(out / "onnx"), "parity_min_cosine": manifest.parity.min_cosine}})
     shutil.copy2(out / "eval.json", out / "onnx" / "eval.json")
     print(summary(report))

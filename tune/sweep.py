@@ -128,6 +128,14 @@ def run_sweep(sweep: SweepConfig) -> dict:
         raise OutputConflict(f"output.dir {sweep.output.dir} holds a finished sweep (results.json); choose a new one")
     Path(sweep.output.dir).mkdir(parents=True, exist_ok=True)
     ensure_ray()
+    given_dataset = sweep.job.dataset
+    if sweep.job.dataset.mining:  # mined once, before the trials; every trial trains on the same file
+        from train.mining import mine_for_job, summary as mining_summary
+
+        pre = preflight(sweep.job)
+        mined_job, mining = mine_for_job(sweep.job, pre.info.path, pre.prefixes, pre.parity_texts)
+        print(mining_summary(mining), flush=True)
+        sweep = sweep.model_copy(update={"job": mined_job})
     s = sweep.search
     if s.mode == "loguniform":
         trials = run_points(sweep, tune.loguniform(s.min_learning_rate, s.max_learning_rate), s.num_samples, "loguniform")
@@ -146,7 +154,7 @@ def run_sweep(sweep: SweepConfig) -> dict:
                "best": asdict(winner) if winner else None, "seconds": round(time.time() - start, 1)}
     if winner:
         best_job = trial_job(sweep, winner.lr).model_copy(update={"output": sweep.job.output.model_copy(
-            update={"dir": str(Path(sweep.output.dir) / "winner")}), "dataset": sweep.job.dataset, "name": f"{sweep.job.name}-best"})
+            update={"dir": str(Path(sweep.output.dir) / "winner")}), "dataset": given_dataset, "name": f"{sweep.job.name}-best"})
         (Path(sweep.output.dir) / "best_job.yaml").write_text(dump_config(best_job))
     write_outputs(Path(sweep.output.dir), summary)  # before promotion: a failing winner job keeps the table
     if winner and sweep.promote_winner:

@@ -1,6 +1,8 @@
 """ONNX Runtime for one artifact: session, providers check, length-grouped batch plans, Matryoshka.
 
-No Ray and no torch here, so the benchmark's in-process ceiling runs exactly this code.
+The reader side of the artifact contract, shared by serving replicas and batch embedding. No Ray
+and no torch here, so the benchmark's in-process ceiling runs exactly this code; it needs the
+`cpu` or `gpu` extra (ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from rayembed.artifact import GRAPH, GRAPH_FP16, GRAPH_OPTIMIZED, read_manifest
+from rayembed.artifact import GRAPH, GRAPH_FP16, GRAPH_OPTIMIZED, TextTokenizer, read_manifest
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -96,3 +98,29 @@ def matryoshka(embeddings: np.ndarray, dim: int | None) -> np.ndarray:
     cut = embeddings[:, :dim]  # [B, dim]
     norms = np.linalg.norm(cut, axis=1, keepdims=True)  # [B, 1]
     return cut / np.maximum(norms, 1e-12)
+
+
+class TextEmbedder:
+    """Texts -> normalized float32 embeddings for batch work: the artifact's prefix, truncation at its
+    max_seq_length, length-sorted ONNX Runtime calls of at most `max_texts` texts / `max_tokens` tokens."""
+
+    def __init__(self, model_dir: str | Path, *, device: str = "auto", threads: int = 1, has_gpu: bool = False,
+                 max_texts: int = 64, max_tokens: int = 16384):
+        self.engine = OnnxEmbedder(model_dir, device=device, threads=threads, has_gpu=has_gpu)
+        self.manifest = self.engine.manifest
+        self.tokenizer = TextTokenizer(model_dir, self.manifest.max_seq_length)
+        self.max_texts, self.max_tokens = max_texts, max(max_tokens, self.manifest.max_seq_length)
+
+    def prefix(self, input_type: str) -> str:
+        if input_type not in ("query", "passage"):
+            raise ValueError(f"input_type must be 'query' or 'passage', not {input_type!r}")
+        return getattr(self.manifest.prefixes, input_type) or ""
+
+    def __call__(self, texts: list[str], input_type: str) -> np.ndarray:
+        prefix = self.prefix(input_type)
+        ids = [e.ids for e in self.tokenizer.tokenizer.encode_batch([prefix + t for t in texts])]
+        out = np.zeros((len(texts), self.manifest.embedding_dim), np.float32)  # [N, H]
+        for plan in plan_batches([len(x) for x in ids], self.max_texts, self.max_tokens):
+            input_ids, mask = self.tokenizer.pad([ids[i] for i in plan])  # [b, S]
+            out[plan] = self.engine.run(input_ids, mask)
+        return out
