@@ -168,17 +168,22 @@ class _Parts:
     def add(self, table: pa.Table) -> None:
         self.pending.append(table)
         self.rows += len(table)
-        if sum(len(t) for t in self.pending) >= self.rows_per_file:
-            self.flush()
+        while sum(len(t) for t in self.pending) >= self.rows_per_file:
+            whole = pa.concat_tables(self.pending)
+            self._write(whole.slice(0, self.rows_per_file))
+            self.pending = [whole.slice(self.rows_per_file)]
 
     def flush(self) -> None:
-        if not self.pending:
-            return
+        rest = [t for t in self.pending if len(t)]
+        if rest:
+            self._write(pa.concat_tables(rest))
+        self.pending = []
+
+    def _write(self, table: pa.Table) -> None:
         tmp = self.folder / f".part-{self.next:05d}.parquet.tmp"
-        pq.write_table(pa.concat_tables(self.pending), tmp)
+        pq.write_table(table, tmp)
         tmp.replace(self.folder / f"part-{self.next:05d}.parquet")
         self.next += 1
-        self.pending = []
 
 
 def embed_corpus(model_dir: str, inputs: list[str], output: str, *, input_type: str = "passage",
@@ -209,7 +214,10 @@ def embed_corpus(model_dir: str, inputs: list[str], output: str, *, input_type: 
         log.info("%s already holds all %d rows", out, total)
         return {**json.loads((out / SPEC).read_text()), **spec, "rows": total, "embedded_now": 0, "resumed_from": total}
     ensure_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one progress line of ours instead
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # one progress line of ours instead
+    # small blocks: a task's output reaches the writer batch by batch, not once per 128 MiB
+    ctx.target_max_block_size = 4 * 1024 * 1024
     pool = plan_pool(ray.cluster_resources(), actors, threads)
     blocks = max(pool.actors * 2, -(-total // 2048)) if total else None  # ~2k rows a block: steady progress
     ds = read_input([str(p) for p in inputs], text_field, id_field, blocks)

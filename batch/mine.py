@@ -79,7 +79,8 @@ def _embed(model_dir: str, texts: list[str], folder: Path, input_type: str, **po
     source = folder / "input.parquet"
     if not source.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"id": np.arange(len(texts), dtype=np.int64), "text": texts}), source)
+        # row groups of 1,024 let the read split into blocks that spread over the actor pool
+        pq.write_table(pa.table({"id": np.arange(len(texts), dtype=np.int64), "text": texts}), source, row_group_size=1024)
     embed_corpus(model_dir, [str(source)], str(folder / "vectors"), input_type=input_type, id_field="id",
                  title_field=None, **pool)
     ids, vectors = read_vectors(folder / "vectors")
@@ -142,6 +143,11 @@ def mine_negatives(model_dir: str, training: str, output: str, *, negatives: int
             kept_examples.append({"line": n, "query": line.query, "positive_score": round(pos_score, 4),
                                   "negative": texts[c.negatives[0]][:300], "score": round(chosen[c.negatives[0]], 4)})
         out_lines.append(json.dumps({**line.raw, "neg_doc": mined}, ensure_ascii=False))
+    if not out_lines:
+        raise CorpusError(f"mining kept no line of {training}: for every query the base model scores all top-{k} "
+                          f"candidates above {max_score_ratio} x its positive (mean positive score "
+                          f"{np.mean(pos_scores):.3f}); is {model_dir} the intended base model? A higher "
+                          "max_score_ratio (up to 1.0) filters less")
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{output}.tmp")
     tmp.write_text("\n".join(out_lines) + "\n" if out_lines else "", encoding="utf-8")

@@ -2,6 +2,7 @@
 
     python -m bench.quality --data ../shared/data/debian-pkgdesc --lr 5e-6 --lr 2e-5 \
         --max-examples 1000 --negatives 1 --out runs/quality-sub1000
+    python -m bench.quality --data ../shared/data/debian-pkgdesc --lr 5e-6 --negatives 3 --mine --out runs/quality-full-mined3
 
 Each learning rate is one full `python -m train` job (Ray Train, eval vs base, ONNX export);
 the table goes to stdout and <out>/results.jsonl.
@@ -31,6 +32,10 @@ def job_config(args, lr: float, out: Path) -> dict:
     }
     if args.max_examples:
         cfg["dataset"]["max_examples"] = args.max_examples
+    if args.mine:  # negatives mined with the base model (cached across the runs), not the file's own
+        cfg["dataset"]["mining"] = {"negatives": args.negatives, "max_score_ratio": args.max_score_ratio,
+                                    "cache_dir": str(Path(args.mining_cache).absolute())}
+        del cfg["loss"]["negatives_per_query"]
     return cfg
 
 
@@ -41,6 +46,9 @@ def main() -> int:
     p.add_argument("--lr", type=float, action="append", required=True)
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--negatives", type=int, default=1)
+    p.add_argument("--mine", action="store_true", help="mine --negatives per query with the base model (dataset.mining)")
+    p.add_argument("--max-score-ratio", type=float, default=0.95, help="mining's false-negative filter")
+    p.add_argument("--mining-cache", default="runs/mining-cache")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--max-seq-length", type=int, default=128)
@@ -64,7 +72,7 @@ def main() -> int:
         row = {"lr": lr, "base_ndcg@10": report["base"]["ndcg@10"], "tuned_ndcg@10": report["tuned"]["ndcg@10"],
                "tuned_recall@10": report["tuned"]["recall@10"], "tuned_mrr@10": report["tuned"]["mrr@10"],
                "verdict": report["verdict"]["outcome"], "train_examples": tr["train_examples"],
-               "negatives": args.negatives, "job_seconds": round(time.time() - start, 1), "timing": report["timing"]}
+               "negatives": args.negatives, "mined": args.mine, "job_seconds": round(time.time() - start, 1), "timing": report["timing"]}
         rows.append(row)
         with (root / "results.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")

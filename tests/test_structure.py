@@ -14,7 +14,7 @@ import pytest
 from rayembed.artifact import ArtifactError, read_manifest
 from tests.conftest import ROOT
 
-PACKAGES = ("rayembed", "cluster", "train", "tune", "serve")
+PACKAGES = ("rayembed", "cluster", "train", "tune", "serve", "batch")
 
 
 def imports_of(package: str) -> list[tuple[str, str, list[str]]]:
@@ -33,6 +33,7 @@ def imports_of(package: str) -> list[tuple[str, str, list[str]]]:
     ("serve", {"train", "tune", "torch", "transformers", "peft"}),
     ("train", {"serve", "tune"}),
     ("rayembed", {"train", "tune", "serve", "cluster", "torch", "ray"}),
+    ("batch", {"train", "tune", "serve", "torch", "transformers", "peft"}),
 ])
 def test_layering(package, forbidden):
     bad = [(f, m) for f, m, _ in imports_of(package) if m.split(".")[0] in forbidden]

@@ -26,7 +26,9 @@ class OutputConflict(RuntimeError):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean "fix your config, data, model or output dir": printed without a traceback (exit 2)."""
-    return ConfigError, DataError, ModelError, OutputConflict
+    from batch.corpus import CorpusError  # mining's: a corpus, a field or a filter that keeps nothing
+
+    return ConfigError, DataError, ModelError, OutputConflict, CorpusError
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,154 @@
+"""Batch work on Ray Data: exact top-k and the false-negative filter on hand-made numbers, corpus
+embedding (equal to the in-process engine, resumable after a crash), mining, and the job's mining step."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from batch.corpus import CorpusError, embed_corpus, read_vectors
+from batch.mining import choose, top_k
+from tests.conftest import ROOT, SAMPLE, sample_lines
+
+
+def test_blockwise_top_k_is_exact():
+    rng = np.random.default_rng(0)
+    q, d = rng.normal(size=(23, 8)).astype(np.float32), rng.normal(size=(101, 8)).astype(np.float32)
+    scores, idx = top_k(q, d, 7, query_block=5, doc_block=13)  # blocks that do not divide the sizes
+    full = q @ d.T
+    expected = np.argsort(-full, axis=1)[:, :7]
+    np.testing.assert_array_equal(idx, expected)
+    np.testing.assert_allclose(scores, np.take_along_axis(full, expected, 1), rtol=1e-6)
+    assert top_k(q, d[:3], 7)[1].shape == (23, 3)  # k larger than the corpus: all of it
+
+
+def test_choose_skips_positives_and_filters_likely_false_negatives():
+    scores = np.array([0.95, 0.90, 0.85, 0.70, 0.60, 0.50], np.float32)
+    docs = np.array([7, 3, 9, 4, 5, 6])
+    c = choose(scores, docs, positive_score=0.9, positives={7}, n=2, max_score_ratio=0.95)
+    # threshold 0.855: doc 3 (0.90) is a likely false negative, doc 9 (0.85) is the hardest kept
+    assert c.negatives == [9, 4]
+    assert [d for d, _ in c.filtered] == [3]
+    assert c.threshold == pytest.approx(0.855)
+    assert choose(scores, docs, 0.9, {7}, n=10, max_score_ratio=1.0).negatives == [3, 9, 4, 5, 6]
+
+
+def corpus_file(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "corpus.jsonl"
+    with (SAMPLE / "eval" / "corpus.jsonl").open() as fh:
+        rows = [json.loads(next(fh)) for _ in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_corpus_embedding_matches_the_engine_and_resumes_after_a_crash(ray_session, minilm_onnx, tmp_path):
+    from rayembed.engine import TextEmbedder
+
+    src, out = corpus_file(tmp_path, 150), tmp_path / "vectors"
+    first = embed_corpus(str(minilm_onnx), [str(src)], str(out), id_field="_id", rows_per_file=40)
+    assert first["rows"] == first["embedded_now"] == 150
+    parts = sorted(out.glob("part-*.parquet"))
+    assert len(parts) == 4
+    ids, vectors = read_vectors(out)
+    rows = {json.loads(line)["_id"]: json.loads(line) for line in src.read_text().splitlines()}
+    assert sorted(ids) == sorted(rows)
+    texts = [(f"{rows[i]['title']} {rows[i]['text']}".strip() if rows[i]["title"] else rows[i]["text"]) for i in ids]
+    expected = TextEmbedder(minilm_onnx, threads=1)(texts, "passage")
+    assert (np.sum(vectors * expected, axis=1) > 0.9999).all()
+    # a crash: one part lost, another cut short mid-write; the rerun redoes exactly their rows
+    lost = len(pq.read_table(parts[1])) + len(pq.read_table(parts[2]))
+    parts[1].unlink()
+    parts[2].write_bytes(parts[2].read_bytes()[:100])
+    again = embed_corpus(str(minilm_onnx), [str(src)], str(out), id_field="_id", rows_per_file=40)
+    assert again["embedded_now"] == lost and again["resumed_from"] == 150 - lost
+    ids2, vectors2 = read_vectors(out)
+    assert len(ids2) == len(set(ids2)) == 150
+    order = {i: k for k, i in enumerate(ids)}
+    np.testing.assert_allclose(vectors2, vectors[[order[i] for i in ids2]], atol=1e-5)
+    with pytest.raises(CorpusError, match="made differently"):
+        embed_corpus(str(minilm_onnx), [str(src)], str(out), id_field="_id", input_type="query")
+    with pytest.raises(CorpusError, match=r"no field \['nope'\]"):
+        embed_corpus(str(minilm_onnx), [str(src)], str(tmp_path / "v2"), id_field="_id", text_field="nope")
+
+
+def test_mining_filters_a_planted_false_negative_and_never_returns_a_positive(ray_session, minilm_onnx, tmp_path):
+    from batch.mine import mine_negatives
+    from rayembed.engine import TextEmbedder
+
+    lines = sample_lines(60)
+    planted = lines[0]["pos_doc"].upper()  # a duplicate of the positive in another case: the same to an uncased model
+    lines[1]["neg_doc"] = [planted]  # so the planted doc is in the candidate pool
+    training = tmp_path / "train.jsonl"
+    training.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "mined.jsonl"
+    report = mine_negatives(str(minilm_onnx), str(training), str(out), negatives=3)
+    mined = [json.loads(x) for x in out.read_text().splitlines()]
+    assert report["lines_written"] == len(mined) == 60 and report["lines_dropped_short"]["count"] == 0
+    embed = TextEmbedder(minilm_onnx, threads=1)
+    positives = {x["query"]: x["pos_doc"] for x in lines}
+    assert planted not in mined[0]["neg_doc"]
+    assert report["filtered_as_likely_false_negatives"]["candidates"] > 0
+    for row in mined:
+        assert len(row["neg_doc"]) == 3 and positives[row["query"]] not in row["neg_doc"]
+    # what was kept scores below 0.95 x the positive, hardest first (unless completed from the line's own)
+    row = mined[0]
+    q = embed([row["query"]], "query")[0]
+    docs = embed([row["pos_doc"], *row["neg_doc"], planted], "passage")
+    s = docs @ q
+    assert s[-1] > 0.95 * s[0], "the planted near-duplicate must score like the positive"
+    assert (s[1:4] <= 0.95 * s[0] + 1e-4).all() and (np.diff(s[1:4]) <= 1e-4).all()
+
+
+def test_job_mines_negatives_with_the_base_model_and_caches_them(ray_session, tmp_path):
+    from tests.test_job import job
+    from train.job import run_job
+    from train.mining import mine_for_job
+
+    training = tmp_path / "train.jsonl"  # no hard negatives at all: only trainable after mining
+    training.write_text("".join(json.dumps({**x, "neg_doc": []}) + "\n" for x in sample_lines(48)))
+    cfg = job("all-MiniLM-L6-v2", training, tmp_path / "job", schedule={"max_steps": 1}, optimizer={"learning_rate": 2e-5},
+              dataset={"mining": {"negatives": 2, "cache_dir": str(tmp_path / "cache")}})
+    report = run_job(cfg)
+    assert report["mining"]["lines_written"] == 48 and report["mining"]["negatives_per_line"] == 2
+    mined_file = Path(report["mining"]["output"])
+    assert json.loads((tmp_path / "job" / "mining.json").read_text())["output"] == str(mined_file)
+    for row in map(json.loads, mined_file.read_text().splitlines()):
+        assert len(row["neg_doc"]) == 2 and row["pos_doc"] not in row["neg_doc"]
+    before = mined_file.stat().st_mtime_ns
+    from train.model import inspect_model, resolve_prefixes
+
+    info = inspect_model("all-MiniLM-L6-v2")
+    again, r2 = mine_for_job(cfg.with_absolute_paths(), info.path, resolve_prefixes(cfg.prefixes, info), ["a text"])
+    assert r2["output"] == str(mined_file) and mined_file.stat().st_mtime_ns == before  # from the cache
+    assert again.dataset.training == str(mined_file) and again.dataset.mining is None
+
+
+def test_check_points_to_mining_when_negatives_are_missing(tmp_path):
+    training = tmp_path / "train.jsonl"
+    training.write_text("".join(json.dumps({**x, "neg_doc": []}) + "\n" for x in sample_lines(30)))
+    proc = subprocess.run([sys.executable, "-m", "train", "--config", str(ROOT / "examples" / "minilm-debian.yaml"),
+                           "--set", f"dataset.training={training}", "--set", "loss.negatives_per_query=0",
+                           "--set", f"output.dir={tmp_path / 'o'}", "--check"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "hard negatives per line: 0: 30 lines" in proc.stdout
+    assert "30 of 30 lines have no hard negatives" in proc.stdout and "dataset.mining.negatives: 3" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "train", "--config", str(ROOT / "examples" / "minilm-debian.yaml"),
+                           "--set", f"dataset.training={training}", "--set", f"output.dir={tmp_path / 'o'}", "--check"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "dataset.mining.negatives: N" in proc.stderr
+
+
+def test_mining_config_sets_the_negatives_the_loss_uses():
+    from train.config import ConfigError, validate_config
+
+    base = {"model": "m", "dataset": {"training": "t", "mining": {"negatives": 3}}, "output": {"dir": "o"}}
+    assert validate_config(base).loss.negatives_per_query == 3
+    with pytest.raises(ConfigError, match=r"loss.negatives_per_query \(1\) differs from dataset.mining.negatives \(3\)"):
+        validate_config({**base, "loss": {"negatives_per_query": 1}})
