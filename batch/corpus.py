@@ -51,8 +51,7 @@ def plan_pool(cluster: dict, actors: int | None = None, threads: int | None = No
 
 def vectors_column(vectors: np.ndarray) -> pa.FixedSizeListArray:
     """[N, H] float32 -> a fixed-size list column (plain Arrow: any Parquet reader gets the vectors)."""
-    n, h = vectors.shape
-    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), h)
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1])
 
 
 def read_vectors(folder: str | Path) -> tuple[list, np.ndarray]:
