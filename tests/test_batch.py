@@ -127,6 +127,15 @@ def test_job_mines_negatives_with_the_base_model_and_caches_them(ray_session, tm
     again, r2 = mine_for_job(cfg.with_absolute_paths(), info.path, resolve_prefixes(cfg.prefixes, info), ["a text"])
     assert r2["output"] == str(mined_file) and mined_file.stat().st_mtime_ns == before  # from the cache
     assert again.dataset.training == str(mined_file) and again.dataset.mining is None
+    # other mining settings: a new mined file from the same cached vectors (nothing embedded again)
+    parts = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("vectors-*/*/vectors/part-*.parquet")}
+    assert len(parts) == 2  # queries and documents
+    one = cfg.with_absolute_paths()
+    one = one.model_copy(update={"dataset": one.dataset.model_copy(update={"mining": one.dataset.mining.model_copy(
+        update={"negatives": 1})})})
+    _, r3 = mine_for_job(one, info.path, resolve_prefixes(cfg.prefixes, info), ["a text"])
+    assert r3["output"] != str(mined_file) and r3["negatives_per_line"] == 1
+    assert {p: p.stat().st_mtime_ns for p in parts} == parts
 
 
 def test_check_points_to_mining_when_negatives_are_missing(tmp_path):

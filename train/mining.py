@@ -1,8 +1,9 @@
-"""The job's mining step: export the base model to ONNX, mine hard negatives on Ray Data, cache both.
+"""The job's mining step: export the base model to ONNX, mine hard negatives on Ray Data, cache all.
 
-Runs in the driver before training when `dataset.mining` is set. The cache key is a hash of what
-the result depends on (the training and corpus files' bytes, the base model's files, the mining
-settings), so a rerun, a resumed job or a sweep trial reuses the mined file.
+Runs in the driver before training when `dataset.mining` is set. Each cache key is a hash of what
+the result depends on: the base export of the model's files; the vectors of the training and
+corpus files' bytes and that export; the mined file of those and the mining settings. A rerun, a
+resumed job or a sweep reuses the mined file, and other mining settings reuse the vectors.
 """
 
 from __future__ import annotations
@@ -68,8 +69,10 @@ def mine_for_job(cfg: JobConfig, model_path: str, prefixes: tuple[str, str], par
 
     m = cfg.dataset.mining
     artifact = base_artifact(cfg, model_path, prefixes, parity_texts)
-    parts = [CACHE_FORMAT, file_digest(cfg.dataset.training), file_digest(m.corpus) if m.corpus else None,
-             artifact.name, m.negatives, m.max_score_ratio, m.top_k]
+    inputs = [CACHE_FORMAT, file_digest(cfg.dataset.training), file_digest(m.corpus) if m.corpus else None, artifact.name]
+    # the vectors depend on the inputs only: other mining settings reuse them
+    vectors = cache_root(cfg) / f"vectors-{hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]}"
+    parts = [*inputs, m.negatives, m.max_score_ratio, m.top_k]
     folder = cache_root(cfg) / f"mined-{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]}"
     mined, report_path = folder / "train.jsonl", folder / "train.jsonl.report.json"
     if report_path.is_file() and mined.is_file():
@@ -78,8 +81,7 @@ def mine_for_job(cfg: JobConfig, model_path: str, prefixes: tuple[str, str], par
     else:
         report = mine_negatives(str(artifact), cfg.dataset.training, str(mined), negatives=m.negatives, corpus=m.corpus,
                                 max_score_ratio=m.max_score_ratio, top_k_candidates=m.top_k,
-                                work_dir=str(folder / "work"))
-        shutil.rmtree(folder / "work", ignore_errors=True)  # the vectors are not needed once the file is written
+                                work_dir=str(vectors))
     report = {**report, "cache": str(folder)}
     dataset = cfg.dataset.model_copy(update={"training": str(mined), "mining": None})  # mined: train on it as given
     return cfg.model_copy(update={"dataset": dataset}), report
