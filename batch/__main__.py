@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from rayembed.artifact import ArtifactError
+from rayembed.cli import setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from batch.corpus import CorpusError
 
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     pool = {"actors": args.actors, "threads": args.threads}
     try:
         if args.command == "embed":

@@ -13,9 +13,14 @@ from pydantic import BaseModel
 from rayembed.config import ConfigError, field_help
 
 
-def setup_logging() -> None:
+NOISY = ("onnx_ir", "onnxscript", "torch.onnx", "urllib3", "filelock")  # INFO lines a person has no use for
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Our INFO lines, and other libraries' warnings only (all of their INFO with --verbose)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one INFO line per folded initializer
+    for name in () if verbose else NOISY:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_config_cli(argv: list[str] | None, *, prog: str, doc: str, model: type[BaseModel],
@@ -30,10 +35,11 @@ def run_config_cli(argv: list[str] | None, *, prog: str, doc: str, model: type[B
     parser.add_argument("--config", required=True, help=config_help)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override a config field, e.g. --set {set_example} (repeatable)")
+    parser.add_argument("--verbose", action="store_true", help="also show other libraries' INFO logs")
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     errors = (ConfigError, FileNotFoundError, *user_errors())
     try:
         return run(args)

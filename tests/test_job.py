@@ -156,3 +156,30 @@ def test_finished_output_is_never_overwritten(tiny_bert, train_file, tmp_path):
     with pytest.raises(OutputConflict, match="holds a finished job"):
         run_job(job(tiny_bert, train_file, out))
     assert (out / "eval.json").read_text() == "{}"
+
+
+def test_job_console_shows_progress_and_not_other_libraries_noise(tiny_bert, train_file, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    cfg = job(tiny_bert, train_file, tmp_path / "out", schedule={"max_steps": 4}).model_dump(mode="json")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "train", "--config", str(tmp_path / "job.yaml")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-3000:]
+    assert console.count("step 2/4 (50%) | loss") == 1 and console.count("step 4/4 (100%) | loss") == 1
+    for noise in ("LOAD REPORT", "TrainingReport(", "onnxscript", "failed in shape inference", "Loading weights",
+                  "Fused ", "torchvision", "FutureWarning"):
+        assert noise not in console, f"{noise!r} in the job's console:\n{console[-3000:]}"
+    assert "ndcg@10" in console and f"{tmp_path / 'out'}/onnx" in console
+    # the artifact is readable by a serving process of another user
+    onnx_dir = tmp_path / "out" / "onnx"
+    assert onnx_dir.stat().st_mode & 0o777 == 0o755
+    assert {f.stat().st_mode & 0o777 for f in onnx_dir.iterdir()} == {0o644}

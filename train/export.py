@@ -7,19 +7,22 @@ Also the export-only entry point for base models:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from train.model import BiEncoder, inspect_model, load_backbone
+from train.model import BiEncoder, inspect_model, load_backbone, quiet_libraries
 from train.pooling import normalize
 from rayembed.artifact import (FORMAT_VERSION, GRAPH, GRAPH_FP16, GRAPH_OPTIMIZED, TOKENIZER_FILES, Manifest,
                                TextTokenizer, write_manifest)
@@ -107,23 +110,29 @@ def _optimized_copy(src: Path, dst: Path) -> dict | None:
     saved offline; None when it does not apply to this graph."""
     from onnxruntime.transformers.optimizer import optimize_model
 
+    logging.disable(logging.WARNING)  # it logs a line per fusion under its own module names
     try:
-        model = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0, opt_level=1)
+        with contextlib.redirect_stdout(io.StringIO()):  # and prints "failed in shape inference", then goes on
+            model = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0, opt_level=1)
+            fused = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
+            if fused:
+                model.save_model_to_file(str(dst))
     except Exception as exc:  # noqa: BLE001 - an optional speed-up; the plain graph stays
+        logging.disable(logging.NOTSET)
         log.warning("ONNX Runtime's transformer optimizer does not apply (%s); serving the plain graph", exc)
         return None
-    fused = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
-    if not fused:
-        return None
-    model.save_model_to_file(str(dst))
-    return fused
+    finally:
+        logging.disable(logging.NOTSET)
+    return fused or None
 
 
 def export_onnx(model_dir: str | Path, output_dir: str | Path, *, max_seq_length: int | None = None,
                 prefixes: tuple[str, str] | None = None, matryoshka_dims: list[int] | None = None,
                 parity_texts: list[str] | None = None, source: dict | None = None, opset: int = 18,
-                fp16: bool = False, optimize: bool = True) -> Manifest:
+                fp16: bool = False, optimize: bool = True, verbose: bool = False) -> Manifest:
     """Export a (merged) model directory to `output_dir` (model.onnx, tokenizer files, manifest.json)."""
+    if not verbose:
+        quiet_libraries()
     info = inspect_model(str(model_dir))
     max_len = max_seq_length or default_max_length(info.path, info.max_positions)
     prefixes = prefixes or info.prefixes
@@ -138,12 +147,16 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, *, max_seq_length
         ids, mask = tokenizer([prefixes[0] + texts[0], prefixes[1] + texts[1]])
         batch = torch.export.Dim("batch", min=1, max=65536)
         seq = torch.export.Dim("sequence", min=1, max=max(2, info.max_positions))
-        program = torch.onnx.export(model, (torch.from_numpy(ids), torch.from_numpy(mask)), dynamo=True,
-                                    input_names=["input_ids", "attention_mask"], output_names=["embeddings"],
-                                    dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-                                    opset_version=opset, external_data=False, verbose=False)
-        params = sum(p.numel() * p.element_size() for p in model.parameters())
-        program.save(str(staging / GRAPH), external_data=params > EXTERNAL_DATA_BYTES)
+        with warnings.catch_warnings():
+            if not verbose:  # the exporter's deprecation and axis-naming notes are not the user's to act on
+                warnings.simplefilter("ignore", category=FutureWarning)
+                warnings.simplefilter("ignore", category=UserWarning)
+            program = torch.onnx.export(model, (torch.from_numpy(ids), torch.from_numpy(mask)), dynamo=True,
+                                        input_names=["input_ids", "attention_mask"], output_names=["embeddings"],
+                                        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+                                        opset_version=opset, external_data=False, verbose=False)
+            params = sum(p.numel() * p.element_size() for p in model.parameters())
+            program.save(str(staging / GRAPH), external_data=params > EXTERNAL_DATA_BYTES)
         export_s = time.perf_counter() - start
         parity_texts_prefixed = [prefixes[i % 2] + t for i, t in enumerate(texts)]
         min_cos = parity(model, staging / GRAPH, tokenizer, parity_texts_prefixed)
@@ -189,6 +202,10 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, *, max_seq_length
             "files": {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()},
         })
         write_manifest(staging, manifest)
+        # mkdtemp made the folder 0700: a serving process of another user must be able to read the artifact
+        staging.chmod(0o755)
+        for f in staging.iterdir():
+            f.chmod(0o644)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)
@@ -204,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seq-length", type=int, default=None, help="serving token limit (default: the model's)")
     parser.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx for GPU serving")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+    from rayembed.cli import setup_logging
+
+    setup_logging()
     manifest = export_onnx(args.model, args.output, max_seq_length=args.max_seq_length, fp16=args.fp16,
                            source={"kind": "base_model_export", "base_model": args.model})
     print(manifest.model_dump_json(include={"base_model", "embedding_dim", "matryoshka_dims", "max_seq_length", "parity"}, indent=2))

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from train.config import JobConfig, validate_config
 from train.data import ExampleReader, prepare_splits, retrieval_set_from_examples
 from train.evaluate import evaluate_retrieval
 from train.step import compile_encoder, make_optimizer, micro_batch_loss, tokenize, train_step, uncompile_encoder
-from train.model import build_bi_encoder, inspect_model, merge_lora, resolve_prefixes, save_hf_directory
+from train.model import build_bi_encoder, inspect_model, merge_lora, quiet_libraries, resolve_prefixes, save_hf_directory
 from rayembed.artifact import TextTokenizer
 from rayembed.progress import progress_line
 
@@ -86,6 +87,7 @@ def _report(metrics: dict, directory: Path | None = None) -> None:
 def train_loop_per_worker(config: dict) -> None:
     # ---- setup: re-validate the config (Tune may have injected values), model, data ----
     worker_start = time.time()
+    quiet_libraries()
     cfg = validate_config(config)
     device = ray.train.torch.get_device()
     if device.type != "cuda":
@@ -142,7 +144,9 @@ def train_loop_per_worker(config: dict) -> None:
                        "tokens_per_s": window_tokens / elapsed, "first_step_at": train_start,
                        "resumed_from_step": resumed_from, "compile_seconds": compile_seconds}
             # one line in the job's log: the control plane follows the job through it
-            print(progress_line(done, total, loss_value, metrics["examples_per_s"], G), flush=True)
+            # written, not print()ed: Ray Train patches print to tee into its logger, which shows each line twice
+            sys.stdout.write(progress_line(done, total, loss_value, metrics["examples_per_s"], G) + "\n")
+            sys.stdout.flush()
             if done % cfg.output.checkpoint_every_steps == 0 and done < total:
                 with tempfile.TemporaryDirectory() as tmp:
                     save_state(Path(tmp), model, optimizer, scheduler, done, {"resumed_from_step": resumed_from})

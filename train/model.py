@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,19 @@ def resolve_model_path(name: str) -> Path:
 
 def _is_llama(config: dict) -> bool:
     return config.get("model_type") in {"llama_bidirec", "llama"} or "LlamaBidirectionalModel" in config.get("architectures", [])
+
+
+def quiet_libraries() -> None:
+    """Keep a job's console to our own lines: no weight-loading bars or load reports (an unused pooler
+    is "UNEXPECTED" for every BERT checkpoint), no repr of every Ray Train report, no exporter notes."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed. Skipping ..."
+    for name in list(logging.root.manager.loggerDict):
+        if name.endswith(os.path.join("execution", "context.py")):  # Ray Train V2 logs under its file path
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def inspect_model(name: str) -> ModelInfo:
