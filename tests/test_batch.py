@@ -161,3 +161,57 @@ def test_mining_config_sets_the_negatives_the_loss_uses():
     assert validate_config(base).loss.negatives_per_query == 3
     with pytest.raises(ConfigError, match=r"loss.negatives_per_query \(1\) differs from dataset.mining.negatives \(3\)"):
         validate_config({**base, "loss": {"negatives_per_query": 1}})
+
+
+def test_pool_plan_follows_the_cluster():
+    from batch.corpus import plan_pool
+
+    assert plan_pool({"CPU": 16, "GPU": 4}) == plan_pool({"CPU": 16, "GPU": 4}, None, None)
+    gpu = plan_pool({"CPU": 16, "GPU": 4})
+    assert (gpu.actors, gpu.gpus_per_actor, gpu.device) == (4, 1, "cuda")
+    cpu = plan_pool({"CPU": 2})  # one core for reading, one actor holding the other (its session may use both)
+    assert (cpu.actors, cpu.cpus_per_actor, cpu.threads, cpu.device) == (1, 1, 2, "cpu")
+    big = plan_pool({"CPU": 33})
+    assert (big.actors, big.cpus_per_actor, big.threads) == (4, 8, 8)
+
+
+def test_corpus_embedding_on_a_two_node_cluster(minilm_onnx, tmp_path):
+    """The head has 1 CPU, a second node 2: the 2-CPU embedding actor can only run on the second node,
+    while the input file is read on the driver's node and the parts are written by the driver."""
+    import os
+    import time
+
+    from cluster.local import free_port, kill_processes
+    from rayembed.engine import TextEmbedder
+
+    temp_dir = Path("/tmp") / f"rayembed-2node-{os.getpid()}"
+    gcs = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    ports = lambda: ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),  # noqa: E731
+                     "--runtime-env-agent-port", str(free_port())]
+    head = [ray_bin, "start", "--head", "--num-cpus", "1", "--temp-dir", str(temp_dir), "--port", str(gcs),
+            "--include-dashboard", "false", "--ray-client-server-port", str(free_port()), *ports()]
+    node = [ray_bin, "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "2", "--resources", '{"second_node": 1}',
+            *ports()]
+    src, out = corpus_file(tmp_path, 120), tmp_path / "vectors"
+    try:
+        subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
+        subprocess.run(node, check=True, env=env, capture_output=True, timeout=180)
+        time.sleep(2)
+        proc = subprocess.run([sys.executable, "-m", "batch", "embed", "--model-dir", str(minilm_onnx), "--input", str(src),
+                               "--output", str(out)], cwd=ROOT, env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        spec = json.loads((out / "embeddings.json").read_text())
+        assert spec["rows"] == 120 and spec["pool"]["cpus_per_actor"] == 2 and spec["pool"]["actors"] == 1
+        ids, vectors = read_vectors(out)
+        rows = {json.loads(x)["_id"]: json.loads(x) for x in src.read_text().splitlines()}
+        expected = TextEmbedder(minilm_onnx)([rows[i]["text"] for i in ids], "passage")  # titles are empty here
+        assert len(set(ids)) == 120 and (np.sum(vectors * expected, axis=1) > 0.9999).all()
+    finally:
+        kill_processes(temp_dir)
+        for address_file in (temp_dir / "ray_current_cluster", Path("/tmp/ray/ray_current_cluster")):
+            if address_file.is_file() and f":{gcs}" in address_file.read_text():
+                address_file.unlink()
