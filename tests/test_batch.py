@@ -189,7 +189,7 @@ def test_corpus_embedding_on_a_two_node_cluster(minilm_onnx, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     ray_bin = str(Path(sys.executable).parent / "ray")
-    ports = lambda: ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),  # noqa: E731
+    ports = lambda: ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
                      "--runtime-env-agent-port", str(free_port())]
     head = [ray_bin, "start", "--head", "--num-cpus", "1", "--temp-dir", str(temp_dir), "--port", str(gcs),
             "--include-dashboard", "false", "--ray-client-server-port", str(free_port()), *ports()]
