@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--corpus-text-field", default="text")
     m.add_argument("--max-score-ratio", type=float, default=0.95,
                    help="drop candidates scoring above this x the positive's score as likely false negatives (default 0.95)")
+    m.add_argument("--no-filter", action="store_true", help="keep every candidate that is not a positive (no false-negative filter)")
     m.add_argument("--top-k", type=int, help="candidates searched per query (default max(30, 10 x negatives))")
     for sp in (e, m):
         sp.add_argument("--actors", type=int, help="embedding actors (default: one per GPU, else by CPUs)")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.negatives < 1:
                 raise CorpusError("--negatives must be at least 1")
             r = mine_negatives(args.model_dir, args.training, args.output, negatives=args.negatives, corpus=args.corpus,
-                               corpus_text_field=args.corpus_text_field, max_score_ratio=args.max_score_ratio,
+                               corpus_text_field=args.corpus_text_field, max_score_ratio=None if args.no_filter else args.max_score_ratio,
                                top_k_candidates=args.top_k, **pool)
             f = r["filtered_as_likely_false_negatives"]
             print(json.dumps({k: r[k] for k in ("examples_filtered", "examples_kept")}, indent=1, ensure_ascii=False))

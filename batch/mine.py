@@ -89,7 +89,7 @@ def _embed(model_dir: str, texts: list[str], folder: Path, input_type: str, **po
 
 
 def mine_negatives(model_dir: str, training: str, output: str, *, negatives: int = 3, corpus: str | None = None,
-                   corpus_text_field: str = "text", max_score_ratio: float = 0.95, top_k_candidates: int | None = None,
+                   corpus_text_field: str = "text", max_score_ratio: float | None = 0.95, top_k_candidates: int | None = None,
                    work_dir: str | None = None, examples: int = 5, **pool) -> dict:
     """Write `output` (training lines with mined `neg_doc`) and `output`.report.json; returns the report."""
     started = time.time()
@@ -147,7 +147,7 @@ def mine_negatives(model_dir: str, training: str, output: str, *, negatives: int
         raise CorpusError(f"mining kept no line of {training}: for every query the base model scores all top-{k} "
                           f"candidates above {max_score_ratio} x its positive (mean positive score "
                           f"{np.mean(pos_scores):.3f}); is {model_dir} the intended base model? A higher "
-                          "max_score_ratio (up to 1.0) filters less")
+                          "max_score_ratio (up to 1.0) filters less, null turns the filter off")
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{output}.tmp")
     tmp.write_text("\n".join(out_lines) + "\n" if out_lines else "", encoding="utf-8")

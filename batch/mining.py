@@ -50,9 +50,11 @@ class Choice:
 
 
 def choose(scores: np.ndarray, docs: np.ndarray, positive_score: float, positives: set[int], n: int,
-           max_score_ratio: float) -> Choice:
-    """Walk one query's ranked candidates: skip its positives, filter likely false negatives, keep n."""
-    c = Choice(threshold=max_score_ratio * positive_score)
+           max_score_ratio: float | None) -> Choice:
+    """Walk one query's ranked candidates: skip its positives, filter likely false negatives, keep n.
+
+    `max_score_ratio` None keeps every candidate that is not a positive (no false-negative filter)."""
+    c = Choice(threshold=float("inf") if max_score_ratio is None else max_score_ratio * positive_score)
     for s, d in zip(scores.tolist(), docs.tolist()):
         if d in positives:
             continue

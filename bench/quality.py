@@ -33,7 +33,7 @@ def job_config(args, lr: float, out: Path) -> dict:
     if args.max_examples:
         cfg["dataset"]["max_examples"] = args.max_examples
     if args.mine:  # negatives mined with the base model (cached across the runs), not the file's own
-        cfg["dataset"]["mining"] = {"negatives": args.negatives, "max_score_ratio": args.max_score_ratio,
+        cfg["dataset"]["mining"] = {"negatives": args.negatives, "max_score_ratio": None if args.no_filter else args.max_score_ratio,
                                     "cache_dir": str(Path(args.mining_cache).absolute())}
         del cfg["loss"]["negatives_per_query"]
     return cfg
@@ -48,6 +48,7 @@ def main() -> int:
     p.add_argument("--negatives", type=int, default=1)
     p.add_argument("--mine", action="store_true", help="mine --negatives per query with the base model (dataset.mining)")
     p.add_argument("--max-score-ratio", type=float, default=0.95, help="mining's false-negative filter")
+    p.add_argument("--no-filter", action="store_true", help="mining without the false-negative filter")
     p.add_argument("--mining-cache", default="runs/mining-cache")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.05)

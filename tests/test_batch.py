@@ -37,6 +37,8 @@ def test_choose_skips_positives_and_filters_likely_false_negatives():
     assert [d for d, _ in c.filtered] == [3]
     assert c.threshold == pytest.approx(0.855)
     assert choose(scores, docs, 0.9, {7}, n=10, max_score_ratio=1.0).negatives == [3, 9, 4, 5, 6]
+    unfiltered = choose(scores, docs, 0.2, {7}, n=10, max_score_ratio=None)  # no filter: only the positive goes
+    assert unfiltered.negatives == [3, 9, 4, 5, 6] and unfiltered.filtered == []
 
 
 def corpus_file(tmp_path: Path, n: int) -> Path:

@@ -28,7 +28,7 @@ class Prefixes(Section):
 class Mining(Section):
     negatives: int = Field(gt=0, le=64, description="Hard negatives mined per query with the base model; they replace neg_doc, and loss.negatives_per_query follows.")
     corpus: str | None = Field(None, description="JSONL or Parquet (a `text` field) to mine from; null = the training file's own documents.")
-    max_score_ratio: float = Field(0.95, gt=0, le=1, description="Candidates scoring above this x the positive's score are dropped as likely false negatives (NV-Retriever's TopK-PercPos).")
+    max_score_ratio: float | None = Field(0.95, gt=0, le=1, description="Candidates scoring above this x the positive's score are dropped as likely false negatives (NV-Retriever's TopK-PercPos); null = no filter.")
     top_k: int | None = Field(None, gt=0, description="Candidates searched per query; null = max(30, 10 x negatives).")
     cache_dir: str | None = Field(None, description="Where mined files and the base model's ONNX export are cached by input hash; null = $RAYEMBED_HOME/mining (~/.rayembed/mining).")
 
