@@ -66,9 +66,10 @@ class Http:
                     error = ApiError(exc.code, payload.decode(errors="replace")[:500])
                 if exc.code != 503 or attempt == retries:
                     raise error from None
-            except urllib.error.URLError as exc:
+            except (urllib.error.URLError, ConnectionError) as exc:  # refused, or reset by a server going down
                 if attempt == retries:
-                    raise ApiError(0, f"cannot reach {self.base_url}: {exc.reason}; is `rayembed up` running?") from None
+                    reason = getattr(exc, "reason", None) or exc
+                    raise ApiError(0, f"cannot reach {self.base_url}: {reason}; is `rayembed up` running?") from None
             time.sleep(1.0)
 
 

@@ -100,3 +100,33 @@ def test_deployment_config_checks_autoscaling_like_the_provider_does():
     assert cfg.autoscaling.min_replicas == 1 and cfg.autoscaling.max_replicas == 3
     with pytest.raises(ValidationError, match=r"min_replicas \(3\) > max_replicas \(1\)"):
         ModelDeploymentConfig.model_validate({"name": "ab", "model": "m", "autoscaling": {"min_replicas": 3, "max_replicas": 1}})
+
+
+def test_client_reports_a_server_that_resets_the_connection_as_unreachable():
+    """`rayembed down` can leave a port that accepts and then resets: an ApiError, not a raw socket error."""
+    import socket
+    import struct
+    import threading
+
+    from cluster.client import ApiError, Http
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def reset_every_connection():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conn.recv(1024)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+            conn.close()
+
+    threading.Thread(target=reset_every_connection, daemon=True).start()
+    try:
+        with pytest.raises(ApiError, match="cannot reach .*is `rayembed up` running"):
+            Http(f"http://127.0.0.1:{srv.getsockname()[1]}", 5).request("GET", "/v2/workspaces", retries=1)
+    finally:
+        srv.close()
