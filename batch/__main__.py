@@ -59,20 +59,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"embedded {r['embedded_now']} rows ({r['resumed_from']} already there) at {r['rows_per_s']} rows/s "
                   f"-> {args.output} ({r['rows']} rows, {r['embedding_dim']}-d)")
         else:
-            from batch.mine import mine_negatives
+            from batch.mine import mine_negatives, summary
 
             if args.negatives < 1:
                 raise CorpusError("--negatives must be at least 1")
             r = mine_negatives(args.model_dir, args.training, args.output, negatives=args.negatives, corpus=args.corpus,
                                corpus_text_field=args.corpus_text_field, max_score_ratio=None if args.no_filter else args.max_score_ratio,
                                top_k_candidates=args.top_k, **pool)
-            f = r["filtered_as_likely_false_negatives"]
             print(json.dumps({k: r[k] for k in ("examples_filtered", "examples_kept")}, indent=1, ensure_ascii=False))
-            print(f"mined {r['negatives_per_line']} negatives for {r['lines_written']} of {r['lines']} lines "
-                  f"({r['lines_filled_from_given']['count']} completed from their own neg_doc, "
-                  f"{r['lines_dropped_short']['count']} dropped: too few candidates); {f['candidates']} candidates in "
-                  f"{f['queries_with_any']} queries filtered as likely false negatives -> {args.output} "
-                  f"(report: {args.output}.report.json)")
+            print(f"{summary(r)} -> {args.output} (report: {args.output}.report.json)")
     except (CorpusError, ArtifactError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

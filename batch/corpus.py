@@ -121,7 +121,7 @@ def count_rows(paths: list[str]) -> int | None:
                 total += pq.ParquetFile(f).metadata.num_rows
             else:
                 with open(f, "rb") as fh:
-                    total += sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 24), b""))
+                    total += sum(1 for line in fh if line.strip())
     return total
 
 

@@ -171,3 +171,12 @@ def mine_negatives(model_dir: str, training: str, output: str, *, negatives: int
     }
     Path(f"{output}.report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     return report
+
+
+def summary(report: dict) -> str:
+    f = report["filtered_as_likely_false_negatives"]
+    return (f"mining: {report['negatives_per_line']} negatives for {report['lines_written']} of {report['lines']} lines "
+            f"from {report['documents']} documents; {f['candidates']} candidates in {f['queries_with_any']} queries "
+            f"filtered as likely false negatives (> {report['max_score_ratio']} x the positive's score); "
+            f"{report['lines_filled_from_given']['count']} lines completed from their own neg_doc, "
+            f"{report['lines_dropped_short']['count']} dropped")

@@ -98,7 +98,8 @@ def run_job(cfg: JobConfig) -> dict:
     ray_ready = time.time()
     mining = None
     if cfg.dataset.mining:
-        from train.mining import mine_for_job, summary as mining_summary
+        from batch.mine import summary as mining_summary
+        from train.mining import mine_for_job
 
         cfg, mining = mine_for_job(cfg, pre.info.path, pre.prefixes, pre.parity_texts)
         print(mining_summary(mining), flush=True)

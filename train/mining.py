@@ -86,11 +86,3 @@ def mine_for_job(cfg: JobConfig, model_path: str, prefixes: tuple[str, str], par
     dataset = cfg.dataset.model_copy(update={"training": str(mined), "mining": None})  # mined: train on it as given
     return cfg.model_copy(update={"dataset": dataset}), report
 
-
-def summary(report: dict) -> str:
-    f = report["filtered_as_likely_false_negatives"]
-    return (f"mining: {report['negatives_per_line']} negatives for {report['lines_written']} of {report['lines']} lines "
-            f"from {report['documents']} documents; {f['candidates']} candidates in {f['queries_with_any']} queries "
-            f"filtered as likely false negatives (> {report['max_score_ratio']} x the positive's score); "
-            f"{report['lines_filled_from_given']['count']} lines completed from their own neg_doc, "
-            f"{report['lines_dropped_short']['count']} dropped")

@@ -130,7 +130,8 @@ def run_sweep(sweep: SweepConfig) -> dict:
     ensure_ray()
     given_dataset = sweep.job.dataset
     if sweep.job.dataset.mining:  # mined once, before the trials; every trial trains on the same file
-        from train.mining import mine_for_job, summary as mining_summary
+        from batch.mine import summary as mining_summary
+        from train.mining import mine_for_job
 
         pre = preflight(sweep.job)
         mined_job, mining = mine_for_job(sweep.job, pre.info.path, pre.prefixes, pre.parity_texts)
