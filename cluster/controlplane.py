@@ -65,6 +65,7 @@ class ControlPlane:
         self._routes_version = time.time_ns()  # a restart changes it, so every gateway re-reads the routes
         self._client = None
         self._last_log_poll: dict[str, float] = {}
+        self._started_apps: set[str] = set()  # Serve applications this incarnation deployed
         if self.store.get("workspace", "", DEFAULT_WORKSPACE) is None:
             self._save(Workspace(name=DEFAULT_WORKSPACE, description="always exists"))
         self._stop = threading.Event()
@@ -581,13 +582,16 @@ class ControlPlane:
         # a generation to start: the first, a model swap, or a READY app that vanished (cluster restarted)
         lost = dep.status == "READY" and dep.app not in apps and dep.pending_app is None
         wants = dep.pending_app is None and (dep.status == "CREATED" or dep.pending_model is not None or lost)
-        if wants:
-            self._start_generation(dep, lost)
+        # a pending generation Serve does not know, deployed by an earlier incarnation of this actor:
+        # the cluster went down before it ran (Serve lists an application as soon as it is deployed)
+        vanished = dep.pending_app is not None and dep.pending_app not in apps and dep.pending_app not in self._started_apps
+        if wants or vanished:
+            self._start_generation(dep, lost or (vanished and dep.app not in apps), vanished=dep.pending_app if vanished else None)
             return
         if dep.pending_app is not None:
             self._watch_generation(dep, apps)
 
-    def _start_generation(self, dep: ModelDeployment, lost: bool) -> None:
+    def _start_generation(self, dep: ModelDeployment, lost: bool, vanished: str | None = None) -> None:
         with self._lock:
             dep = self._fresh(dep, ModelDeployment)
             if dep is None:
@@ -599,13 +603,15 @@ class ControlPlane:
                 generation = dep.generation + 1
                 settings = deployments.provider_settings(dep, cfg, model, generation)
                 deployments.start(settings)
+                self._started_apps.add(settings.name)
             except Exception as exc:  # noqa: BLE001 - recorded on the deployment
                 self._deployment_status(dep, "FAILED" if dep.status != "READY" else "READY",
                                         f"could not start model {target}: {exc}"[:1000], pending_model=None, error=str(exc)[:1000])
                 return
             status = "READY" if dep.status == "READY" and not lost else "PENDING"
-            reason = (f"application {dep.app} is gone (the cluster restarted); redeploying" if lost else
-                      f"starting generation {generation} with model {target}")
+            gone = vanished or (dep.app if lost else None)
+            reason = (f"application {gone} is gone (the cluster restarted); redeploying as generation {generation}" if gone
+                      else f"starting generation {generation} with model {target}")
             if lost and self.store.delete("provider", dep.workspace, dep.name):
                 self._bump_routes()
             self._deployment_status(dep, status, reason, generation=generation, pending_app=settings.name,

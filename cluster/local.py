@@ -147,13 +147,13 @@ def down(s: Settings, log=print) -> None:
         _forget(s, record)
         return
     connect(s)
-    for name in list(serve.status().applications):
-        if name == API_APP or name.startswith("rayembed."):
-            serve.delete(name)
-    try:
+    try:  # first: a control plane still reconciling would redeploy the applications deleted below
         ray.kill(ray.get_actor(CONTROL_PLANE, namespace=NAMESPACE), no_restart=True)
     except ValueError:
         pass
+    for name in list(serve.status().applications):
+        if name == API_APP or name.startswith("rayembed."):
+            serve.delete(name)
     ray.shutdown()
     if not joined and record and record.get("started_by_up"):
         kill_processes(Path(record["temp_dir"]))

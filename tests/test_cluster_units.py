@@ -130,3 +130,51 @@ def test_client_reports_a_server_that_resets_the_connection_as_unreachable():
             Http(f"http://127.0.0.1:{srv.getsockname()[1]}", 5).request("GET", "/v2/workspaces", retries=1)
     finally:
         srv.close()
+
+
+def test_a_generation_deployed_before_the_cluster_went_down_is_deployed_again(tmp_path, monkeypatch):
+    """CI saw a deployment stuck PENDING for 15 min after `down` + `up`: its pending application had been
+    deployed into the old cluster. A new control plane over the same store must deploy it again."""
+    from cluster import controlplane, deployments
+    from cluster.entities import Artifact, ModelEntity
+    from rayembed.artifact import REQUIRED_FILES
+
+    monkeypatch.setattr(controlplane, "TICK_S", 3600.0)  # reconcile only when the test says so
+    serve_apps: dict[str, tuple[str, str]] = {}  # what Serve runs: app -> (status, message)
+    started: list[str] = []
+
+    def start(settings):
+        started.append(settings.name)
+        serve_apps[settings.name] = ("DEPLOYING", "")
+
+    monkeypatch.setattr(deployments, "start", start)
+    monkeypatch.setattr(deployments, "statuses", lambda: dict(serve_apps))
+    monkeypatch.setattr(deployments, "probe", lambda app, dim: None)
+    monkeypatch.setattr(deployments, "delete", lambda app: serve_apps.pop(app, None))
+    onnx = tmp_path / "onnx"
+    onnx.mkdir()
+    for name in REQUIRED_FILES:
+        (onnx / name).write_text("{}")
+    home = tmp_path / "home"
+
+    cp = controlplane.ControlPlane(str(home), "http://127.0.0.1:9", "http://127.0.0.1:9")
+    cp._save(ModelEntity(name="mini", base_model="b", artifact=Artifact(onnx_dir=str(onnx)), embedding_dim=8))
+    cp.create_deployment("default", {"name": "keep", "model": "mini"})
+    cp.reconcile()
+    assert started == ["rayembed.default.keep.g1"]
+    cp.reconcile()  # deployed by this incarnation, not running yet: wait, do not deploy twice
+    assert started == ["rayembed.default.keep.g1"]
+    cp._stop.set()
+
+    serve_apps.clear()  # the cluster went down before g1 ran; a new cluster, a new control plane
+    cp = controlplane.ControlPlane(str(home), "http://127.0.0.1:9", "http://127.0.0.1:9")
+    cp.reconcile()
+    assert started[-1] == "rayembed.default.keep.g2"
+    dep = cp.store.get("deployment", "default", "keep")
+    assert dep["status"] == "PENDING" and "rayembed.default.keep.g1 is gone" in dep["status_history"][-1]["reason"]
+    serve_apps["rayembed.default.keep.g2"] = ("RUNNING", "")
+    cp.reconcile()
+    dep = cp.store.get("deployment", "default", "keep")
+    assert dep["status"] == "READY" and dep["app"] == "rayembed.default.keep.g2"
+    assert cp.store.get("provider", "default", "keep")["app"] == "rayembed.default.keep.g2"
+    cp._stop.set()
