@@ -13,43 +13,30 @@ import re
 import threading
 import time
 
-import orjson
 import ray
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
-from starlette.exceptions import HTTPException
 
 from cluster.settings import CONTROL_PLANE, NAMESPACE
-from serve.errors import InvalidRequest, NotFound, ServeError, Unavailable
-from serve.gateway import (GatewayCore, api_route, error_response, inference_routes, install_core, installed_core,
-                           json_response)
+from serve.errors import ServeError, Unavailable
+from serve.gateway import (GatewayCore, api_route, inference_routes, install_core, install_error_handlers,
+                           installed_core, json_response, read_body)
+from serve.schemas import parse_json_object
 from serve.settings import GatewayConfig
 
 log = logging.getLogger("ray.serve")
 ROUTES_POLL_S = 0.5
+MAX_BODY_BYTES = 8 * 2**20  # a job spec or a deployment config; the inference routes have their own limit
+BODY_TIMEOUT_S = 30.0
 WS = "/v2/workspaces/{workspace}"
 
 app = FastAPI(title="rayembed", description="Customize and serve embedding models on Ray: management API "
               "(workspaces, models, customization jobs, deployment configs, deployments, providers) and the "
               "OpenAI/NIM-compatible inference gateway.", docs_url="/docs", redoc_url=None)
 inference_routes(app, installed_core)  # the core lives in serve.gateway (see the note there)
-
-
-@app.exception_handler(HTTPException)
-async def _http_error(request: Request, exc: HTTPException) -> Response:
-    if exc.status_code == 404:
-        return error_response(NotFound(f"no route {request.method} {request.url.path[:200]}; see /docs"))
-    if exc.status_code == 405:
-        return error_response(InvalidRequest(f"method {request.method} is not allowed on {request.url.path[:200]}"))
-    return error_response(InvalidRequest(str(exc.detail)))
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-    return error_response(InvalidRequest(f"invalid request: {exc.errors()[0].get('msg', 'see /docs')}"))
+install_error_handlers(app)
 
 
 def _control_plane():
@@ -68,14 +55,9 @@ async def _call(method: str, *args):
 
 
 async def _body(request: Request) -> dict:
-    raw = await request.body()
-    try:
-        body = orjson.loads(raw or b"{}")
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    return body
+    """A management body: strict JSON like the inference routes (UTF-8, one object, no duplicate keys)."""
+    raw = await read_body(request, MAX_BODY_BYTES, BODY_TIMEOUT_S)
+    return parse_json_object(raw) if raw else {}
 
 
 def _metrics():

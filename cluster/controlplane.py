@@ -26,7 +26,7 @@ from cluster.entities import (DEFAULT_WORKSPACE, JOB_DONE, NAME, Artifact, Custo
                               ModelDeploymentConfig, ModelEntity, ModelProvider, StatusChange, Workspace, now)
 from cluster.store import open_store
 from rayembed.artifact import ArtifactError, missing_files, read_manifest
-from serve.errors import Conflict, InvalidName, InvalidRequest, NotFound, PromotionRefused
+from serve.errors import Conflict, InvalidName, InvalidRequest, NotFound, PromotionRefused, shown
 
 log = logging.getLogger(__name__)
 NAME_RULE = "2-63 characters of lowercase letters, digits and '-', starting with a letter or digit"
@@ -40,10 +40,11 @@ WHAT = {"model": "model", "job": "customization job", "deployment_config": "depl
         "deployment": "deployment", "provider": "provider"}
 
 
-def check_name(name: Any, what: str) -> str:
+def check_name(name: Any, what: str, field: str = "name") -> str:
+    if name is None:
+        raise InvalidName(f"{field} is required: the {what} name ({NAME_RULE})", field)
     if not isinstance(name, str) or not NAME.match(name):
-        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
-        raise InvalidName(f"{what} name {shown} is invalid: use {NAME_RULE}", "name")
+        raise InvalidName(f"{what} name {shown(name)} is invalid: use {NAME_RULE}", field)
     return name
 
 
@@ -152,6 +153,9 @@ class ControlPlane:
         base, artifact = body.get("base_model"), body.get("artifact")
         if (base is None) == (artifact is None):
             raise InvalidRequest("give exactly one of base_model (exported once) or artifact (an ONNX folder)", "base_model")
+        for field, value in (("base_model", base), ("artifact", artifact)):
+            if value is not None and not isinstance(value, str):
+                raise InvalidRequest(f"{field} must be a string (a folder path or model name), not {shown(value)}", field)
         with self._lock:
             if self.store.get("model", workspace, name) is not None:
                 raise Conflict(f"model {name!r} already exists in workspace {workspace!r}")
@@ -221,7 +225,7 @@ class ControlPlane:
 
     def create_job(self, workspace: str, body: dict) -> dict:
         self._workspace(workspace)
-        output_model = check_name(body.get("output_model"), "output model")
+        output_model = check_name(body.get("output_model"), "output model", "output_model")
         if ("config" in body) == ("sweep" in body):
             raise InvalidRequest("give exactly one of config (a training job config) or sweep (a learning-rate sweep)", "config")
         kind = "sweep" if "sweep" in body else "training"

@@ -48,6 +48,26 @@ class PromotionRefused(Conflict):
     """Deploying a model whose evaluation says it is worse than its base, without the explicit override."""
 
 
+class UnsupportedMediaType(ServeError):
+    """A request body that is not declared as JSON (Content-Type: application/json)."""
+
+
+class MethodNotAllowed(ServeError):
+    """A known path asked with the wrong HTTP method; `allow` lists the right ones."""
+
+    def __init__(self, message: str, allow: str = ""):
+        super().__init__(message)
+        self.allow = allow
+
+
+class RequestTimeout(ServeError):
+    """The request body did not arrive in time (a stalled or trickling client)."""
+
+
+class ClientGone(ServeError):
+    """The client closed the connection before its request was read; nobody reads the answer."""
+
+
 class QueueFull(ServeError):
     """The model's replicas and queue are full; retry later."""
 
@@ -65,6 +85,10 @@ STATUS: dict[type[ServeError], tuple[int, str]] = {
     PromotionRefused: (409, "conflict_error"),
     InvalidName: (422, "invalid_request_error"),
     PayloadTooLarge: (413, "invalid_request_error"),
+    UnsupportedMediaType: (415, "invalid_request_error"),
+    MethodNotAllowed: (405, "invalid_request_error"),
+    RequestTimeout: (408, "invalid_request_error"),
+    ClientGone: (499, "invalid_request_error"),
     QueueFull: (429, "rate_limit_error"),
     Unavailable: (503, "service_unavailable_error"),
 }
@@ -79,6 +103,10 @@ CODES: dict[type[ServeError], str] = {
     PromotionRefused: "promotion_refused",
     InvalidName: "invalid_name",
     PayloadTooLarge: "payload_too_large",
+    UnsupportedMediaType: "unsupported_media_type",
+    MethodNotAllowed: "method_not_allowed",
+    RequestTimeout: "request_timeout",
+    ClientGone: "client_closed_request",
     QueueFull: "queue_full",
     Unavailable: "no_healthy_replica",
 }
@@ -90,6 +118,13 @@ def status_of(exc: BaseException) -> tuple[int, str, str]:
         if cls in STATUS:
             return (*STATUS[cls], CODES[cls])
     return (*INTERNAL, "internal_error")
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """repr() of a client-supplied value for an error message, cut to `limit` characters: a
+    100,000-character name must not come back as a 100 kB error body."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}... ({len(str(value))} characters)"
 
 
 def envelope(message: str, err_type: str, param: str | None, code: str | None) -> dict:

@@ -16,14 +16,18 @@ from typing import Callable
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from serve.errors import PayloadTooLarge, QueueFull, ServeError, Unavailable, envelope, status_of
+from serve.errors import (ClientGone, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, QueueFull,
+                          RequestTimeout, ServeError, Unavailable, UnsupportedMediaType, envelope, status_of)
 from serve.routing import RoutingTable, model_id
 from serve.schemas import EmbeddingRequest, parse_request, render
 from serve.settings import GatewayConfig, ProviderSettings
@@ -44,7 +48,60 @@ def _domain_error(exc: BaseException) -> BaseException:
         return QueueFull(f"the model's replicas and queue are full ({exc.message}); retry later")
     if isinstance(exc, (DeploymentUnavailableError, RayActorError)):
         return Unavailable(f"no healthy replica for this model: {exc}")
+    if isinstance(exc, ClientDisconnect):
+        return ClientGone("the client closed the connection before its request body arrived")
     return exc
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The JSON body of a POST/PATCH: declared as JSON, at most `limit` bytes, received within `timeout_s`
+    (a client that stalls or trickles does not hold a connection forever)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {int(declared)} bytes; the limit is {limit}: split the request")
+    chunks, size = [], 0
+
+    async def receive() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body larger than the limit of {limit} bytes: split the request")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(receive(), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s ({size} bytes received"
+                             + (f" of {declared} declared" if declared else "") + ")") from None
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if size and media != "application/json" and not media.endswith("+json"):
+        got = f"Content-Type {media[:80]!r}" if media else "no Content-Type"
+        raise UnsupportedMediaType(f"the request body must be JSON: send the header Content-Type: application/json "
+                                   f"(got {got})")
+    return b"".join(chunks)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Unknown paths, wrong methods and FastAPI's own validation answer in the OpenAI envelope too, and
+    a trailing slash is an unknown path (not a 307 with an empty body)."""
+    app.router.redirect_slashes = False
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
+        path = request.url.path
+        shown = path if len(path) <= 120 else path[:117] + "..."
+        if exc.status_code == 404:
+            return error_response(NotFound(f"no route {request.method} {shown}; see /docs"))
+        if exc.status_code == 405:
+            allow = (exc.headers or {}).get("Allow", "")
+            return error_response(MethodNotAllowed(f"method {request.method} is not allowed on {shown}"
+                                                   + (f"; use {allow}" if allow else ""), allow))
+        return error_response(InvalidRequest(str(exc.detail)[:200]))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(InvalidRequest(f"invalid request: {exc.errors()[0].get('msg', 'see /docs')}"))
 
 
 def error_response(exc: BaseException) -> Response:
@@ -57,6 +114,8 @@ def error_response(exc: BaseException) -> Response:
         log.exception("unhandled error in the gateway", exc_info=exc)
         message, param = "internal error; the gateway log has the details", None
     headers = {"Retry-After": "1"} if status in (429, 503) else None
+    if isinstance(exc, MethodNotAllowed) and exc.allow:
+        headers = {"Allow": exc.allow}
     return json_response(envelope(message, err_type, param, code), status, headers)
 
 
@@ -115,14 +174,8 @@ class GatewayCore:
         return handle
 
     async def _body(self, request: Request) -> EmbeddingRequest:
-        limit = self.config.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"request body of {int(declared)} bytes; the limit is {limit}: split the request")
-        raw = await request.body()
-        if len(raw) > limit:
-            raise PayloadTooLarge(f"request body of {len(raw)} bytes; the limit is {limit}: split the request")
-        return parse_request(raw)
+        limits = self.config.limits
+        return parse_request(await read_body(request, limits.max_body_bytes, limits.body_timeout_s))
 
     async def _embed(self, body: EmbeddingRequest, provider: ProviderSettings, model: str) -> Response:
         texts = body.texts(self.config.limits)
@@ -225,6 +278,7 @@ def install_core(core: GatewayCore) -> None:
 
 
 inference_routes(app, installed_core)
+install_error_handlers(app)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096, logging_config={"enable_access_log": False})

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import itertools
 
-from serve.errors import InvalidRequest, NotFound
+from serve.errors import InvalidRequest, NotFound, shown
 from serve.settings import GatewayConfig, ModelRoute, ProviderSettings
 
 DEFAULT_WORKSPACE = "default"
+
+
+def _known(names) -> str:
+    names = sorted(names)
+    return ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
 
 
 def model_id(route: ModelRoute) -> str:
@@ -27,34 +32,34 @@ class RoutingTable:
 
     def _workspace(self, workspace: str) -> None:
         if workspace not in self.workspaces:
-            raise NotFound(f"workspace {workspace!r} does not exist (known: {', '.join(sorted(self.workspaces))})")
+            raise NotFound(f"workspace {shown(workspace)} does not exist (known: {_known(self.workspaces)})")
 
     def entity(self, workspace: str, name: str) -> tuple[ModelRoute, ProviderSettings]:
         """Route by model entity; several providers of one model take turns."""
         self._workspace(workspace)
         route = self.models.get((workspace, name))
         if route is None:
-            known = sorted(n for w, n in self.models if w == workspace)
-            raise NotFound(f"model {name!r} does not exist in workspace {workspace!r} (known: {', '.join(known)})", "model")
+            known = _known(n for w, n in self.models if w == workspace)
+            raise NotFound(f"model {shown(name)} does not exist in workspace {workspace!r} (known: {known})", "model")
         return route, next(self._turns[(workspace, name)])
 
     def provider(self, workspace: str, name: str) -> tuple[ModelRoute, ProviderSettings]:
         self._workspace(workspace)
         route = self.owner.get((workspace, name))
         if route is None:
-            known = sorted(p for w, p in self.owner if w == workspace)
-            raise NotFound(f"provider {name!r} does not exist in workspace {workspace!r} (known: {', '.join(known)})")
+            known = _known(p for w, p in self.owner if w == workspace)
+            raise NotFound(f"provider {shown(name)} does not exist in workspace {workspace!r} (known: {known})")
         return route, self.providers[(workspace, name)]
 
     def openai(self, model: str | None) -> tuple[ModelRoute, ProviderSettings]:
         """`model` is workspace/name, or a bare name in the default workspace."""
         if not model:
-            raise InvalidRequest("model is required: one of " + ", ".join(self.model_ids()), "model")
+            raise InvalidRequest("model is required: one of " + _known(self.model_ids()), "model")
         workspace, _, name = model.rpartition("/")
         try:
             return self.entity(workspace or DEFAULT_WORKSPACE, name)
         except NotFound:
-            raise NotFound(f"model {model!r} does not exist (known: {', '.join(self.model_ids())})", "model") from None
+            raise NotFound(f"model {shown(model)} does not exist (known: {_known(self.model_ids())})", "model") from None
 
     def model_ids(self) -> list[str]:
         return sorted(model_id(m) for m in self.models.values())

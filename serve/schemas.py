@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from typing import Literal
 
 import numpy as np
@@ -20,15 +21,35 @@ class EmbeddingRequest(BaseModel):
     input: str | list[str]
     input_type: Literal["query", "passage"] | None = None
     truncate: Literal["NONE", "START", "END"] = "NONE"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: int | None = Field(None, ge=1, strict=True)  # "384" and true are refused, not coerced
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
 
     @field_validator("input", mode="before")
     @classmethod
     def _text_only(cls, value):
-        if isinstance(value, list) and value and not all(isinstance(v, str) for v in value):
-            raise ValueError("must be a string or a list of strings (token-id input is not supported)")
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError(f"must be a string or a list of strings, not {json_type(value)}")
+        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError("token-id input is not supported: send the text as a string or a list of strings")
+        for i, v in enumerate(value):
+            if not isinstance(v, str):
+                raise ValueError(f"input[{i}] must be a string, not {json_type(v)} (send a flat list of strings)")
+        return value
+
+    @field_validator("input", mode="after")
+    @classmethod
+    def _unicode(cls, value):
+        # JSON may escape a lone surrogate ("\ud800"), which no tokenizer can encode
+        for i, text in enumerate([value] if isinstance(value, str) else value):
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise ValueError(f"input[{i}] is not valid Unicode: an unpaired surrogate "
+                                     f"{text[exc.start]!r} at character {exc.start}") from None
         return value
 
     @field_validator("truncate", mode="before")
@@ -57,14 +78,47 @@ class EmbeddingRequest(BaseModel):
         return texts
 
 
+def json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages a client can act on."""
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a decimal number", str: "a string", list: "an array",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise InvalidRequest(f"request body has the key {dup[:80]!r} twice; send each field once")
+    return dict(pairs)
+
+
+def _no_constants(name: str):
+    raise InvalidRequest(f"request body is not valid JSON: {name} is not a JSON number")
+
+
+def parse_json_object(body: bytes) -> dict:
+    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, an object at the top."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"request body is not UTF-8 (byte {body[exc.start]:#04x} at offset {exc.start}): "
+                             "send JSON encoded as UTF-8") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise InvalidRequest("request body is not valid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"request body must be a JSON object, not {json_type(data)}")
+    return data
+
+
 def parse_request(body: bytes) -> EmbeddingRequest:
     """Body bytes -> request, or InvalidRequest naming the field and what to send instead."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("request body must be a JSON object")
+    data = parse_json_object(body)
     try:
         return EmbeddingRequest.model_validate(data)
     except ValidationError as exc:
@@ -74,7 +128,12 @@ def parse_request(body: bytes) -> EmbeddingRequest:
         if err["type"] == "missing":
             raise InvalidRequest(f"{where} is required", field) from None
         msg = err["msg"].removeprefix("Value error, ")
-        raise InvalidRequest(f"{where}: {msg}" if where else msg, field) from None
+        if err["type"] in ("int_type", "int_from_float", "string_type"):
+            wanted = "an integer" if err["type"] != "string_type" else "a string"
+            msg = f"{where} must be {wanted}, not {json_type(err['input'])}"
+        elif where and not msg.startswith(where + "["):
+            msg = f"{where}: {msg}"
+        raise InvalidRequest(msg, field) from None
 
 
 def render(embeddings: np.ndarray, encoding_format: str, model: str, prompt_tokens: int) -> bytes:

@@ -113,6 +113,7 @@ class Limits(Section):
     max_inputs_per_request: int = Field(2048, ge=1, description="more inputs in one request: 413")
     max_chars_per_input: int = Field(100_000, ge=1, description="a longer input: 413")
     max_body_bytes: int = Field(32 * 2**20, ge=1024, description="a larger request body: 413, refused before it is read")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body not fully received within it: 408 (a stalled client)")
 
 
 class GatewayConfig(Section):

@@ -63,7 +63,7 @@ def test_names(name, ok):
     if ok:
         assert check_name(name, "model") == name
     else:
-        with pytest.raises(InvalidName, match="use 2-63 characters"):
+        with pytest.raises(InvalidName, match="is required: the model name" if name is None else "use 2-63 characters"):
             check_name(name, "model")
 
 

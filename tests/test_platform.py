@@ -21,6 +21,7 @@ import pytest
 from cluster.client import ApiError, Client
 from cluster.local import free_port
 from tests.conftest import ROOT, SAMPLE
+from tests.hostile_requests import MANAGEMENT, check_envelope, send
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -147,6 +148,15 @@ def test_names_unknowns_and_workspace_isolation(platform):
         assert resp.status == 200
     spec = json.loads(urllib.request.urlopen(platform.base_url + "/openapi.json", timeout=30).read())
     assert "/v2/workspaces/{workspace}/customization/jobs" in spec["paths"]
+
+
+def test_hostile_management_requests_get_a_4xx_envelope(platform):
+    before = {w.name for w in platform.client().workspaces.list()}
+    for name, method, path, headers, body, status, fragment in MANAGEMENT:
+        got, raw = send(platform.base_url, method, path, headers, body)
+        assert got == status, (name, raw[:1000])
+        check_envelope(raw, fragment)
+    assert {w.name for w in platform.client().workspaces.list()} == before  # nothing was created or lost
 
 
 def test_cli_verbs(platform):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +22,9 @@ import onnxruntime as ort
 import pytest
 from tokenizers import Tokenizer
 
-from train.export import export_onnx
 from rayembed.artifact import TextTokenizer
+from tests.hostile_requests import CASES, VALID, check_envelope, send
+from train.export import export_onnx
 
 APP = "rayembed-test"
 GW = "/v2/workspaces/{ws}/inference/gateway"
@@ -83,7 +86,8 @@ def table(artifacts: dict[str, Path], **extra_models) -> dict:
     ]
     return {"models": models + list(extra_models.values()), "limits": {"max_inputs_per_request": 64,
                                                                          "max_chars_per_input": 5000,
-                                                                         "max_body_bytes": 100_000}}
+                                                                         "max_body_bytes": 100_000,
+                                                                         "body_timeout_s": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +249,72 @@ def test_error_status_and_envelope(gateway, path, body, status, param, fragment)
     assert res["error"]["param"] == param
     expected_type = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error"}[status]
     assert res["error"]["type"] == expected_type
+
+
+# ---------------------------------------------------------------- hostile clients (tests/hostile_requests.py)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_hostile_request_gets_a_4xx_envelope_that_says_what_to_fix(gateway, case):
+    _, method, path, headers, body, status, fragment = case
+    got, raw = send(gateway, method, path.replace("{GW}", GW.format(ws="default")), headers, body)
+    assert got == status, raw[:1000]
+    check_envelope(raw, fragment)
+
+
+@pytest.mark.parametrize("case", VALID, ids=[c[0] for c in VALID])
+def test_odd_but_valid_requests_succeed(gateway, case):
+    _, method, path, headers, body = case
+    got, raw = send(gateway, method, path.replace("{GW}", GW.format(ws="default")), headers, body)
+    assert got == 200, raw[:1000]
+    data = json.loads(raw)["data"]
+    n = 1 if isinstance(body["input"], str) else len(body["input"])
+    assert sorted(d["index"] for d in data) == list(range(n))
+    assert all(abs(np.linalg.norm(d["embedding"]) - 1) < 1e-3 for d in data)
+
+
+def _send_raw(gateway: str, head: bytes, parts: list[bytes], pause_s: float) -> bytes:
+    """Send a request head, then body parts with a pause between them; return the server's answer."""
+    host, port = gateway.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head)
+        try:
+            for part in parts:
+                time.sleep(pause_s)
+                sock.sendall(part)
+        except OSError:  # the server answered (and closed) before the body was complete
+            pass
+        data = b""
+        while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+            data += chunk
+        top, _, rest = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"content-length: *(\d+)", top, re.IGNORECASE).group(1))
+        while len(rest) < length and (chunk := sock.recv(65536)):
+            rest += chunk
+        return top + b"\r\n\r\n" + rest
+
+
+def test_stalled_lying_and_trickling_bodies(gateway, offline):
+    body = json.dumps({"model": "minilm", "input": TEXTS[0]}).encode()
+    head = (f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body) + 50}\r\n\r\n").encode()
+    start = time.monotonic()
+    answer = _send_raw(gateway, head, [body], 0)  # 50 bytes fewer than declared: they never come
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert time.monotonic() - start < 15
+    check_envelope(answer.split(b"\r\n\r\n", 1)[1], "did not arrive within 2 s")
+
+    head = head.replace(f"{len(body) + 50}".encode(), str(len(body)).encode())
+    slow = [body[i:i + 8] for i in range(0, len(body), 8)]
+    answer = _send_raw(gateway, head, slow, 0.5)  # trickled over more than the deadline
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    answer = _send_raw(gateway, head, slow, 0.02)  # slow but within it
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+    host, port = gateway.removeprefix("http://").split(":")  # a client that gives up halfway
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + body[:10])
+    status, res, _ = call(gateway + "/v1/embeddings", {"model": "minilm", "input": TEXTS})  # still correct
+    assert status == 200
+    assert all(cos(v, o) > 0.9999 for v, o in zip(vectors(res), offline["minilm"].embed(TEXTS)))
 
 
 # ---------------------------------------------------------------- batching under concurrency
