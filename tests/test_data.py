@@ -93,3 +93,91 @@ def test_beir_sample_and_validation_retrieval_set(tmp_path):
     first = sample_lines(5)
     distinct = {t for ex in first for t in (ex["pos_doc"], *ex["neg_doc"])}
     assert len(small.queries) == 5 and sorted(small.corpus.values()) == sorted(distinct)
+
+
+# ---------------------------------------------------------------- malformed datasets, as data
+# (name, file content as bytes, the message fragment that names line and field); negatives_per_query is 1.
+G = json.dumps(GOOD).encode()
+
+
+def _line(**fields) -> bytes:
+    return json.dumps({**GOOD, **fields}).encode()
+
+
+BAD_TRAINING = [
+    ("query-missing", G + b"\n" + json.dumps({"pos_doc": "p", "neg_doc": ["n"]}).encode(), ":2: field 'query' must be"),
+    ("query-number", G + b"\n" + _line(query=5), ":2: field 'query' must be a non-empty string"),
+    ("query-blank", G + b"\n" + _line(query="   "), ":2: field 'query' must be a non-empty string"),
+    ("pos-missing", json.dumps({"query": "q", "neg_doc": ["n"]}).encode(), ":1: field 'pos_doc' must be"),
+    ("pos-empty", _line(pos_doc=""), ":1: field 'pos_doc' must be a non-empty string"),
+    ("pos-list-with-empty", _line(pos_doc=["a", ""]), ":1: field 'pos_doc' must be"),
+    ("pos-object", _line(pos_doc={"text": "p"}), ":1: field 'pos_doc' must be"),
+    ("neg-missing", json.dumps({"query": "q", "pos_doc": "p"}).encode(), ":1: field 'neg_doc' is missing"),
+    ("neg-string", _line(neg_doc="n"), ":1: field 'neg_doc' must be a list of non-empty strings"),
+    ("neg-numbers", _line(neg_doc=[1, 2]), ":1: field 'neg_doc' must be a list of non-empty strings"),
+    ("neg-too-few", _line(neg_doc=[]), ":1: field 'neg_doc' has 0 entries but loss.negatives_per_query is 1"),
+    ("unknown-field", _line(score=1), ":1: unknown field(s) ['score']"),
+    ("not-json", G + b"\n{query: q}", ":2: not valid JSON"),
+    ("array-line", b'["q", "p", ["n"]]', ":1: the line must be a JSON object"),
+    ("null-line", G + b"\nnull", ":2: the line must be a JSON object"),
+    ("latin1-bytes", _line(query="caf\u00e9").replace(b"caf\\u00e9", b"caf\xe9"), ":1: not valid JSON"),
+    ("binary-file", bytes(range(256)) * 4, "NUL bytes: this looks like a binary file"),
+    ("huge-line", b'{"query": "' + b"x" * (9 * 2**20) + b'"}\n' + G, ":1: the line is longer than 8 MiB"),
+    ("duplicated-line", G + b"\n" + _line(query="other") + b"\n" + G, ":3: the line repeats line 1 exactly"),
+    ("empty-file", b"", "no examples (the file is empty)"),
+    ("only-blank-lines", b"\n  \n\n", "no examples (the file is empty)"),
+]
+
+
+@pytest.mark.parametrize("name,content,fragment", BAD_TRAINING, ids=[c[0] for c in BAD_TRAINING])
+def test_malformed_training_file_is_refused_naming_line_and_field(tmp_path, name, content, fragment):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        index_jsonl(path, negatives_needed=1)
+    assert fragment in str(err.value)
+    if fragment.startswith(":"):
+        assert f"{path}{fragment}" in str(err.value)  # file and line, then the field
+
+
+def test_a_byte_order_mark_and_crlf_line_ends_are_read(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + G + b"\r\n" + _line(query="q2") + b"\r\n")
+    index = index_jsonl(path, negatives_needed=1)
+    assert [e.query for e in (ExampleReader(index, 1)[i] for i in range(2))] == ["q", "q2"]
+
+
+def _beir(tmp_path, corpus: bytes | None = None, queries: bytes | None = None, qrels: bytes | None = None):
+    folder = tmp_path / "eval"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_bytes(corpus if corpus is not None else
+                                          b'{"_id": "d1", "title": "t", "text": "doc one"}\n{"_id": "d2", "text": "doc two"}\n')
+    (folder / "queries.jsonl").write_bytes(queries if queries is not None else b'{"_id": "q1", "text": "query"}\n')
+    (folder / "qrels" / "test.tsv").write_bytes(qrels if qrels is not None else b"query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    return folder
+
+
+BAD_BEIR = [
+    ("dangling-qrels", {"qrels": b"query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td9\t1\n"},
+     "qrels/test.tsv:3: corpus-id 'd9' is not in"),
+    ("qrels-score-text", {"qrels": b"q1\td1\thigh\n"}, "qrels/test.tsv:1: score 'high' must be an integer"),
+    ("qrels-two-columns", {"qrels": b"q1\td1\n"}, "qrels/test.tsv:1: expected query-id<TAB>corpus-id<TAB>score"),
+    ("qrels-no-known-query", {"qrels": b"q7\td1\t1\n"}, "no judged queries that appear in queries.jsonl"),
+    ("corpus-no-id", {"corpus": b'{"text": "doc"}\n'}, "corpus.jsonl:1: field '_id' must be a non-empty string"),
+    ("corpus-text-number", {"corpus": b'{"_id": "d1", "text": 5}\n'}, "corpus.jsonl:1: field 'text' must be a string"),
+    ("corpus-title-list", {"corpus": b'{"_id": "d1", "title": ["t"], "text": "x"}\n'}, "corpus.jsonl:1: field 'title'"),
+    ("queries-not-json", {"queries": b'{"_id": "q1", "text": "query"}\n{oops\n'}, "queries.jsonl:2: not valid JSON"),
+    ("queries-array", {"queries": b'["q1", "query"]\n'}, "queries.jsonl:1: the line must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("name,files,fragment", BAD_BEIR, ids=[c[0] for c in BAD_BEIR])
+def test_malformed_beir_folder_is_refused_naming_file_line_and_field(tmp_path, name, files, fragment):
+    with pytest.raises(DataError) as err:
+        load_beir(_beir(tmp_path, **files))
+    assert fragment in str(err.value)
+
+
+def test_a_wellformed_beir_folder_loads(tmp_path):
+    rset = load_beir(_beir(tmp_path))
+    assert rset.corpus == {"d1": "t doc one", "d2": "doc two"} and rset.qrels == {"q1": {"d1": 1}}

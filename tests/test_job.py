@@ -3,6 +3,7 @@ a worker killed mid-run, and failures that happen before any Ray work."""
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from train.config import ConfigError, validate_config
-from train.data import DataError
+from tests.conftest import SAMPLE
+from train.data import DataError, load_beir
 from train.job import OutputConflict, run_job
 from train.model import BiEncoder, inspect_model, load_backbone
 from train.pooling import normalize
@@ -141,6 +143,20 @@ def test_bad_data_fails_before_ray_work_and_names_line_and_field(tiny_bert, trai
     train_file.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=rf"{train_file}:10: field 'neg_doc' must be a list"):
         run_job(job(tiny_bert, train_file, tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
+
+    lines[9] = lines[8]  # a duplicated example, and an evaluation set whose qrels name a missing document
+    train_file.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"{train_file}:10: the line repeats line 9 exactly"):
+        run_job(job(tiny_bert, train_file, tmp_path / "bad"))
+    del lines[9]
+    train_file.write_text("\n".join(lines) + "\n")
+    evaluation = tmp_path / "eval"
+    shutil.copytree(SAMPLE / "eval", evaluation)
+    with (evaluation / "qrels" / "test.tsv").open("a") as fh:
+        fh.write(f"{next(iter(load_beir(SAMPLE / 'eval').qrels))}\tno-such-doc\t1\n")
+    with pytest.raises(DataError, match="corpus-id 'no-such-doc' is not in"):
+        run_job(job(tiny_bert, train_file, tmp_path / "bad", dataset={"evaluation": str(evaluation)}))
     assert not (tmp_path / "bad").exists()
 
 

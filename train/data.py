@@ -6,6 +6,7 @@ kept is one int64 offset per example, so the training loop seeks to the lines it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from train.config import RECOMMENDED_EXAMPLES
 
 log = logging.getLogger(__name__)
 MAX_REPORTED_ERRORS = 20
+MAX_LINE_BYTES = 8 * 2**20  # one example; a longer line is a broken file (a missing newline, a binary blob)
 
 
 class DataError(ValueError):
@@ -72,41 +74,85 @@ def _check_record(obj: object, negatives_needed: int) -> tuple[str | None, int]:
     return None, len(positives)
 
 
+def _lines(fh, path: str):
+    """(line number, byte offset of the JSON, bytes or None when the line is over MAX_LINE_BYTES)."""
+    offset, lineno = 0, 0
+    while raw := fh.readline(MAX_LINE_BYTES + 1):
+        lineno += 1
+        start, offset = offset, offset + len(raw)
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while (rest := fh.readline(2**20)) and not rest.endswith(b"\n"):  # skip the rest of it
+                offset += len(rest)
+            offset += len(rest)
+            yield lineno, start, None
+            continue
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors)
+            raw, start = raw[3:], start + 3
+        yield lineno, start, raw
+
+
+def _parse_line(raw: bytes | None, negatives_needed: int) -> tuple[str | None, int]:
+    if raw is None:
+        return f"the line is longer than {MAX_LINE_BYTES // 2**20} MiB (a missing newline, or not a JSONL file)", 0
+    if b"\x00" in raw:
+        return "the line contains NUL bytes: this looks like a binary file, not JSON Lines", 0
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return f"not valid JSON ({exc})", 0
+    return _check_record(obj, negatives_needed)
+
+
 def index_jsonl(path: str | Path, negatives_needed: int) -> ExampleIndex:
-    """Validate every line of a JSONL file and index its examples; DataError lists the bad lines."""
+    """Validate every line of a JSONL file and index its examples; DataError lists the bad lines
+    (and exact duplicates: a repeated example makes its own positive an in-batch negative)."""
     path = str(path)
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found")
     offsets, positive, lines, errors = [], [], [], []
+    digests, digest_lines = [], []  # 8 bytes per line: duplicates are found without keeping the text
     n_bad = 0
     with open(path, "rb") as fh:
-        offset, lineno = 0, 0
-        for raw in fh:
-            lineno += 1
-            start, offset = offset, offset + len(raw)
-            if not raw.strip():
+        for lineno, start, raw in _lines(fh, path):
+            if raw is not None and not raw.strip():
                 continue
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                problem, n_pos = f"not valid JSON ({exc})", 0
-            else:
-                problem, n_pos = _check_record(obj, negatives_needed)
+            problem, n_pos = _parse_line(raw, negatives_needed)
             if problem:
                 n_bad += 1
                 if len(errors) < MAX_REPORTED_ERRORS:
                     errors.append(f"{path}:{lineno}: {problem}")
                 continue
+            digests.append(int.from_bytes(hashlib.blake2b(raw.strip(), digest_size=8).digest(), "little"))
+            digest_lines.append(lineno)
             for p in range(n_pos):
                 offsets.append(start)
                 positive.append(p)
                 lines.append(lineno)
+    if not errors:
+        errors, n_bad = _duplicates(path, np.asarray(digests, np.uint64), np.asarray(digest_lines, np.int64))
     if errors:
         more = f"\n  ... and {n_bad - len(errors)} more bad lines" if n_bad > len(errors) else ""
         raise DataError(f"{n_bad} invalid line(s) in {path}; fix them and resubmit:\n  " + "\n  ".join(errors) + more)
     if not offsets:
         raise DataError(f"{path}: no examples (the file is empty)")
     return ExampleIndex(path, np.asarray(offsets, np.int64), np.asarray(positive, np.int32), np.asarray(lines, np.int64))
+
+
+def _duplicates(path: str, digests: np.ndarray, lines: np.ndarray) -> tuple[list[str], int]:
+    order = np.argsort(digests, kind="stable")  # equal digests adjacent, earlier lines first
+    same = digests[order][1:] == digests[order][:-1]  # [n-1]
+    if not same.any():
+        return [], 0
+    first = {}
+    errors = []
+    for i in np.flatnonzero(same):
+        a, b = int(lines[order[i]]), int(lines[order[i + 1]])
+        first.setdefault(a, a)
+        first[b] = first[a]
+        errors.append((b, f"{path}:{b}: the line repeats line {first[a]} exactly; remove the duplicate (a repeated "
+                          "example makes its own positive an in-batch negative)"))
+    errors.sort()
+    return [e for _, e in errors[:MAX_REPORTED_ERRORS]], len(errors)
 
 
 def split_validation(index: ExampleIndex, fraction: float, cap: int, seed: int) -> tuple[ExampleIndex, ExampleIndex]:
@@ -172,33 +218,58 @@ class RetrievalSet:
     qrels: dict[str, dict[str, int]]
 
 
+def _beir_records(path: Path, text_field: str = "text"):
+    """(line number, _id, text) of a BEIR corpus.jsonl / queries.jsonl; DataError names line and field."""
+    with path.open("rb") as fh:
+        for lineno, _, raw in _lines(fh, str(path)):
+            if raw is not None and not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            if raw is None or b"\x00" in raw:
+                raise DataError(f"{where}: not a JSON line (over {MAX_LINE_BYTES // 2**20} MiB or binary)")
+            try:
+                d = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise DataError(f"{where}: not valid JSON ({exc})") from None
+            if not isinstance(d, dict):
+                raise DataError(f"{where}: the line must be a JSON object with _id and {text_field}")
+            if not isinstance(d.get("_id"), (str, int)) or isinstance(d.get("_id"), bool) or d.get("_id") == "":
+                raise DataError(f"{where}: field '_id' must be a non-empty string")
+            if not isinstance(d.get(text_field), str):
+                raise DataError(f"{where}: field '{text_field}' must be a string")
+            title = d.get("title")
+            if title is not None and not isinstance(title, str):
+                raise DataError(f"{where}: field 'title' must be a string")
+            text = f"{title.strip()} {d[text_field]}".strip() if title and title.strip() else d[text_field]
+            yield lineno, str(d["_id"]), text
+
+
 def load_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
-    """BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
+    """BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv; every judged document must be in the corpus."""
     folder = Path(folder)
     paths = {"corpus": folder / "corpus.jsonl", "queries": folder / "queries.jsonl", "qrels": folder / "qrels" / f"{split}.tsv"}
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise DataError(f"evaluation folder {folder} is not BEIR layout: missing {', '.join(missing)}")
-    corpus = {}
-    for lineno, line in enumerate(paths["corpus"].open(encoding="utf-8"), 1):
-        if line.strip():
-            d = json.loads(line)
-            title = (d.get("title") or "").strip()
-            corpus[str(d["_id"])] = f"{title} {d['text']}".strip() if title else d["text"]
-    queries = {}
-    for line in paths["queries"].open(encoding="utf-8"):
-        if line.strip():
-            d = json.loads(line)
-            queries[str(d["_id"])] = d["text"]
+    corpus = {doc_id: text for _, doc_id, text in _beir_records(paths["corpus"])}
+    queries = {qid: text for _, qid, text in _beir_records(paths["queries"])}
     qrels: dict[str, dict[str, int]] = {}
-    for lineno, line in enumerate(paths["qrels"].open(encoding="utf-8"), 1):
-        parts = line.rstrip("\n").split("\t")
-        if lineno == 1 and parts[0] == "query-id":
+    for lineno, line in enumerate(paths["qrels"].open(encoding="utf-8", errors="replace"), 1):
+        parts = line.rstrip("\r\n").split("\t")
+        if (lineno == 1 and parts[0] == "query-id") or not line.strip():
             continue
+        where = f"{paths['qrels']}:{lineno}"
         if len(parts) < 3:
-            raise DataError(f"{paths['qrels']}:{lineno}: expected query-id<TAB>corpus-id<TAB>score")
-        qid, did, score = parts[0], parts[1], int(parts[2])
+            raise DataError(f"{where}: expected query-id<TAB>corpus-id<TAB>score")
+        qid, did = parts[0], parts[1]
+        try:
+            score = int(parts[2])
+        except ValueError:
+            raise DataError(f"{where}: score {parts[2][:40]!r} must be an integer") from None
         if score > 0 and qid in queries:
+            if did not in corpus:
+                raise DataError(f"{where}: corpus-id {did[:80]!r} is not in {paths['corpus']} (a judged document "
+                                "missing from the corpus makes the metrics wrong)")
             qrels.setdefault(qid, {})[did] = score
     if not qrels:
         raise DataError(f"{paths['qrels']}: no judged queries that appear in queries.jsonl")
