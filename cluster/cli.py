@@ -74,7 +74,7 @@ def evaluation_table(evaluation) -> str:
 def cmd_up(args) -> int:
     from cluster.local import up
 
-    up(settings(), num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    up(settings(), num_cpus=args.num_cpus, num_gpus=args.num_gpus, ingress=args.ingress)
     return 0
 
 
@@ -234,6 +234,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("up", help="start (or join RAY_ADDRESS) Ray, the control plane and the API; idempotent")
     s.add_argument("--num-cpus", type=int, help="CPUs of a local head (default: all)")
+    s.add_argument("--ingress", choices=["haproxy", "proxy"], default="haproxy",
+                   help="HTTP ingress of a local head: Serve's HAProxy (default; one fewer Python hop per request, "
+                        "replica ports 30000-31000) or Ray Serve's Python proxy")
     s.add_argument("--num-gpus", type=int, help="GPUs of a local head (default: detected)")
     s.set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop only what `up` started (state stays in RAYEMBED_HOME)").set_defaults(fn=cmd_down)

@@ -8,22 +8,15 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from cluster.runtime import reachable, wait_http
+from cluster.runtime import free_port, reachable, serve_ingress_env, wait_http  # noqa: F401 - free_port re-exported
 from cluster.settings import API_APP, CONTROL_PLANE, NAMESPACE, Settings
 
 RECORD = "cluster.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_record(s: Settings) -> dict | None:
@@ -44,7 +37,7 @@ def _gcs_address(temp_dir: Path, port: int) -> str:
     return f"127.0.0.1:{port}"
 
 
-def start_head(s: Settings, num_cpus: int | None, num_gpus: int | None) -> dict:
+def start_head(s: Settings, num_cpus: int | None, num_gpus: int | None, ingress: str = "haproxy") -> dict:
     """`ray start --head` on 127.0.0.1 with every port chosen free, recorded in <home>/cluster.json."""
     temp_dir, gcs, dash = _temp_dir(s), free_port(), free_port()
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head",
@@ -60,11 +53,13 @@ def start_head(s: Settings, num_cpus: int | None, num_gpus: int | None) -> dict:
     auth = os.environ.get("RAY_AUTH_MODE", "token")  # Ray 2.60's default for `ray start` clusters
     if auth == "token":  # the token lives in ~/.ray/auth_token; every client on this machine reads it
         subprocess.run([cmd[0], "get-auth-token", "--generate"], capture_output=True, text=True, timeout=120)
+    os.environ.update(serve_ingress_env(ingress))  # Serve reads them once: the head's processes and this one
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"`ray start --head` failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
     record = {"gcs_address": _gcs_address(temp_dir, gcs), "dashboard_url": f"http://127.0.0.1:{dash}",
-              "temp_dir": str(temp_dir), "started_by_up": True, "started_at": time.time(), "auth_mode": auth}
+              "temp_dir": str(temp_dir), "started_by_up": True, "started_at": time.time(), "auth_mode": auth,
+              "ingress": ingress}
     s.home.mkdir(parents=True, exist_ok=True)
     (s.home / RECORD).write_text(json.dumps(record, indent=2))
     return record
@@ -79,7 +74,8 @@ def auth_env(s: Settings) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", (record or {}).get("auth_mode") or "token")
 
 
-def connect(s: Settings, start: bool = False, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
+def connect(s: Settings, start: bool = False, num_cpus: int | None = None, num_gpus: int | None = None,
+            ingress: str = "haproxy") -> dict:
     """ray.init against RAY_ADDRESS, else the head `up` recorded (started when `start` and none answers)."""
     auth_env(s)
     import ray
@@ -93,7 +89,7 @@ def connect(s: Settings, start: bool = False, num_cpus: int | None = None, num_g
         if record is None or not reachable(record["gcs_address"]):
             if not start:
                 raise RuntimeError(f"no rayembed cluster is running for RAYEMBED_HOME={s.home}: run `rayembed up`")
-            record = start_head(s, num_cpus, num_gpus)
+            record = start_head(s, num_cpus, num_gpus, ingress)
     if not ray.is_initialized():
         ray.init(address=record["gcs_address"], namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
     return record
@@ -109,18 +105,22 @@ def _dashboard_of(address: str) -> str:
     return "http://" + ray.worker.get_dashboard_url()
 
 
-def up(s: Settings, num_cpus: int | None = None, num_gpus: int | None = None, log=print) -> dict:
-    """Idempotent: a running cluster, control plane and API are reused."""
+def up(s: Settings, num_cpus: int | None = None, num_gpus: int | None = None, log=print,
+       ingress: str = "haproxy") -> dict:
+    """Idempotent: a running cluster, control plane and API are reused. `ingress` applies to a head this
+    starts (see cluster.runtime.serve_ingress_env); a running cluster keeps the one it has."""
     auth_env(s)
     import ray
-    from ray import serve
+
+    record = connect(s, start=True, num_cpus=num_cpus, num_gpus=num_gpus, ingress=ingress)
+    from ray import serve  # after the head started: Serve reads its settings from the environment once
 
     from cluster.api import build_api_app
     from cluster.controlplane import ControlPlane
 
-    record = connect(s, start=True, num_cpus=num_cpus, num_gpus=num_gpus)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one line per step below is what a person reads
-    log(f"ray: {record['gcs_address']} (dashboard {record['dashboard_url']})")
+    log(f"ray: {record['gcs_address']} (dashboard {record['dashboard_url']}; Serve ingress: "
+        f"{record.get('ingress', 'as the cluster was started')})")
     serve.start(http_options={"host": s.host, "port": s.port}, logging_config={"enable_access_log": False})
     actor = ray.remote(ControlPlane).options(
         name=CONTROL_PLANE, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,

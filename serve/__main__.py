@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=float, default=None,
                         help="CPUs per replica (= its ONNX Runtime threads); default: this machine's cores / replicas")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (CUDA provider when > 0)")
+    parser.add_argument("--ingress", choices=["haproxy", "proxy"], default="haproxy",
+                        help="HTTP ingress when this command starts Ray: Serve's HAProxy (default; one fewer Python "
+                             "hop per request; replica ports 30000-31000, no TLS) or Ray Serve's Python proxy; "
+                             "a joined cluster keeps its own")
     args = parser.parse_args(argv)
     try:
         if args.config:
@@ -57,16 +61,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from ray import serve
-
-    from cluster.runtime import ensure_ray, local_cluster_address, wait_http
-    from serve.app import gateway_app
-    from serve.routing import model_id
-
-    import ray
+    from cluster.runtime import ensure_ray, local_cluster_address, serve_ingress_env, wait_http
 
     joined = os.environ.get("RAY_ADDRESS", "local") != "local" or (
         not os.environ.get("RAY_ADDRESS") and local_cluster_address() is not None)
+    if not joined:  # Serve reads these once, when its processes (and this one's `ray.serve`) start
+        os.environ.update(serve_ingress_env(args.ingress))
+
+    import ray
+    from ray import serve
+
+    from serve.app import gateway_app
+    from serve.routing import model_id
+
     ensure_ray()
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)

@@ -35,6 +35,7 @@ from serve.settings import GatewayConfig, ProviderSettings
 log = logging.getLogger("ray.serve")
 GATEWAY = "/v2/workspaces/{workspace}/inference/gateway"
 READY_TIMEOUT_S = 5.0
+REPLICA_ATTEMPTS = 3
 
 
 def json_response(body: dict | bytes, status: int = 200, headers: dict | None = None) -> Response:
@@ -179,7 +180,14 @@ class GatewayCore:
 
     async def _embed(self, body: EmbeddingRequest, provider: ProviderSettings, model: str) -> Response:
         texts = body.texts(self.config.limits)
-        result = await self._handle(provider).embed.remote(texts, body.input_type, body.truncate, body.dimensions)
+        for attempt in range(REPLICA_ATTEMPTS):  # an embedding is idempotent: a replica that died mid-request is retried
+            try:
+                result = await self._handle(provider).embed.remote(texts, body.input_type, body.truncate, body.dimensions)
+                break
+            except RayActorError:  # ActorDiedError, ActorUnavailableError
+                if attempt == REPLICA_ATTEMPTS - 1:
+                    raise
+                log.warning("a replica of provider %s failed mid-request; retrying on another", provider.name)
         if isinstance(result, ServeError):
             raise result
         embeddings, tokens = result

@@ -61,3 +61,16 @@ def minilm_onnx(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("minilm-onnx") / "onnx"
     export_onnx("all-MiniLM-L6-v2", out)
     return out
+
+
+def haproxy_configs() -> dict[int, str]:
+    """pid -> config text of every running HAProxy that Serve started."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"haproxy") and b"-f" in argv:
+            found[int(proc.name)] = Path(argv[argv.index(b"-f") + 1].decode()).read_text()
+    return found

@@ -20,7 +20,7 @@ import pytest
 
 from cluster.client import ApiError, Client
 from cluster.local import free_port
-from tests.conftest import ROOT, SAMPLE
+from tests.conftest import ROOT, SAMPLE, haproxy_configs
 from tests.hostile_requests import MANAGEMENT, check_envelope, send
 
 pytestmark = pytest.mark.timeout(1500)
@@ -150,6 +150,11 @@ def test_names_unknowns_and_workspace_isolation(platform):
     assert "/v2/workspaces/{workspace}/customization/jobs" in spec["paths"]
 
 
+def test_up_puts_serves_haproxy_in_front(platform):
+    assert [cfg for cfg in haproxy_configs().values() if f"bind 127.0.0.1:{platform.port}" in cfg]
+    assert json.loads((platform.home / "cluster.json").read_text())["ingress"] == "haproxy"
+
+
 def test_hostile_management_requests_get_a_4xx_envelope(platform):
     before = {w.name for w in platform.client().workspaces.list()}
     for name, method, path, headers, body, status, fragment in MANAGEMENT:
@@ -250,8 +255,11 @@ def test_swap_under_load_and_delete(platform):
     assert dep.model == "tiny-debian" and dep.generation == 2 and dep.retiring == {}
     after = _embed(platform, "swap")
     assert not np.allclose(before, after, atol=1e-4), "the swap must serve the new model"
-    apps = platform.ray("from ray import serve\nprint(sorted(serve.status().applications))")
-    assert "rayembed.default.swap.g1" not in apps and "rayembed.default.swap.g2" in apps
+    deadline = time.monotonic() + 90  # the retired generation is deleted; Serve drains it first
+    while "rayembed.default.swap.g1" in (apps := platform.ray("from ray import serve\nprint(sorted(serve.status().applications))")):
+        assert time.monotonic() < deadline, apps
+        time.sleep(2)
+    assert "rayembed.default.swap.g2" in apps
     (platform.home / "swap.json").write_text(json.dumps({"ready_s": ready_s, "routable_s": routable_s, **{k: counts[k] for k in ("ok", "failed")}}))
     c.deployments.delete("swap")
     c.deployments.wait_deleted("swap")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import signal
 import socket
 import time
 import urllib.error
@@ -380,3 +382,55 @@ def test_provider_app_429_and_503(gateway, artifacts, offline, ray_session):
     assert 200 in codes and 429 in codes, codes
     limited = next(a for a in answers if a[0] == 429)
     assert limited[1]["error"]["type"] == "rate_limit_error" and limited[2].get("retry-after") == "1"
+
+
+# ---------------------------------------------------------------- faults under load
+def _pids_titled(title: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(title.encode()):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_replica_killed_under_load_costs_at_most_one_percent_of_requests(gateway, artifacts, offline):
+    """Two replicas, 16 concurrent clients; one replica process is SIGKILLed. A request it held is retried
+    on the other (an embedding is idempotent), Serve starts a replacement, and answers stay correct."""
+    from ray import serve
+
+    from serve.app import build_app, build_provider_app
+
+    serve.run(build_provider_app({"name": "two", "model_dir": str(artifacts["minilm"]), "num_cpus": 0.25, "num_replicas": 2}),
+              name="two-app", route_prefix=None)
+    two = {"name": "two", "providers": [{"name": "two-prov", "app": "two-app"}]}
+    serve.run(build_app(table(artifacts, two=two)), name=APP, route_prefix="/")
+    want = offline["minilm"].embed(TEXTS[:2])
+    results: list[tuple[float, int, bool]] = []  # (time, status, vectors correct)
+    start = time.monotonic()
+
+    def client():
+        while time.monotonic() - start < 40:
+            status, body, _ = call(gateway + "/v1/embeddings", {"model": "two", "input": TEXTS[:2]})
+            ok = status == 200 and all(cos(v, w) > 0.9999 for v, w in zip(vectors(body), want))
+            results.append((time.monotonic() - start, status, ok))
+
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(client) for _ in range(16)]
+        time.sleep(8)
+        victims = _pids_titled("ray::ServeReplica:two-app:replica-two")
+        assert len(victims) == 2, victims
+        os.kill(victims[0], signal.SIGKILL)
+        killed_at = time.monotonic() - start
+        for f in futures:
+            f.result()
+    failed = [r for r in results if not r[2]]
+    assert len(results) > 100 and len(failed) <= 0.01 * len(results), (len(results), failed[:5])
+    assert [r for r in results if r[0] > killed_at + 20 and r[2]], "answers continue after the kill"
+    deadline = time.monotonic() + 60
+    while serve.status().applications["two-app"].deployments["replica-two"].replica_states.get("RUNNING", 0) != 2:
+        assert time.monotonic() < deadline, "Serve did not replace the killed replica"
+        time.sleep(1)
+    serve.delete("two-app")

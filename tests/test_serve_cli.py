@@ -1,4 +1,5 @@
-"""`python -m serve --model-dir DIR` joins a running Ray (RAY_ADDRESS), serves, and leaves cleanly on SIGTERM."""
+"""`python -m serve --model-dir DIR` joins a running Ray (RAY_ADDRESS), or starts its own behind HAProxy; serves,
+and leaves cleanly on SIGTERM."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
 import onnxruntime as ort
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, haproxy_configs
 from rayembed.artifact import TextTokenizer
 
 
@@ -48,3 +50,42 @@ def test_standalone_cli_serves_one_model_and_stops(ray_session, minilm_onnx, tmp
     assert code == 0, log.read_text()[-3000:]
     assert "rayembed-gateway" not in serve.status().applications  # it took its app down, left the cluster up
     serve.shutdown()
+
+
+def test_standalone_cli_starts_its_own_ray_behind_haproxy(minilm_onnx, tmp_path):
+    """Without a cluster to join, `python -m serve` starts Ray with Serve's HAProxy ingress (no Python
+    proxy hop), answers through it, and takes everything down on SIGTERM."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_SERVE_"))}
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model-dir", str(minilm_onnx), "--name", "minilm",
+                             "--port", str(port), "--num-cpus", "1"], cwd=ROOT, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "Ctrl-C stops" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        ours = [pid for pid, cfg in haproxy_configs().items() if f"bind 127.0.0.1:{port}" in cfg]
+        assert len(ours) == 1, "the gateway's port is HAProxy's frontend"
+        body = json.dumps({"model": "minilm", "input": ["a fast HTTP server", "an image viewer"]}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/embeddings", data=body,
+                                     headers={"Content-Type": "application/json"})
+        data = json.loads(urllib.request.urlopen(req, timeout=60).read())["data"]
+        manifest = json.loads((minilm_onnx / "manifest.json").read_text())
+        ids, mask = TextTokenizer(minilm_onnx, manifest["max_seq_length"])(["a fast HTTP server", "an image viewer"])
+        want = ort.InferenceSession(str(minilm_onnx / "model.onnx")).run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        np.testing.assert_allclose(np.array([d["embedding"] for d in data]), want, atol=1e-5)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/embeddings", data=b"{}", method="GET")
+        try:
+            urllib.request.urlopen(req, timeout=60)
+        except urllib.error.HTTPError as err:  # our envelope, through HAProxy
+            assert err.code == 405 and json.loads(err.read())["error"]["code"] == "method_not_allowed"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(120)
+    assert code == 0, log.read_text()[-3000:]
+    time.sleep(2)
+    assert not [pid for pid, cfg in haproxy_configs().items() if f"bind 127.0.0.1:{port}" in cfg]
