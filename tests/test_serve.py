@@ -427,6 +427,10 @@ def test_a_replica_killed_under_load_costs_at_most_one_percent_of_requests(gatew
         for f in futures:
             f.result()
     failed = [r for r in results if not r[2]]
+    after = [r for r in results if killed_at + 20 < r[0] <= killed_at + 30 and r[2]]
+    print(json.dumps({"requests": len(results), "failed": len(failed), "killed_at_s": round(killed_at, 1),
+                      "ok_per_s_before": round(len([r for r in results if r[0] <= killed_at and r[2]]) / killed_at, 1),
+                      "ok_per_s_20_to_30_s_after": round(len(after) / 10, 1)}))
     assert len(results) > 100 and len(failed) <= 0.01 * len(results), (len(results), failed[:5])
     assert [r for r in results if r[0] > killed_at + 20 and r[2]], "answers continue after the kill"
     deadline = time.monotonic() + 60
