@@ -12,6 +12,8 @@ import threading
 from pathlib import Path
 from typing import Protocol
 
+from serve.errors import Unavailable
+
 SCHEMA_VERSION = 2
 # version -> statements that bring the schema from version-1 to version
 MIGRATIONS: dict[int, list[str]] = {
@@ -25,6 +27,10 @@ MIGRATIONS: dict[int, list[str]] = {
 
 class StoreError(RuntimeError):
     """The state database cannot be opened or is newer than this rayembed."""
+
+
+class StoreWriteError(Unavailable):
+    """The state file cannot be written (read-only, disk full, locked): a 503 that says what to check."""
 
 
 class Store(Protocol):
@@ -88,21 +94,27 @@ class SQLiteStore:
                                         (kind, workspace))
             return [json.loads(r[0]) for r in rows.fetchall()]
 
-    def put(self, kind: str, workspace: str, name: str, body: dict) -> None:
+    def _write(self, sql: str, args: tuple) -> sqlite3.Cursor:
+        """One statement, one transaction: a write that fails leaves the file as it was."""
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO objects (kind, workspace, name, body, updated_at) "
-                             "VALUES (?, ?, ?, ?, julianday('now'))", (kind, workspace, name, json.dumps(body)))
+            try:
+                return self._db.execute(sql, args)
+            except sqlite3.OperationalError as exc:  # readonly, "database or disk is full", locked past the timeout
+                raise StoreWriteError(f"the control plane cannot write its state file {self.path}: {exc}; check that "
+                                      "the file and its folder are writable and the disk has free space (nothing "
+                                      "was changed)") from None
+
+    def put(self, kind: str, workspace: str, name: str, body: dict) -> None:
+        self._write("INSERT OR REPLACE INTO objects (kind, workspace, name, body, updated_at) "
+                    "VALUES (?, ?, ?, ?, julianday('now'))", (kind, workspace, name, json.dumps(body)))
 
     def delete(self, kind: str, workspace: str, name: str) -> bool:
-        with self._lock:
-            cur = self._db.execute("DELETE FROM objects WHERE kind = ? AND workspace = ? AND name = ?",
-                                   (kind, workspace, name))
-            return cur.rowcount > 0
+        cur = self._write("DELETE FROM objects WHERE kind = ? AND workspace = ? AND name = ?", (kind, workspace, name))
+        return cur.rowcount > 0
 
     def add_version(self, kind: str, workspace: str, name: str, version: int, body: dict) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO history (kind, workspace, name, version, body) VALUES (?, ?, ?, ?, ?)",
-                             (kind, workspace, name, version, json.dumps(body)))
+        self._write("INSERT OR REPLACE INTO history (kind, workspace, name, version, body) VALUES (?, ?, ?, ?, ?)",
+                    (kind, workspace, name, version, json.dumps(body)))
 
     def versions(self, kind: str, workspace: str, name: str) -> list[dict]:
         with self._lock:

@@ -178,3 +178,25 @@ def test_a_generation_deployed_before_the_cluster_went_down_is_deployed_again(tm
     assert dep["status"] == "READY" and dep["app"] == "rayembed.default.keep.g2"
     assert cp.store.get("provider", "default", "keep")["app"] == "rayembed.default.keep.g2"
     cp._stop.set()
+
+
+def test_a_full_or_read_only_store_is_a_clear_503_and_keeps_what_it_had(tmp_path):
+    from cluster.store import StoreWriteError
+    from serve.errors import status_of
+
+    path = tmp_path / "state.db"
+    store = SQLiteStore(path)
+    store.put("workspace", "", "keep", {"name": "keep"})
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full
+    with pytest.raises(StoreWriteError, match="database or disk is full; check that the file") as err:
+        store.put("workspace", "", "big", {"blob": "x" * 200_000})
+    assert status_of(err.value)[:2] == (503, "service_unavailable_error") and str(path) in err.value.message
+    assert store.get("workspace", "", "keep") == {"name": "keep"} and store.get("workspace", "", "big") is None
+    store.close()
+
+    store = SQLiteStore(path)
+    store._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+    with pytest.raises(StoreWriteError, match="readonly database"):  # (as root, chmod would not stop a write)
+        store.delete("workspace", "", "keep")
+    assert store.get("workspace", "", "keep") == {"name": "keep"}
