@@ -68,6 +68,10 @@ class ClientGone(ServeError):
     """The client closed the connection before its request was read; nobody reads the answer."""
 
 
+class UpstreamTimeout(ServeError):
+    """No replica answered within the provider's request_timeout_s (each attempt on another replica)."""
+
+
 class QueueFull(ServeError):
     """The model's replicas and queue are full; retry later."""
 
@@ -91,6 +95,7 @@ STATUS: dict[type[ServeError], tuple[int, str]] = {
     ClientGone: (499, "invalid_request_error"),
     QueueFull: (429, "rate_limit_error"),
     Unavailable: (503, "service_unavailable_error"),
+    UpstreamTimeout: (504, "timeout_error"),
 }
 INTERNAL = (500, "internal_server_error")
 
@@ -109,6 +114,7 @@ CODES: dict[type[ServeError], str] = {
     ClientGone: "client_closed_request",
     QueueFull: "queue_full",
     Unavailable: "no_healthy_replica",
+    UpstreamTimeout: "upstream_timeout",
 }
 
 

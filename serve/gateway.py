@@ -27,7 +27,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from serve.errors import (ClientGone, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, QueueFull,
-                          RequestTimeout, ServeError, Unavailable, UnsupportedMediaType, envelope, status_of)
+                          RequestTimeout, ServeError, Unavailable, UnsupportedMediaType, UpstreamTimeout, envelope,
+                          status_of)
 from serve.routing import RoutingTable, model_id
 from serve.schemas import EmbeddingRequest, parse_request, render
 from serve.settings import GatewayConfig, ProviderSettings
@@ -180,14 +181,23 @@ class GatewayCore:
 
     async def _embed(self, body: EmbeddingRequest, provider: ProviderSettings, model: str) -> Response:
         texts = body.texts(self.config.limits)
-        for attempt in range(REPLICA_ATTEMPTS):  # an embedding is idempotent: a replica that died mid-request is retried
+        # An embedding is idempotent: a request whose replica died, or did not answer within the provider's
+        # deadline (hung, stopped), is sent again; Serve's router prefers the replica with the shorter queue.
+        timeout = provider.request_timeout_s
+        for attempt in range(REPLICA_ATTEMPTS):
             try:
-                result = await self._handle(provider).embed.remote(texts, body.input_type, body.truncate, body.dimensions)
+                result = await asyncio.wait_for(
+                    self._handle(provider).embed.remote(texts, body.input_type, body.truncate, body.dimensions), timeout)
                 break
             except RayActorError:  # ActorDiedError, ActorUnavailableError
                 if attempt == REPLICA_ATTEMPTS - 1:
                     raise
-                log.warning("a replica of provider %s failed mid-request; retrying on another", provider.name)
+                log.warning("a replica of provider %s failed mid-request; retrying", provider.name)
+            except asyncio.TimeoutError:
+                if attempt == REPLICA_ATTEMPTS - 1:
+                    raise UpstreamTimeout(f"provider {provider.name!r} did not answer within {timeout:g} s, "
+                                          f"{REPLICA_ATTEMPTS} times; retry later") from None
+                log.warning("provider %s did not answer within %g s; retrying", provider.name, timeout)
         if isinstance(result, ServeError):
             raise result
         embeddings, tokens = result

@@ -54,6 +54,8 @@ class ProviderSettings(Section):
                                                                "while the previous batch ran")
     max_ongoing_requests: int = Field(256, ge=1, description="requests one replica accepts (they wait in its batch queue)")
     max_queued_requests: int = Field(512, ge=-1, description="requests waiting for a replica; beyond it: 429 (-1: no limit)")
+    request_timeout_s: float = Field(120.0, gt=0, description="a replica that has not answered within it (hung, or "
+                                      "stopped): the gateway retries on another replica, then answers 504")
     default_input_type: Literal["query", "passage"] | None = Field(
         None, description="input_type when a request has none (a model with prefixes otherwise requires it)")
 

@@ -438,3 +438,43 @@ def test_a_replica_killed_under_load_costs_at_most_one_percent_of_requests(gatew
         assert time.monotonic() < deadline, "Serve did not replace the killed replica"
         time.sleep(1)
     serve.delete("two-app")
+
+
+def test_a_hung_replica_is_bypassed_by_the_request_deadline(gateway, artifacts, offline):
+    """One of two replicas stops answering (SIGSTOP: alive, silent). Requests it holds pass their 2 s
+    deadline and are sent again; they land on the other replica, so clients still get correct answers."""
+    from ray import serve
+
+    from serve.app import build_app, build_provider_app
+
+    serve.run(build_provider_app({"name": "hang", "model_dir": str(artifacts["minilm"]), "num_cpus": 0.25, "num_replicas": 2}),
+              name="hang-app", route_prefix=None)
+    hang = {"name": "hang", "providers": [{"name": "hang-prov", "app": "hang-app", "request_timeout_s": 2}]}
+    serve.run(build_app(table(artifacts, hang=hang)), name=APP, route_prefix="/")
+    want = offline["minilm"].embed(TEXTS[:2])
+    assert call(gateway + "/v1/embeddings", {"model": "hang", "input": TEXTS[:2]})[0] == 200
+    stopped = _pids_titled("ray::ServeReplica:hang-app:replica-hang")
+    assert len(stopped) == 2, stopped
+    os.kill(stopped[0], signal.SIGSTOP)
+    results: list[tuple[float, bool]] = []  # (seconds, correct)
+    try:
+        def client():
+            end = time.monotonic() + 15
+            while time.monotonic() < end:
+                t0 = time.monotonic()
+                status, body, _ = call(gateway + "/v1/embeddings", {"model": "hang", "input": TEXTS[:2]})
+                ok = status == 200 and all(cos(v, w) > 0.9999 for v, w in zip(vectors(body), want))
+                results.append((time.monotonic() - t0, ok))
+
+        with ThreadPoolExecutor(8) as pool:
+            for f in [pool.submit(client) for _ in range(8)]:
+                f.result()
+    finally:
+        os.kill(stopped[0], signal.SIGCONT)
+    failed = [r for r in results if not r[1]]
+    print(json.dumps({"requests": len(results), "failed": len(failed), "max_s": round(max(r[0] for r in results), 2),
+                      "over_2_s": len([r for r in results if r[0] > 2])}))
+    assert len(results) > 50 and len(failed) <= 0.01 * len(results), (len(results), failed[:5])
+    assert [r for r in results if r[0] > 2], "some requests met the stopped replica and were sent again"
+    assert max(r[0] for r in results) < 3 * 2 + 5, "no request waits much past its deadlines"
+    serve.delete("hang-app")
