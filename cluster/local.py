@@ -151,9 +151,13 @@ def down(s: Settings, log=print) -> None:
         ray.kill(ray.get_actor(CONTROL_PLANE, namespace=NAMESPACE), no_restart=True)
     except ValueError:
         pass
-    for name in list(serve.status().applications):
-        if name == API_APP or name.startswith("rayembed."):
-            serve.delete(name)
+    ours = [n for n in serve.status().applications if n == API_APP or n.startswith("rayembed.")]
+    if joined or not (record and record.get("started_by_up")):  # a shared cluster: take our applications down
+        for name in ours:
+            serve.delete(name, _blocking=False)
+        deadline = time.monotonic() + 180  # replicas drain first (in parallel)
+        while set(ours) & set(serve.status().applications) and time.monotonic() < deadline:
+            time.sleep(1)
     ray.shutdown()
     if not joined and record and record.get("started_by_up"):
         kill_processes(Path(record["temp_dir"]))

@@ -37,8 +37,11 @@ def serve_ingress_env(ingress: str) -> dict[str, str]:
         raise ValueError(f"ingress must be one of {INGRESS}, not {ingress!r}")
     if ingress == "proxy":
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    # A replica that goes away (a retired generation, `down`) drains at least this long: Serve's 30 s
+    # default leaves time for an external load balancer to deregister it; HAProxy, updated by Serve's
+    # controller within a second and retrying refused connections, needs a few seconds.
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 
 
 def reachable(address: str, timeout: float = 1.0) -> bool:
