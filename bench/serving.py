@@ -97,10 +97,10 @@ def compare_graphs(model_dir: Path, texts: list[str], seconds: float, rounds: in
     return 0
 
 
-def start_server(model_dir: Path, port: int, provider: dict, log: Path) -> subprocess.Popen:
+def start_server(model_dir: Path, port: int, provider: dict, log: Path, gateway_replicas: int = 1) -> subprocess.Popen:
     """`python -m serve --config` with one model named "bench" and the given provider settings."""
     config = log.with_name("gateway.yaml")
-    config.write_text(json.dumps({"models": [{"name": "bench", "providers": [
+    config.write_text(json.dumps({"gateway_replicas": gateway_replicas, "models": [{"name": "bench", "providers": [
         {"name": "bench", "model_dir": str(model_dir.resolve()), **provider}]}]}))
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     env.pop("RAY_ADDRESS", None)
@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--provider", default='{"num_cpus": 2}',
                         help="provider settings as JSON (serve/settings.py ProviderSettings), e.g. '{\"spin\": true}'")
     parser.add_argument("--skip-ceiling", action="store_true", help="only the gateway (for quick config comparisons)")
+    parser.add_argument("--gateway-replicas", type=int, default=1, help="replicas of the gateway deployment")
     parser.add_argument("--port", type=int, default=8181)
     parser.add_argument("--compare-graphs", type=int, metavar="ROUNDS", default=0,
                         help="only compare the plain and the fused graph in process (2 threads), alternated ROUNDS times")
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     provider = json.loads(args.provider)
     rows = [] if args.skip_ceiling else ceiling(model_dir, texts, args.ceiling_seconds)
-    proc = start_server(model_dir, args.port, provider, args.work / "server.log")
+    proc = start_server(model_dir, args.port, provider, args.work / "server.log", args.gateway_replicas)
     try:
         if not args.skip_ceiling:  # the same loop with the idle Ray + Serve processes sharing the CPUs
             rows += ceiling(model_dir, texts, args.ceiling_seconds, "ceiling_beside_idle_ray",
@@ -194,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['texts_per_s'] / best_beside:.2f} | {r['p50_ms']} | {r['p99_ms']} | {sum(r['errors'].values())} |")
     with (args.work / "results.jsonl").open("a") as fh:
         for r in rows:
-            fh.write(json.dumps({**r, "provider": provider, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+            fh.write(json.dumps({**r, "provider": provider, "gateway_replicas": args.gateway_replicas,
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
     return 0
 
 

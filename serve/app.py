@@ -19,7 +19,7 @@ from serve.settings import GatewayConfig, ProviderSettings, load_gateway_config
 def gateway_app(config: GatewayConfig) -> Application:
     handles = {p.name: EmbeddingReplica.options(**p.deployment_options()).bind(p.model_dump())
                for p in config.providers().values() if p.model_dir is not None}
-    return Gateway.bind(config.model_dump(), handles)
+    return Gateway.options(num_replicas=config.gateway_replicas).bind(config.model_dump(), handles)
 
 
 def build_app(args: dict) -> Application:

@@ -121,6 +121,8 @@ class Limits(Section):
 class GatewayConfig(Section):
     models: list[ModelRoute] = Field(default_factory=list, description="model entities and their providers")
     limits: Limits = Limits()
+    gateway_replicas: int = Field(1, ge=1, description="replicas of the gateway deployment (HTTP parsing, routing, "
+                                                       "rendering); more pay off on nodes with spare cores")
 
     @model_validator(mode="after")
     def _unique(self):

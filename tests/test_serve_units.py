@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from rayembed.engine import matryoshka, plan_batches
 from serve.errors import (InputTooLong, InvalidRequest, NotFound, PayloadTooLarge, QueueFull, Unavailable, envelope,
@@ -179,3 +180,13 @@ def test_cuda_request_without_cuda_fails_loudly(minilm_onnx):
     engine.want_cuda = True  # what the health check sees when a session silently fell back to the CPU
     with pytest.raises(RuntimeError, match="CUDA was asked for but the session runs on"):
         engine.check()
+
+
+def test_gateway_replicas_reach_the_gateway_deployment():
+    from serve.app import gateway_app
+
+    table = {"models": [{"name": "m", "providers": [{"name": "p", "app": "x"}]}]}
+    assert gateway_app(GatewayConfig.model_validate(table))._bound_deployment.num_replicas == 1
+    assert gateway_app(GatewayConfig.model_validate({**table, "gateway_replicas": 2}))._bound_deployment.num_replicas == 2
+    with pytest.raises(ValidationError, match="gateway_replicas"):
+        GatewayConfig.model_validate({**table, "gateway_replicas": 0})
