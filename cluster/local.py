@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.runtime import free_port, reachable, serve_ingress_env, wait_http  # noqa: F401 - free_port re-exported
+from cluster.runtime import free_port, reachable, serve_ingress_env, wait_http
 from cluster.settings import API_APP, CONTROL_PLANE, NAMESPACE, Settings
 
 RECORD = "cluster.json"

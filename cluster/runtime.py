@@ -28,7 +28,7 @@ def serve_ingress_env(ingress: str) -> dict[str, str]:
     """Settings Serve reads once, when its processes start, for a Ray that this process starts.
 
     haproxy: Serve's HAProxy ingress instead of the Python proxy actor: one fewer Python hop per request
-    (docs/benchmarks.md §5: 1.4-1.6x the texts/s at one text per request, 11 ms less p50). The ingress
+    (docs/benchmarks.md §5: 1.4-1.6x the texts/s at one text per request, 11-14 ms less p50). The ingress
     replica runs its own HTTP server on a port in 30000-31000, bound to all interfaces, and HAProxy's
     metrics and stats ports too (chosen free here): firewall them on shared hosts. HAProxy does not
     terminate TLS. proxy: Ray Serve's Python HTTP proxy.

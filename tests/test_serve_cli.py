@@ -15,6 +15,7 @@ import urllib.request
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from tests.conftest import ROOT, haproxy_configs
 from rayembed.artifact import TextTokenizer
@@ -78,11 +79,10 @@ def test_standalone_cli_starts_its_own_ray_behind_haproxy(minilm_onnx, tmp_path)
         ids, mask = TextTokenizer(minilm_onnx, manifest["max_seq_length"])(["a fast HTTP server", "an image viewer"])
         want = ort.InferenceSession(str(minilm_onnx / "model.onnx")).run(None, {"input_ids": ids, "attention_mask": mask})[0]
         np.testing.assert_allclose(np.array([d["embedding"] for d in data]), want, atol=1e-5)
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/embeddings", data=b"{}", method="GET")
-        try:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/embeddings", method="GET")
+        with pytest.raises(urllib.error.HTTPError) as err:  # our envelope, through HAProxy
             urllib.request.urlopen(req, timeout=60)
-        except urllib.error.HTTPError as err:  # our envelope, through HAProxy
-            assert err.code == 405 and json.loads(err.read())["error"]["code"] == "method_not_allowed"
+        assert err.value.code == 405 and json.loads(err.value.read())["error"]["code"] == "method_not_allowed"
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(120)

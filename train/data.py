@@ -74,7 +74,7 @@ def _check_record(obj: object, negatives_needed: int) -> tuple[str | None, int]:
     return None, len(positives)
 
 
-def _lines(fh, path: str):
+def _lines(fh):
     """(line number, byte offset of the JSON, bytes or None when the line is over MAX_LINE_BYTES)."""
     offset, lineno = 0, 0
     while raw := fh.readline(MAX_LINE_BYTES + 1):
@@ -91,16 +91,16 @@ def _lines(fh, path: str):
         yield lineno, start, raw
 
 
-def _parse_line(raw: bytes | None, negatives_needed: int) -> tuple[str | None, int]:
+def _decode_line(raw: bytes | None) -> tuple[object, str | None]:
+    """(the parsed JSON value, None) or (None, the problem) for one line from `_lines`."""
     if raw is None:
-        return f"the line is longer than {MAX_LINE_BYTES // 2**20} MiB (a missing newline, or not a JSONL file)", 0
+        return None, f"the line is longer than {MAX_LINE_BYTES // 2**20} MiB (a missing newline, or not a JSONL file)"
     if b"\x00" in raw:
-        return "the line contains NUL bytes: this looks like a binary file, not JSON Lines", 0
+        return None, "the line contains NUL bytes: this looks like a binary file, not JSON Lines"
     try:
-        obj = json.loads(raw)
+        return json.loads(raw), None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return f"not valid JSON ({exc})", 0
-    return _check_record(obj, negatives_needed)
+        return None, f"not valid JSON ({exc})"
 
 
 def index_jsonl(path: str | Path, negatives_needed: int) -> ExampleIndex:
@@ -113,10 +113,13 @@ def index_jsonl(path: str | Path, negatives_needed: int) -> ExampleIndex:
     digests, digest_lines = [], []  # 8 bytes per line: duplicates are found without keeping the text
     n_bad = 0
     with open(path, "rb") as fh:
-        for lineno, start, raw in _lines(fh, path):
+        for lineno, start, raw in _lines(fh):
             if raw is not None and not raw.strip():
                 continue
-            problem, n_pos = _parse_line(raw, negatives_needed)
+            obj, problem = _decode_line(raw)
+            n_pos = 0
+            if problem is None:
+                problem, n_pos = _check_record(obj, negatives_needed)
             if problem:
                 n_bad += 1
                 if len(errors) < MAX_REPORTED_ERRORS:
@@ -218,29 +221,26 @@ class RetrievalSet:
     qrels: dict[str, dict[str, int]]
 
 
-def _beir_records(path: Path, text_field: str = "text"):
-    """(line number, _id, text) of a BEIR corpus.jsonl / queries.jsonl; DataError names line and field."""
+def _beir_records(path: Path, titles: bool):
+    """(line number, _id, text) of a BEIR corpus.jsonl (title + text) or queries.jsonl; DataError names line and field."""
     with path.open("rb") as fh:
-        for lineno, _, raw in _lines(fh, str(path)):
+        for lineno, _, raw in _lines(fh):
             if raw is not None and not raw.strip():
                 continue
             where = f"{path}:{lineno}"
-            if raw is None or b"\x00" in raw:
-                raise DataError(f"{where}: not a JSON line (over {MAX_LINE_BYTES // 2**20} MiB or binary)")
-            try:
-                d = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise DataError(f"{where}: not valid JSON ({exc})") from None
+            d, problem = _decode_line(raw)
+            if problem is not None:
+                raise DataError(f"{where}: {problem}")
             if not isinstance(d, dict):
-                raise DataError(f"{where}: the line must be a JSON object with _id and {text_field}")
+                raise DataError(f"{where}: the line must be a JSON object with _id and text")
             if not isinstance(d.get("_id"), (str, int)) or isinstance(d.get("_id"), bool) or d.get("_id") == "":
                 raise DataError(f"{where}: field '_id' must be a non-empty string")
-            if not isinstance(d.get(text_field), str):
-                raise DataError(f"{where}: field '{text_field}' must be a string")
-            title = d.get("title")
+            if not isinstance(d.get("text"), str):
+                raise DataError(f"{where}: field 'text' must be a string")
+            title = d.get("title") if titles else None
             if title is not None and not isinstance(title, str):
                 raise DataError(f"{where}: field 'title' must be a string")
-            text = f"{title.strip()} {d[text_field]}".strip() if title and title.strip() else d[text_field]
+            text = f"{title.strip()} {d['text']}".strip() if title and title.strip() else d["text"]
             yield lineno, str(d["_id"]), text
 
 
@@ -251,8 +251,8 @@ def load_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise DataError(f"evaluation folder {folder} is not BEIR layout: missing {', '.join(missing)}")
-    corpus = {doc_id: text for _, doc_id, text in _beir_records(paths["corpus"])}
-    queries = {qid: text for _, qid, text in _beir_records(paths["queries"])}
+    corpus = {doc_id: text for _, doc_id, text in _beir_records(paths["corpus"], titles=True)}
+    queries = {qid: text for _, qid, text in _beir_records(paths["queries"], titles=False)}
     qrels: dict[str, dict[str, int]] = {}
     for lineno, line in enumerate(paths["qrels"].open(encoding="utf-8", errors="replace"), 1):
         parts = line.rstrip("\r\n").split("\t")
