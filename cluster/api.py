@@ -2,8 +2,10 @@
 customizer's) and the inference gateway's routes, in one Serve deployment.
 
 Management calls go to the ControlPlane actor; its typed errors come back through the gateway's one
-error handler (OpenAPI envelope, status from serve/errors.py). The gateway's routing table follows
-the control plane: a thread asks for it every half second and swaps it in when its version changed.
+error handler (OpenAPI envelope, status from serve/errors.py). The gateway's routing table and the API
+keys follow the control plane: a thread asks for them every half second and swaps them in when their
+version changed. With keys configured, every route but the health probes needs one (serve/auth.py),
+and a key sees only its workspaces: another workspace is "does not exist" (404), as if it did not.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from cluster.settings import CONTROL_PLANE, NAMESPACE
-from serve.errors import ServeError, Unavailable
-from serve.gateway import (GatewayCore, api_route, inference_routes, install_core, install_error_handlers,
-                           installed_core, json_response, read_body)
+from serve.auth import Access, BearerAuth, KeyRing, access_of
+from serve.errors import NotFound, PermissionDenied, ServeError, Unavailable, shown
+from serve.gateway import (GatewayCore, api_route, error_response, inference_routes, install_core,
+                           install_error_handlers, installed_core, json_response, read_body)
 from serve.schemas import parse_json_object
 from serve.settings import GatewayConfig
 
@@ -37,6 +40,14 @@ app = FastAPI(title="rayembed", description="Customize and serve embedding model
               "OpenAI/NIM-compatible inference gateway.", docs_url="/docs", redoc_url=None)
 inference_routes(app, installed_core)  # the core lives in serve.gateway (see the note there)
 install_error_handlers(app)
+
+
+def _keys() -> KeyRing | None:
+    return installed_core().keys
+
+
+app.add_middleware(BearerAuth, ring=_keys, on_error=error_response)
+ADMIN_ONLY = {"create_workspace": "creating", "delete_workspace": "deleting"}
 
 
 def _control_plane():
@@ -64,6 +75,16 @@ def _metrics():
     return installed_core().metrics
 
 
+def _authorize(access: Access, method: str, workspace: str | None) -> None:
+    """A workspace outside the key's scope answers exactly as a workspace that does not exist."""
+    if workspace is not None and not access.allows(workspace):
+        raise NotFound(f"workspace {shown(workspace)} does not exist; create it with POST /v2/workspaces")
+    if method in ADMIN_ONLY and not access.admin:
+        raise PermissionDenied(f"{ADMIN_ONLY[method]} a workspace needs a key for all workspaces "
+                               "(`rayembed keys create --all-workspaces`); this key is scoped to "
+                               + ", ".join(sorted(access.workspaces or ())))
+
+
 def management(verb: str, path: str, method: str, *, body: bool = False, status: int = 200, listing: bool = False,
                text: bool = False, summary: str = "") -> None:
     """One management route: path parameters (in order) and the JSON body go to the actor's `method`."""
@@ -72,9 +93,13 @@ def management(verb: str, path: str, method: str, *, body: bool = False, status:
     @api_route("management", _metrics)
     async def handler(request: Request) -> Response:
         args = [request.path_params[p] for p in params]
+        access = access_of(request.scope)
+        _authorize(access, method, request.path_params.get("workspace"))
         if body:
             args.append(await _body(request))
         result = await _call(method, *args)
+        if method == "list_workspaces":
+            result = [w for w in result if access.allows(w["name"])]
         if text:
             return PlainTextResponse(result)
         return json_response({"object": "list", "data": result} if listing else result, status)
@@ -97,6 +122,7 @@ for _verb, _path, _method, _opts in [
     ("GET", WS + "/customization/jobs/{job_id}", "get_job", {}),
     ("GET", WS + "/customization/jobs/{job_id}/status", "job_status", {}),
     ("POST", WS + "/customization/jobs/{job_id}/cancel", "cancel_job", {}),
+    ("POST", WS + "/customization/jobs/{job_id}/resume", "resume_job", {}),
     ("GET", WS + "/customization/jobs/{job_id}/logs", "job_logs", {"text": True}),
     ("GET", WS + "/deployment-configs", "list_deployment_configs", {"listing": True}),
     ("POST", WS + "/deployment-configs", "create_deployment_config", {"body": True, "status": 201}),
@@ -118,25 +144,32 @@ for _verb, _path, _method, _opts in [
 @serve.ingress(app)
 class Api:
     def __init__(self):
-        install_core(GatewayCore(GatewayConfig()))
+        install_core(GatewayCore(GatewayConfig(), keys=None))  # no keys known yet: refuse until the first routes
         self._version = None
+        try:
+            self._poll()
+        except Exception as exc:  # noqa: BLE001 - the thread below keeps asking
+            log.warning("routes from the control plane: %s: %s", type(exc).__name__, exc)
         threading.Thread(target=self._follow_routes, name="routes", daemon=True).start()
+
+    def _poll(self) -> None:
+        routes = ray.get(_control_plane().routes.remote(self._version), timeout=10)
+        if routes is not None:
+            config = GatewayConfig.model_validate(routes["config"], context={"check_files": False})
+            installed_core().set_table(config, routes["workspaces"], KeyRing(routes["keys"]))
+            self._version = routes["version"]
 
     def _follow_routes(self) -> None:
         warned = False
         while True:
+            time.sleep(ROUTES_POLL_S)
             try:
-                routes = ray.get(_control_plane().routes.remote(self._version), timeout=10)
-                if routes is not None:
-                    config = GatewayConfig.model_validate(routes["config"], context={"check_files": False})
-                    installed_core().set_table(config, routes["workspaces"])
-                    self._version = routes["version"]
+                self._poll()
                 warned = False
             except Exception as exc:  # noqa: BLE001 - the control plane may be restarting
                 if not warned:
                     log.warning("routes from the control plane: %s: %s", type(exc).__name__, exc)
                     warned = True
-            time.sleep(ROUTES_POLL_S)
 
 
 def build_api_app(args: dict | None = None):

@@ -5,6 +5,7 @@
     rayembed jobs create --config examples/minilm-debian.yaml --output-model minilm-debian --wait
     rayembed deploy minilm-debian --model minilm-debian
     rayembed embed --model minilm-debian "a tool to convert images"
+    rayembed keys create --for default --label ci   # from then on every call needs a key (RAYEMBED_API_KEY)
     rayembed down
 """
 
@@ -74,7 +75,7 @@ def evaluation_table(evaluation) -> str:
 def cmd_up(args) -> int:
     from cluster.local import up
 
-    up(settings(), num_cpus=args.num_cpus, num_gpus=args.num_gpus, ingress=args.ingress)
+    up(settings(), num_cpus=args.num_cpus, num_gpus=args.num_gpus, ingress=args.ingress, data_roots=args.data_roots)
     return 0
 
 
@@ -82,6 +83,47 @@ def cmd_down(args) -> int:
     from cluster.local import down
 
     down(settings())
+    return 0
+
+
+def cmd_keys(args) -> int:
+    """API keys go through Ray (the operator's access to the cluster), never through the HTTP API they guard."""
+    from cluster.local import connect
+
+    connect(settings())
+    import ray
+
+    from cluster.settings import CONTROL_PLANE, NAMESPACE
+
+    try:
+        plane = ray.get_actor(CONTROL_PLANE, namespace=NAMESPACE)
+    except ValueError:
+        raise RuntimeError("the control plane is not running: run `rayembed up` first") from None
+
+    def call(method: str, *a):
+        try:
+            return ray.get(getattr(plane, method).remote(*a), timeout=60)
+        except ray.exceptions.RayTaskError as exc:
+            raise RuntimeError(str(getattr(exc, "cause", exc))) from None
+
+    if args.action == "create":
+        if bool(args.scope) == args.all_workspaces:
+            raise RuntimeError("keys create needs --for WORKSPACE (repeatable) or --all-workspaces")
+        key = call("create_key", ["*"] if args.all_workspaces else args.scope, args.label or "")
+        print(f"key {key['id']} for {', '.join(key['workspaces'])} (shown once; only its SHA-256 is stored):")
+        print(key["key"])
+        print("use it as: export RAYEMBED_API_KEY=<key>   or   Authorization: Bearer <key>", file=sys.stderr)
+    elif args.action == "list":
+        keys = call("list_keys")
+        for k in keys:
+            print(f"{k['id']:<14} {','.join(k['workspaces']):<30} {time.strftime('%Y-%m-%d %H:%M', time.localtime(k['created_at']))}  {k['label']}")
+        if not keys:
+            print("no API keys: the API is open to whoever can reach it (`rayembed keys create` turns keys on)")
+    elif args.action == "revoke":
+        if not args.id:
+            raise RuntimeError("keys revoke needs the key's id (`rayembed keys list`)")
+        call("revoke_key", args.id)
+        print(f"revoked key {args.id}")
     return 0
 
 
@@ -139,6 +181,11 @@ def cmd_jobs(args) -> int:
         return _finish(c, args.id)
     elif args.action == "cancel":
         print(f"job {args.id}: {c.customization.jobs.cancel(args.id).status}")
+    elif args.action == "resume":
+        job = c.customization.jobs.resume(args.id)
+        print(f"job {args.id}: {job.status} ({job.status_history[-1].reason})")
+        if args.wait:
+            return _finish(c, args.id)
     return 0
 
 
@@ -238,9 +285,22 @@ def parser() -> argparse.ArgumentParser:
                    help="HTTP ingress of a local head: Serve's HAProxy (default; one fewer Python hop per request, "
                         "replica ports 30000-31000) or Ray Serve's Python proxy")
     s.add_argument("--num-gpus", type=int, help="GPUs of a local head (default: detected)")
+    s.add_argument("--data-root", dest="data_roots", action="append", default=[], metavar="DIR",
+                   help="a folder (or s3:// prefix) jobs submitted through the API may read datasets and models "
+                        "from, besides their workspace's folder (repeatable; default: $RAYEMBED_DATA_ROOTS, else "
+                        "the folder `up` runs in)")
     s.set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop only what `up` started (state stays in RAYEMBED_HOME)").set_defaults(fn=cmd_down)
     sub.add_parser("status", help="workspaces, models, jobs, deployments, providers").set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("keys", help="API keys: once one exists, every route but the health probes needs one")
+    s.add_argument("action", choices=["create", "list", "revoke"])
+    s.add_argument("id", nargs="?", help="revoke: the key's id")
+    s.add_argument("--for", dest="scope", action="append", default=[], metavar="WORKSPACE",
+                   help="create: a workspace the key may use (repeatable); other workspaces are 404 to it")
+    s.add_argument("--all-workspaces", action="store_true", help="create: an admin key (also creates and deletes workspaces)")
+    s.add_argument("--label", help="create: a note, such as who holds the key")
+    s.set_defaults(fn=cmd_keys)
 
     s = sub.add_parser("models", help="model entities")
     s.add_argument("action", choices=["list", "get", "register", "delete"])
@@ -251,13 +311,13 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_models)
 
     s = sub.add_parser("jobs", help="customization jobs")
-    s.add_argument("action", choices=["create", "list", "get", "logs", "wait", "cancel"])
+    s.add_argument("action", choices=["create", "list", "get", "logs", "wait", "cancel", "resume"])
     s.add_argument("id", nargs="?")
     s.add_argument("--config", help="create: a job YAML (or a sweep YAML with --sweep)")
     s.add_argument("--sweep", action="store_true", help="create: the file is a learning-rate sweep")
     s.add_argument("--output-model", help="create: the model entity the job creates")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--wait", action="store_true", help="create: follow the job with a progress bar")
+    s.add_argument("--wait", action="store_true", help="create, resume: follow the job with a progress bar")
     s.set_defaults(fn=cmd_jobs)
 
     s = sub.add_parser("deploy", help="deploy a model entity (or swap an existing deployment to another model)")

@@ -7,11 +7,14 @@
     client.deployments.create(name="minilm-tuned", model="minilm-tuned"); client.deployments.wait_ready("minilm-tuned")
     client.inference.gateway.model.post("v1/embeddings", name="minilm-tuned", body={"input": ["hello"]})
     client.models.get_openai_client().embeddings.create(model="minilm-tuned", input=["hello"])
+
+With API keys configured on the cluster, pass `api_key=` or set RAYEMBED_API_KEY.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -45,13 +48,15 @@ def _wrap(value):
 
 
 class Http:
-    def __init__(self, base_url: str, timeout: float):
-        self.base_url, self.timeout = base_url.rstrip("/"), timeout
+    def __init__(self, base_url: str, timeout: float, api_key: str | None = None):
+        self.base_url, self.timeout, self.api_key = base_url.rstrip("/"), timeout, api_key
 
     def request(self, method: str, path: str, body: Any = None, raw: bool = False, retries: int = 0):
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
+        headers = {"Content-Type": "application/json"} if data else {}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers)
         for attempt in range(retries + 1):
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
@@ -116,7 +121,8 @@ class Models(_Resource):
     def get_openai_client(self, **kwargs):
         from openai import OpenAI
 
-        return OpenAI(base_url=self._http.base_url + "/v1", api_key=kwargs.pop("api_key", "unused"), **kwargs)
+        return OpenAI(base_url=self._http.base_url + "/v1", api_key=kwargs.pop("api_key", self._http.api_key or "unused"),
+                      **kwargs)
 
 
 class Jobs(_Resource):
@@ -132,6 +138,10 @@ class Jobs(_Resource):
 
     def cancel(self, job_id: str, workspace: str | None = None) -> Obj:
         return self._http.request("POST", self._url(job_id, "cancel", workspace=workspace))
+
+    def resume(self, job_id: str, workspace: str | None = None) -> Obj:
+        """A failed or cancelled training job, again from its last checkpoint."""
+        return self._http.request("POST", self._url(job_id, "resume", workspace=workspace))
 
     def get_logs(self, job_id: str, workspace: str | None = None) -> str:
         return self._http.request("GET", self._url(job_id, "logs", workspace=workspace), raw=True, retries=5)
@@ -241,9 +251,12 @@ class _Namespace:
 
 
 class Client:
-    def __init__(self, base_url: str = "http://127.0.0.1:8080", workspace: str = "default", timeout: float = 120):
+    """`api_key`: sent as `Authorization: Bearer` on every call (default: $RAYEMBED_API_KEY; none when unset)."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8080", workspace: str = "default", timeout: float = 120,
+                 api_key: str | None = None):
         self.base_url, self.workspace = base_url.rstrip("/"), workspace
-        http = self._http = Http(self.base_url, timeout)
+        http = self._http = Http(self.base_url, timeout, api_key or os.environ.get("RAYEMBED_API_KEY") or None)
         self.models = Models(http, workspace)
         self.customization = _Namespace(jobs=Jobs(http, workspace))
         self.deployment_configs = DeploymentConfigs(http, workspace)

@@ -22,10 +22,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from cluster import deployments, jobs
-from cluster.entities import (DEFAULT_WORKSPACE, JOB_DONE, NAME, Artifact, CustomizationJob, Entity, Evaluation, ModelDeployment,
+from cluster.paths import Confinement
+from cluster.entities import (DEFAULT_WORKSPACE, JOB_DONE, NAME, ApiKey, Artifact, CustomizationJob, Entity, Evaluation, ModelDeployment,
                               ModelDeploymentConfig, ModelEntity, ModelProvider, StatusChange, Workspace, now)
 from cluster.store import open_store
 from rayembed.artifact import ArtifactError, missing_files, read_manifest
+from serve import auth
 from serve.errors import Conflict, InvalidName, InvalidRequest, NotFound, PromotionRefused, shown
 
 log = logging.getLogger(__name__)
@@ -57,8 +59,10 @@ def _fields(model: type, body: dict, what: str, **fixed: Any):
 
 
 class ControlPlane:
-    def __init__(self, home: str, dashboard_url: str, base_url: str, state_url: str | None = None):
+    def __init__(self, home: str, dashboard_url: str, base_url: str, state_url: str | None = None,
+                 data_roots: list[str] | None = None):
         self.home = Path(home)
+        self.data_roots = list(data_roots or [])  # besides its own folder, where a workspace's jobs may read
         self.dashboard_url = dashboard_url
         self.base_url = base_url
         self.store = open_store(state_url or str(self.home / "state.db"))
@@ -101,11 +105,40 @@ class ControlPlane:
             raise NotFound(f"workspace {workspace!r} does not exist; create it with POST /v2/workspaces")
         return workspace
 
+    def _confinement(self, workspace: str) -> Confinement:
+        return Confinement(self.home, workspace, self.data_roots)
+
     def _bump_routes(self) -> None:
         self._routes_version = time.time_ns()
 
     def ping(self) -> dict:
-        return {"ok": True, "schema_version": self.store.schema_version(), "home": str(self.home)}
+        return {"ok": True, "schema_version": self.store.schema_version(), "home": str(self.home),
+                "api_keys": len(self.store.list("apikey")), "data_roots": self.data_roots}
+
+    # ---------------------------------------------------------------- API keys (Ray callers only: `rayembed keys`)
+    def create_key(self, workspaces: list[str], label: str = "") -> dict:
+        """A key for `workspaces` (["*"]: all, an admin key). Returns the key itself, this once."""
+        if not workspaces:
+            raise InvalidRequest("a key needs at least one workspace, or all of them (*)", "workspaces")
+        with self._lock:
+            if auth.ALL not in workspaces:
+                for w in workspaces:
+                    self._workspace(w)
+            key_id, key, sha = auth.new_key()
+            record = ApiKey(id=key_id, sha256=sha, workspaces=sorted(set(workspaces)), label=str(label)[:200])
+            self.store.put("apikey", "", key_id, record.model_dump(mode="json"))
+            self._bump_routes()
+        return {**record.public(), "key": key}
+
+    def list_keys(self) -> list[dict]:
+        return [ApiKey.model_validate(b).public() for b in self.store.list("apikey")]
+
+    def revoke_key(self, key_id: str) -> dict:
+        with self._lock:
+            if not self.store.delete("apikey", "", str(key_id)):
+                raise NotFound(f"API key {shown(key_id)} does not exist (`rayembed keys list` shows the ids)")
+            self._bump_routes()
+        return {"id": key_id, "revoked": True}
 
     # ---------------------------------------------------------------- workspaces
     def list_workspaces(self) -> list[dict]:
@@ -118,6 +151,7 @@ class ControlPlane:
                 raise Conflict(f"workspace {name!r} already exists")
             ws = _fields(Workspace, body, "workspace")
             self._save(ws)
+            self._bump_routes()
         return ws.model_dump(mode="json")
 
     def get_workspace(self, name: str) -> dict:
@@ -132,7 +166,12 @@ class ControlPlane:
             used = [k for k in ("model", "job", "deployment_config", "deployment") if self.store.list(k, name)]
             if used:
                 raise Conflict(f"workspace {name!r} still holds {', '.join(WHAT[k] + 's' for k in used)}; delete them first")
+            keys = [k["id"] for k in self.store.list("apikey") if name in k["workspaces"]]
+            if keys:  # a key would otherwise regain access to a workspace created later under the same name
+                raise Conflict(f"workspace {name!r} is in the scope of API keys {', '.join(keys)}; revoke them first "
+                               "(`rayembed keys revoke ID`)")
             self.store.delete("workspace", "", name)
+            self._bump_routes()
         return {"name": name, "deleted": True}
 
     # ---------------------------------------------------------------- model entities
@@ -156,6 +195,9 @@ class ControlPlane:
         for field, value in (("base_model", base), ("artifact", artifact)):
             if value is not None and not isinstance(value, str):
                 raise InvalidRequest(f"{field} must be a string (a folder path or model name), not {shown(value)}", field)
+        confinement = self._confinement(workspace)
+        confinement.model(base, "base_model")
+        confinement.read(artifact, "artifact")
         with self._lock:
             if self.store.get("model", workspace, name) is not None:
                 raise Conflict(f"model {name!r} already exists in workspace {workspace!r}")
@@ -243,7 +285,7 @@ class ControlPlane:
             job_dir = self.home / "workspaces" / workspace / "jobs" / job_id
             has_gpu = bool(self._gpu_request())
             gpu_gib = float(os.environ.get("RAYEMBED_GPU_MEMORY_GIB", DEFAULT_GPU_MEMORY_GIB)) if has_gpu else None
-            prepared = jobs.prepare(kind, spec, job_dir, gpu_gib)
+            prepared = jobs.prepare(kind, spec, job_dir, gpu_gib, self._confinement(workspace))
             job = CustomizationJob(workspace=workspace, name=job_id, kind=kind, spec=prepared.spec,
                                    output_model=output_model, output_dir=str(prepared.artifact_dir),
                                    ray_job_id=job_id, warnings=prepared.warnings, gpu_estimate=prepared.gpu_estimate,
@@ -286,6 +328,32 @@ class ControlPlane:
             except RuntimeError as exc:
                 log.warning("stopping Ray job %s: %s", job.ray_job_id, exc)
             job = self._job_status(job, "cancelled", "cancelled by request; the Ray job was stopped", finished_at=now())
+        return job.model_dump(mode="json")
+
+    def resume_job(self, workspace: str, job_id: str) -> dict:
+        """Submit a failed or cancelled training job again, as a new Ray job over the same folder: the job
+        finds its config unchanged and Ray Train restores the last checkpoint registered under it."""
+        with self._lock:
+            self._workspace(workspace)
+            job = self._load("job", workspace, job_id, CustomizationJob)
+            if job.status not in ("failed", "cancelled"):
+                raise Conflict(f"job {job_id} is {job.status}; only a failed or cancelled job can be resumed")
+            if job.kind != "training":
+                raise Conflict(f"job {job_id} is a sweep: create it again (a sweep's trials are not resumed)")
+            if self.store.get("model", workspace, job.output_model) is not None:
+                raise Conflict(f"model {job.output_model!r} exists meanwhile; the job's files stay in {job.output_dir}")
+            config_path = Path(job.output_dir).parent / "job.yaml"
+            if not config_path.is_file():
+                raise Conflict(f"job {job_id}'s config {config_path} is gone; create the job again")
+            attempt = 1 + sum(1 for h in job.status_history if h.status == "pending")
+            ray_job_id = f"{job.name}-{attempt}"
+            entrypoint = f"{shlex.quote(sys.executable)} -m train --config {shlex.quote(str(config_path))}"
+            self._jobs_client().submit_job(entrypoint=entrypoint, submission_id=ray_job_id, **self._gpu_request(),
+                                           metadata={"rayembed": "customization-job", "workspace": workspace,
+                                                     "output_model": job.output_model, "resumes": job.name})
+            job = self._job_status(job, "pending", f"resumed as Ray job {ray_job_id} (attempt {attempt}) from the "
+                                   "last checkpoint in " + str(Path(job.output_dir) / "checkpoints"),
+                                   ray_job_id=ray_job_id, finished_at=None, error=None)
         return job.model_dump(mode="json")
 
     def job_logs(self, workspace: str, job_id: str) -> str:
@@ -450,7 +518,8 @@ class ControlPlane:
             by_model.setdefault((p.workspace, p.model), []).append({"name": p.name, "app": p.app})
         models = [{"workspace": w, "name": m, "providers": ps} for (w, m), ps in sorted(by_model.items())]
         workspaces = [w.name for w in self._all("workspace", Workspace)]
-        return {"version": version, "workspaces": workspaces, "config": {"models": models}}
+        keys = [{k: b[k] for k in ("id", "sha256", "workspaces")} for b in self.store.list("apikey")]
+        return {"version": version, "workspaces": workspaces, "config": {"models": models}, "keys": keys}
 
     # ---------------------------------------------------------------- reconciliation
     def _loop(self) -> None:

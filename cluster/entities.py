@@ -45,6 +45,21 @@ class Workspace(BaseModel):
     updated_at: float = Field(default_factory=now)
 
 
+class ApiKey(BaseModel):
+    """An API key's record: its SHA-256 only (the key itself is shown once, when created)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    sha256: str
+    workspaces: list[str]  # ["*"]: every workspace, and creating/deleting workspaces
+    label: str = ""
+    created_at: float = Field(default_factory=now)
+
+    def public(self) -> dict:
+        return self.model_dump(mode="json", exclude={"sha256"})
+
+
 class Evaluation(BaseModel):
     """Base vs tuned on the job's evaluation set, as the job's eval.json reports it."""
 

@@ -37,8 +37,9 @@ def _invalid(exc: ConfigError, what: str) -> InvalidRequest:
     return InvalidRequest(f"invalid {what}: " + "; ".join(exc.problems), what)
 
 
-def prepare(kind: str, spec: dict, job_dir: Path, gpu_memory_gib: float | None) -> PreparedJob:
-    """Validate the spec as the job itself will, fill in the output folder, write the config file."""
+def prepare(kind: str, spec: dict, job_dir: Path, gpu_memory_gib: float | None, confinement=None) -> PreparedJob:
+    """Validate the spec as the job itself will, fill in the output folder, check every path it reads
+    against `confinement` (cluster.paths), write the config file."""
     from train.config import validate_config
 
     spec = json.loads(json.dumps(spec))  # a private copy
@@ -54,6 +55,8 @@ def prepare(kind: str, spec: dict, job_dir: Path, gpu_memory_gib: float | None) 
         except ConfigError as exc:
             raise _invalid(exc, "config") from None
         cfg = cfg.with_absolute_paths()
+        if confinement is not None:
+            confinement.job(cfg, "config")
         job_cfg, artifact_dir, module = cfg, out, "train"
         resolved = cfg.model_dump(mode="json")
     else:
@@ -71,6 +74,8 @@ def prepare(kind: str, spec: dict, job_dir: Path, gpu_memory_gib: float | None) 
         except ConfigError as exc:
             raise _invalid(exc, "sweep") from None
         job_cfg, artifact_dir, module = sweep.job.with_absolute_paths(), out / "winner", "tune"
+        if confinement is not None:
+            confinement.job(job_cfg, "sweep.job")
         resolved = sweep.model_copy(update={"job": job_cfg}).model_dump(mode="json")
     warnings, estimate = check_gpu_memory(job_cfg, gpu_memory_gib)
     job_dir.mkdir(parents=True, exist_ok=True)

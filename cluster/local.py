@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from cluster import paths
 from cluster.runtime import free_port, reachable, serve_ingress_env, wait_http
 from cluster.settings import API_APP, CONTROL_PLANE, NAMESPACE, Settings
 
@@ -38,10 +39,13 @@ def _gcs_address(temp_dir: Path, port: int) -> str:
 
 
 def start_head(s: Settings, num_cpus: int | None, num_gpus: int | None, ingress: str = "haproxy") -> dict:
-    """`ray start --head` on 127.0.0.1 with every port chosen free, recorded in <home>/cluster.json."""
+    """`ray start --head` with every port chosen free, recorded in <home>/cluster.json. The node's address is
+    RAYEMBED_NODE_IP (default 127.0.0.1): Ray's servers (GCS, raylet, workers, dashboard) listen on it only,
+    so nothing of Ray is reachable from the network unless told otherwise."""
     temp_dir, gcs, dash = _temp_dir(s), free_port(), free_port()
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head",
-           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+    node_ip = s.node_ip
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address", node_ip,
+           "--port", str(gcs), "--dashboard-host", node_ip, "--dashboard-port", str(dash),
            "--temp-dir", str(temp_dir), "--disable-usage-stats",
            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
            "--metrics-export-port", str(free_port()), "--ray-client-server-port", str(free_port()),
@@ -57,7 +61,7 @@ def start_head(s: Settings, num_cpus: int | None, num_gpus: int | None, ingress:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"`ray start --head` failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    record = {"gcs_address": _gcs_address(temp_dir, gcs), "dashboard_url": f"http://127.0.0.1:{dash}",
+    record = {"gcs_address": _gcs_address(temp_dir, gcs), "dashboard_url": f"http://{node_ip}:{dash}",
               "temp_dir": str(temp_dir), "started_by_up": True, "started_at": time.time(), "auth_mode": auth,
               "ingress": ingress}
     s.home.mkdir(parents=True, exist_ok=True)
@@ -106,9 +110,10 @@ def _dashboard_of(address: str) -> str:
 
 
 def up(s: Settings, num_cpus: int | None = None, num_gpus: int | None = None, log=print,
-       ingress: str = "haproxy") -> dict:
+       ingress: str = "haproxy", data_roots: list[str] | None = None) -> dict:
     """Idempotent: a running cluster, control plane and API are reused. `ingress` applies to a head this
-    starts (see cluster.runtime.serve_ingress_env); a running cluster keeps the one it has."""
+    starts (see cluster.runtime.serve_ingress_env); a running cluster keeps the one it has. `data_roots`:
+    where jobs submitted through the API may read (cluster.paths; default: RAYEMBED_DATA_ROOTS, else here)."""
     auth_env(s)
     import ray
 
@@ -124,9 +129,13 @@ def up(s: Settings, num_cpus: int | None = None, num_gpus: int | None = None, lo
     serve.start(http_options={"host": s.host, "port": s.port}, logging_config={"enable_access_log": False})
     actor = ray.remote(ControlPlane).options(
         name=CONTROL_PLANE, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
-        max_concurrency=32, num_cpus=0).remote(str(s.home), record["dashboard_url"], s.base_url, s.state_url)
+        max_concurrency=32, num_cpus=0).remote(str(s.home), record["dashboard_url"], s.base_url, s.state_url,
+                                               paths.data_roots(data_roots or []))
     info = ray.get(actor.ping.remote(), timeout=120)
-    log(f"control plane: state in {info['home']} (schema v{info['schema_version']})")
+    log(f"control plane: state in {info['home']} (schema v{info['schema_version']}); API jobs read from their "
+        f"workspace's folder there and {', '.join(info['data_roots'])}")
+    log(f"api keys: {info['api_keys']}, every route but the health probes needs one" if info["api_keys"] else
+        "api keys: none, so the API is open to whoever reaches it (`rayembed keys create` turns keys on)")
     serve.run(build_api_app(), name=API_APP, route_prefix="/")  # unchanged code: Serve keeps the running replica
     wait_http(s.base_url + "/v1/health/live")
     log(f"api: {s.base_url} (OpenAPI docs {s.base_url}/docs)")

@@ -9,8 +9,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import ray
-
 log = logging.getLogger(__name__)
 ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")  # written by `ray start --head`
 
@@ -86,6 +84,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
     A fresh local Ray gets the dashboard on 127.0.0.1 so training progress is visible.
     """
+    import ray  # here, not at import: `rayembed up` sets RAY_AUTH_MODE before Ray is first imported
+
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or local_cluster_address()

@@ -80,6 +80,14 @@ class Unavailable(ServeError):
     """No healthy replica can take the request (not deployed yet, failed, or shutting down)."""
 
 
+class Unauthorized(ServeError):
+    """API keys are configured and the request carries none, or one that is unknown or revoked."""
+
+
+class PermissionDenied(ServeError):
+    """The request's API key is valid but may not do this (create or delete a workspace needs an admin key)."""
+
+
 # class -> (HTTP status, OpenAI error type). The most specific class wins (checked in MRO order).
 STATUS: dict[type[ServeError], tuple[int, str]] = {
     InvalidRequest: (400, "invalid_request_error"),
@@ -96,6 +104,8 @@ STATUS: dict[type[ServeError], tuple[int, str]] = {
     QueueFull: (429, "rate_limit_error"),
     Unavailable: (503, "service_unavailable_error"),
     UpstreamTimeout: (504, "timeout_error"),
+    Unauthorized: (401, "invalid_request_error"),
+    PermissionDenied: (403, "invalid_request_error"),
 }
 INTERNAL = (500, "internal_server_error")
 
@@ -115,6 +125,8 @@ CODES: dict[type[ServeError], str] = {
     QueueFull: "queue_full",
     Unavailable: "no_healthy_replica",
     UpstreamTimeout: "upstream_timeout",
+    Unauthorized: "invalid_api_key",
+    PermissionDenied: "permission_denied",
 }
 
 

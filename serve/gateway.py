@@ -26,9 +26,10 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from serve.auth import OPEN, Access, KeyRing, access_of
 from serve.errors import (ClientGone, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, QueueFull,
-                          RequestTimeout, ServeError, Unavailable, UnsupportedMediaType, UpstreamTimeout, envelope,
-                          status_of)
+                          RequestTimeout, ServeError, Unauthorized, Unavailable, UnsupportedMediaType, UpstreamTimeout,
+                          envelope, status_of)
 from serve.routing import RoutingTable, model_id
 from serve.schemas import EmbeddingRequest, parse_request, render
 from serve.settings import GatewayConfig, ProviderSettings
@@ -118,6 +119,8 @@ def error_response(exc: BaseException) -> Response:
     headers = {"Retry-After": "1"} if status in (429, 503) else None
     if isinstance(exc, MethodNotAllowed) and exc.allow:
         headers = {"Allow": exc.allow}
+    if isinstance(exc, Unauthorized):
+        headers = {"WWW-Authenticate": 'Bearer realm="rayembed"'}
     return json_response(envelope(message, err_type, param, code), status, headers)
 
 
@@ -155,14 +158,17 @@ class GatewayCore:
     """The routing table, the provider handles and the request handlers, without any HTTP routing."""
 
     def __init__(self, config: GatewayConfig, handles: dict[str, DeploymentHandle] | None = None,
-                 workspaces: tuple[str, ...] = ()):
-        self.set_table(config, workspaces)
+                 workspaces: tuple[str, ...] = (), keys: KeyRing | None = KeyRing()):
+        self.set_table(config, workspaces, keys)
         self.handles = dict(handles or {})  # provider name or app name -> handle
         self.metrics = RequestMetrics()
 
-    def set_table(self, config: GatewayConfig, workspaces: tuple[str, ...] | list[str] = ()) -> None:
+    def set_table(self, config: GatewayConfig, workspaces: tuple[str, ...] | list[str] = (),
+                  keys: KeyRing | None = KeyRing()) -> None:
+        """`keys`: the API keys requests must carry (empty: none needed; None: not known yet, so refuse)."""
         self.config = config
         self.table = RoutingTable(config, workspaces)
+        self.keys = keys
 
     def _handle(self, provider: ProviderSettings) -> DeploymentHandle:
         key = provider.app or provider.name
@@ -205,23 +211,23 @@ class GatewayCore:
 
     async def openai_embeddings(self, request: Request) -> Response:
         body = await self._body(request)
-        _, provider = self.table.openai(body.model)
+        _, provider = self.table.openai(body.model, access_of(request.scope))
         return await self._embed(body, provider, body.model)
 
     async def model_embeddings(self, workspace: str, name: str, request: Request) -> Response:
-        route, provider = self.table.entity(workspace, name)
+        route, provider = self.table.entity(workspace, name, access_of(request.scope))
         return await self._embed(await self._body(request), provider, model_id(route))
 
     async def provider_embeddings(self, workspace: str, deployment: str, request: Request) -> Response:
-        route, provider = self.table.provider(workspace, deployment)
+        route, provider = self.table.provider(workspace, deployment, access_of(request.scope))
         return await self._embed(await self._body(request), provider, model_id(route))
 
-    async def provider_models(self, workspace: str, deployment: str) -> Response:
-        route, _ = self.table.provider(workspace, deployment)
+    async def provider_models(self, workspace: str, deployment: str, access: Access = OPEN) -> Response:
+        route, _ = self.table.provider(workspace, deployment, access)
         return json_response(self.table.listing([route]))
 
-    async def models(self) -> Response:
-        return json_response(self.table.listing())
+    async def models(self, access: Access = OPEN) -> Response:
+        return json_response(self.table.listing(access=access))
 
     async def ready(self) -> Response:
         """Ready once every routed provider answers (each has at least one running replica)."""
@@ -235,9 +241,11 @@ class GatewayCore:
                 return f"{p.name}: {type(exc).__name__}"
 
         failures = [f for f in await asyncio.gather(*(probe(p) for p in providers)) if f]
+        private = self.keys is None or self.keys.enabled  # the probe needs no key, so it names nothing then
         if failures:
-            raise Unavailable("not ready: " + "; ".join(failures))
-        return json_response({"status": "ready", "providers": [p.name for p in providers]})
+            raise Unavailable(f"not ready: {len(failures)} of {len(providers)} providers do not answer" if private
+                              else "not ready: " + "; ".join(failures))
+        return json_response({"status": "ready", "providers": len(providers) if private else [p.name for p in providers]})
 
 
 def inference_routes(app: FastAPI, core: Callable[[], GatewayCore]) -> None:
@@ -261,13 +269,13 @@ def inference_routes(app: FastAPI, core: Callable[[], GatewayCore]) -> None:
 
     @app.get(GATEWAY + "/provider/{deployment}/-/v1/models")
     @api_route("provider_models", metrics_of)
-    async def provider_models(workspace: str, deployment: str) -> Response:
-        return await core().provider_models(workspace, deployment)
+    async def provider_models(workspace: str, deployment: str, request: Request) -> Response:
+        return await core().provider_models(workspace, deployment, access_of(request.scope))
 
     @app.get("/v1/models")
     @api_route("models", metrics_of)
-    async def models() -> Response:
-        return await core().models()
+    async def models(request: Request) -> Response:
+        return await core().models(access_of(request.scope))
 
     @app.get("/v1/health/live")
     @api_route("live", metrics_of)

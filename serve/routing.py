@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+from serve.auth import OPEN, Access
 from serve.errors import InvalidRequest, NotFound, shown
 from serve.settings import GatewayConfig, ModelRoute, ProviderSettings
 
@@ -30,42 +31,45 @@ class RoutingTable:
         self.providers = {(m.workspace, p.name): p for m in config.models for p in m.providers}
         self._turns = {key: itertools.cycle(m.providers) for key, m in self.models.items()}
 
-    def _workspace(self, workspace: str) -> None:
-        if workspace not in self.workspaces:
-            raise NotFound(f"workspace {shown(workspace)} does not exist (known: {_known(self.workspaces)})")
+    # `access` limits what a request sees: another workspace's names are "does not exist", never listed.
+    def _workspace(self, workspace: str, access: Access) -> None:
+        if workspace not in self.workspaces or not access.allows(workspace):
+            known = _known(w for w in self.workspaces if access.allows(w))
+            raise NotFound(f"workspace {shown(workspace)} does not exist (known: {known})")
 
-    def entity(self, workspace: str, name: str) -> tuple[ModelRoute, ProviderSettings]:
+    def entity(self, workspace: str, name: str, access: Access = OPEN) -> tuple[ModelRoute, ProviderSettings]:
         """Route by model entity; several providers of one model take turns."""
-        self._workspace(workspace)
+        self._workspace(workspace, access)
         route = self.models.get((workspace, name))
         if route is None:
             known = _known(n for w, n in self.models if w == workspace)
             raise NotFound(f"model {shown(name)} does not exist in workspace {workspace!r} (known: {known})", "model")
         return route, next(self._turns[(workspace, name)])
 
-    def provider(self, workspace: str, name: str) -> tuple[ModelRoute, ProviderSettings]:
-        self._workspace(workspace)
+    def provider(self, workspace: str, name: str, access: Access = OPEN) -> tuple[ModelRoute, ProviderSettings]:
+        self._workspace(workspace, access)
         route = self.owner.get((workspace, name))
         if route is None:
             known = _known(p for w, p in self.owner if w == workspace)
             raise NotFound(f"provider {shown(name)} does not exist in workspace {workspace!r} (known: {known})")
         return route, self.providers[(workspace, name)]
 
-    def openai(self, model: str | None) -> tuple[ModelRoute, ProviderSettings]:
+    def openai(self, model: str | None, access: Access = OPEN) -> tuple[ModelRoute, ProviderSettings]:
         """`model` is workspace/name, or a bare name in the default workspace."""
         if not model:
-            raise InvalidRequest("model is required: one of " + _known(self.model_ids()), "model")
+            raise InvalidRequest("model is required: one of " + _known(self.model_ids(access)), "model")
         workspace, _, name = model.rpartition("/")
         try:
-            return self.entity(workspace or DEFAULT_WORKSPACE, name)
+            return self.entity(workspace or DEFAULT_WORKSPACE, name, access)
         except NotFound:
-            raise NotFound(f"model {shown(model)} does not exist (known: {_known(self.model_ids())})", "model") from None
+            raise NotFound(f"model {shown(model)} does not exist (known: {_known(self.model_ids(access))})",
+                           "model") from None
 
-    def model_ids(self) -> list[str]:
-        return sorted(model_id(m) for m in self.models.values())
+    def model_ids(self, access: Access = OPEN) -> list[str]:
+        return sorted(model_id(m) for m in self.models.values() if access.allows(m.workspace))
 
-    def listing(self, routes: list[ModelRoute] | None = None) -> dict:
-        routes = list(self.models.values()) if routes is None else routes
+    def listing(self, routes: list[ModelRoute] | None = None, access: Access = OPEN) -> dict:
+        routes = [m for m in self.models.values() if access.allows(m.workspace)] if routes is None else routes
         return {"object": "list", "data": [
             {"id": model_id(m), "object": "model", "created": 0, "owned_by": m.workspace,
              "providers": [p.name for p in m.providers]} for m in routes]}

@@ -200,3 +200,21 @@ def test_a_full_or_read_only_store_is_a_clear_503_and_keeps_what_it_had(tmp_path
     with pytest.raises(StoreWriteError, match="readonly database"):  # (as root, chmod would not stop a write)
         store.delete("workspace", "", "keep")
     assert store.get("workspace", "", "keep") == {"name": "keep"}
+
+
+def test_rayembed_runs_from_a_plain_shell(tmp_path):
+    """A fresh shell has no RAY_AUTH_MODE: `rayembed` must set it before Ray is first imported (a module-level
+    `import ray` on the CLI's import path made every verb fail with "Ray was imported before its auth mode")."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAYEMBED_HOME"] = str(tmp_path / "home")
+    proc = subprocess.run([str(Path(sys.executable).parent / "rayembed"), "down"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "nothing is running" in proc.stdout, proc.stdout + proc.stderr
+    probe = subprocess.run([sys.executable, "-c", "import sys, cluster.cli, cluster.local, cluster.client; "
+                            "print('ray' in sys.modules)"], env=env, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "False", probe.stderr

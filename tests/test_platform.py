@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -55,6 +56,8 @@ class Platform:
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
     p = Platform(tmp_path_factory.mktemp("rayembed-home"), free_port())
+    # jobs submitted through the API read the repo's sample data and the tests' tiny models (cluster.paths)
+    p.env["RAYEMBED_DATA_ROOTS"] = os.pathsep.join([str(ROOT), str(tmp_path_factory.getbasetemp())])
     try:
         p.cli("up", "--num-cpus", "4")
         yield p
@@ -341,3 +344,100 @@ def test_actor_killed_mid_job_then_cluster_restarted(platform, tiny_bert, train_
     c.deployments.wait_ready("keep", timeout_s=600)
     assert _embed(platform, "keep").shape == (32,)
     assert any("redeploying" in h.reason for h in c.deployments.retrieve("keep").status_history)
+
+
+def _pids_running(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:  # gone meanwhile
+            pass
+    return pids
+
+
+def test_job_driver_killed_is_reported_failed_and_resumes_from_its_checkpoint(platform, tiny_bert, train_file):
+    """The Ray job's driver SIGKILLed mid-training: the job is failed with Ray's reason; `resume` submits it
+    again over the same folder and training continues from the last registered checkpoint."""
+    c = platform.client()
+    job = c.customization.jobs.create("tiny-resumed", config=tiny_job(str(tiny_bert), train_file, 200))
+    config = str(Path(job.output_dir).parent / "job.yaml")
+    deadline = time.monotonic() + 600
+    while not any(json.loads(f.read_text()).get("checkpoint_results")
+                  for f in Path(job.output_dir).glob("checkpoints/*/checkpoint_manager_snapshot.json")):
+        assert time.monotonic() < deadline and c.customization.jobs.get_status(job.name).status in ("pending", "running")
+        time.sleep(0.2)
+    drivers = _pids_running(config)
+    assert drivers, "the job's driver process was not found"
+    for pid in drivers:
+        os.kill(pid, signal.SIGKILL)
+    failed = c.customization.jobs.wait(job.name, timeout_s=300)
+    assert failed.status == "failed", failed.status
+    assert "exit code" in failed.status_history[-1].reason, failed.status_history[-1].reason
+    with pytest.raises(ApiError) as err:
+        c.customization.jobs.resume("cust-000000000000")
+    assert err.value.status == 404
+    resumed = c.customization.jobs.resume(job.name)
+    assert resumed.status == "pending" and resumed.ray_job_id == f"{job.name}-2"
+    assert "last checkpoint" in resumed.status_history[-1].reason
+    done = c.customization.jobs.wait(job.name, timeout_s=900)
+    assert done.status == "completed", done.error
+    assert done.result["eval"]["training"]["resumed_from_step"] >= 5
+    assert c.models.retrieve("tiny-resumed").source_job == job.name
+    with pytest.raises(ApiError) as err:
+        c.customization.jobs.resume(job.name)
+    assert err.value.status == 409 and "only a failed or cancelled job" in err.value.message
+
+
+def _status(url: str, key: str | None = None, body: dict | None = None) -> int:
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, headers=headers, data=None if body is None else json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_api_keys_scope_every_route_to_workspaces(platform):
+    """`rayembed keys`: once a key exists every route but the health probes needs one, through HAProxy and
+    the real gateway; a key sees only its workspaces (another's deployment is a 404); revoking works; the
+    state file holds no key. Runs last: it leaves the cluster without keys, as the other tests expect."""
+    url = platform.base_url
+    embed = {"model": "tiny-debian", "input": ["a tool to compress files"]}  # served by `keep`
+    key_b = platform.cli("keys", "create", "--for", "team-b", "--label", "team b").stdout.strip().splitlines()[-1]
+    admin = platform.cli("keys", "create", "--all-workspaces").stdout.strip().splitlines()[-1]
+    try:
+        deadline = time.monotonic() + 30  # the API picks keys up with the routes (every 0.5 s)
+        while _status(url + "/v2/workspaces") != 401:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert _status(url + "/v1/embeddings", body=embed) == 401
+        assert _status(url + "/v1/health/live") == 200 and _status(url + "/v1/health/ready") == 200
+        b = Client(base_url=url, workspace="team-b", api_key=key_b)
+        assert [w.name for w in b.workspaces.list()] == ["team-b"]
+        assert _status(url + "/v1/embeddings", key_b, embed) == 404  # `keep` lives in the default workspace
+        assert _status(f"{url}/v2/workspaces/default/inference/gateway/provider/keep/-/v1/embeddings", key_b,
+                       {"input": "x"}) == 404
+        assert _status(f"{url}/v2/workspaces/default/deployments/keep", key_b) == 404
+        assert b.models.get_openai_client().models.list().data == []
+        openai = Client(base_url=url, api_key=admin).models.get_openai_client()
+        assert len(openai.embeddings.create(model="tiny-debian", input=["a tool"]).data[0].embedding) == 32
+        env = {**platform.env, "RAYEMBED_API_KEY": admin}
+        status = subprocess.run([str(Path(sys.executable).parent / "rayembed"), "status"], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0 and '"keep"' in status.stdout, status.stderr
+        listed = platform.cli("keys", "list").stdout
+        assert "team-b" in listed and "team b" in listed and key_b not in listed
+        assert not any(key_b.encode() in f.read_bytes() for f in platform.home.glob("state.db*"))
+    finally:
+        for key_id in [line.split()[0] for line in platform.cli("keys", "list").stdout.splitlines()
+                       if not line.startswith("no API keys")]:
+            platform.cli("keys", "revoke", key_id)
+    deadline = time.monotonic() + 30
+    while _status(url + "/v2/workspaces") != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)

@@ -1,0 +1,67 @@
+"""Which files a job or model registration submitted through the API may touch: its own workspace's
+folder under the storage root (<home>/workspaces/<ws>) and the data roots the operator allowed
+(`rayembed up --data-root DIR`, RAYEMBED_DATA_ROOTS; by default the folder `up` ran in). Paths are
+resolved (symlinks and `..` followed) before the check, so neither escapes a root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from serve.errors import InvalidRequest, shown
+
+# A Hub model id (owner/name) or a packaged name: not a path, nothing local is read.
+MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+def data_roots(given: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """--data-root values, else RAYEMBED_DATA_ROOTS (os.pathsep-separated), else the current folder."""
+    roots = list(given) or [r for r in os.environ.get("RAYEMBED_DATA_ROOTS", "").split(os.pathsep) if r]
+    return [r if "://" in r else str(Path(r).expanduser().resolve()) for r in roots or ["."]]
+
+
+class Confinement:
+    """The roots one workspace's API requests may read from, and the folder they may write to."""
+
+    def __init__(self, home: Path, workspace: str, roots: list[str]):
+        self.own = (home / "workspaces" / workspace).resolve()
+        self.roots = roots
+
+    def describe(self) -> str:
+        return ", ".join([str(self.own), *self.roots])
+
+    def _inside(self, value: str, roots: list[str]) -> bool:
+        if "://" in value:  # a remote URI (s3://, gs://): only under a data root given as a URI
+            return any(value.startswith(r.rstrip("/") + "/") for r in roots if "://" in r)
+        path = Path(value).expanduser().resolve()
+        return any(path == Path(r) or path.is_relative_to(r) for r in roots if "://" not in r)
+
+    def read(self, value: str | None, field: str) -> None:
+        if value is not None and not self._inside(value, [str(self.own), *self.roots]):
+            raise InvalidRequest(f"{field}: {shown(value)} is outside the folders this workspace's jobs may read "
+                                 f"({self.describe()}); copy the file there, or start the cluster with "
+                                 "`rayembed up --data-root DIR`", field)
+
+    def write(self, value: str | None, field: str) -> None:
+        if value is not None and not self._inside(value, [str(self.own)]):
+            raise InvalidRequest(f"{field}: {shown(value)} is outside this workspace's folder {self.own}; "
+                                 "leave it unset", field)
+
+    def model(self, value: str | None, field: str) -> None:
+        """A model is a local folder (confined) or a name that reads nothing local (packaged, Hub id)."""
+        if value is None:
+            return
+        if MODEL_ID.match(value) and ".." not in value and not Path(value).expanduser().exists():
+            return
+        self.read(value, field)
+
+    def job(self, cfg, field: str) -> None:
+        """Every path a training job config reads or writes (paths already absolute)."""
+        self.model(cfg.model, f"{field}.model")
+        for key in ("training", "validation", "evaluation"):
+            self.read(getattr(cfg.dataset, key), f"{field}.dataset.{key}")
+        if cfg.dataset.mining is not None:
+            self.read(cfg.dataset.mining.corpus, f"{field}.dataset.mining.corpus")
+            self.write(cfg.dataset.mining.cache_dir, f"{field}.dataset.mining.cache_dir")

@@ -1,0 +1,257 @@
+"""API keys: the key ring, workspace scopes in the routing table, keys in the control plane's store
+(hashed), and the API ingress's FastAPI app served over real HTTP (uvicorn) in front of a real
+ControlPlane object: 401 without a key, 404 for another workspace's names, 403 for admin verbs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from serve.auth import ALL, OPEN, KeyRing, digest, new_key
+from serve.errors import NotFound, Unauthorized
+from serve.routing import RoutingTable
+from serve.settings import GatewayConfig
+
+
+def test_key_ring_accepts_only_the_exact_key_and_scopes_it():
+    key_id, key, sha = new_key()
+    other_id, other, other_sha = new_key()
+    ring = KeyRing([{"id": key_id, "sha256": sha, "workspaces": ["team-a"]},
+                    {"id": other_id, "sha256": other_sha, "workspaces": [ALL]}])
+    assert key.startswith(f"rek_{key_id}_") and sha == digest(key.split("_", 2)[2]) and key not in sha
+    access = ring.authenticate(f"Bearer {key}")
+    assert access.key_id == key_id and access.allows("team-a") and not access.allows("team-b") and not access.admin
+    assert ring.authenticate(f"bearer  {other}").admin  # the scheme is case-insensitive
+    for header, message in [(None, "an API key is required"), ("", "an API key is required"),
+                            (f"Basic {key}", "must be 'Bearer <key>'"), ("Bearer", "must be 'Bearer <key>'"),
+                            (f"Bearer {key}x", "invalid API key"), (f"Bearer {key[:-1]}", "invalid API key"),
+                            (f"Bearer rek_{other_id}_{key.split('_', 2)[2]}", "invalid API key"),  # id and secret mixed
+                            ("Bearer sk-openai-style", "invalid API key"), ("Bearer rek__", "invalid API key")]:
+        with pytest.raises(Unauthorized, match=message):
+            ring.authenticate(header)
+    assert KeyRing([]).authenticate(None) is OPEN  # no keys configured: the API is open
+
+
+def test_routing_table_hides_other_workspaces():
+    cfg = GatewayConfig.model_validate({"models": [
+        {"name": "a", "providers": [{"name": "a1", "app": "x"}]},
+        {"workspace": "team-b", "name": "secret-model", "providers": [{"name": "secret-provider", "app": "z"}]}]})
+    t = RoutingTable(cfg, ["default", "team-b"])
+    key_id, key, sha = new_key()
+    access = KeyRing([{"id": key_id, "sha256": sha, "workspaces": ["default"]}]).authenticate(f"Bearer {key}")
+    assert t.model_ids(access) == ["a"] and t.model_ids() == ["a", "team-b/secret-model"]
+    assert [m["id"] for m in t.listing(access=access)["data"]] == ["a"]
+    for call in (lambda: t.openai("team-b/secret-model", access), lambda: t.entity("team-b", "secret-model", access),
+                 lambda: t.provider("team-b", "secret-provider", access), lambda: t.openai("nope", access)):
+        with pytest.raises(NotFound) as err:
+            call()
+        known = err.value.message.split("(known")[1]  # the asked-for name is echoed; nothing else of team-b is
+        assert "secret" not in known and "team-b" not in known
+    with pytest.raises(NotFound) as hidden:
+        t.entity("team-b", "secret-model", access)
+    with pytest.raises(NotFound) as missing:
+        t.entity("team-c", "secret-model", access)
+    assert hidden.value.message.replace("team-b", "X") == missing.value.message.replace("team-c", "X")
+
+
+@pytest.fixture()
+def plane(tmp_path, monkeypatch):
+    from cluster import controlplane
+
+    monkeypatch.setattr(controlplane, "TICK_S", 3600.0)  # no reconciling (no Serve here)
+    cp = controlplane.ControlPlane(str(tmp_path / "home"), "http://127.0.0.1:9", "http://127.0.0.1:9")
+    yield cp
+    cp._stop.set()
+
+
+def test_keys_are_stored_hashed_scoped_and_revocable(plane, tmp_path):
+    from serve.errors import Conflict, InvalidRequest
+
+    plane.create_workspace({"name": "team-a"})
+    created = plane.create_key(["team-a"], "ci")
+    assert created["workspaces"] == ["team-a"] and created["label"] == "ci" and "sha256" not in created
+    assert plane.list_keys() == [{k: v for k, v in created.items() if k != "key"}]
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "home").glob("state.db*"))
+    assert created["key"].encode() not in raw and created["key"].split("_", 2)[2].encode() not in raw
+    routes = plane.routes()
+    assert routes["keys"] == [{"id": created["id"], "sha256": digest(created["key"].split("_", 2)[2]),
+                               "workspaces": ["team-a"]}]
+    assert plane.routes(routes["version"]) is None
+    with pytest.raises(NotFound, match="workspace 'nope' does not exist"):
+        plane.create_key(["nope"])
+    with pytest.raises(InvalidRequest, match="at least one workspace"):
+        plane.create_key([])
+    with pytest.raises(Conflict, match="revoke them first"):
+        plane.delete_workspace("team-a")
+    plane.revoke_key(created["id"])
+    assert plane.list_keys() == [] and plane.routes(routes["version"])["keys"] == []
+    with pytest.raises(NotFound, match="does not exist"):
+        plane.revoke_key(created["id"])
+    assert plane.delete_workspace("team-a")["deleted"] is True
+
+
+class _Server:
+    """cluster.api's FastAPI app on a real port, its management calls going to a ControlPlane object."""
+
+    def __init__(self, plane, monkeypatch):
+        import uvicorn
+
+        from cluster import api
+        from cluster.runtime import free_port
+        from serve.gateway import GatewayCore, install_core
+
+        async def call(method, *args):
+            return getattr(plane, method)(*args)
+
+        monkeypatch.setattr(api, "_call", call)
+        self.plane = plane
+        install_core(GatewayCore(GatewayConfig(), keys=None))
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(api.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        threading.Thread(target=self.server.run, daemon=True).start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def sync(self) -> None:
+        """What the Api replica's routes thread does."""
+        from serve.gateway import installed_core
+
+        routes = self.plane.routes()
+        config = GatewayConfig.model_validate(routes["config"], context={"check_files": False})
+        installed_core().set_table(config, routes["workspaces"], KeyRing(routes["keys"]))
+
+    def request(self, method: str, path: str, key: str | None = None, body: dict | None = None):
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method, headers=headers,
+                                     data=None if body is None else json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read()), resp.headers
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read()), exc.headers
+
+
+def test_api_with_keys_over_http(plane, monkeypatch):
+    from cluster.entities import Artifact, ModelEntity
+
+    srv = _Server(plane, monkeypatch)
+    try:
+        status, body, _ = srv.request("GET", "/v2/workspaces")
+        assert status == 503 and "has not loaded its keys" in body["error"]["message"]  # fails closed at start
+        assert srv.request("GET", "/v1/health/live")[0] == 200
+        srv.sync()
+        assert srv.request("GET", "/v2/workspaces")[0] == 200  # no keys: open, as before
+        for ws in ("team-a", "team-b"):
+            plane.create_workspace({"name": ws})
+            plane._save(ModelEntity(workspace=ws, name=f"{ws}-model", base_model="b", artifact=Artifact(onnx_dir="/x")))
+        a_record = plane.create_key(["team-a"], "a")
+        a = a_record["key"]
+        admin = plane.create_key([ALL], "admin")["key"]
+        srv.sync()
+
+        for method, path in [("GET", "/v2/workspaces"), ("GET", "/v2/workspaces/team-a/models"), ("GET", "/v1/models"),
+                             ("POST", "/v1/embeddings"), ("GET", "/docs"), ("GET", "/openapi.json"),
+                             ("DELETE", "/v2/workspaces/team-a/models/team-a-model")]:
+            status, body, headers = srv.request(method, path)
+            assert status == 401 and body["error"]["code"] == "invalid_api_key", (method, path, body)
+            assert headers["WWW-Authenticate"].startswith("Bearer")
+        assert srv.request("GET", "/v2/workspaces", key=a + "x")[0] == 401
+        assert srv.request("GET", "/v1/health/live")[0] == 200 and srv.request("GET", "/v1/health/ready")[0] == 200
+        assert srv.request("GET", "/v1/health/ready")[1]["providers"] == 0  # the open probe names nothing
+
+        status, body, _ = srv.request("GET", "/v2/workspaces", key=a)
+        assert status == 200 and [w["name"] for w in body["data"]] == ["team-a"]
+        assert [m["name"] for m in srv.request("GET", "/v2/workspaces/team-a/models", key=a)[1]["data"]] == ["team-a-model"]
+        hidden = srv.request("GET", "/v2/workspaces/team-b/models", key=a)
+        missing = srv.request("GET", "/v2/workspaces/team-z/models", key=a)
+        assert hidden[0] == missing[0] == 404
+        assert hidden[1]["error"]["message"].replace("team-b", "X") == missing[1]["error"]["message"].replace("team-z", "X")
+        for method, path in [("DELETE", "/v2/workspaces/team-b/models/team-b-model"), ("GET", "/v2/workspaces/team-b"),
+                             ("DELETE", "/v2/workspaces/team-b")]:
+            assert srv.request(method, path, key=a)[0] == 404, (method, path)
+        status, body, _ = srv.request("POST", "/v2/workspaces/team-b/models", key=a, body={"name": "x", "artifact": "/x"})
+        assert status == 404
+        assert plane.store.get("model", "team-b", "team-b-model") is not None  # nothing of B's was touched
+        assert plane.store.get("model", "team-b", "x") is None
+        status, body, _ = srv.request("POST", "/v2/workspaces", key=a, body={"name": "team-c"})
+        assert status == 403 and body["error"]["code"] == "permission_denied" and "--all-workspaces" in body["error"]["message"]
+        status, body, _ = srv.request("POST", "/v1/embeddings", key=a, body={"model": "team-b/team-b-model", "input": "x"})
+        assert status == 404 and "team-b" not in body["error"]["message"].split("(known")[1]
+
+        status, body, _ = srv.request("GET", "/v2/workspaces", key=admin)
+        assert [w["name"] for w in body["data"]] == ["default", "team-a", "team-b"]
+        assert srv.request("POST", "/v2/workspaces", key=admin, body={"name": "team-c"})[0] == 201
+        assert srv.request("GET", "/v2/workspaces/team-b/models", key=admin)[0] == 200
+
+        plane.revoke_key(a_record["id"])
+        srv.sync()
+        assert srv.request("GET", "/v2/workspaces", key=a)[0] == 401  # revoked
+        assert srv.request("GET", "/v2/workspaces", key=admin)[0] == 200
+    finally:
+        srv.server.should_exit = True
+        time.sleep(0.3)
+        asyncio.set_event_loop(asyncio.new_event_loop())
+
+
+def test_paths_are_confined_to_the_workspace_folder_and_the_data_roots(tmp_path):
+    from cluster.paths import Confinement, data_roots
+    from serve.errors import InvalidRequest
+
+    home, data, outside = tmp_path / "home", tmp_path / "data", tmp_path / "outside"
+    for d in (home / "workspaces" / "team-a", home / "workspaces" / "team-b", data, outside):
+        d.mkdir(parents=True)
+    (data / "escape").symlink_to(outside)
+    c = Confinement(home, "team-a", data_roots([str(data), "s3://bucket/shared"]))
+    for ok in (str(data / "train.jsonl"), str(data), str(home / "workspaces/team-a/x.jsonl"), "s3://bucket/shared/t.jsonl"):
+        c.read(ok, "f")
+    for bad in ("/etc/passwd", str(data / ".." / "outside" / "x"), str(data / "escape" / "x"),  # `..` and a symlink
+                str(home / "workspaces/team-b/jobs/j/output/model"), str(home / "state.db"), str(tmp_path / "data2"),
+                "s3://bucket/other/t.jsonl", "s3://bucket/shared-not/t.jsonl", "~/x"):
+        with pytest.raises(InvalidRequest, match="outside the folders this workspace's jobs may read") as err:
+            c.read(bad, "config.dataset.training")
+        assert err.value.param == "config.dataset.training" and "--data-root" in err.value.message
+    c.model("all-MiniLM-L6-v2", "model")  # packaged name and Hub ids read nothing local
+    c.model("nvidia/llama-nemotron-embed-1b-v2", "model")
+    for bad in ("/opt/models/x", "../../etc", str(outside)):
+        with pytest.raises(InvalidRequest):
+            c.model(bad, "model")
+    c.write(str(home / "workspaces/team-a/mining"), "cache")
+    with pytest.raises(InvalidRequest, match="outside this workspace's folder"):
+        c.write(str(data / "cache"), "cache")
+    assert data_roots([]) == [str(Path(".").resolve())] or "RAYEMBED_DATA_ROOTS" in __import__("os").environ
+
+
+def test_jobs_and_models_from_the_api_cannot_read_outside_their_roots(plane, tmp_path):
+    from serve.errors import InvalidRequest
+
+    plane.data_roots = [str(tmp_path / "data")]
+    plane._gpu_request = lambda: {}  # no Ray here: a CPU cluster
+    (tmp_path / "data").mkdir()
+    spec = {"model": "all-MiniLM-L6-v2", "dataset": {"training": "/etc/passwd"}}
+    with pytest.raises(InvalidRequest, match="config.dataset.training: '/etc/passwd' is outside"):
+        plane.create_job("default", {"output_model": "mm", "config": spec})
+    spec = {"model": str(tmp_path / "home" / "workspaces" / "other" / "jobs" / "j" / "output" / "model"),
+            "dataset": {"training": str(tmp_path / "data" / "t.jsonl"),
+                        "mining": {"negatives": 1, "cache_dir": "/tmp/anywhere"}}}
+    with pytest.raises(InvalidRequest, match="config.model: .* is outside"):
+        plane.create_job("default", {"output_model": "mm", "config": spec})
+    spec["model"] = "all-MiniLM-L6-v2"
+    with pytest.raises(InvalidRequest, match="config.dataset.mining.cache_dir"):
+        plane.create_job("default", {"output_model": "mm", "config": spec})
+    sweep = {"job": {"model": "all-MiniLM-L6-v2", "dataset": {"training": "/root/.ssh/id_rsa"}}}
+    with pytest.raises(InvalidRequest, match="sweep.job.dataset.training"):
+        plane.create_job("default", {"output_model": "mm", "sweep": sweep})
+    for body in ({"name": "mm", "artifact": "/etc"}, {"name": "mm", "base_model": "/root"}):
+        with pytest.raises(InvalidRequest, match="is outside"):
+            plane.create_model("default", body)
+    assert plane.store.list("job") == [] and plane.store.list("model") == []
+    assert not (tmp_path / "home" / "workspaces" / "default" / "jobs").exists()  # nothing written either
