@@ -39,13 +39,12 @@ def _gcs_address(temp_dir: Path, port: int) -> str:
 
 
 def start_head(s: Settings, num_cpus: int | None, num_gpus: int | None, ingress: str = "haproxy") -> dict:
-    """`ray start --head` with every port chosen free, recorded in <home>/cluster.json. The node's address is
-    RAYEMBED_NODE_IP (default 127.0.0.1): Ray's servers (GCS, raylet, workers, dashboard) listen on it only,
-    so nothing of Ray is reachable from the network unless told otherwise."""
+    """`ray start --head` with every port chosen free, recorded in <home>/cluster.json. The dashboard listens
+    on 127.0.0.1. Ray 2.60 binds its gRPC servers (GCS, raylet, workers) on every interface and turns a
+    127.0.0.1 node address into the machine's own, so token auth (on by default here) is what guards them."""
     temp_dir, gcs, dash = _temp_dir(s), free_port(), free_port()
-    node_ip = s.node_ip
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address", node_ip,
-           "--port", str(gcs), "--dashboard-host", node_ip, "--dashboard-port", str(dash),
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head",
+           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
            "--temp-dir", str(temp_dir), "--disable-usage-stats",
            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
            "--metrics-export-port", str(free_port()), "--ray-client-server-port", str(free_port()),
@@ -61,7 +60,7 @@ def start_head(s: Settings, num_cpus: int | None, num_gpus: int | None, ingress:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"`ray start --head` failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    record = {"gcs_address": _gcs_address(temp_dir, gcs), "dashboard_url": f"http://{node_ip}:{dash}",
+    record = {"gcs_address": _gcs_address(temp_dir, gcs), "dashboard_url": f"http://127.0.0.1:{dash}",
               "temp_dir": str(temp_dir), "started_by_up": True, "started_at": time.time(), "auth_mode": auth,
               "ingress": ingress}
     s.home.mkdir(parents=True, exist_ok=True)

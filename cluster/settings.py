@@ -15,9 +15,8 @@ DEFAULT_PORT = 8080
 @dataclass(frozen=True)
 class Settings:
     home: Path  # RAYEMBED_HOME: state.db, job and model folders, the local cluster's record
-    host: str  # RAYEMBED_HOST: where the API listens (127.0.0.1)
+    host: str
     port: int
-    node_ip: str  # RAYEMBED_NODE_IP: the address of a head `up` starts, which Ray's servers listen on (127.0.0.1)
     state_url: str | None  # RAYEMBED_STATE_URL: another database than <home>/state.db
 
     @property
@@ -28,6 +27,5 @@ class Settings:
 def settings() -> Settings:
     home = Path(os.environ.get("RAYEMBED_HOME") or Path.home() / ".rayembed").expanduser().absolute()
     return Settings(home=home, host=os.environ.get("RAYEMBED_HOST", "127.0.0.1"),
-                    node_ip=os.environ.get("RAYEMBED_NODE_IP", "127.0.0.1"),
                     port=int(os.environ.get("RAYEMBED_PORT", DEFAULT_PORT)),
                     state_url=os.environ.get("RAYEMBED_STATE_URL") or None)

@@ -158,6 +158,22 @@ def test_up_puts_serves_haproxy_in_front(platform):
     assert json.loads((platform.home / "cluster.json").read_text())["ingress"] == "haproxy"
 
 
+def test_up_binds_the_api_and_the_dashboard_to_loopback_and_turns_ray_token_auth_on(platform):
+    """From another machine neither the API nor the dashboard answers on the node's address; Ray's own gRPC
+    ports (which Ray 2.60 binds on every interface) need Ray's token."""
+    import socket
+
+    record = json.loads((platform.home / "cluster.json").read_text())
+    node_ip = record["gcs_address"].rpartition(":")[0]
+    dashboard_port = int(record["dashboard_url"].rpartition(":")[2])
+    assert record["auth_mode"] == "token"
+    for port in (platform.port, dashboard_port):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        if node_ip not in ("127.0.0.1", "localhost"):
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((node_ip, port), timeout=5)
+
+
 def test_hostile_management_requests_get_a_4xx_envelope(platform):
     before = {w.name for w in platform.client().workspaces.list()}
     for name, method, path, headers, body, status, fragment in MANAGEMENT:

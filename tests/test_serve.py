@@ -440,6 +440,58 @@ def test_a_replica_killed_under_load_costs_at_most_one_percent_of_requests(gatew
     serve.delete("two-app")
 
 
+def test_a_gateway_replica_killed_under_load_costs_at_most_one_percent_of_requests(gateway, artifacts, offline):
+    """Two gateway replicas in front of one provider, 16 concurrent clients; one gateway process is SIGKILLed."""
+    from ray import serve
+
+    from serve.app import build_app, build_provider_app
+
+    serve.run(build_provider_app({"name": "gwk", "model_dir": str(artifacts["minilm"]), "num_cpus": 0.25}),
+              name="gwk-app", route_prefix=None)
+    gwk = {"name": "gwk", "providers": [{"name": "gwk-prov", "app": "gwk-app"}]}
+    serve.run(build_app({**table(artifacts, gwk=gwk), "gateway_replicas": 2}), name=APP, route_prefix="/")
+    want = offline["minilm"].embed(TEXTS[:2])
+    results: list[tuple[float, int, bool]] = []  # (time, status, vectors correct)
+    start = time.monotonic()
+
+    def client():
+        while time.monotonic() - start < 40:
+            try:
+                status, body, _ = call(gateway + "/v1/embeddings", {"model": "gwk", "input": TEXTS[:2]})
+            except (OSError, ValueError) as exc:  # a reset connection, a body that is not JSON
+                results.append((time.monotonic() - start, -1, False))
+                print("failed:", type(exc).__name__, exc)
+                continue
+            ok = status == 200 and all(cos(v, w) > 0.9999 for v, w in zip(vectors(body), want))
+            results.append((time.monotonic() - start, status, ok))
+
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(client) for _ in range(16)]
+            time.sleep(8)
+            victims = _pids_titled(f"ray::ServeReplica:{APP}:Gateway")
+            assert len(victims) == 2, victims
+            os.kill(victims[0], signal.SIGKILL)
+            killed_at = time.monotonic() - start
+            for f in futures:
+                f.result()
+        failed = [r for r in results if not r[2]]
+        after = [r for r in results if killed_at + 20 < r[0] <= killed_at + 30 and r[2]]
+        print(json.dumps({"requests": len(results), "failed": len(failed), "killed_at_s": round(killed_at, 1),
+                          "statuses_failed": sorted({r[1] for r in failed}),
+                          "ok_per_s_before": round(len([r for r in results if r[0] <= killed_at and r[2]]) / killed_at, 1),
+                          "ok_per_s_20_to_30_s_after": round(len(after) / 10, 1)}))
+        assert len(results) > 100 and len(failed) <= 0.01 * len(results), (len(results), failed[:5])
+        assert after, "answers continue after the kill"
+        deadline = time.monotonic() + 60
+        while serve.status().applications[APP].deployments["Gateway"].replica_states.get("RUNNING", 0) != 2:
+            assert time.monotonic() < deadline, "Serve did not replace the killed gateway replica"
+            time.sleep(1)
+    finally:
+        serve.run(build_app(table(artifacts)), name=APP, route_prefix="/")
+        serve.delete("gwk-app")
+
+
 def test_a_hung_replica_is_bypassed_by_the_request_deadline(gateway, artifacts, offline):
     """One of two replicas stops answering (SIGSTOP: alive, silent). Requests it holds pass their 2 s
     deadline and are sent again; they land on the other replica, so clients still get correct answers."""
