@@ -59,3 +59,26 @@ def test_packaged_minilm_tokenizer_does_not_pad_to_128():
     assert ids.shape[1] < 10 and mask.sum(1).tolist() == [4, 6]
     long_ids, _ = tok(["word " * 500])
     assert long_ids.shape[1] == 128 and long_ids[0, -1] == 102  # truncated, [SEP] kept
+
+
+def test_length_buckets_give_the_embeddings_and_gradients_of_one_padded_forward(tiny_bert, tiny_nemotron):
+    from train.model import build_bi_encoder
+    from train.step import encode_bucketed
+
+    texts = ["a", "perl module for parsing json documents quickly", "tool", "a library for images and more words",
+             "x y", "compress files with a fast algorithm", "z", "q w e r t y"]
+    for path in (tiny_bert, tiny_nemotron):
+        info = inspect_model(str(path))
+        model = build_bi_encoder(info, "all_weights").eval()  # no dropout: the same numbers both ways
+        ids, mask = (torch.from_numpy(a) for a in TextTokenizer(path, max_length=32)(texts))
+        assert len(set(mask.sum(1).tolist())) > 3  # lengths vary: the buckets really cut padding
+        whole = model(ids, mask)  # [8, H]
+        whole.sum().backward()
+        want = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        for rows in (1, 3, 8):
+            got = encode_bucketed(model, ids, mask, rows)
+            assert torch.allclose(got, whole, atol=1e-5), (path.name, rows)
+        model.zero_grad()
+        encode_bucketed(model, ids, mask, 3).sum().backward()
+        assert all(torch.allclose(p.grad, w, atol=1e-4) for p, w in zip(model.parameters(), want))

@@ -99,3 +99,17 @@ def test_every_documented_benchmark_command_starts():
         proc = subprocess.run([sys.executable, str(script.relative_to(ROOT)), "--help"], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 0, f"{script.name}: {proc.stderr[-1500:]}"
+
+
+def test_no_pickle_loads_and_no_remote_code():
+    """Weights are safetensors, optimizer state loads with weights_only, nothing unpickles or runs Hub code."""
+    problems = []
+    for package in (*PACKAGES, "bench"):
+        for path in (ROOT / package).rglob("*.py"):
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                code = line.split("#")[0]
+                if (re.search(r"\bpickle\.loads?\(|\bcloudpickle\.loads?\(|\bjoblib\.load\(|trust_remote_code\s*=\s*True"
+                              r"|use_safetensors\s*=\s*False|allow_pickle\s*=\s*True", code)
+                        or ("torch.load(" in code and "weights_only=True" not in code)):
+                    problems.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not problems, problems

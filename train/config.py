@@ -92,16 +92,28 @@ class Schedule(Section):
         return self
 
 
+CPU_BUCKET_ROWS = 8  # bench: train.step length buckets on the 2-core VM (docs/benchmarks.md section 2)
+
+
 class Batch(Section):
     global_batch_size: int = Field(32, gt=0, description="Queries per optimizer step.")
     micro_batch_size: int | None = Field(None, gt=0, description="Queries per forward pass (gradient accumulation); null = global_batch_size.")
+    length_buckets: int | Literal["auto"] | None = Field("auto", description="Texts per forward pass within a micro-batch, grouped by length and each group cut to its own longest text, so padding is not computed (same loss: padding is masked); auto = 8 on CPU, off on GPU (one wide forward keeps the GPU busy); null = off.")
 
     @model_validator(mode="after")
     def _divides(self) -> "Batch":
         micro = self.micro_batch_size
         if micro is not None and (micro > self.global_batch_size or self.global_batch_size % micro):
             raise ValueError(f"batch.micro_batch_size ({micro}) must divide batch.global_batch_size ({self.global_batch_size})")
+        if isinstance(self.length_buckets, int) and self.length_buckets < 1:
+            raise ValueError(f"batch.length_buckets must be at least 1, auto or null, not {self.length_buckets}")
         return self
+
+    def bucket_rows(self, device_type: str) -> int | None:
+        """Texts per forward pass, or None for one forward over the whole padded micro-batch."""
+        if self.length_buckets == "auto":
+            return None if device_type == "cuda" else CPU_BUCKET_ROWS
+        return self.length_buckets
 
     @property
     def micro(self) -> int:

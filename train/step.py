@@ -39,10 +39,25 @@ def tokenize(tokenizer: TextTokenizer, examples, prefixes: tuple[str, str], nega
                       torch.from_numpy(d_mask), len(examples), int(q_mask.sum() + d_mask.sum()))
 
 
+def encode_bucketed(model, ids: torch.Tensor, mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """[n, H] embeddings computed `rows` texts at a time, longest first, each group cut to its own longest
+    text: the values of one padded forward (padding is masked out of attention and pooling) for less
+    compute when lengths vary. Lengths are read on the host: for CPU tensors (GPUs take one wide forward)."""
+    lengths = mask.sum(1)  # [n]
+    order = torch.argsort(lengths, descending=True, stable=True)  # [n]
+    parts = [model(ids[group, : int(lengths[group[0]])], mask[group, : int(lengths[group[0]])])
+             for group in order.split(rows)]  # each [g, H]
+    return torch.cat(parts)[torch.argsort(order)]  # [n, H], back in input order
+
+
 def micro_batch_loss(model, mb: MicroBatch, cfg: JobConfig, device: torch.device, dims: list[int]) -> torch.Tensor:
     n_neg = cfg.loss.negatives_per_query
+    rows = cfg.batch.bucket_rows(device.type)
     with autocast(device, cfg.precision):
-        if mb.q_ids.shape[1] == mb.d_ids.shape[1]:  # one forward for both: larger GEMMs, one weight cast
+        if rows is not None and mb.q_ids.device.type == "cpu":
+            q = encode_bucketed(model, mb.q_ids, mb.q_mask, rows).float()  # [b, H]
+            d = encode_bucketed(model, mb.d_ids, mb.d_mask, rows).float().reshape(mb.size, 1 + n_neg, -1)  # [b, 1+N, H]
+        elif mb.q_ids.shape[1] == mb.d_ids.shape[1]:  # one forward for both: larger GEMMs, one weight cast
             both = model(torch.cat([mb.q_ids, mb.d_ids]), torch.cat([mb.q_mask, mb.d_mask])).float()  # [b + b(1+N), H]
             q, d = both[: mb.size], both[mb.size:].reshape(mb.size, 1 + n_neg, -1)  # [b, H], [b, 1+N, H]
         else:
