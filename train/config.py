@@ -92,13 +92,13 @@ class Schedule(Section):
         return self
 
 
-CPU_BUCKET_ROWS = 8  # bench: train.step length buckets on the 2-core VM (docs/benchmarks.md section 2)
+CPU_BUCKET_ROWS = 16  # texts per forward on CPU: 8-24 measured alike (bucket bench, docs/benchmarks.md section 2)
 
 
 class Batch(Section):
     global_batch_size: int = Field(32, gt=0, description="Queries per optimizer step.")
     micro_batch_size: int | None = Field(None, gt=0, description="Queries per forward pass (gradient accumulation); null = global_batch_size.")
-    length_buckets: int | Literal["auto"] | None = Field("auto", description="Texts per forward pass within a micro-batch, grouped by length and each group cut to its own longest text, so padding is not computed (same loss: padding is masked); auto = 8 on CPU, off on GPU (one wide forward keeps the GPU busy); null = off.")
+    length_buckets: int | Literal["auto"] | None = Field("auto", description="Texts per forward pass within a micro-batch, grouped by length and each group cut to its own longest text, so padding is not computed (same loss: padding is masked); auto = 16 on CPU, off on GPU (one wide forward keeps the GPU busy); null = off.")
 
     @model_validator(mode="after")
     def _divides(self) -> "Batch":
