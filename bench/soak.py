@@ -18,8 +18,12 @@ import asyncio
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
+
+if not __package__:  # `python bench/soak.py`: put the repository root (which holds `bench`) on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.serving import ROOT, ensure_artifact, ensure_texts, read_texts, start_server, stop_server
 
