@@ -377,7 +377,7 @@ def test_job_driver_killed_is_reported_failed_and_resumes_from_its_checkpoint(pl
     """The Ray job's driver SIGKILLed mid-training: the job is failed with Ray's reason; `resume` submits it
     again over the same folder and training continues from the last registered checkpoint."""
     c = platform.client()
-    job = c.customization.jobs.create("tiny-resumed", config=tiny_job(str(tiny_bert), train_file, 200))
+    job = c.customization.jobs.create("tiny-resumed", config=tiny_job(str(tiny_bert), train_file, 40))
     config = str(Path(job.output_dir).parent / "job.yaml")
     deadline = time.monotonic() + 600
     while not any(json.loads(f.read_text()).get("checkpoint_results")
