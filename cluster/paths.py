@@ -17,8 +17,10 @@ MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)
 
 
 def data_roots(given: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """--data-root values, else RAYEMBED_DATA_ROOTS (os.pathsep-separated), else the current folder."""
-    roots = list(given) or [r for r in os.environ.get("RAYEMBED_DATA_ROOTS", "").split(os.pathsep) if r]
+    """--data-root values, else RAYEMBED_DATA_ROOTS (os.pathsep-separated; the ':' of a URI's '://' does not
+    separate), else the current folder."""
+    listed = re.split(re.escape(os.pathsep) + r"(?!//)", os.environ.get("RAYEMBED_DATA_ROOTS", ""))
+    roots = list(given) or [r for r in listed if r]
     return [r if "://" in r else str(Path(r).expanduser().resolve()) for r in roots or ["."]]
 
 

@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import torch
 
 from tests.builders import build_tiny_nemotron

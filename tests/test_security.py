@@ -202,7 +202,7 @@ def test_api_with_keys_over_http(plane, monkeypatch):
         asyncio.set_event_loop(asyncio.new_event_loop())
 
 
-def test_paths_are_confined_to_the_workspace_folder_and_the_data_roots(tmp_path):
+def test_paths_are_confined_to_the_workspace_folder_and_the_data_roots(tmp_path, monkeypatch):
     from cluster.paths import Confinement, data_roots
     from serve.errors import InvalidRequest
 
@@ -227,7 +227,10 @@ def test_paths_are_confined_to_the_workspace_folder_and_the_data_roots(tmp_path)
     c.write(str(home / "workspaces/team-a/mining"), "cache")
     with pytest.raises(InvalidRequest, match="outside this workspace's folder"):
         c.write(str(data / "cache"), "cache")
-    assert data_roots([]) == [str(Path(".").resolve())] or "RAYEMBED_DATA_ROOTS" in __import__("os").environ
+    monkeypatch.delenv("RAYEMBED_DATA_ROOTS", raising=False)
+    assert data_roots([]) == [str(Path(".").resolve())]  # by default: the folder `up` runs in
+    monkeypatch.setenv("RAYEMBED_DATA_ROOTS", f"{data}{__import__('os').pathsep}s3://b/p")
+    assert data_roots([]) == [str(data), "s3://b/p"] and data_roots([str(outside)]) == [str(outside)]
 
 
 def test_jobs_and_models_from_the_api_cannot_read_outside_their_roots(plane, tmp_path):

@@ -396,9 +396,53 @@ def _pids_titled(title: str) -> list[int]:
     return pids
 
 
+def _kill_under_load(gateway: str, model: str, want: np.ndarray, title: str, app: str, deployment: str,
+                     replicas: int = 2) -> None:
+    """16 clients post 2 texts each for 40 s; at 8 s one of the processes titled `title` is SIGKILLed. At
+    most 1 % of requests may fail (a wrong vector or an answer that is not JSON counts as failed), answers
+    continue 20 s after the kill, and Serve has `replicas` running again within 60 s."""
+    from ray import serve
+
+    results: list[tuple[float, int, bool]] = []  # (time, status, vectors correct)
+    start = time.monotonic()
+
+    def client():
+        while time.monotonic() - start < 40:
+            try:
+                status, body, _ = call(gateway + "/v1/embeddings", {"model": model, "input": TEXTS[:2]})
+            except (OSError, ValueError) as exc:  # a reset connection, a body that is not JSON
+                results.append((time.monotonic() - start, -1, False))
+                print("failed:", type(exc).__name__, exc)
+                continue
+            ok = status == 200 and all(cos(v, w) > 0.9999 for v, w in zip(vectors(body), want))
+            results.append((time.monotonic() - start, status, ok))
+
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(client) for _ in range(16)]
+        time.sleep(8)
+        victims = _pids_titled(title)
+        assert len(victims) == replicas, victims
+        os.kill(victims[0], signal.SIGKILL)
+        killed_at = time.monotonic() - start
+        for f in futures:
+            f.result()
+    failed = [r for r in results if not r[2]]
+    after = [r for r in results if killed_at + 20 < r[0] <= killed_at + 30 and r[2]]
+    print(json.dumps({"requests": len(results), "failed": len(failed), "killed_at_s": round(killed_at, 1),
+                      "statuses_failed": sorted({r[1] for r in failed}),
+                      "ok_per_s_before": round(len([r for r in results if r[0] <= killed_at and r[2]]) / killed_at, 1),
+                      "ok_per_s_20_to_30_s_after": round(len(after) / 10, 1)}))
+    assert len(results) > 100 and len(failed) <= 0.01 * len(results), (len(results), failed[:5])
+    assert after, "answers continue after the kill"
+    deadline = time.monotonic() + 60
+    while serve.status().applications[app].deployments[deployment].replica_states.get("RUNNING", 0) != replicas:
+        assert time.monotonic() < deadline, f"Serve did not replace the killed {deployment} replica"
+        time.sleep(1)
+
+
 def test_a_replica_killed_under_load_costs_at_most_one_percent_of_requests(gateway, artifacts, offline):
-    """Two replicas, 16 concurrent clients; one replica process is SIGKILLed. A request it held is retried
-    on the other (an embedding is idempotent), Serve starts a replacement, and answers stay correct."""
+    """Two replicas behind the gateway; one replica process is SIGKILLed. A request it held is retried on
+    the other (an embedding is idempotent), Serve starts a replacement, and answers stay correct."""
     from ray import serve
 
     from serve.app import build_app, build_provider_app
@@ -407,41 +451,13 @@ def test_a_replica_killed_under_load_costs_at_most_one_percent_of_requests(gatew
               name="two-app", route_prefix=None)
     two = {"name": "two", "providers": [{"name": "two-prov", "app": "two-app"}]}
     serve.run(build_app(table(artifacts, two=two)), name=APP, route_prefix="/")
-    want = offline["minilm"].embed(TEXTS[:2])
-    results: list[tuple[float, int, bool]] = []  # (time, status, vectors correct)
-    start = time.monotonic()
-
-    def client():
-        while time.monotonic() - start < 40:
-            status, body, _ = call(gateway + "/v1/embeddings", {"model": "two", "input": TEXTS[:2]})
-            ok = status == 200 and all(cos(v, w) > 0.9999 for v, w in zip(vectors(body), want))
-            results.append((time.monotonic() - start, status, ok))
-
-    with ThreadPoolExecutor(16) as pool:
-        futures = [pool.submit(client) for _ in range(16)]
-        time.sleep(8)
-        victims = _pids_titled("ray::ServeReplica:two-app:replica-two")
-        assert len(victims) == 2, victims
-        os.kill(victims[0], signal.SIGKILL)
-        killed_at = time.monotonic() - start
-        for f in futures:
-            f.result()
-    failed = [r for r in results if not r[2]]
-    after = [r for r in results if killed_at + 20 < r[0] <= killed_at + 30 and r[2]]
-    print(json.dumps({"requests": len(results), "failed": len(failed), "killed_at_s": round(killed_at, 1),
-                      "ok_per_s_before": round(len([r for r in results if r[0] <= killed_at and r[2]]) / killed_at, 1),
-                      "ok_per_s_20_to_30_s_after": round(len(after) / 10, 1)}))
-    assert len(results) > 100 and len(failed) <= 0.01 * len(results), (len(results), failed[:5])
-    assert [r for r in results if r[0] > killed_at + 20 and r[2]], "answers continue after the kill"
-    deadline = time.monotonic() + 60
-    while serve.status().applications["two-app"].deployments["replica-two"].replica_states.get("RUNNING", 0) != 2:
-        assert time.monotonic() < deadline, "Serve did not replace the killed replica"
-        time.sleep(1)
+    _kill_under_load(gateway, "two", offline["minilm"].embed(TEXTS[:2]), "ray::ServeReplica:two-app:replica-two",
+                     "two-app", "replica-two")
     serve.delete("two-app")
 
 
 def test_a_gateway_replica_killed_under_load_costs_at_most_one_percent_of_requests(gateway, artifacts, offline):
-    """Two gateway replicas in front of one provider, 16 concurrent clients; one gateway process is SIGKILLed."""
+    """Two gateway replicas in front of one provider; one gateway process is SIGKILLed."""
     from ray import serve
 
     from serve.app import build_app, build_provider_app
@@ -450,43 +466,9 @@ def test_a_gateway_replica_killed_under_load_costs_at_most_one_percent_of_reques
               name="gwk-app", route_prefix=None)
     gwk = {"name": "gwk", "providers": [{"name": "gwk-prov", "app": "gwk-app"}]}
     serve.run(build_app({**table(artifacts, gwk=gwk), "gateway_replicas": 2}), name=APP, route_prefix="/")
-    want = offline["minilm"].embed(TEXTS[:2])
-    results: list[tuple[float, int, bool]] = []  # (time, status, vectors correct)
-    start = time.monotonic()
-
-    def client():
-        while time.monotonic() - start < 40:
-            try:
-                status, body, _ = call(gateway + "/v1/embeddings", {"model": "gwk", "input": TEXTS[:2]})
-            except (OSError, ValueError) as exc:  # a reset connection, a body that is not JSON
-                results.append((time.monotonic() - start, -1, False))
-                print("failed:", type(exc).__name__, exc)
-                continue
-            ok = status == 200 and all(cos(v, w) > 0.9999 for v, w in zip(vectors(body), want))
-            results.append((time.monotonic() - start, status, ok))
-
     try:
-        with ThreadPoolExecutor(16) as pool:
-            futures = [pool.submit(client) for _ in range(16)]
-            time.sleep(8)
-            victims = _pids_titled(f"ray::ServeReplica:{APP}:Gateway")
-            assert len(victims) == 2, victims
-            os.kill(victims[0], signal.SIGKILL)
-            killed_at = time.monotonic() - start
-            for f in futures:
-                f.result()
-        failed = [r for r in results if not r[2]]
-        after = [r for r in results if killed_at + 20 < r[0] <= killed_at + 30 and r[2]]
-        print(json.dumps({"requests": len(results), "failed": len(failed), "killed_at_s": round(killed_at, 1),
-                          "statuses_failed": sorted({r[1] for r in failed}),
-                          "ok_per_s_before": round(len([r for r in results if r[0] <= killed_at and r[2]]) / killed_at, 1),
-                          "ok_per_s_20_to_30_s_after": round(len(after) / 10, 1)}))
-        assert len(results) > 100 and len(failed) <= 0.01 * len(results), (len(results), failed[:5])
-        assert after, "answers continue after the kill"
-        deadline = time.monotonic() + 60
-        while serve.status().applications[APP].deployments["Gateway"].replica_states.get("RUNNING", 0) != 2:
-            assert time.monotonic() < deadline, "Serve did not replace the killed gateway replica"
-            time.sleep(1)
+        _kill_under_load(gateway, "gwk", offline["minilm"].embed(TEXTS[:2]), f"ray::ServeReplica:{APP}:Gateway",
+                         APP, "Gateway")
     finally:
         serve.run(build_app(table(artifacts)), name=APP, route_prefix="/")
         serve.delete("gwk-app")
