@@ -3,7 +3,8 @@
     python -m bench.serving [--model-dir DIR] [--duration 15] [--configs 1x1,32x1,32x16]
 
 Exports all-MiniLM-L6-v2 with our exporter when no --model-dir is given, dumps loadgen's sentence
-texts, measures the in-process ceiling (rayembed.engine, best of threads x batch x order), starts
+texts, measures the ceiling (a minimal tokenizers + ONNX Runtime loop over the artifact's graph) and the
+replica's own code in process (rayembed.engine, best of threads x batch x order), starts
 `python -m serve`, drives it with bench/loadgen.py (a copy of ../shared/bench/loadgen.py), measures
 the ceiling again after the server is gone, and prints a table plus one JSON line per row.
 """
@@ -48,10 +49,64 @@ def read_texts(path: Path) -> list[str]:
     return [r if isinstance(r, str) else r["text"] for r in rows]
 
 
-def ceiling(model_dir: Path, texts: list[str], seconds: float, label: str = "ceiling",
+def minimal_loop(model_dir: Path, texts: list[str], seconds: float, label: str = "minimal",
+                 threads: int = 2) -> list[dict]:
+    """The ceiling a user compares against: the artifact's graph and tokenizer driven directly (tokenizers
+    `encode_batch`, numpy padding, `session.run`, `threads` intra-op threads, no spinning), one text at a time
+    and in length-sorted batches of 32. None of the project's serving code runs here."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    graph = model_dir / ("model.opt.onnx" if (model_dir / "model.opt.onnx").is_file() else "model.onnx")
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    tok = Tokenizer.from_file(str(model_dir / manifest.get("tokenizer", "tokenizer.json")))
+    tok.no_padding()
+    tok.enable_truncation(manifest["max_seq_length"])
+    pad_id = manifest.get("pad_id", 0)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
+
+    def run(chunk: list[str]) -> None:
+        ids = [e.ids for e in tok.encode_batch(chunk)]
+        width = max(map(len, ids))
+        input_ids = np.full((len(ids), width), pad_id, np.int64)  # [b, S]
+        mask = np.zeros((len(ids), width), np.int64)  # [b, S]
+        for row, x in enumerate(ids):
+            input_ids[row, :len(x)] = x
+            mask[row, :len(x)] = 1
+        session.run(["embeddings"], {"input_ids": input_ids, "attention_mask": mask})
+
+    rows = []
+    for batch in (1, 32):
+        run(texts[:batch])  # warm-up
+        done, lat, i = 0, [], 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            window = texts[i:i + batch * 8]
+            i = (i + len(window)) % (len(texts) - 256)
+            if batch > 1:  # what a server's length grouping reaches: sort a window, then cut
+                window = sorted(window, key=lambda t: len(tok.encode(t).ids))
+            for j in range(0, len(window), batch):
+                t0 = time.perf_counter()
+                run(window[j:j + batch])
+                lat.append(time.perf_counter() - t0)
+                done += len(window[j:j + batch])
+        rows.append({"what": label, "graph": graph.name, "threads": threads, "spin": False, "batch": batch,
+                     "order": "sorted" if batch > 1 else "arrival",
+                     "texts_per_s": round(done / (time.perf_counter() - start), 1),
+                     "p50_ms": round(float(np.median(lat)) * 1000, 2)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def ceiling(model_dir: Path, texts: list[str], seconds: float, label: str = "replica_code",
             grid: tuple = ((1, False), (2, False), (2, True)), batches: tuple = (1, 8, 16, 32),
             precision: str = "auto") -> list[dict]:
-    """In-process tokenize + ONNX Runtime run, the same code the replica runs, without any server."""
+    """In-process tokenize + ONNX Runtime run, the same code the replica runs (serve.tokens, rayembed.engine),
+    without any server: the best of a small grid. Compared with `minimal_loop`, it shows what the replica's
+    own code costs before any Ray machinery is involved."""
     from rayembed.artifact import read_manifest
     from rayembed.engine import OnnxEmbedder
     from serve.tokens import ServingTokenizer
@@ -97,10 +152,11 @@ def compare_graphs(model_dir: Path, texts: list[str], seconds: float, rounds: in
     return 0
 
 
-def start_server(model_dir: Path, port: int, provider: dict, log: Path, gateway_replicas: int = 1) -> subprocess.Popen:
+def start_server(model_dir: Path, port: int, provider: dict, log: Path, gateway_replicas: int = 1,
+                 transport: str = "actor") -> subprocess.Popen:
     """`python -m serve --config` with one model named "bench" and the given provider settings."""
     config = log.with_name("gateway.yaml")
-    config.write_text(json.dumps({"gateway_replicas": gateway_replicas, "models": [{"name": "bench", "providers": [
+    config.write_text(json.dumps({"gateway_replicas": gateway_replicas, "replica_transport": transport, "models": [{"name": "bench", "providers": [
         {"name": "bench", "model_dir": str(model_dir.resolve()), **provider}]}]}))
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     env.pop("RAY_ADDRESS", None)
@@ -151,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="provider settings as JSON (serve/settings.py ProviderSettings), e.g. '{\"spin\": true}'")
     parser.add_argument("--skip-ceiling", action="store_true", help="only the gateway (for quick config comparisons)")
     parser.add_argument("--gateway-replicas", type=int, default=1, help="replicas of the gateway deployment")
+    parser.add_argument("--transport", choices=("actor", "grpc"), default="actor",
+                        help="gateway -> replica calls (replica_transport in the routing table)")
     parser.add_argument("--port", type=int, default=8181)
     parser.add_argument("--compare-graphs", type=int, metavar="ROUNDS", default=0,
                         help="only compare the plain and the fused graph in process (2 threads), alternated ROUNDS times")
@@ -164,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     texts = read_texts(texts_path)
 
     provider = json.loads(args.provider)
-    rows = [] if args.skip_ceiling else ceiling(model_dir, texts, args.ceiling_seconds)
-    proc = start_server(model_dir, args.port, provider, args.work / "server.log", args.gateway_replicas)
+    rows = [] if args.skip_ceiling else (minimal_loop(model_dir, texts, args.ceiling_seconds)
+                                         + ceiling(model_dir, texts, args.ceiling_seconds))
+    proc = start_server(model_dir, args.port, provider, args.work / "server.log", args.gateway_replicas,
+                        args.transport)
     try:
         if not args.skip_ceiling:  # the same loop with the idle Ray + Serve processes sharing the CPUs
             rows += ceiling(model_dir, texts, args.ceiling_seconds, "ceiling_beside_idle_ray",
@@ -176,13 +236,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_server(proc)
     if not args.skip_ceiling:
-        rows += ceiling(model_dir, texts, args.ceiling_seconds)
+        rows += minimal_loop(model_dir, texts, args.ceiling_seconds) + ceiling(model_dir, texts, args.ceiling_seconds)
 
-    ceil = [r for r in rows if r["what"] == "ceiling"] or [{"texts_per_s": float("nan"), "p50_ms": float("nan"), "batch": 1}]
+    nan = [{"texts_per_s": float("nan"), "p50_ms": float("nan"), "batch": 1}]
+    ceil = [r for r in rows if r["what"] == "minimal"] or nan
     best = max(r["texts_per_s"] for r in ceil)
     one = min(r["p50_ms"] for r in ceil if r["batch"] == 1)
-    print(f"\nceiling (best of {len(ceil)} in-process configs, no Ray running, before and after the server): "
-          f"{best} texts/s; one text p50 {one} ms")
+    print(f"\nceiling: the minimal loop (tokenizers + numpy padding + session.run, 2 threads, no Ray running, "
+          f"before and after the server): {best} texts/s; one text p50 {one} ms")
+    own = [r for r in rows if r["what"] == "replica_code"] or nan
+    own_best, own_one = max(r["texts_per_s"] for r in own), min(r["p50_ms"] for r in own if r["batch"] == 1)
+    print(f"the replica's own code in process (best of {len(own)} configs): {own_best} texts/s "
+          f"({own_best / best:.2f}x the minimal loop); one text p50 {own_one} ms")
     beside = [r for r in rows if r["what"] == "ceiling_beside_idle_ray"]
     best_beside = max((r["texts_per_s"] for r in beside), default=float("nan"))
     if beside:
@@ -196,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     with (args.work / "results.jsonl").open("a") as fh:
         for r in rows:
             fh.write(json.dumps({**r, "provider": provider, "gateway_replicas": args.gateway_replicas,
+                                 "transport": args.transport,
                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
     return 0
 

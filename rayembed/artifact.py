@@ -20,6 +20,7 @@ MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
 GRAPH_FP16 = "model.fp16.onnx"
 GRAPH_OPTIMIZED = "model.opt.onnx"  # ONNX Runtime's transformer fusions, saved offline, parity-checked
+GRAPH_INT8 = "model.int8.onnx"  # dynamic int8 quantization (python -m train.quantize), parity- and nDCG-gated
 TOKENIZER = "tokenizer.json"
 REQUIRED_FILES = (GRAPH, TOKENIZER, MANIFEST)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -71,6 +72,7 @@ class Manifest(BaseModel):
     export_seconds: float | None = None
     files: dict[str, str] = Field(default_factory=dict)
     optimized: dict[str, Any] | None = Field(None, description="the fused graph's file and fusion counts, when written")
+    int8: dict[str, Any] | None = Field(None, description="the int8 graph's file and its gates' figures, when written")
 
     @model_validator(mode="before")
     @classmethod

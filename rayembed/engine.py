@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from rayembed.artifact import GRAPH, GRAPH_FP16, GRAPH_OPTIMIZED, TextTokenizer, read_manifest
+from rayembed.artifact import GRAPH, GRAPH_FP16, GRAPH_INT8, GRAPH_OPTIMIZED, TextTokenizer, read_manifest
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -35,10 +35,15 @@ def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
 
 
 class OnnxEmbedder:
-    """An ONNX Runtime session over `model.onnx` (or the fp16 copy) that returns float32 embeddings."""
+    """An ONNX Runtime session over one of the artifact's graphs that returns float32 embeddings.
+
+    precision: auto (fp16 on CUDA when exported, the fused graph on CPU when written, else model.onnx),
+    fp32 (model.onnx), fp16, optimized (the fused graph), int8 (only when asked: it trades quality).
+    `graph` names a file in the folder instead (tools that judge a candidate graph).
+    """
 
     def __init__(self, model_dir: str | Path, *, device: str = "auto", precision: str = "auto",
-                 threads: int = 1, has_gpu: bool = False, spin: bool = False):
+                 threads: int = 1, has_gpu: bool = False, spin: bool = False, graph: str | None = None):
         model_dir = Path(model_dir)
         self.manifest = read_manifest(model_dir)
         self.want_cuda = device == "cuda" or (device == "auto" and has_gpu)
@@ -54,7 +59,12 @@ class OnnxEmbedder:
                                                  and self.manifest.optimized is not None)
         if use_fused and not fused.is_file():
             raise FileNotFoundError(f"precision optimized asked for but {fused} is missing (re-export the model)")
-        self.path = fp16 if use_fp16 else fused if use_fused else model_dir / GRAPH
+        int8 = model_dir / GRAPH_INT8
+        if precision == "int8" and not int8.is_file():
+            raise FileNotFoundError(f"precision int8 asked for but {int8} is missing: write it with "
+                                    f"`python -m train.quantize --model-dir {model_dir} --eval BEIR_DIR`")
+        self.path = (model_dir / graph if graph else int8 if precision == "int8" else fp16 if use_fp16
+                     else fused if use_fused else model_dir / GRAPH)
         providers = [(CUDA, {"device_id": 0}), CPU] if self.want_cuda else [CPU]
         self.session = ort.InferenceSession(str(self.path), session_options(threads, spin), providers=providers)
         self.providers = self.session.get_providers()
@@ -105,8 +115,9 @@ class TextEmbedder:
     max_seq_length, length-sorted ONNX Runtime calls of at most `max_texts` texts / `max_tokens` tokens."""
 
     def __init__(self, model_dir: str | Path, *, device: str = "auto", threads: int = 1, has_gpu: bool = False,
-                 max_texts: int = 64, max_tokens: int = 16384):
-        self.engine = OnnxEmbedder(model_dir, device=device, threads=threads, has_gpu=has_gpu)
+                 max_texts: int = 64, max_tokens: int = 16384, precision: str = "auto", graph: str | None = None):
+        self.engine = OnnxEmbedder(model_dir, device=device, threads=threads, has_gpu=has_gpu, precision=precision,
+                                   graph=graph)
         self.manifest = self.engine.manifest
         self.tokenizer = TextTokenizer(model_dir, self.manifest.max_seq_length)
         self.max_texts, self.max_tokens = max_texts, max(max_tokens, self.manifest.max_seq_length)

@@ -160,7 +160,7 @@ class GatewayCore:
     def __init__(self, config: GatewayConfig, handles: dict[str, DeploymentHandle] | None = None,
                  workspaces: tuple[str, ...] = (), keys: KeyRing | None = KeyRing()):
         self.set_table(config, workspaces, keys)
-        self.handles = dict(handles or {})  # provider name or app name -> handle
+        self.handles = {k: self._transport(h) for k, h in (handles or {}).items()}  # provider or app name -> handle
         self.metrics = RequestMetrics()
 
     def set_table(self, config: GatewayConfig, workspaces: tuple[str, ...] | list[str] = (),
@@ -175,11 +175,15 @@ class GatewayCore:
         handle = self.handles.get(key)
         if handle is None:  # a provider served by its own application (created by the control plane)
             try:
-                handle = self.handles[key] = serve.get_app_handle(provider.app)
+                handle = serve.get_app_handle(provider.app)
             except RayServeException as exc:
                 raise Unavailable(f"no healthy replica for provider {provider.name!r}: application "
                                   f"{provider.app!r} is not running ({exc})") from None
+            handle = self.handles[key] = self._transport(handle)
         return handle
+
+    def _transport(self, handle: DeploymentHandle) -> DeploymentHandle:
+        return handle.options(_by_reference=False) if self.config.replica_transport == "grpc" else handle
 
     async def _body(self, request: Request) -> EmbeddingRequest:
         limits = self.config.limits

@@ -37,9 +37,9 @@ class ProviderSettings(Section):
     model_dir: str | None = Field(None, description="ONNX artifact directory (model.onnx, tokenizer.json, manifest.json)")
     app: str | None = Field(None, description="instead of model_dir: a running Serve application serving an EmbeddingReplica")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when the replica holds a GPU")
-    precision: Literal["auto", "fp32", "fp16", "optimized"] = Field(
+    precision: Literal["auto", "fp32", "fp16", "optimized", "int8"] = Field(
         "auto", description="auto: model.fp16.onnx on CUDA, model.opt.onnx (fused, parity-checked) on CPU, when exported; "
-                            "fp32: the plain graph")
+                            "fp32: the plain graph; int8: model.int8.onnx (python -m train.quantize, quality-gated)")
     num_replicas: int = Field(1, ge=1)
     autoscaling: Autoscaling | None = Field(None, description="replaces num_replicas when set")
     num_cpus: float = Field(1.0, ge=0, description="CPUs each replica reserves; also its ONNX Runtime thread count")
@@ -123,6 +123,9 @@ class GatewayConfig(Section):
     limits: Limits = Limits()
     gateway_replicas: int = Field(1, ge=1, description="replicas of the gateway deployment (HTTP parsing, routing, "
                                                        "rendering); more pay off on nodes with spare cores")
+    replica_transport: Literal["actor", "grpc"] = Field(
+        "actor", description="how the gateway calls model replicas: Ray actor calls, or Serve's direct gRPC "
+                             "channel to each replica (handle option _by_reference=False)")
 
     @model_validator(mode="after")
     def _unique(self):

@@ -95,3 +95,50 @@ def test_fused_graph_is_written_parity_checked_and_preferred_on_cpu(minilm_onnx)
 def test_llama_export_has_no_fused_graph(tiny_nemotron, tmp_path):
     manifest = export_onnx(tiny_nemotron, tmp_path / "onnx", max_seq_length=32)
     assert manifest.optimized is None and not (tmp_path / "onnx" / "model.opt.onnx").exists()
+
+
+SAMPLE_EVAL = ROOT / "data" / "debian-pkgdesc-sample" / "eval"
+
+
+def test_int8_graph_passes_both_gates_and_serves_only_when_asked(minilm_onnx, tmp_path):
+    """`python -m train.quantize` writes model.int8.onnx with its gates' figures; `auto` keeps the fused graph."""
+    import shutil
+
+    from rayembed.engine import OnnxEmbedder
+
+    art = tmp_path / "art"
+    shutil.copytree(minilm_onnx, art)
+    out = subprocess.run([sys.executable, "-m", "train.quantize", "--model-dir", str(art), "--eval", str(SAMPLE_EVAL)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    manifest = json.loads((art / "manifest.json").read_text())
+    q = manifest["int8"]
+    assert q["file"] == "model.int8.onnx" and q["from"] == "model.opt.onnx" and q["min_cosine"] >= 0.97
+    assert q["ndcg@10_drop"] <= 0.005 and set(q["ndcg@10"]) == {"model.opt.onnx", "model.int8.onnx"}
+    assert manifest["files"]["model.int8.onnx"] == export_mod._sha256(art / "model.int8.onnx")
+    assert (art / "model.int8.onnx").stat().st_mode & 0o777 == 0o644
+    assert not list(art.glob(".*tmp"))
+    texts = ["receive RSS feeds by email", "a real-time strategy game of ancient warfare", "x"]
+    ids, mask = TextTokenizer(art, 256)(texts)
+    auto, int8 = OnnxEmbedder(art), OnnxEmbedder(art, precision="int8")
+    assert auto.path.name == "model.opt.onnx" and int8.path.name == "model.int8.onnx"
+    a, b = auto.run(ids, mask), int8.run(ids, mask)
+    cos = (a * b).sum(1)
+    assert cos.min() >= 0.97 and not np.allclose(a, b, atol=1e-4)  # close, and really another graph
+
+
+def test_int8_graph_failing_a_gate_leaves_the_artifact_as_it_was(minilm_onnx, tmp_path):
+    import shutil
+
+    from rayembed.engine import OnnxEmbedder
+    from train.quantize import QuantizeError, quantize_artifact
+
+    art = tmp_path / "art"
+    shutil.copytree(minilm_onnx, art)
+    before = {p.name: p.read_bytes() for p in art.iterdir() if p.suffix == ".json"}
+    with pytest.raises(QuantizeError, match="parity gate failed: min cosine .* nothing was written"):
+        quantize_artifact(art, min_cosine=0.99999)
+    assert {p.name: p.read_bytes() for p in art.iterdir() if p.suffix == ".json"} == before
+    assert sorted(p.name for p in art.iterdir()) == sorted(p.name for p in minilm_onnx.iterdir())
+    with pytest.raises(FileNotFoundError, match="python -m train.quantize"):
+        OnnxEmbedder(art, precision="int8")

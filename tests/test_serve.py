@@ -350,6 +350,15 @@ def test_bench_ceiling_runs_the_replica_code(artifacts):
     assert all(r["texts_per_s"] > 0 and r["p50_ms"] > 0 for r in rows)
 
 
+def test_bench_minimal_loop_runs_the_artifacts_graph_without_project_code(artifacts):
+    from bench.serving import minimal_loop
+
+    rows = minimal_loop(artifacts["minilm"], TEXTS * 40, 0.05, threads=1)
+    assert [(r["batch"], r["order"]) for r in rows] == [(1, "arrival"), (32, "sorted")]
+    assert rows[0]["graph"] in ("model.opt.onnx", "model.onnx")
+    assert all(r["texts_per_s"] > 0 and r["p50_ms"] > 0 for r in rows)
+
+
 # ---------------------------------------------------------------- 429 and 503 (redeploys the app: keep last)
 def test_provider_app_429_and_503(gateway, artifacts, offline, ray_session):
     """A provider that is its own Serve application (as the control plane deploys them), a provider
