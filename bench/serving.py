@@ -117,13 +117,15 @@ def ceiling(model_dir: Path, texts: list[str], seconds: float, label: str = "rep
         engine = OnnxEmbedder(model_dir, threads=threads, spin=spin, precision=precision)
         for batch in batches:
             for order in ("arrival", "sorted") if batch > 1 else ("arrival",):
-                done, lat, i = 0, [], 0
+                done, lat, i, tokenize_s = 0, [], 0, 0.0
                 engine.run(*tok.pad(tok.encode(texts[:batch], None, "NONE")))  # warm the shapes' kernels
                 start = time.perf_counter()
                 while time.perf_counter() - start < seconds:
                     chunk = texts[i:i + (batch * 8 if order == "sorted" else batch)]
                     i = (i + len(chunk)) % (len(texts) - 256)
+                    t0 = time.perf_counter()
                     ids = tok.encode(chunk, None, "NONE")
+                    tokenize_s += time.perf_counter() - t0
                     if order == "sorted":  # what a server's length grouping reaches: sort a window, then cut
                         ids.sort(key=len)
                     for j in range(0, len(ids), batch):
@@ -133,30 +135,35 @@ def ceiling(model_dir: Path, texts: list[str], seconds: float, label: str = "rep
                         done += len(ids[j:j + batch])
                 rows.append({"what": label, "graph": engine.path.name, "threads": threads, "spin": spin, "batch": batch, "order": order,
                              "texts_per_s": round(done / (time.perf_counter() - start), 1),
-                             "p50_ms": round(float(np.median(lat)) * 1000, 2)})
+                             "p50_ms": round(float(np.median(lat)) * 1000, 2),
+                             # what tokenizing costs the replica: the lever "tokenize in the gateway" moves only this
+                             "tokenize_share": round(tokenize_s / (time.perf_counter() - start), 4)})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def compare_graphs(model_dir: Path, texts: list[str], seconds: float, rounds: int) -> int:
-    """Plain (model.onnx) against fused (model.opt.onnx) graph, same code, alternated; prints the ratios."""
+def compare_graphs(model_dir: Path, texts: list[str], seconds: float, rounds: int,
+                   precisions: tuple[str, ...] = ("fp32", "optimized")) -> int:
+    """The artifact's graphs (provider `precision` values) with the same code, alternated; prints each one's
+    texts/s and its ratio to the first."""
     results: dict[tuple, list[float]] = {}
     for _ in range(rounds):
-        for precision in ("fp32", "optimized"):
+        for precision in precisions:
             for row in ceiling(model_dir, texts, seconds, "graph", grid=((2, False),), batches=(1, 32), precision=precision):
                 results.setdefault((precision, row["batch"], row["order"]), []).append(row["texts_per_s"])
     for batch, order in ((1, "arrival"), (32, "arrival"), (32, "sorted")):
-        plain, fused = (float(np.mean(results[(p, batch, order)])) for p in ("fp32", "optimized"))
-        print(json.dumps({"batch": batch, "order": order, "plain_texts_per_s": round(plain, 1),
-                          "fused_texts_per_s": round(fused, 1), "fused_over_plain": round(fused / plain, 3)}))
+        rates = {p: float(np.mean(results[(p, batch, order)])) for p in precisions}
+        print(json.dumps({"batch": batch, "order": order, **{f"{p}_texts_per_s": round(r, 1) for p, r in rates.items()},
+                          **{f"{p}_over_{precisions[0]}": round(r / rates[precisions[0]], 3) for p, r in rates.items()
+                             if p != precisions[0]}}))
     return 0
 
 
 def start_server(model_dir: Path, port: int, provider: dict, log: Path, gateway_replicas: int = 1,
-                 transport: str = "actor") -> subprocess.Popen:
+                 gateway_env: dict | None = None) -> subprocess.Popen:
     """`python -m serve --config` with one model named "bench" and the given provider settings."""
     config = log.with_name("gateway.yaml")
-    config.write_text(json.dumps({"gateway_replicas": gateway_replicas, "replica_transport": transport, "models": [{"name": "bench", "providers": [
+    config.write_text(json.dumps({"gateway_replicas": gateway_replicas, "gateway_env": gateway_env or {}, "models": [{"name": "bench", "providers": [
         {"name": "bench", "model_dir": str(model_dir.resolve()), **provider}]}]}))
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     env.pop("RAY_ADDRESS", None)
@@ -207,16 +214,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="provider settings as JSON (serve/settings.py ProviderSettings), e.g. '{\"spin\": true}'")
     parser.add_argument("--skip-ceiling", action="store_true", help="only the gateway (for quick config comparisons)")
     parser.add_argument("--gateway-replicas", type=int, default=1, help="replicas of the gateway deployment")
-    parser.add_argument("--transport", choices=("actor", "grpc"), default="actor",
-                        help="gateway -> replica calls (replica_transport in the routing table)")
+    parser.add_argument("--gateway-env", default="{}", help="gateway_env in the routing table, as JSON: Ray Serve "
+                        "settings for the gateway's processes over the defaults (serve.app.GATEWAY_SERVE_ENV); "
+                        "'{\"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD\": \"\", \"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP\": \"\"}' "
+                        "restores Ray's")
     parser.add_argument("--port", type=int, default=8181)
     parser.add_argument("--compare-graphs", type=int, metavar="ROUNDS", default=0,
-                        help="only compare the plain and the fused graph in process (2 threads), alternated ROUNDS times")
+                        help="only compare the artifact's graphs in process (2 threads), alternated ROUNDS times")
+    parser.add_argument("--graphs", default="fp32,optimized",
+                        help="with --compare-graphs: provider precisions to compare, the first is the reference "
+                             "(fp32, optimized, int8)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.compare_graphs:
         return compare_graphs(ensure_artifact(args.model_dir, args.work), read_texts(ensure_texts(args.work)),
-                              args.ceiling_seconds, args.compare_graphs)
+                              args.ceiling_seconds, args.compare_graphs, tuple(args.graphs.split(",")))
     model_dir = ensure_artifact(args.model_dir, args.work)
     texts_path = ensure_texts(args.work)
     texts = read_texts(texts_path)
@@ -225,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [] if args.skip_ceiling else (minimal_loop(model_dir, texts, args.ceiling_seconds)
                                          + ceiling(model_dir, texts, args.ceiling_seconds))
     proc = start_server(model_dir, args.port, provider, args.work / "server.log", args.gateway_replicas,
-                        args.transport)
+                        json.loads(args.gateway_env))
     try:
         if not args.skip_ceiling:  # the same loop with the idle Ray + Serve processes sharing the CPUs
             rows += ceiling(model_dir, texts, args.ceiling_seconds, "ceiling_beside_idle_ray",
@@ -261,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     with (args.work / "results.jsonl").open("a") as fh:
         for r in rows:
             fh.write(json.dumps({**r, "provider": provider, "gateway_replicas": args.gateway_replicas,
-                                 "transport": args.transport,
+                                 "gateway_env": json.loads(args.gateway_env),
                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
     return 0
 

@@ -160,7 +160,7 @@ class GatewayCore:
     def __init__(self, config: GatewayConfig, handles: dict[str, DeploymentHandle] | None = None,
                  workspaces: tuple[str, ...] = (), keys: KeyRing | None = KeyRing()):
         self.set_table(config, workspaces, keys)
-        self.handles = {k: self._transport(h) for k, h in (handles or {}).items()}  # provider or app name -> handle
+        self.handles = dict(handles or {})  # provider name or app name -> handle
         self.metrics = RequestMetrics()
 
     def set_table(self, config: GatewayConfig, workspaces: tuple[str, ...] | list[str] = (),
@@ -179,11 +179,8 @@ class GatewayCore:
             except RayServeException as exc:
                 raise Unavailable(f"no healthy replica for provider {provider.name!r}: application "
                                   f"{provider.app!r} is not running ({exc})") from None
-            handle = self.handles[key] = self._transport(handle)
+            self.handles[key] = handle
         return handle
-
-    def _transport(self, handle: DeploymentHandle) -> DeploymentHandle:
-        return handle.options(_by_reference=False) if self.config.replica_transport == "grpc" else handle
 
     async def _body(self, request: Request) -> EmbeddingRequest:
         limits = self.config.limits

@@ -123,9 +123,10 @@ class GatewayConfig(Section):
     limits: Limits = Limits()
     gateway_replicas: int = Field(1, ge=1, description="replicas of the gateway deployment (HTTP parsing, routing, "
                                                        "rendering); more pay off on nodes with spare cores")
-    replica_transport: Literal["actor", "grpc"] = Field(
-        "actor", description="how the gateway calls model replicas: Ray actor calls, or Serve's direct gRPC "
-                             "channel to each replica (handle option _by_reference=False)")
+    gateway_env: dict[str, str] = Field(
+        default_factory=dict, description="environment of the gateway's replica processes only, for Ray Serve "
+                                          "settings read at process start; merged over serve.app.GATEWAY_SERVE_ENV "
+                                          "(a key set to \"\" drops that default)")
 
     @model_validator(mode="after")
     def _unique(self):

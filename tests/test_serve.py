@@ -342,6 +342,26 @@ def test_concurrent_requests_are_batched_and_never_mixed_up(gateway, offline):
     assert max(sizes) > 1, sizes
 
 
+def test_the_gateway_process_runs_with_the_gateway_serve_settings(gateway):
+    """Serve reads RAY_SERVE_RUN_* at process start: the gateway's replica process must have them in its
+    environment (a runtime_env of that deployment only), and the model replicas must not."""
+    from serve.app import GATEWAY_SERVE_ENV
+
+    def environ(pid: int) -> dict[str, str]:
+        raw = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+        return dict(x.decode(errors="replace").split("=", 1) for x in raw if b"=" in x)
+
+    gateways = _pids_titled(f"ray::ServeReplica:{APP}:Gateway")
+    replicas = _pids_titled(f"ray::ServeReplica:{APP}:replica-minilm-cpu")
+    assert gateways and replicas, (gateways, replicas)
+    for pid in gateways:
+        env = environ(pid)
+        assert {k: env.get(k) for k in GATEWAY_SERVE_ENV} == GATEWAY_SERVE_ENV
+    for pid in replicas:
+        assert "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD" not in environ(pid)
+    assert call(gateway + "/v1/embeddings", {"model": "minilm", "input": TEXTS[:3]})[0] == 200
+
+
 def test_bench_ceiling_runs_the_replica_code(artifacts):
     from bench.serving import ceiling
 

@@ -190,3 +190,18 @@ def test_gateway_replicas_reach_the_gateway_deployment():
     assert gateway_app(GatewayConfig.model_validate({**table, "gateway_replicas": 2}))._bound_deployment.num_replicas == 2
     with pytest.raises(ValidationError, match="gateway_replicas"):
         GatewayConfig.model_validate({**table, "gateway_replicas": 0})
+
+
+def test_gateway_processes_run_user_code_on_the_replica_loop_unless_overridden():
+    from serve.app import GATEWAY_SERVE_ENV, gateway_actor_options
+
+    models = [{"name": "m", "providers": [{"name": "p", "app": "p-app"}]}]
+    default = gateway_actor_options(GatewayConfig.model_validate({"models": models}))
+    assert default == {"num_cpus": 0, "runtime_env": {"env_vars": GATEWAY_SERVE_ENV}}
+    assert GATEWAY_SERVE_ENV == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+    extra = gateway_actor_options(GatewayConfig.model_validate(
+        {"models": models, "gateway_env": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "", "X": "1"}}))
+    assert extra["runtime_env"]["env_vars"] == {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "X": "1"}
+    restored = gateway_actor_options(GatewayConfig.model_validate(
+        {"models": models, "gateway_env": {k: "" for k in GATEWAY_SERVE_ENV}}))
+    assert restored == {"num_cpus": 0}
