@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=float, default=None,
                         help="CPUs per replica (= its ONNX Runtime threads); default: this machine's cores / replicas")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (CUDA provider when > 0)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "optimized", "int8"], default="auto",
+                        help="which of the artifact's graphs replicas load (auto: the fused graph on CPU, fp16 on CUDA "
+                             "when exported; int8: model.int8.onnx from python -m train.quantize)")
     parser.add_argument("--ingress", choices=["haproxy", "proxy"], default="haproxy",
                         help="HTTP ingress when this command starts Ray: Serve's HAProxy (default; one fewer Python "
                              "hop per request; replica ports 30000-31000, no TLS) or Ray Serve's Python proxy; "
@@ -56,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
             cores = len(os.sched_getaffinity(0))  # default: the machine's cores, shared by the replicas
             num_cpus = args.num_cpus if args.num_cpus is not None else float(max(1, cores // args.replicas))
             config = single_model_config(str(args.model_dir), args.name or default_name(args.model_dir),
-                                         replicas=args.replicas, num_cpus=num_cpus, num_gpus=args.num_gpus)
+                                         replicas=args.replicas, num_cpus=num_cpus, num_gpus=args.num_gpus,
+                                         precision=args.precision)
+            if args.precision == "int8" and not (args.model_dir / "model.int8.onnx").is_file():
+                raise FileNotFoundError(f"--precision int8 needs {args.model_dir / 'model.int8.onnx'}: write it with "
+                                        f"`python -m train.quantize --model-dir {args.model_dir} --eval BEIR_DIR`")
     except (ConfigError, ArtifactError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -94,9 +94,16 @@ def test_lora_merged_on_nemotron_layout(ray_session, tiny_nemotron, train_file, 
 
 @pytest.mark.parametrize("finetuning_type", ["all_weights", "lora_merged"])
 def test_tiny_bert(ray_session, tiny_bert, train_file, tmp_path, finetuning_type):
+    int8 = finetuning_type == "all_weights"  # output.export_int8 once: the int8 graph beside the exported one
     run_job(job(tiny_bert, train_file, tmp_path / "bert", schedule={"max_steps": 3},
-                training={"finetuning_type": finetuning_type}))
+                training={"finetuning_type": finetuning_type}, output={"export_int8": int8}))
     report, manifest = assert_artifact(tmp_path / "bert", 32)
+    if int8:
+        assert report["onnx"]["int8"]["written"] is True and report["onnx"]["int8"]["min_cosine"] >= 0.97, report["onnx"]
+        assert manifest["int8"]["file"] == "model.int8.onnx" and (tmp_path / "bert" / "onnx" / "model.int8.onnx").is_file()
+        assert "ndcg@10_drop" not in manifest["int8"]  # no dataset.evaluation: the parity gate only
+    else:
+        assert "int8" not in report["onnx"] and not (tmp_path / "bert" / "onnx" / "model.int8.onnx").exists()
     assert manifest["prefixes"] == {"query": "", "passage": ""}
     assert manifest["source"]["finetuning_type"] == finetuning_type
     assert changed_weights(tiny_bert, tmp_path / "bert" / "model") > 1e-5

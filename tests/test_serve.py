@@ -362,6 +362,35 @@ def test_the_gateway_process_runs_with_the_gateway_serve_settings(gateway):
     assert call(gateway + "/v1/embeddings", {"model": "minilm", "input": TEXTS[:3]})[0] == 200
 
 
+def test_an_int8_provider_serves_the_int8_graph_through_the_gateway(gateway, artifacts, offline, tmp_path):
+    """`precision: int8`: the replica loads model.int8.onnx (python -m train.quantize), and answers stay close
+    to the fp32 artifact's."""
+    import shutil
+
+    from ray import serve
+
+    from serve.app import build_app, build_provider_app
+    from train.quantize import quantize_artifact
+
+    art = tmp_path / "int8"
+    shutil.copytree(artifacts["minilm"], art)
+    quantize_artifact(art)
+    serve.run(build_provider_app({"name": "q8", "model_dir": str(art), "num_cpus": 0.25, "precision": "int8"}),
+              name="q8-app", route_prefix=None)
+    q8 = {"name": "q8", "providers": [{"name": "q8-prov", "app": "q8-app"}]}
+    serve.run(build_app(table(artifacts, q8=q8)), name=APP, route_prefix="/")
+    try:
+        info = serve.get_app_handle("q8-app").info.remote().result()
+        assert info["onnx_file"] == "model.int8.onnx", info
+        status, body, _ = call(gateway + "/v1/embeddings", {"model": "q8", "input": TEXTS[:4], "encoding_format": "float"})
+        assert status == 200, body
+        got, want = vectors(body), offline["minilm"].embed(TEXTS[:4])
+        assert all(0.97 <= cos(g, w) < 0.99999 for g, w in zip(got, want))  # close, and really the int8 graph
+    finally:
+        serve.run(build_app(table(artifacts)), name=APP, route_prefix="/")
+        serve.delete("q8-app")
+
+
 def test_bench_ceiling_runs_the_replica_code(artifacts):
     from bench.serving import ceiling
 

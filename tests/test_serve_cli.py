@@ -89,3 +89,9 @@ def test_standalone_cli_starts_its_own_ray_behind_haproxy(minilm_onnx, tmp_path)
     assert code == 0, log.read_text()[-3000:]
     time.sleep(2)
     assert not [pid for pid, cfg in haproxy_configs().items() if f"bind 127.0.0.1:{port}" in cfg]
+
+
+def test_precision_int8_without_the_int8_graph_says_how_to_write_it(minilm_onnx):
+    out = subprocess.run([sys.executable, "-m", "serve", "--model-dir", str(minilm_onnx), "--precision", "int8"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "python -m train.quantize --model-dir" in out.stderr, out.stderr[-2000:]

@@ -152,6 +152,9 @@ class Output(Section):
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept on storage.")
     log_every_steps: int = Field(10, gt=0, description="Report loss, lr, examples/s, tokens/s every N steps.")
     export_fp16: bool = Field(False, description="Also write onnx/model.fp16.onnx for GPU serving.")
+    export_int8: bool = Field(False, description="Also write onnx/model.int8.onnx for CPU replicas (dynamic int8, "
+                              "served with precision: int8), kept only when it passes the parity gate and, with "
+                              "dataset.evaluation, loses at most 0.005 nDCG@10; a failed gate is reported, not fatal.")
     onnx_opset: int = Field(18, ge=17, description="ONNX opset of the exported graph.")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -81,6 +82,23 @@ def claim_output(cfg: JobConfig) -> Path:
     return out
 
 
+def quantize_for_job(cfg: JobConfig, onnx_dir: Path) -> dict:
+    """`output.export_int8`: the int8 graph beside the exported one, judged on the job's evaluation set."""
+    from train.quantize import QuantizeError, quantize_artifact
+
+    print("int8: quantizing the exported graph and checking it against the fp32 graph", flush=True)
+    try:
+        report = quantize_artifact(onnx_dir, eval_dir=cfg.dataset.evaluation, threads=cfg.resources.torch_threads or min(os.cpu_count() or 1, 8))
+    except QuantizeError as exc:
+        log.warning("%s", exc)
+        return {"written": False, "reason": str(exc)}
+    drop = report.get("ndcg@10_drop")
+    print(f"int8: wrote {onnx_dir / report['file']} (min cosine {report['min_cosine']:.4f}"
+          + (f", nDCG@10 drop {drop:+.4f})" if drop is not None else "; no dataset.evaluation, so no nDCG gate)"),
+          flush=True)
+    return {"written": True, **report}
+
+
 def run_job(cfg: JobConfig) -> dict:
     from cluster.runtime import ensure_ray
     from train.export import export_onnx
@@ -120,6 +138,7 @@ def run_job(cfg: JobConfig) -> dict:
                            source={"kind": "customization_job", "job": cfg.name, "base_model": cfg.model,
                                    "finetuning_type": cfg.training.finetuning_type,
                                    "learning_rate": cfg.optimizer.learning_rate})
+    int8 = quantize_for_job(cfg, out / "onnx") if cfg.output.export_int8 else None
     shutil.copy2(out / "config.yaml", out / "onnx" / "config.yaml")
     timing = {"job_seconds": round(time.time() - job_start, 1), "export_seconds": round(time.time() - train_done, 1),
               "first_step_seconds": round(final["first_step_at"] - job_start, 1),
@@ -128,7 +147,8 @@ def run_job(cfg: JobConfig) -> dict:
               "worker_setup_seconds": round(final["worker_setup_seconds"], 1)}
     extra = {"mining": {k: v for k, v in mining.items() if not k.startswith("examples")}} if mining else {}
     report = write_report(out, final, {**extra, "timing": timing, "warnings": pre.warnings,
-                                       "onnx": {"path": str(out / "onnx"), "parity_min_cosine": manifest.parity.min_cosine}})
+                                       "onnx": {"path": str(out / "onnx"), "parity_min_cosine": manifest.parity.min_cosine,
+                                                **({"int8": int8} if int8 else {})}})
     shutil.copy2(out / "eval.json", out / "onnx" / "eval.json")
     print(summary(report))
     print(f"timing: {json.dumps(timing)}")
