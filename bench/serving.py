@@ -210,8 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per loadgen config")
     parser.add_argument("--ceiling-seconds", type=float, default=3.0, help="seconds per ceiling config")
     parser.add_argument("--configs", default="1x1,32x1,32x16", help="concurrency x batch, comma separated")
-    parser.add_argument("--provider", default='{"num_cpus": 2}',
-                        help="provider settings as JSON (serve/settings.py ProviderSettings), e.g. '{\"spin\": true}'")
+    parser.add_argument("--provider", default=json.dumps({"num_cpus": float(len(os.sched_getaffinity(0)))}),
+                        help="provider settings as JSON (serve/settings.py ProviderSettings); default: what "
+                             "`python -m serve --model-dir` gives one replica here (num_cpus = this machine's cores)")
+    parser.add_argument("--tuned", default=None,
+                        help="also run the gateway configs with these provider settings over --provider, as JSON, "
+                             "e.g. '{\"precision\": \"int8\", \"spin\": true}'; the table shows both")
     parser.add_argument("--skip-ceiling", action="store_true", help="only the gateway (for quick config comparisons)")
     parser.add_argument("--gateway-replicas", type=int, default=1, help="replicas of the gateway deployment")
     parser.add_argument("--gateway-env", default="{}", help="gateway_env in the routing table, as JSON: Ray Serve "
@@ -236,17 +240,19 @@ def main(argv: list[str] | None = None) -> int:
     provider = json.loads(args.provider)
     rows = [] if args.skip_ceiling else (minimal_loop(model_dir, texts, args.ceiling_seconds)
                                          + ceiling(model_dir, texts, args.ceiling_seconds))
-    proc = start_server(model_dir, args.port, provider, args.work / "server.log", args.gateway_replicas,
-                        json.loads(args.gateway_env))
-    try:
-        if not args.skip_ceiling:  # the same loop with the idle Ray + Serve processes sharing the CPUs
-            rows += ceiling(model_dir, texts, args.ceiling_seconds, "ceiling_beside_idle_ray",
-                            grid=((2, False), (2, True)), batches=(1, 16, 32))
-        for spec in args.configs.split(","):
-            c, b = (int(x) for x in spec.split("x"))
-            rows.append(load(args.port, texts_path, c, b, args.duration))
-    finally:
-        stop_server(proc)
+    runs = [("defaults", provider)] + ([("tuned", {**provider, **json.loads(args.tuned)})] if args.tuned else [])
+    for label, settings in runs:
+        proc = start_server(model_dir, args.port, settings, args.work / "server.log", args.gateway_replicas,
+                            json.loads(args.gateway_env))
+        try:
+            if not args.skip_ceiling and label == "defaults":  # the loop with idle Ray + Serve sharing the CPUs
+                rows += ceiling(model_dir, texts, args.ceiling_seconds, "ceiling_beside_idle_ray",
+                                grid=((2, False), (2, True)), batches=(1, 16, 32))
+            for spec in args.configs.split(","):
+                c, b = (int(x) for x in spec.split("x"))
+                rows.append({**load(args.port, texts_path, c, b, args.duration), "settings": label, "provider": settings})
+        finally:
+            stop_server(proc)
     if not args.skip_ceiling:
         rows += minimal_loop(model_dir, texts, args.ceiling_seconds) + ceiling(model_dir, texts, args.ceiling_seconds)
 
@@ -265,14 +271,16 @@ def main(argv: list[str] | None = None) -> int:
     if beside:
         one_beside = min(r["p50_ms"] for r in beside if r["batch"] == 1)
         print(f"ceiling beside an idle Ray + Serve on the same CPUs: {best_beside} texts/s; one text p50 {one_beside} ms")
-    print("| c x b | texts/s | x ceiling | x ceiling beside idle Ray | p50 ms | p99 ms | errors |\n"
-          "| --- | --- | --- | --- | --- | --- | --- |")
+    for label, settings in runs:
+        print(f"{label}: provider {json.dumps(settings)}")
+    print("| settings | c x b | texts/s | x ceiling | x ceiling beside idle Ray | p50 ms | p99 ms | errors |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in (r for r in rows if r["what"] == "gateway"):
-        print(f"| {r['concurrency']} x {r['batch']} | {r['texts_per_s']} | {r['texts_per_s'] / best:.2f} | "
+        print(f"| {r['settings']} | {r['concurrency']} x {r['batch']} | {r['texts_per_s']} | {r['texts_per_s'] / best:.2f} | "
               f"{r['texts_per_s'] / best_beside:.2f} | {r['p50_ms']} | {r['p99_ms']} | {sum(r['errors'].values())} |")
     with (args.work / "results.jsonl").open("a") as fh:
         for r in rows:
-            fh.write(json.dumps({**r, "provider": provider, "gateway_replicas": args.gateway_replicas,
+            fh.write(json.dumps({"provider": provider, **r, "gateway_replicas": args.gateway_replicas,
                                  "gateway_env": json.loads(args.gateway_env),
                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
     return 0

@@ -24,7 +24,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from cluster.settings import CONTROL_PLANE, NAMESPACE
 from serve.auth import Access, BearerAuth, KeyRing, access_of
 from serve.errors import NotFound, PermissionDenied, ServeError, Unavailable, shown
-from serve.gateway import (GatewayCore, api_route, error_response, inference_routes, install_core,
+from serve.gateway import (GATEWAY_SERVE_ENV, GatewayCore, api_route, error_response, inference_routes, install_core,
                            install_error_handlers, installed_core, json_response, read_body)
 from serve.schemas import parse_json_object
 from serve.settings import GatewayConfig
@@ -140,7 +140,11 @@ for _verb, _path, _method, _opts in [
     management(_verb, _path, _method, **_opts)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096, logging_config={"enable_access_log": False})
+# Like the standalone gateway, its code runs on the replica's own loop (GATEWAY_SERVE_ENV): the handlers await
+# the control plane and the replicas; the blocking calls are the constructor's first poll (before it serves) and a
+# named-actor lookup per management request (a local GCS call).
+@serve.deployment(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": GATEWAY_SERVE_ENV}},
+                  max_ongoing_requests=4096, logging_config={"enable_access_log": False})
 @serve.ingress(app)
 class Api:
     def __init__(self):

@@ -11,16 +11,9 @@ from pathlib import Path
 
 from ray.serve import Application
 
-from serve.gateway import Gateway
+from serve.gateway import GATEWAY_SERVE_ENV, Gateway
 from serve.replica import EmbeddingReplica
 from serve.settings import GatewayConfig, ProviderSettings, load_gateway_config
-
-
-# The gateway's code never blocks (parsing, routing, one awaited handle call, rendering), so its replicas run it
-# on the replica's own event loop, and route handle calls from that loop too, instead of handing every request
-# to a user-code thread and a router loop: 1.1x the texts/s at 32 clients x 1 text on 2 cores (docs/benchmarks.md
-# §5). Model replicas keep Ray's defaults: ONNX Runtime blocks their user-code loop on purpose.
-GATEWAY_SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 
 def gateway_actor_options(config: GatewayConfig) -> dict:

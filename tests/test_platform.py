@@ -158,6 +158,26 @@ def test_up_puts_serves_haproxy_in_front(platform):
     assert json.loads((platform.home / "cluster.json").read_text())["ingress"] == "haproxy"
 
 
+def test_the_api_process_runs_with_the_gateway_serve_settings(platform):
+    """The API ingress runs its code on the replica's own loop, like the standalone gateway."""
+    from serve.gateway import GATEWAY_SERVE_ENV
+
+    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+            and _read(p / "cmdline").startswith(b"ray::ServeReplica:rayembed-api:Api")]
+    assert pids
+    for pid in pids:
+        env = dict(x.decode(errors="replace").split("=", 1) for x in _read(Path("/proc") / str(pid) / "environ")
+                   .split(b"\0") if b"=" in x)
+        assert {k: env.get(k) for k in GATEWAY_SERVE_ENV} == GATEWAY_SERVE_ENV
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
 def test_up_binds_the_api_and_the_dashboard_to_loopback_and_turns_ray_token_auth_on(platform):
     """From another machine neither the API nor the dashboard answers on the node's address; Ray's own gRPC
     ports (which Ray 2.60 binds on every interface) need Ray's token."""
