@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-ceiling", action="store_true", help="only the gateway (for quick config comparisons)")
     parser.add_argument("--gateway-replicas", type=int, default=1, help="replicas of the gateway deployment")
     parser.add_argument("--gateway-env", default="{}", help="gateway_env in the routing table, as JSON: Ray Serve "
-                        "settings for the gateway's processes over the defaults (serve.app.GATEWAY_SERVE_ENV); "
+                        "settings for the gateway's processes over the defaults (serve.gateway.GATEWAY_SERVE_ENV); "
                         "'{\"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD\": \"\", \"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP\": \"\"}' "
                         "restores Ray's")
     parser.add_argument("--port", type=int, default=8181)

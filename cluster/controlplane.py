@@ -26,7 +26,7 @@ from cluster.paths import Confinement
 from cluster.entities import (DEFAULT_WORKSPACE, JOB_DONE, NAME, ApiKey, Artifact, CustomizationJob, Entity, Evaluation, ModelDeployment,
                               ModelDeploymentConfig, ModelEntity, ModelProvider, StatusChange, Workspace, now)
 from cluster.store import open_store
-from rayembed.artifact import ArtifactError, missing_files, read_manifest
+from rayembed.artifact import GRAPH_FP16, GRAPH_INT8, ArtifactError, missing_files, read_manifest
 from serve import auth
 from serve.errors import Conflict, InvalidName, InvalidRequest, NotFound, PromotionRefused, shown
 
@@ -416,8 +416,15 @@ class ControlPlane:
             raise Conflict(f"model {name!r} is {model.status}" + (f": {model.error}" if model.error else "; wait until it is ready"))
         return model
 
-    def _gate(self, model: ModelEntity, allow_worse: bool) -> None:
-        """Promotion gate: a model its own job found worse than its base is not deployed without an override."""
+    def _gate(self, model: ModelEntity, allow_worse: bool, cfg: ModelDeploymentConfig) -> None:
+        """Promotion gate: a model its own job found worse than its base is not deployed without an override;
+        and the graph the config asks for must be in the model's artifact."""
+        graph = {"int8": GRAPH_INT8, "fp16": GRAPH_FP16}.get(cfg.precision)
+        if graph and not (Path(model.artifact.onnx_dir) / graph).is_file():
+            how = ("`python -m train.quantize --model-dir DIR --eval BEIR_DIR`, or output.export_int8 in the job"
+                   if graph == GRAPH_INT8 else "export_fp16: true in the job")
+            raise InvalidRequest(f"precision {cfg.precision} needs {graph} in model {model.name!r}'s artifact "
+                                 f"({model.artifact.onnx_dir}); write it with {how}, or use precision auto", "precision")
         ev = model.evaluation
         if ev is not None and ev.verdict == "worse" and not allow_worse:
             raise PromotionRefused(f"model {model.name!r} is worse than its base model: {ev.summary()}. "
@@ -441,7 +448,7 @@ class ControlPlane:
                 cfg = _fields(ModelDeploymentConfig, {**settings, "name": name}, "deployment config",
                               workspace=workspace, version=1)
             model = self._model_for(workspace, cfg.model)
-            self._gate(model, allow_worse)  # before anything is stored
+            self._gate(model, allow_worse, cfg)  # before anything is stored
             if inline:
                 self._save(cfg)
                 self.store.add_version("deployment_config", workspace, name, 1, cfg.model_dump(mode="json"))
@@ -466,7 +473,7 @@ class ControlPlane:
             if changes:
                 cfg = ModelDeploymentConfig.model_validate(self.update_deployment_config(workspace, cfg_name, changes))
             model = self._model_for(workspace, cfg.model)
-            self._gate(model, allow_worse)
+            self._gate(model, allow_worse, cfg)
             if (dep.status == "READY" and dep.pending_model is None and model.name == dep.model
                     and (cfg.name, cfg.version) == (dep.config, dep.config_version)):
                 return dep.model_dump(mode="json")  # nothing changed: keep serving

@@ -26,7 +26,7 @@ def provider_settings(dep: ModelDeployment, cfg: ModelDeploymentConfig, model: M
         "name": app_name(dep.workspace, dep.name, generation), "model_dir": model.artifact.onnx_dir,
         "num_replicas": cfg.num_replicas, "autoscaling": cfg.autoscaling.model_dump() if cfg.autoscaling else None,
         "num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "default_input_type": cfg.default_input_type,
-        **cfg.batching.model_dump()})
+        "precision": cfg.precision, **cfg.batching.model_dump()})
 
 
 def start(settings: ProviderSettings) -> None:

@@ -157,6 +157,8 @@ class ModelDeploymentConfig(Entity):
     num_gpus: float = Field(0.0, ge=0)
     batching: Batching = Batching()
     default_input_type: Literal["query", "passage"] | None = None
+    precision: Literal["auto", "fp32", "fp16", "optimized", "int8"] = Field(
+        "auto", description="which of the artifact's graphs replicas load (serve.settings.ProviderSettings.precision)")
 
 
 class ModelDeployment(Entity):

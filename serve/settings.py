@@ -125,7 +125,7 @@ class GatewayConfig(Section):
                                                        "rendering); more pay off on nodes with spare cores")
     gateway_env: dict[str, str] = Field(
         default_factory=dict, description="environment of the gateway's replica processes only, for Ray Serve "
-                                          "settings read at process start; merged over serve.app.GATEWAY_SERVE_ENV "
+                                          "settings read at process start; merged over serve.gateway.GATEWAY_SERVE_ENV "
                                           "(a key set to \"\" drops that default)")
 
     @model_validator(mode="after")

@@ -12,7 +12,7 @@ from cluster.controlplane import check_name
 from cluster.jobs import check_gpu_memory, progress_from_log
 from cluster.store import SCHEMA_VERSION, SQLiteStore, StoreError, open_store
 from rayembed.progress import progress_line
-from serve.errors import InvalidName
+from serve.errors import InvalidName, InvalidRequest
 from train.config import validate_config
 
 
@@ -218,3 +218,33 @@ def test_rayembed_runs_from_a_plain_shell(tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import sys, cluster.cli, cluster.local, cluster.client; "
                             "print('ray' in sys.modules)"], env=env, capture_output=True, text=True, timeout=120)
     assert probe.stdout.strip() == "False", probe.stderr
+
+
+def test_a_deployment_asking_for_the_int8_graph_needs_it_in_the_artifact(tmp_path, monkeypatch):
+    """precision: int8 is refused (400, naming the command that writes it, nothing stored) when the model's
+    artifact has no model.int8.onnx, and reaches the replica's settings when it has one."""
+    from cluster import controlplane, deployments
+    from cluster.entities import Artifact, ModelEntity
+    from rayembed.artifact import GRAPH_INT8, REQUIRED_FILES
+
+    monkeypatch.setattr(controlplane, "TICK_S", 3600.0)
+    started = []
+    monkeypatch.setattr(deployments, "start", started.append)
+    monkeypatch.setattr(deployments, "statuses", dict)
+    onnx = tmp_path / "onnx"
+    onnx.mkdir()
+    for name in REQUIRED_FILES:
+        (onnx / name).write_text("{}")
+    cp = controlplane.ControlPlane(str(tmp_path / "home"), "http://127.0.0.1:9", "http://127.0.0.1:9")
+    try:
+        cp._save(ModelEntity(name="mini", base_model="b", artifact=Artifact(onnx_dir=str(onnx)), embedding_dim=8))
+        with pytest.raises(InvalidRequest, match="precision int8 needs model.int8.onnx .*python -m train.quantize"):
+            cp.create_deployment("default", {"name": "q8", "model": "mini", "precision": "int8"})
+        assert cp.store.get("deployment", "default", "q8") is None
+        assert cp.store.get("deployment_config", "default", "q8") is None
+        (onnx / GRAPH_INT8).write_text("{}")
+        cp.create_deployment("default", {"name": "q8", "model": "mini", "precision": "int8"})
+        cp.reconcile()
+        assert [s.precision for s in started] == ["int8"]
+    finally:
+        cp._stop.set()
