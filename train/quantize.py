@@ -6,8 +6,8 @@ passes two gates against the artifact's own fp32 graph, and reported side by sid
 1. Weights of MatMul/Gemm to int8 per output channel (activations quantized per batch at run time;
    per-tensor weights lose far more: worst cosine 0.91 on MiniLM against 0.98), from the fused graph
    when the artifact has one, else from `model.onnx`.
-2. Parity: the minimum cosine between int8 and fp32 embeddings of the parity texts (and of a sample of
-   the evaluation texts) must reach `--min-cosine`.
+2. Parity: the minimum cosine between int8 and fp32 embeddings of the parity texts (and of every
+   evaluation query and document) must reach `--min-cosine`.
 3. Quality (with `--eval`): nDCG@10 of both graphs on the BEIR folder; the int8 graph may lose at most
    `--max-ndcg-drop`.
 
@@ -49,22 +49,25 @@ def _quantize(src: Path, dst: Path) -> None:
         logging.disable(logging.NOTSET)
 
 
-def _embed(model_dir: Path, graph: str, texts: list[str], input_type: str, threads: int) -> np.ndarray:
+def _embeddings(model_dir: Path, graph: str, texts: list[str], rset, threads: int) -> dict[str, np.ndarray]:
+    """One graph's embeddings of the parity texts and, with an evaluation set, of its queries and documents."""
     from rayembed.engine import TextEmbedder
 
-    return TextEmbedder(model_dir, graph=graph, threads=threads)(texts, input_type)  # [N, H]
+    embed = TextEmbedder(model_dir, graph=graph, threads=threads)
+    out = {"parity": embed(texts, "passage")}  # [N, H]
+    if rset is not None:
+        out["queries"] = embed(list(rset.queries.values()), "query")  # [Q, H]
+        out["corpus"] = embed(list(rset.corpus.values()), "passage")  # [D, H]
+    return out
 
 
-def _ndcg(model_dir: Path, graph: str, beir: Path, threads: int) -> float:
-    from train.data import load_beir
+def _ndcg(emb: dict[str, np.ndarray], rset) -> float:
+    import torch
+
+    from train.evaluate import rank
     from train.metrics import retrieval_metrics
 
-    rset = load_beir(beir)
-    qids, dids = list(rset.queries), list(rset.corpus)
-    q = _embed(model_dir, graph, [rset.queries[i] for i in qids], "query", threads)  # [Q, H]
-    d = _embed(model_dir, graph, [rset.corpus[i] for i in dids], "passage", threads)  # [D, H]
-    top = np.argsort(-(q @ d.T), axis=1)[:, :100]  # [Q, 100]
-    rankings = {qid: [dids[j] for j in top[row]] for row, qid in enumerate(qids)}
+    rankings = rank(torch.from_numpy(emb["queries"]), torch.from_numpy(emb["corpus"]), list(rset.queries), list(rset.corpus))
     return float(retrieval_metrics(rankings, rset.qrels)["ndcg@10"])
 
 
@@ -72,31 +75,28 @@ def quantize_artifact(model_dir: str | Path, *, eval_dir: str | Path | None = No
                       max_ndcg_drop: float = MAX_NDCG_DROP, threads: int = 2) -> dict:
     """Write `model.int8.onnx` into the artifact when it passes the gates; returns the report.
     Raises QuantizeError (the artifact untouched) when it does not."""
+    from train.data import load_beir
     from train.export import DEFAULT_PARITY_TEXTS, _sha256
 
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
     source = GRAPH_OPTIMIZED if manifest.optimized and (model_dir / GRAPH_OPTIMIZED).is_file() else GRAPH
     staging = model_dir / f".{GRAPH_INT8}.tmp"  # judged under this name; renamed over any older one when it passes
+    rset = load_beir(eval_dir) if eval_dir else None
     start = time.perf_counter()
     try:
         _quantize(model_dir / source, staging)
-        texts = list(DEFAULT_PARITY_TEXTS)
-        if eval_dir:
-            from train.data import load_beir
-
-            corpus = list(load_beir(eval_dir).corpus.values())
-            texts += [corpus[i] for i in np.random.default_rng(0).choice(len(corpus), min(256, len(corpus)), replace=False)]
-        ref = _embed(model_dir, source, texts, "passage", threads)  # [N, H]
-        got = _embed(model_dir, staging.name, texts, "passage", threads)  # [N, H]
-        cos = float(((ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))).min())
+        ref, got = (_embeddings(model_dir, g, list(DEFAULT_PARITY_TEXTS), rset, threads) for g in (source, staging.name))
+        # parity over every text both graphs embedded: the parity texts, and the evaluation queries and documents
+        a, b = np.concatenate(list(ref.values())), np.concatenate(list(got.values()))  # [T, H]
+        cos = float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
         report = {"file": GRAPH_INT8, "from": source, "min_cosine": round(cos, 6), "min_cosine_threshold": min_cosine,
-                  "parity_texts": len(texts)}
+                  "parity_texts": len(a)}
         if not cos >= min_cosine:
             raise QuantizeError(f"int8 parity gate failed: min cosine {cos:.4f} < {min_cosine} against {source} "
-                                f"on {len(texts)} texts; nothing was written")
-        if eval_dir:
-            fp32, int8 = (_ndcg(model_dir, g, Path(eval_dir), threads) for g in (source, staging.name))
+                                f"on {len(a)} texts; nothing was written")
+        if rset is not None:
+            fp32, int8 = _ndcg(ref, rset), _ndcg(got, rset)
             report.update({"eval": str(eval_dir), "ndcg@10": {source: round(fp32, 4), GRAPH_INT8: round(int8, 4)},
                            "ndcg@10_drop": round(fp32 - int8, 4), "max_ndcg_drop": max_ndcg_drop})
             if not fp32 - int8 <= max_ndcg_drop:
