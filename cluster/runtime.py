@@ -14,6 +14,11 @@ ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")  # written by `ray start --h
 
 
 INGRESS = ("haproxy", "proxy")
+# Serve's controller gives a new proxy actor 5 s (then 10, 15) to answer its readiness check and kills it
+# after three misses, and `serve.start` then fails with ActorDiedError. A busy machine (a `rayembed up`
+# right after `down`, with jobs' processes still exiting) can take longer than that just to start the
+# actor's worker process; 30 s per check is what it needs and a healthy start never waits for it.
+SERVE_START_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
 
 
 def free_port() -> int:
@@ -34,12 +39,13 @@ def serve_ingress_env(ingress: str) -> dict[str, str]:
     if ingress not in INGRESS:
         raise ValueError(f"ingress must be one of {INGRESS}, not {ingress!r}")
     if ingress == "proxy":
-        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0", **SERVE_START_ENV}
     # A replica that goes away (a retired generation, `down`) drains at least this long: Serve's 30 s
     # default leaves time for an external load balancer to deregister it; HAProxy, updated by Serve's
     # controller within a second and retrying refused connections, needs a few seconds.
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+            **SERVE_START_ENV}
 
 
 def reachable(address: str, timeout: float = 1.0) -> bool:

@@ -162,13 +162,32 @@ def test_the_api_process_runs_with_the_gateway_serve_settings(platform):
     """The API ingress runs its code on the replica's own loop, like the standalone gateway."""
     from serve.gateway import GATEWAY_SERVE_ENV
 
-    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
-            and _read(p / "cmdline").startswith(b"ray::ServeReplica:rayembed-api:Api")]
-    assert pids
-    for pid in pids:
-        env = dict(x.decode(errors="replace").split("=", 1) for x in _read(Path("/proc") / str(pid) / "environ")
-                   .split(b"\0") if b"=" in x)
+    envs = _process_envs(b"ray::ServeReplica:rayembed-api:Api", platform)
+    assert envs
+    for env in envs:
         assert {k: env.get(k) for k in GATEWAY_SERVE_ENV} == GATEWAY_SERVE_ENV
+
+
+def test_the_serve_controller_waits_for_a_slow_proxy(platform):
+    """A busy machine (`up` right after `down`) can take more than Serve's 5 s to start the proxy actor;
+    the controller then killed it and `up` failed (a CI run): the head's controller has the longer check."""
+    from cluster.runtime import SERVE_START_ENV
+
+    envs = _process_envs(b"ray::ServeController", platform)
+    assert envs
+    for env in envs:
+        assert {k: env.get(k) for k in SERVE_START_ENV} == SERVE_START_ENV
+
+
+def _process_envs(cmdline_prefix: bytes, platform) -> list[dict[str, str]]:
+    """The environments of this platform's processes whose command line starts with the prefix."""
+    envs = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and _read(proc / "cmdline").startswith(cmdline_prefix):
+            env = dict(x.decode(errors="replace").split("=", 1) for x in _read(proc / "environ").split(b"\0") if b"=" in x)
+            if env.get("RAYEMBED_HOME") == str(platform.home):
+                envs.append(env)
+    return envs
 
 
 def _read(path: Path) -> bytes:
