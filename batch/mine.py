@@ -116,10 +116,21 @@ def mine_negatives(model_dir: str, training: str, output: str, *, negatives: int
         positives_of.setdefault(query_id[line.query], set()).update(doc_id[p] for p in line.positives)
     out_lines, short, filled, n_filtered, filtered_q = [], [], [], 0, 0
     kept_examples, filtered_examples, pos_scores, neg_scores = [], [], [], []
+    deeper: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # query -> a longer ranked list, when the top k ran short
+    searched_deeper = []
     for n, line in enumerate(lines, 1):
         q = query_id[line.query]
         pos_score = float(min(query_vec[q] @ doc_vec[doc_id[p]] for p in line.positives))
-        c = choose(scores[q], found[q], pos_score, positives_of[q], negatives, max_score_ratio)
+        ranked = deeper.get(q, (scores[q], found[q]))
+        c = choose(*ranked, pos_score, positives_of[q], negatives, max_score_ratio)
+        while len(c.negatives) < negatives and len(ranked[1]) < len(candidates):
+            # the base model ranks many documents above this query's positive: look further down its list
+            # for negatives under the threshold (the hardest that pass) before completing or dropping the line
+            s2, f2 = top_k(query_vec[q:q + 1], doc_vec[: len(candidates)], 4 * len(ranked[1]))
+            ranked = deeper[q] = (s2[0], f2[0])
+            c = choose(*ranked, pos_score, positives_of[q], negatives, max_score_ratio)
+        if len(ranked[1]) > len(found[q]):
+            searched_deeper.append(n)
         n_filtered += len(c.filtered)
         filtered_q += bool(c.filtered)
         pos_scores.append(pos_score)
@@ -128,7 +139,7 @@ def mine_negatives(model_dir: str, training: str, output: str, *, negatives: int
             filtered_examples.append({"line": n, "query": line.query, "positive": line.positives[0][:300],
                                       "positive_score": round(pos_score, 4), "filtered": texts[d][:300],
                                       "score": round(s, 4), "threshold": round(c.threshold, 4)})
-        chosen = dict(zip(found[q].tolist(), scores[q].tolist()))
+        chosen = dict(zip(ranked[1].tolist(), ranked[0].tolist()))
         neg_scores.extend(chosen[d] for d in c.negatives)
         mined = [texts[d] for d in c.negatives]
         if len(mined) < negatives:  # the line's own negatives make up the rest, else it is dropped
@@ -157,9 +168,12 @@ def mine_negatives(model_dir: str, training: str, output: str, *, negatives: int
         "model_dir": str(model_dir), "negatives_per_line": negatives, "max_score_ratio": max_score_ratio,
         "candidates_per_query": k, "lines": len(lines), "queries": len(query_id), "documents": len(candidates),
         "lines_written": len(out_lines),
+        "lines_searched_deeper": {"count": len(searched_deeper), "lines": searched_deeper[:20],
+                                  "why": f"fewer than {negatives} of the top {k} candidates passed the filter; "
+                                         "its negatives come from further down the base model's ranking"},
         "lines_filled_from_given": {"count": len(filled), "lines": filled[:20],
-                                    "why": f"fewer than {negatives} of the top {k} candidates passed the filter; "
-                                           "the line's own neg_doc made up the rest"},
+                                    "why": f"fewer than {negatives} candidates in the whole corpus passed the "
+                                           "filter; the line's own neg_doc made up the rest"},
         "lines_dropped_short": {"count": len(short), "lines": short[:20],
                                 "why": f"fewer than {negatives} candidates passed the filter and the line's own "
                                        "neg_doc could not make up the rest"},
@@ -178,5 +192,6 @@ def summary(report: dict) -> str:
     return (f"mining: {report['negatives_per_line']} negatives for {report['lines_written']} of {report['lines']} lines "
             f"from {report['documents']} documents; {f['candidates']} candidates in {f['queries_with_any']} queries "
             f"filtered as likely false negatives (> {report['max_score_ratio']} x the positive's score); "
+            f"{report['lines_searched_deeper']['count']} lines searched past the top {report['candidates_per_query']}, "
             f"{report['lines_filled_from_given']['count']} lines completed from their own neg_doc, "
             f"{report['lines_dropped_short']['count']} dropped")

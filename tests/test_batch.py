@@ -107,6 +107,39 @@ def test_mining_filters_a_planted_false_negative_and_never_returns_a_positive(ra
     assert (s[1:4] <= 0.95 * s[0] + 1e-4).all() and (np.diff(s[1:4]) <= 1e-4).all()
 
 
+def test_mining_searches_past_the_top_k_when_the_filter_leaves_a_line_short(ray_session, minilm_onnx, tmp_path):
+    """A line whose top candidates are all filtered gets the hardest negatives that pass from further down the
+    base model's ranking: not its own neg_doc, and it is not dropped."""
+    from batch.mine import mine_negatives
+    from rayembed.engine import TextEmbedder
+
+    lines = sample_lines(60)
+    for line in lines:
+        line.pop("neg_doc", None)  # nothing to complete from: a short line would be dropped
+    training = tmp_path / "train.jsonl"
+    training.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "mined.jsonl"
+    ratio = 0.6  # strict: many of a query's top candidates score above 0.6 x its positive
+    report = mine_negatives(str(minilm_onnx), str(training), str(out), negatives=3, max_score_ratio=ratio,
+                            top_k_candidates=1)  # 1 + 8 candidates in the first pass
+    mined = [json.loads(x) for x in out.read_text().splitlines()]
+    deep = report["lines_searched_deeper"]["lines"]
+    assert deep and report["lines_dropped_short"]["count"] == 0 and len(mined) == 60
+    embed = TextEmbedder(minilm_onnx, threads=1)
+    pool = list(dict.fromkeys(x["pos_doc"] for x in lines))
+    pool_vecs = embed(pool, "passage")
+    for n in deep[:3]:
+        row = mined[n - 1]
+        q = embed([row["query"]], "query")[0]
+        pos = float(embed([row["pos_doc"]], "passage")[0] @ q)
+        s = pool_vecs @ q
+        passing = sorted((float(x) for d, x in zip(pool, s) if d != row["pos_doc"] and x <= ratio * pos + 1e-4),
+                         reverse=True)
+        got = sorted((float(embed([t], "passage")[0] @ q) for t in row["neg_doc"]), reverse=True)
+        assert len(row["neg_doc"]) == 3 and np.allclose(got, passing[:3], atol=2e-3), (got, passing[:5])
+        assert (s > ratio * pos).sum() >= 6  # most of this line's first 9 candidates were filtered
+
+
 def test_job_mines_negatives_with_the_base_model_and_caches_them(ray_session, tmp_path):
     from tests.test_job import job
     from train.job import run_job

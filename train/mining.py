@@ -18,7 +18,8 @@ from pathlib import Path
 from train.config import JobConfig
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 1  # of the vectors and the base export
+MINED_FORMAT = 2  # of the mined file: 2 searches past the top k for lines the filter left short
 
 
 def cache_root(cfg: JobConfig) -> Path:
@@ -72,7 +73,7 @@ def mine_for_job(cfg: JobConfig, model_path: str, prefixes: tuple[str, str], par
     inputs = [CACHE_FORMAT, file_digest(cfg.dataset.training), file_digest(m.corpus) if m.corpus else None, artifact.name]
     # the vectors depend on the inputs only: other mining settings reuse them
     vectors = cache_root(cfg) / f"vectors-{hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]}"
-    parts = [*inputs, m.negatives, m.max_score_ratio, m.top_k]
+    parts = [*inputs, m.negatives, m.max_score_ratio, m.top_k, MINED_FORMAT]
     folder = cache_root(cfg) / f"mined-{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]}"
     mined, report_path = folder / "train.jsonl", folder / "train.jsonl.report.json"
     if report_path.is_file() and mined.is_file():
