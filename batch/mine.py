@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch.corpus import CorpusError, embed_corpus, read_vectors
-from batch.mining import choose, top_k
+from batch.mining import Choice, choose, top_k
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,18 @@ def _embed(model_dir: str, texts: list[str], folder: Path, input_type: str, **po
     return vectors[order]
 
 
+def _choose_deep(query: np.ndarray, docs: np.ndarray, ranked: tuple[np.ndarray, np.ndarray], pos_score: float,
+                 positives: set[int], n: int, max_score_ratio: float | None) -> tuple[Choice, tuple[np.ndarray, np.ndarray]]:
+    """`choose` over the ranked (scores, docs); while that leaves fewer than n, over a 4x longer ranking (the base
+    model ranks many documents above this query's positive: the hardest that pass lie further down)."""
+    c = choose(*ranked, pos_score, positives, n, max_score_ratio)
+    while len(c.negatives) < n and len(ranked[1]) < len(docs):
+        s, d = top_k(query[None], docs, 4 * len(ranked[1]))  # [1, k'] each
+        ranked = (s[0], d[0])
+        c = choose(*ranked, pos_score, positives, n, max_score_ratio)
+    return c, ranked
+
+
 def mine_negatives(model_dir: str, training: str, output: str, *, negatives: int = 3, corpus: str | None = None,
                    corpus_text_field: str = "text", max_score_ratio: float | None = 0.95, top_k_candidates: int | None = None,
                    work_dir: str | None = None, examples: int = 5, **pool) -> dict:
@@ -121,14 +133,9 @@ def mine_negatives(model_dir: str, training: str, output: str, *, negatives: int
     for n, line in enumerate(lines, 1):
         q = query_id[line.query]
         pos_score = float(min(query_vec[q] @ doc_vec[doc_id[p]] for p in line.positives))
-        ranked = deeper.get(q, (scores[q], found[q]))
-        c = choose(*ranked, pos_score, positives_of[q], negatives, max_score_ratio)
-        while len(c.negatives) < negatives and len(ranked[1]) < len(candidates):
-            # the base model ranks many documents above this query's positive: look further down its list
-            # for negatives under the threshold (the hardest that pass) before completing or dropping the line
-            s2, f2 = top_k(query_vec[q:q + 1], doc_vec[: len(candidates)], 4 * len(ranked[1]))
-            ranked = deeper[q] = (s2[0], f2[0])
-            c = choose(*ranked, pos_score, positives_of[q], negatives, max_score_ratio)
+        c, ranked = _choose_deep(query_vec[q], doc_vec[: len(candidates)], deeper.get(q, (scores[q], found[q])),
+                                 pos_score, positives_of[q], negatives, max_score_ratio)
+        deeper[q] = ranked
         if len(ranked[1]) > len(found[q]):
             searched_deeper.append(n)
         n_filtered += len(c.filtered)
