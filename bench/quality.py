@@ -27,8 +27,7 @@ def job_config(args, lr: float, out: Path) -> dict:
         "training": {"max_seq_length": args.max_seq_length, "seed": args.seed},
         "schedule": {"epochs": 1}, "batch": {"global_batch_size": args.batch},
         "optimizer": {"learning_rate": lr},
-        "loss": {"temperature": args.temperature, "negatives_per_query": args.negatives, "in_batch_negatives": True,
-                 **({"symmetric": True} if args.symmetric else {})},
+        "loss": {"temperature": args.temperature, "negatives_per_query": args.negatives, "in_batch_negatives": True},
         "output": {"dir": str(out), "checkpoint_every_steps": 1000, "log_every_steps": 10},
     }
     if args.max_examples:
@@ -53,7 +52,6 @@ def main() -> int:
     p.add_argument("--mining-cache", default="runs/mining-cache")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.05)
-    p.add_argument("--symmetric", action="store_true", help="loss.symmetric: also each positive over the batch's queries")
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", required=True)

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from train.config import Loss
 from train.losses import contrastive_loss, matryoshka_loss
 from train.metrics import mrr_at_k, ndcg_at_k, recall_at_k, retrieval_metrics
 from train.pooling import matryoshka, mean_pool, normalize
@@ -51,19 +50,6 @@ def test_in_batch_negatives_add_other_queries_documents():
     # equal scores everywhere: 3 positives + 3x2 negatives = 9 candidates
     loss = contrastive_loss(q, q.clone(), q.unsqueeze(1).repeat(1, 2, 1), 0.02, in_batch_negatives=True)
     assert loss.item() == pytest.approx(math.log(9), abs=1e-5)
-
-
-def test_symmetric_loss_adds_each_positive_over_the_batch_queries():
-    torch.manual_seed(0)
-    q, pos, neg = normalize(torch.randn(4, 8)), normalize(torch.randn(4, 8)), normalize(torch.randn(4, 2, 8))
-    forward = contrastive_loss(q, pos, neg, 0.05, in_batch_negatives=True)
-    labels = torch.arange(4)
-    backward = torch.nn.functional.cross_entropy((pos @ q.T) / 0.05, labels)  # positive i -> query i among 4
-    both = contrastive_loss(q, pos, neg, 0.05, in_batch_negatives=True, symmetric=True)
-    assert both.item() == pytest.approx((forward.item() + backward.item()) / 2, rel=1e-5)
-    assert matryoshka_loss(q, pos, neg, [8], 0.05, True, symmetric=True).item() == pytest.approx(both.item(), rel=1e-5)
-    with pytest.raises(ValueError, match="in_batch_negatives"):
-        Loss(symmetric=True)
 
 
 def test_matryoshka_loss_weights_sizes():

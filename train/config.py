@@ -131,7 +131,6 @@ class Loss(Section):
     temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, le=1, description="Softmax temperature of the contrastive loss.")
     negatives_per_query: int = Field(1, ge=0, le=64, description="Hard negatives taken from neg_doc per query (the first ones: hardest first).")
     in_batch_negatives: bool = Field(False, description="Also contrast each query with the other queries' documents in the batch.")
-    symmetric: bool = Field(False, description="With in_batch_negatives: also contrast each positive with the batch's queries (both directions, averaged).")
     matryoshka_dims: list[int] | None = Field(None, description="Train several embedding sizes at once (e.g. [384, 768, 2048]); null = full size only.")
     matryoshka_weights: list[float] | None = Field(None, description="Loss weight per Matryoshka size; null = equal.")
 
@@ -143,8 +142,6 @@ class Loss(Section):
                 raise ValueError("loss.matryoshka_dims must be distinct positive sizes")
         if weights is not None and (dims is None or len(weights) != len(dims)):
             raise ValueError("loss.matryoshka_weights needs one weight per entry of loss.matryoshka_dims")
-        if self.symmetric and not self.in_batch_negatives:
-            raise ValueError("loss.symmetric contrasts positives with the batch's queries: it needs loss.in_batch_negatives: true")
         return self
 
 

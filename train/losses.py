@@ -9,21 +9,16 @@ from train.pooling import matryoshka
 
 
 def contrastive_loss(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None, temperature: float,
-                     in_batch_negatives: bool = False, symmetric: bool = False) -> torch.Tensor:
+                     in_batch_negatives: bool = False) -> torch.Tensor:
     """Cross-entropy of each query over [its positive + its hard negatives] (+ the batch's documents).
 
-    q, pos: [B, D] L2-normalised; neg: [B, N, D] or None. Scores are cosine / temperature. `symmetric`
-    (with in-batch negatives) averages in the other direction: each positive over the batch's queries.
+    q, pos: [B, D] L2-normalised; neg: [B, N, D] or None. Scores are cosine / temperature.
     """
     batch = q.shape[0]
     if in_batch_negatives:
         docs = pos if neg is None else torch.cat([pos, neg.reshape(-1, neg.shape[-1])])  # [B + B*N, D]
         logits = q @ docs.T  # [B, B + B*N]; query i's positive is column i
         labels = torch.arange(batch, device=q.device)
-        if symmetric:
-            backward = pos @ q.T  # [B, B]; positive i's query is column i
-            return (F.cross_entropy(logits.float() / temperature, labels)
-                    + F.cross_entropy(backward.float() / temperature, labels)) / 2
     else:
         pos_scores = (q * pos).sum(-1, keepdim=True)  # [B, 1]
         if neg is None:
@@ -36,12 +31,12 @@ def contrastive_loss(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | Non
 
 def matryoshka_loss(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None, dims: list[int],
                     temperature: float, in_batch_negatives: bool = False,
-                    weights: list[float] | None = None, symmetric: bool = False) -> torch.Tensor:
+                    weights: list[float] | None = None) -> torch.Tensor:
     """Weighted mean of the contrastive loss at several embedding sizes. Inputs are pooled, unnormalised."""
     weights = weights or [1.0] * len(dims)
     total = q.new_zeros((), dtype=torch.float32)
     for dim, w in zip(dims, weights):
         total = total + w * contrastive_loss(
             matryoshka(q, dim), matryoshka(pos, dim), None if neg is None else matryoshka(neg, dim),
-            temperature, in_batch_negatives, symmetric)
+            temperature, in_batch_negatives)
     return total / sum(weights)

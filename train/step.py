@@ -65,7 +65,7 @@ def micro_batch_loss(model, mb: MicroBatch, cfg: JobConfig, device: torch.device
             d = model(mb.d_ids, mb.d_mask).float().reshape(mb.size, 1 + n_neg, -1)  # [b, 1+N, H]
     neg = d[:, 1:] if n_neg else None
     return matryoshka_loss(q, d[:, 0], neg, dims, cfg.loss.temperature, cfg.loss.in_batch_negatives,
-                           cfg.loss.matryoshka_weights, cfg.loss.symmetric)
+                           cfg.loss.matryoshka_weights)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: JobConfig, device: torch.device) -> torch.optim.AdamW:
