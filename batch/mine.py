@@ -128,15 +128,15 @@ def mine_negatives(model_dir: str, training: str, output: str, *, negatives: int
         positives_of.setdefault(query_id[line.query], set()).update(doc_id[p] for p in line.positives)
     out_lines, short, filled, n_filtered, filtered_q = [], [], [], 0, 0
     kept_examples, filtered_examples, pos_scores, neg_scores = [], [], [], []
-    deeper: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # query -> a longer ranked list, when the top k ran short
+    deeper: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # query -> its longer ranking, where the top k ran short
     searched_deeper = []
     for n, line in enumerate(lines, 1):
         q = query_id[line.query]
         pos_score = float(min(query_vec[q] @ doc_vec[doc_id[p]] for p in line.positives))
         c, ranked = _choose_deep(query_vec[q], doc_vec[: len(candidates)], deeper.get(q, (scores[q], found[q])),
                                  pos_score, positives_of[q], negatives, max_score_ratio)
-        deeper[q] = ranked
         if len(ranked[1]) > len(found[q]):
+            deeper[q] = ranked
             searched_deeper.append(n)
         n_filtered += len(c.filtered)
         filtered_q += bool(c.filtered)
