@@ -1,7 +1,8 @@
 """Standalone serving: `python -m serve --model-dir DIR [--name NAME] [--port 8080] [--replicas N]`.
 
-Starts (or joins) Ray, runs the gateway with one model behind it, and blocks until Ctrl-C. With
-`--config gateway.yaml` it serves a whole routing table instead (several models, providers).
+Starts (or joins) Ray, runs the model as its own application (which answers its provider route itself)
+and the gateway in front of it, and blocks until Ctrl-C. With `--config gateway.yaml` it serves a whole
+routing table instead (several models, providers).
 """
 
 from __future__ import annotations
@@ -78,29 +79,36 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from serve.app import gateway_app
+    from ray.serve.api import RunTarget
+
+    from serve.direct import provider_prefix, standalone_apps
     from serve.routing import model_id
 
     ensure_ray()
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"enable_access_log": False})
-    serve.run(gateway_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+    apps = standalone_apps(config, APP_NAME)
+    serve.run_many([RunTarget(target=target, name=name, route_prefix=prefix) for name, target, prefix in apps])
     base = f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}"
     wait_http(base + "/v1/health/ready")
+    direct = [(m, p) for m in config.models for p in m.providers if p.model_dir is not None]
     model = next(iter(config.models))
     print(f"serving {', '.join(model_id(m) for m in config.models)} at {base}/v1/embeddings\n"
           f"  curl {base}/v1/embeddings -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"{model_id(model)}\", \"input\": [\"hello world\"]}}'\n"
           f"  gateway: {base}/v2/workspaces/{model.workspace}/inference/gateway/model/{model.name}/-/v1/embeddings\n"
-          "Ctrl-C stops.", flush=True)
+          + "".join(f"  provider {p.name} (answered by its own replicas, one hop fewer): "
+                    f"{base}{provider_prefix(m.workspace, p.name)}/v1/embeddings\n" for m, p in direct)
+          + "Ctrl-C stops.", flush=True)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("stopping", flush=True)
-    if joined:  # a shared cluster: take our application down, leave the cluster and Serve running
-        serve.delete(APP_NAME)
+    if joined:  # a shared cluster: take our applications down, leave the cluster and Serve running
+        for name, _, _ in apps:
+            serve.delete(name)
     else:  # our own local Ray: stop it with us
         serve.shutdown()
         ray.shutdown()

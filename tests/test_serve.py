@@ -408,6 +408,50 @@ def test_bench_minimal_loop_runs_the_artifacts_graph_without_project_code(artifa
     assert all(r["texts_per_s"] > 0 and r["p50_ms"] > 0 for r in rows)
 
 
+# ---------------------------------------------------------------- a provider answering its own route
+def test_the_provider_route_is_answered_by_the_providers_own_application(gateway, artifacts, offline):
+    """`python -m serve`'s layout (serve.direct.standalone_apps): the provider's application answers the provider
+    route itself, with the gateway's limits, envelope and model id; a gateway reaches it through its app handle."""
+    from ray import serve
+
+    from serve.direct import provider_prefix, standalone_apps
+    from serve.settings import load_gateway_config
+
+    config = load_gateway_config({**table(artifacts), "models": [{"workspace": "lab", "name": "direct", "providers": [
+        {"name": "dp", "model_dir": str(artifacts["minilm"]), "num_cpus": 0.25}]}]})
+    (app_name, provider_app, prefix), (gw_name, gw_app, _) = standalone_apps(config, "direct-test")
+    assert prefix == provider_prefix("lab", "dp") == "/v2/workspaces/lab/inference/gateway/provider/dp/-"
+    # The module's gateway (at /) has no workspace "lab": a 200 on this route can only come from the provider's app.
+    assert call(gateway + prefix + "/v1/embeddings", {"input": "x"})[0] == 404
+    serve.run(provider_app, name=app_name, route_prefix=prefix)
+    serve.run(gw_app, name=gw_name, route_prefix="/direct-test")
+    try:
+        deadline = time.monotonic() + 30
+        while (answer := call(gateway + prefix + "/v1/embeddings", {"input": TEXTS}))[0] == 404:
+            assert time.monotonic() < deadline, answer  # the proxy picks the new route up within a second or two
+            time.sleep(0.5)
+        status, body, _ = answer
+        assert status == 200, body
+        assert body["model"] == "lab/direct" and body["usage"]["prompt_tokens"] > 0
+        np.testing.assert_allclose(vectors(body), offline["minilm"].embed(TEXTS), atol=1e-5)
+        status, body, _ = call(gateway + prefix + "/v1/models")
+        assert status == 200 and body["data"] == [{"id": "lab/direct", "object": "model", "created": 0,
+                                                   "owned_by": "lab", "providers": ["dp"]}]
+        status, body, _ = call(gateway + prefix + "/v1/embeddings", {"input": ["x"] * 65})  # the table's limit: 64
+        assert status == 413 and body["error"]["param"] == "input", body
+        status, body, _ = call(gateway + prefix + "/v1/embeddings", {"input": TEXTS, "dimensions": 7})
+        assert status == 400 and body["error"]["param"] == "dimensions", body
+        status, body, _ = call(gateway + prefix + "/v1/embeddings", method="GET")
+        assert status == 405 and body["error"]["code"] == "method_not_allowed", body
+        # the gateway in front routes the OpenAI `model` field to the same replicas, through the app handle
+        status, body, _ = call(gateway + "/direct-test/v1/embeddings", {"model": "lab/direct", "input": TEXTS[:2]})
+        assert status == 200, body
+        np.testing.assert_allclose(vectors(body), offline["minilm"].embed(TEXTS[:2]), atol=1e-5)
+    finally:
+        serve.delete(gw_name)
+        serve.delete(app_name)
+
+
 # ---------------------------------------------------------------- 429 and 503 (redeploys the app: keep last)
 def test_provider_app_429_and_503(gateway, artifacts, offline, ray_session):
     """A provider that is its own Serve application (as the control plane deploys them), a provider

@@ -49,7 +49,8 @@ def test_standalone_cli_serves_one_model_and_stops(ray_session, minilm_onnx, tmp
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(120)
     assert code == 0, log.read_text()[-3000:]
-    assert "rayembed-gateway" not in serve.status().applications  # it took its app down, left the cluster up
+    left = [a for a in serve.status().applications if a.startswith("rayembed-gateway")]
+    assert not left, left  # it took its apps (the gateway, the model's) down, left the cluster up
     serve.shutdown()
 
 
@@ -79,6 +80,16 @@ def test_standalone_cli_starts_its_own_ray_behind_haproxy(minilm_onnx, tmp_path)
         ids, mask = TextTokenizer(minilm_onnx, manifest["max_seq_length"])(["a fast HTTP server", "an image viewer"])
         want = ort.InferenceSession(str(minilm_onnx / "model.onnx")).run(None, {"input_ids": ids, "attention_mask": mask})[0]
         np.testing.assert_allclose(np.array([d["embedding"] for d in data]), want, atol=1e-5)
+        # The provider route goes from HAProxy straight to the model's replicas (its own application), not the gateway.
+        route = "/v2/workspaces/default/inference/gateway/provider/minilm/-"
+        while not any(f"path_beg {route}" in cfg for cfg in haproxy_configs().values()):
+            assert time.monotonic() < deadline, "HAProxy never got a backend for the provider route"
+            time.sleep(0.5)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{route}/v1/embeddings", data=body,
+                                     headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
+        assert answer["model"] == "minilm"
+        np.testing.assert_allclose(np.array([d["embedding"] for d in answer["data"]]), want, atol=1e-5)
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/embeddings", method="GET")
         with pytest.raises(urllib.error.HTTPError) as err:  # our envelope, through HAProxy
             urllib.request.urlopen(req, timeout=60)
