@@ -182,6 +182,7 @@ def start_server(model_dir: Path, port: int, provider: dict, log: Path, gateway_
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health/ready", timeout=5) as r:
                 if r.status == 200:
+                    time.sleep(3)  # the ingress takes the provider's own route up a moment after (until then: the gateway)
                     return proc
         except OSError:
             time.sleep(1)
@@ -197,12 +198,16 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def load(port: int, texts: Path, c: int, b: int, duration: float) -> dict:
-    out = subprocess.run([PY, str(LOADGEN), "--url", f"http://127.0.0.1:{port}/v1/embeddings", "--model", "bench",
+ROUTES = {"openai": "/v1/embeddings",  # through the gateway, routed by the `model` field
+          "provider": "/v2/workspaces/default/inference/gateway/provider/bench/-/v1/embeddings"}  # the model's own app
+
+
+def load(port: int, texts: Path, c: int, b: int, duration: float, route: str = "openai") -> dict:
+    out = subprocess.run([PY, str(LOADGEN), "--url", f"http://127.0.0.1:{port}{ROUTES[route]}", "--model", "bench",
                           "-c", str(c), "-b", str(b), "-d", str(duration), "--warmup", str(max(8, 2 * c)),
                           "--texts", str(texts), "-q"], capture_output=True, text=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    row = {"what": "gateway", "concurrency": c, "batch": b, "texts_per_s": result["texts_per_s"],
+    row = {"what": "gateway", "route": route, "concurrency": c, "batch": b, "texts_per_s": result["texts_per_s"],
            "p50_ms": result["latency_ms"]["p50"], "p99_ms": result["latency_ms"]["p99"],
            "errors": result["errors"], "client_cpu": result["client"]["cpu_util"]}
     print(json.dumps(row), flush=True)
@@ -222,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tuned", default=None,
                         help="also run the gateway configs with these provider settings over --provider, as JSON, "
                              "e.g. '{\"precision\": \"int8\", \"spin\": true}'; the table shows both")
+    parser.add_argument("--routes", default="openai,provider",
+                        help="which URLs to load, each config alternating between them: openai (/v1/embeddings, through "
+                             "the gateway) and provider (the provider route, answered by the model's own application)")
     parser.add_argument("--skip-ceiling", action="store_true", help="only the gateway (for quick config comparisons)")
     parser.add_argument("--gateway-replicas", type=int, default=1, help="replicas of the gateway deployment")
     parser.add_argument("--gateway-env", default="{}", help="gateway_env in the routing table, as JSON: Ray Serve "
@@ -256,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
                                 grid=((2, False), (2, True)), batches=(1, 16, 32))
             for spec in args.configs.split(","):
                 c, b = (int(x) for x in spec.split("x"))
-                rows.append({**load(args.port, texts_path, c, b, args.duration), "settings": label, "provider": settings})
+                for route in args.routes.split(","):
+                    rows.append({**load(args.port, texts_path, c, b, args.duration, route), "settings": label,
+                                 "provider": settings})
         finally:
             stop_server(proc)
     if not args.skip_ceiling:
@@ -279,10 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ceiling beside an idle Ray + Serve on the same CPUs: {best_beside} texts/s; one text p50 {one_beside} ms")
     for label, settings in runs:
         print(f"{label}: provider {json.dumps(settings)}")
-    print("| settings | c x b | texts/s | x ceiling | x ceiling beside idle Ray | p50 ms | p99 ms | errors |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| settings | route | c x b | texts/s | x ceiling | x ceiling beside idle Ray | p50 ms | p99 ms | errors |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in (r for r in rows if r["what"] == "gateway"):
-        print(f"| {r['settings']} | {r['concurrency']} x {r['batch']} | {r['texts_per_s']} | {r['texts_per_s'] / best:.2f} | "
+        print(f"| {r['settings']} | {r['route']} | {r['concurrency']} x {r['batch']} | {r['texts_per_s']} | {r['texts_per_s'] / best:.2f} | "
               f"{r['texts_per_s'] / best_beside:.2f} | {r['p50_ms']} | {r['p99_ms']} | {sum(r['errors'].values())} |")
     with (args.work / "results.jsonl").open("a") as fh:
         for r in rows:
