@@ -85,17 +85,19 @@ def wait_http(url: str, timeout_s: float = 300) -> None:
         time.sleep(0.5)
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+def ensure_ray(num_cpus: int | None = None) -> bool:
     """Join RAY_ADDRESS (as under `ray job submit`) or a running local `ray start` cluster, else start one.
+    -> whether it started one.
 
     A fresh local Ray gets the dashboard on 127.0.0.1 so training progress is visible.
     """
     import ray  # here, not at import: `rayembed up` sets RAY_AUTH_MODE before Ray is first imported
 
     if ray.is_initialized():
-        return
+        return False
     address = os.environ.get("RAY_ADDRESS") or local_cluster_address()
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    return not address

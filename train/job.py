@@ -99,7 +99,7 @@ def quantize_for_job(cfg: JobConfig, onnx_dir: Path) -> dict:
     return {"written": True, **report}
 
 
-def run_job(cfg: JobConfig) -> dict:
+def run_job(cfg: JobConfig, verbose: bool = True) -> dict:
     from cluster.runtime import ensure_ray
     from train.export import export_onnx
     from train.report import summary, write_report
@@ -112,7 +112,10 @@ def run_job(cfg: JobConfig) -> dict:
     log.info("model %s (%s, %d-d); %d training / %d validation examples", pre.info.path, pre.info.family,
              pre.info.hidden_size, pre.n_train, pre.n_val)
     preflight_done = time.time()
-    ensure_ray()
+    if ensure_ray():
+        # A Ray this job started on one machine has no preemptible nodes to watch: no watcher process, and none
+        # of the ERROR line Ray logs about the watcher's restart policy.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray_ready = time.time()
     mining = None
     if cfg.dataset.mining:
@@ -124,7 +127,7 @@ def run_job(cfg: JobConfig) -> dict:
         (out / "mining.json").write_text(json.dumps(mining, indent=1, ensure_ascii=False))
         pre = preflight(cfg)  # the mined file: every line again, now with its negatives
     mined = time.time()
-    result = build_trainer(cfg).fit()
+    result = build_trainer(cfg, quiet=not verbose).fit()
     final = result.metrics
     model_dir = out / "model"
     if model_dir.exists():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from train.config import JobConfig
@@ -14,7 +14,8 @@ def cluster_has_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-def build_trainer(cfg: JobConfig, callbacks: list | None = None) -> TorchTrainer:
+def build_trainer(cfg: JobConfig, callbacks: list | None = None, quiet: bool = False) -> TorchTrainer:
+    """`quiet`: Ray Train's own console lines (worker group start, every checkpoint) only when they warn."""
     use_gpu = cluster_has_gpu() if cfg.resources.use_gpu == "auto" else cfg.resources.use_gpu
     return TorchTrainer(
         train_loop_per_worker,
@@ -27,5 +28,6 @@ def build_trainer(cfg: JobConfig, callbacks: list | None = None) -> TorchTrainer
             failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.keep_checkpoints),
             callbacks=callbacks,
+            logging_config=LoggingConfig(log_level="WARNING" if quiet else "INFO"),
         ),
     )
