@@ -192,6 +192,29 @@ def test_gateway_replicas_reach_the_gateway_deployment():
         GatewayConfig.model_validate({**table, "gateway_replicas": 0})
 
 
+def test_standalone_apps_give_each_model_its_own_application_on_its_provider_route(minilm_onnx):
+    """`python -m serve`'s layout: a provider with a model_dir becomes its own application at its provider route, and
+    the gateway reaches it through `app:`; a provider that already is an application is left as it is."""
+    from serve.direct import ProviderIngress, standalone_apps
+
+    config = GatewayConfig.model_validate({"limits": {"max_inputs_per_request": 7}, "models": [
+        {"name": "m", "providers": [{"name": "p", "model_dir": str(minilm_onnx), "num_cpus": 2}]},
+        {"workspace": "lab", "name": "e", "providers": [{"name": "ext", "app": "running-app"}]}]})
+    (name, provider_app, prefix), (gw_name, gw_app, gw_prefix) = standalone_apps(config, "gw")
+    assert (name, prefix) == ("gw.default.p", "/v2/workspaces/default/inference/gateway/provider/p/-")
+    assert (gw_name, gw_prefix) == ("gw", "/")
+    bound = provider_app._bound_deployment
+    assert bound.func_or_class.__name__ == ProviderIngress.func_or_class.__name__ and bound.name == "replica-p"
+    assert bound.ray_actor_options["num_cpus"] == 2
+    settings, listing, limits = bound.init_args
+    assert settings["name"] == "p" and limits["max_inputs_per_request"] == 7
+    assert listing == {"id": "m", "object": "model", "created": 0, "owned_by": "default", "providers": ["p"]}
+    table = GatewayConfig.model_validate(gw_app._bound_deployment.init_args[0], context={"check_files": False})
+    assert [(p.name, p.app, p.model_dir) for m in table.models for p in m.providers] == [
+        ("p", "gw.default.p", None), ("ext", "running-app", None)]
+    assert gw_app._bound_deployment.init_args[1] == {}  # no deployment bound inside the gateway's application
+
+
 def test_gateway_processes_run_user_code_on_the_replica_loop_unless_overridden():
     from serve.app import GATEWAY_SERVE_ENV, gateway_actor_options
 
