@@ -32,6 +32,8 @@ def job_config(args, lr: float, out: Path) -> dict:
     }
     if args.max_examples:
         cfg["dataset"]["max_examples"] = args.max_examples
+    if args.matryoshka:  # the loss summed over these prefix sizes (the full size must be among them)
+        cfg["loss"]["matryoshka_dims"] = [int(d) for d in args.matryoshka.split(",")]
     if args.mine:  # negatives mined with the base model (cached across the runs), not the file's own
         cfg["dataset"]["mining"] = {"negatives": args.negatives, "max_score_ratio": None if args.no_filter else args.max_score_ratio,
                                     "cache_dir": str(Path(args.mining_cache).absolute())}
@@ -54,6 +56,7 @@ def main() -> int:
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--matryoshka", default=None, help="Matryoshka loss over these sizes, e.g. 384,256,128,64")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     root = Path(args.out)
