@@ -85,19 +85,20 @@ def wait_http(url: str, timeout_s: float = 300) -> None:
         time.sleep(0.5)
 
 
-def ensure_ray(num_cpus: int | None = None) -> bool:
+def ensure_ray(num_cpus: int | None = None) -> None:
     """Join RAY_ADDRESS (as under `ray job submit`) or a running local `ray start` cluster, else start one.
-    -> whether it started one.
 
     A fresh local Ray gets the dashboard on 127.0.0.1 so training progress is visible.
     """
     import ray  # here, not at import: `rayembed up` sets RAY_AUTH_MODE before Ray is first imported
 
     if ray.is_initialized():
-        return False
+        return
     address = os.environ.get("RAY_ADDRESS") or local_cluster_address()
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # One machine has no preemptible nodes for Ray Train to watch: no watcher process per training run (jobs
+        # and Tune trials, which inherit this environment), and none of the ERROR line Ray logs about its restarts.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
-    return not address

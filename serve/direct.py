@@ -87,7 +87,7 @@ def standalone_apps(config: GatewayConfig, gateway_name: str) -> list[tuple[str,
     its own application answering its provider route, then the gateway at / over them (through `app:`)."""
     from serve.app import gateway_app
 
-    apps, models = [], []
+    apps, models, table = [], [], RoutingTable(config)
     for route in config.models:
         providers = []
         for p in route.providers:
@@ -95,11 +95,10 @@ def standalone_apps(config: GatewayConfig, gateway_name: str) -> list[tuple[str,
                 providers.append(p)
                 continue
             name = f"{gateway_name}.{route.workspace}.{p.name}"
-            listing = RoutingTable(config).listing([route])["data"][0]
+            listing = table.listing([route])["data"][0]
             target = ProviderIngress.options(**p.deployment_options()).bind(p.model_dump(), listing, config.limits.model_dump())
             apps.append((name, target, provider_prefix(route.workspace, p.name)))
             providers.append(ProviderSettings.model_validate({**p.model_dump(), "model_dir": None, "app": name}))
         models.append(route.model_copy(update={"providers": providers}))
     apps.append((gateway_name, gateway_app(config.model_copy(update={"models": models})), "/"))
     return apps
-

@@ -112,10 +112,7 @@ def run_job(cfg: JobConfig, verbose: bool = True) -> dict:
     log.info("model %s (%s, %d-d); %d training / %d validation examples", pre.info.path, pre.info.family,
              pre.info.hidden_size, pre.n_train, pre.n_val)
     preflight_done = time.time()
-    if ensure_ray():
-        # A Ray this job started on one machine has no preemptible nodes to watch: no watcher process, and none
-        # of the ERROR line Ray logs about the watcher's restart policy.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ensure_ray()
     ray_ready = time.time()
     mining = None
     if cfg.dataset.mining:
