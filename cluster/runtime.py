@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import time
 import urllib.request
@@ -21,10 +22,35 @@ INGRESS = ("haproxy", "proxy")
 SERVE_START_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
 
 
+# Ports this process has handed out, so that two calls never return the same one before either is bound.
+_HANDED_OUT: set[int] = set()
+# Below the kernel's ephemeral range (Linux 32768-60999, macOS 49152-65535), above Ray's worker ports
+# (10002-19999), under the 30000-31000 that Serve's HAProxy ingress replicas bind.
+PORT_RANGE = (20000, 30000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port that is free now and that the kernel will not pick for someone else's socket.
+
+    `bind(0)` would answer from the ephemeral range, which is also where every outgoing connection gets
+    its local port: with the port closed again until our server binds it, one of Ray's many connections
+    can take it (CI saw Serve's proxy fail to bind such a port for as long as the connection lived).
+    """
+    lo, hi = PORT_RANGE
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(lo, hi)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        if not reachable(f"127.0.0.1:{port}", timeout=0.2):
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError(f"no free TCP port in {lo}-{hi - 1} after 200 tries")
 
 
 def serve_ingress_env(ingress: str) -> dict[str, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from cluster.runtime import free_port
 from tests.conftest import ROOT
 
 
@@ -29,9 +29,7 @@ def test_serving_install_without_torch_serves_an_artifact(minilm_onnx, tmp_path)
                              capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert present.stdout.strip() == "['onnxruntime', 'ray']", present.stderr
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = tmp_path / "serve.log"
     # its own local Ray, so the replicas run in this venv's Python too; cwd away from the source tree
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled"}

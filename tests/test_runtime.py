@@ -2,6 +2,8 @@
 
 import socket
 
+import pytest
+
 import cluster.runtime as runtime
 
 
@@ -19,3 +21,24 @@ def test_stale_address_file_is_ignored_and_live_one_used(tmp_path, monkeypatch):
         live.listen()
         address_file.write_text(f"127.0.0.1:{live.getsockname()[1]}")
         assert runtime.local_cluster_address() == f"127.0.0.1:{live.getsockname()[1]}"
+
+
+def test_free_port_stays_out_of_the_ephemeral_range_and_never_repeats():
+    """A port from `bind(0)` is one the kernel also gives outgoing connections: Ray's can take it before our
+    server binds it. free_port answers below that range, free, and never twice in one process."""
+    lo, hi = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    ports = [runtime.free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    assert all(runtime.PORT_RANGE[0] <= p < runtime.PORT_RANGE[1] and not lo <= p <= hi for p in ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))  # free when handed out
+
+
+def test_free_port_skips_a_port_someone_listens_on(monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(runtime, "PORT_RANGE", (port, port + 1))
+        with pytest.raises(RuntimeError, match="no free TCP port"):
+            runtime.free_port()

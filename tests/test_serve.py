@@ -24,6 +24,7 @@ import onnxruntime as ort
 import pytest
 from tokenizers import Tokenizer
 
+from cluster.runtime import free_port
 from rayembed.artifact import TextTokenizer
 from tests.hostile_requests import CASES, VALID, check_envelope, send
 from train.export import export_onnx
@@ -72,12 +73,6 @@ def artifacts(tmp_path_factory, tiny_nemotron, minilm_onnx) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def offline(artifacts) -> dict[str, Offline]:
     return {name: Offline(path) for name, path in artifacts.items()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def table(artifacts: dict[str, Path], **extra_models) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from cluster.runtime import free_port
 from tests.conftest import ROOT, haproxy_configs
 from rayembed.artifact import TextTokenizer
 
@@ -24,9 +24,7 @@ from rayembed.artifact import TextTokenizer
 def test_standalone_cli_serves_one_model_and_stops(ray_session, minilm_onnx, tmp_path):
     from ray import serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     log = tmp_path / "serve.log"
     proc = subprocess.Popen([sys.executable, "-m", "serve", "--model-dir", str(minilm_onnx), "--name", "minilm",
@@ -57,9 +55,7 @@ def test_standalone_cli_serves_one_model_and_stops(ray_session, minilm_onnx, tmp
 def test_standalone_cli_starts_its_own_ray_behind_haproxy(minilm_onnx, tmp_path):
     """Without a cluster to join, `python -m serve` starts Ray with Serve's HAProxy ingress (no Python
     proxy hop), answers through it, and takes everything down on SIGTERM."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_SERVE_"))}
     log = tmp_path / "serve.log"
     proc = subprocess.Popen([sys.executable, "-m", "serve", "--model-dir", str(minilm_onnx), "--name", "minilm",
