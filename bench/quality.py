@@ -32,6 +32,10 @@ def job_config(args, lr: float, out: Path) -> dict:
     }
     if args.max_examples:
         cfg["dataset"]["max_examples"] = args.max_examples
+    if args.micro_batch:  # gradient accumulation over micro-batches of this many queries
+        cfg["batch"]["micro_batch_size"] = args.micro_batch
+    if args.cached:  # GradCache: one loss over the whole --batch, every query against all its documents
+        cfg["loss"]["cached"] = True
     if args.matryoshka:  # the loss summed over these prefix sizes (the full size must be among them)
         cfg["loss"]["matryoshka_dims"] = [int(d) for d in args.matryoshka.split(",")]
     if args.mine:  # negatives mined with the base model (cached across the runs), not the file's own
@@ -53,6 +57,8 @@ def main() -> int:
     p.add_argument("--no-filter", action="store_true", help="mining without the false-negative filter")
     p.add_argument("--mining-cache", default="runs/mining-cache")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--micro-batch", type=int, default=None, help="queries per forward pass (default: --batch)")
+    p.add_argument("--cached", action="store_true", help="loss.cached (GradCache) over the whole --batch")
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=42)

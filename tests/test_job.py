@@ -66,8 +66,9 @@ def changed_weights(base_dir: Path, tuned_dir: Path) -> float:
 
 
 def test_full_sft_on_nemotron_layout_with_matryoshka(ray_session, tiny_nemotron, train_file, tmp_path):
+    # micro-batches of 4 under a global batch of 8, one cached (GradCache) loss over each step's 8 queries
     cfg = job(tiny_nemotron, train_file, tmp_path / "full", schedule={"epochs": 1},
-              loss={"matryoshka_dims": [16, 32, 64], "in_batch_negatives": True})
+              loss={"matryoshka_dims": [16, 32, 64], "in_batch_negatives": True, "cached": True})
     report = run_job(cfg)
     rep, manifest = assert_artifact(tmp_path / "full", 64)
     assert manifest["prefixes"] == {"query": "query: ", "passage": "passage: "}
@@ -76,6 +77,7 @@ def test_full_sft_on_nemotron_layout_with_matryoshka(ray_session, tiny_nemotron,
     assert changed_weights(tiny_nemotron, tmp_path / "full" / "model") > 1e-4
     saved = validate_config(__import__("yaml").safe_load((tmp_path / "full" / "config.yaml").read_text()))
     assert saved.loss.matryoshka_dims == [16, 32, 64] and Path(saved.dataset.training).is_absolute()
+    assert saved.loss.cached and saved.batch.micro == 4
     timing = report["timing"]
     assert 0 <= timing["preflight_seconds"] <= timing["first_step_seconds"] < timing["job_seconds"]
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from tests.builders import build_tiny_nemotron
@@ -81,3 +82,83 @@ def test_length_buckets_give_the_embeddings_and_gradients_of_one_padded_forward(
         model.zero_grad()
         encode_bucketed(model, ids, mask, 3).sum().backward()
         assert all(torch.allclose(p.grad, w, atol=1e-4) for p, w in zip(model.parameters(), want))
+
+
+def _step_fixture(path, cached: bool, micro: int, dropout: bool):
+    """A tiny bi-encoder, a job config and 8 queries (each with a positive and one hard negative) tokenized
+    into micro-batches of `micro` queries."""
+    from train.config import validate_config
+    from train.data import Example
+    from train.model import build_bi_encoder
+    from train.step import tokenize
+
+    cfg = validate_config({"model": str(path), "dataset": {"training": "t.jsonl"}, "output": {"dir": "out"},
+                           "precision": "fp32", "batch": {"global_batch_size": 8, "micro_batch_size": micro},
+                           "loss": {"in_batch_negatives": True, "negatives_per_query": 1, "cached": cached,
+                                    "temperature": 0.05}})
+    torch.manual_seed(0)
+    model = build_bi_encoder(inspect_model(str(path)), "all_weights")
+    model.train(dropout)
+    examples = [Example(f"query {i} about {w}", f"a package that does {w} well", [f"unrelated {w} text {i}"])
+                for i, w in enumerate(["images", "json parsing", "fonts", "audio mixing", "compression", "mail",
+                                       "a web server", "disk usage"])]
+    tok = TextTokenizer(path, max_length=32)
+    batches = [tokenize(tok, examples[i:i + micro], ("", ""), 1) for i in range(0, 8, micro)]
+    return cfg, model, batches, [inspect_model(str(path)).hidden_size]
+
+
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_cached_loss_gives_the_gradients_of_one_forward_over_the_whole_batch(tiny_bert, tiny_nemotron):
+    """loss.cached (GradCache): four micro-batches of 2 give the loss and the gradients of one batch of 8,
+    every query against all 16 documents; plain accumulation does not (its negatives are 4 per query)."""
+    from train.step import cached_backward, micro_batch_loss
+
+    for path in (tiny_bert, tiny_nemotron):
+        cfg_whole, model, whole, dims = _step_fixture(path, cached=False, micro=8, dropout=False)
+        want_loss = micro_batch_loss(model, whole[0], cfg_whole, torch.device("cpu"), dims)
+        want_loss.backward()
+        want = _grads(model)
+
+        cfg, _, parts, _ = _step_fixture(path, cached=True, micro=2, dropout=False)
+        model.zero_grad()
+        got_loss = cached_backward(model, parts, cfg, torch.device("cpu"), dims)
+        assert torch.allclose(got_loss, want_loss.detach(), atol=1e-5), path.name
+        assert len(_grads(model)) == len(want)
+        assert all(torch.allclose(g, w, atol=1e-5, rtol=1e-4) for g, w in zip(_grads(model), want)), path.name
+
+        model.zero_grad()  # accumulation: a different loss, so different gradients
+        for mb in parts:
+            (micro_batch_loss(model, mb, cfg, torch.device("cpu"), dims) / 4).backward()
+        assert not all(torch.allclose(g, w, atol=1e-5, rtol=1e-4) for g, w in zip(_grads(model), want))
+
+
+def test_cached_loss_replays_dropout_so_the_gradients_match_the_first_pass(tiny_bert):
+    """With dropout on, the re-forward must use the dropout masks of the pass whose embeddings made the
+    loss: the reference keeps every micro-batch's graph (memory of the whole batch) from the same seed."""
+    from train.step import cached_backward, embed_micro_batch, embedding_loss
+
+    cfg, model, parts, dims = _step_fixture(tiny_bert, cached=True, micro=2, dropout=True)
+    assert any(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    cpu = torch.device("cpu")
+    torch.manual_seed(123)
+    embedded = [embed_micro_batch(model, mb, cfg, cpu) for mb in parts]
+    want_loss = embedding_loss(torch.cat([q for q, _ in embedded]), torch.cat([d for _, d in embedded]), cfg,
+                               dims)
+    want_loss.backward()
+    want = _grads(model)
+    model.zero_grad()
+    torch.manual_seed(123)
+    got_loss = cached_backward(model, parts, cfg, cpu, dims)
+    assert torch.allclose(got_loss, want_loss.detach(), atol=1e-5)
+    assert all(torch.allclose(g, w, atol=1e-5, rtol=1e-4) for g, w in zip(_grads(model), want))
+
+
+def test_cached_loss_needs_in_batch_negatives():
+    from train.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="loss.cached changes nothing without loss.in_batch_negatives: true"):
+        validate_config({"model": "m", "dataset": {"training": "t.jsonl"}, "output": {"dir": "out"},
+                         "loss": {"cached": True}})

@@ -113,3 +113,16 @@ def test_no_pickle_loads_and_no_remote_code():
                         or ("torch.load(" in code and "weights_only=True" not in code)):
                     problems.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not problems, problems
+
+
+def test_the_readme_job_config_example_is_a_valid_config():
+    """The README's annotated job config is what people copy: it must pass the job's own validation."""
+    import yaml
+
+    from train.config import validate_config
+
+    text = (ROOT / "README.md").read_text()
+    start = text.index("\nmodel: ") + 1
+    block = text[start:text.index("```", start)]
+    cfg = validate_config(yaml.safe_load(block))
+    assert cfg.dataset.mining is not None and cfg.loss.matryoshka_dims == [384, 768, 2048]

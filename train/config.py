@@ -131,6 +131,7 @@ class Loss(Section):
     temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, le=1, description="Softmax temperature of the contrastive loss.")
     negatives_per_query: int = Field(1, ge=0, le=64, description="Hard negatives taken from neg_doc per query (the first ones: hardest first).")
     in_batch_negatives: bool = Field(False, description="Also contrast each query with the other queries' documents in the batch.")
+    cached: bool = Field(False, description="GradCache: with micro-batches smaller than the global batch, one loss over the whole global batch (each query against every document of the step) for the activation memory of one micro-batch, at one more forward pass per micro-batch. Without it each micro-batch is its own loss, its in-batch negatives only its own queries' documents. Needs in_batch_negatives.")
     matryoshka_dims: list[int] | None = Field(None, description="Train several embedding sizes at once (e.g. [384, 768, 2048]); null = full size only.")
     matryoshka_weights: list[float] | None = Field(None, description="Loss weight per Matryoshka size; null = equal.")
 
@@ -142,6 +143,10 @@ class Loss(Section):
                 raise ValueError("loss.matryoshka_dims must be distinct positive sizes")
         if weights is not None and (dims is None or len(weights) != len(dims)):
             raise ValueError("loss.matryoshka_weights needs one weight per entry of loss.matryoshka_dims")
+        if self.cached and not self.in_batch_negatives:
+            raise ValueError("loss.cached changes nothing without loss.in_batch_negatives: true (each query's loss "
+                             "then depends on its own documents only, which plain accumulation computes exactly); "
+                             "turn in_batch_negatives on or cached off")
         return self
 
 

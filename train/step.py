@@ -1,5 +1,5 @@
 """One optimizer step of the training job: micro-batches -> contrastive loss -> backward -> clip ->
-AdamW -> schedule. train/loop.py and bench/gpu_train.py both call `train_step`, so the benchmark's
+AdamW -> schedule (or, with `loss.cached`, one loss over the whole step's batch by gradient caching). train/loop.py and bench/gpu_train.py both call `train_step`, so the benchmark's
 figure is the job's. No host synchronisation inside a step: the loss stays a device tensor until the
 loop logs it; on CUDA AdamW is fused and the encoder may be compiled (`training.compile`)."""
 
@@ -50,7 +50,8 @@ def encode_bucketed(model, ids: torch.Tensor, mask: torch.Tensor, rows: int) -> 
     return torch.cat(parts)[torch.argsort(order)]  # [n, H], back in input order
 
 
-def micro_batch_loss(model, mb: MicroBatch, cfg: JobConfig, device: torch.device, dims: list[int]) -> torch.Tensor:
+def embed_micro_batch(model, mb: MicroBatch, cfg: JobConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled float32 embeddings of a micro-batch's queries [b, H] and documents [b, 1+N, H]."""
     n_neg = cfg.loss.negatives_per_query
     rows = cfg.batch.bucket_rows(device.type)
     with autocast(device, cfg.precision):
@@ -63,9 +64,58 @@ def micro_batch_loss(model, mb: MicroBatch, cfg: JobConfig, device: torch.device
         else:
             q = model(mb.q_ids, mb.q_mask).float()  # [b, H]
             d = model(mb.d_ids, mb.d_mask).float().reshape(mb.size, 1 + n_neg, -1)  # [b, 1+N, H]
-    neg = d[:, 1:] if n_neg else None
+    return q, d
+
+
+def embedding_loss(q: torch.Tensor, d: torch.Tensor, cfg: JobConfig, dims: list[int]) -> torch.Tensor:
+    """The job's contrastive loss of queries [B, H] against their documents [B, 1+N, H] (positive first)."""
+    neg = d[:, 1:] if cfg.loss.negatives_per_query else None
     return matryoshka_loss(q, d[:, 0], neg, dims, cfg.loss.temperature, cfg.loss.in_batch_negatives,
                            cfg.loss.matryoshka_weights)
+
+
+def micro_batch_loss(model, mb: MicroBatch, cfg: JobConfig, device: torch.device, dims: list[int]) -> torch.Tensor:
+    return embedding_loss(*embed_micro_batch(model, mb, cfg, device), cfg, dims)
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def cached_backward(model, micro_batches: list[MicroBatch], cfg: JobConfig, device: torch.device,
+                    dims: list[int]) -> torch.Tensor:
+    """GradCache (Gao et al., 2021): the loss of the whole step's batch, every query against every document
+    of the step, with the activation memory of one micro-batch. 1) embed each micro-batch without a graph;
+    2) the loss over all embeddings, backward to the embeddings only; 3) each micro-batch again with its
+    graph, backpropagating the cached embedding gradients into the weights. Each re-forward restores the
+    random state of its first pass, so dropout masks match and the gradients are those of one big forward.
+    Costs one more forward per micro-batch. Returns the loss (on device, detached)."""
+    moved = [mb.to(device) for mb in micro_batches]
+    states, qs, ds = [], [], []
+    with torch.no_grad():
+        for mb in moved:
+            states.append(_rng_state(device))
+            q, d = embed_micro_batch(model, mb, cfg, device)
+            qs.append(q)
+            ds.append(d)
+    after = _rng_state(device)
+    q_all = torch.cat(qs).requires_grad_()  # [B, H]
+    d_all = torch.cat(ds).requires_grad_()  # [B, 1+N, H]
+    loss = embedding_loss(q_all, d_all, cfg, dims)
+    loss.backward()
+    sizes = [mb.size for mb in moved]
+    for mb, state, gq, gd in zip(moved, states, q_all.grad.split(sizes), d_all.grad.split(sizes)):
+        _set_rng_state(state, device)
+        q, d = embed_micro_batch(model, mb, cfg, device)
+        torch.autograd.backward([q, d], [gq, gd])
+    _set_rng_state(after, device)
+    return loss.detach()
 
 
 def make_optimizer(model: torch.nn.Module, cfg: JobConfig, device: torch.device) -> torch.optim.AdamW:
@@ -100,13 +150,16 @@ def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], cfg
                dims: list[int]) -> torch.Tensor:
     """One optimizer step over the micro-batches (gradient accumulation); returns the mean loss on device."""
     optimizer.zero_grad(set_to_none=True)
-    total = sum(mb.size for mb in micro_batches)
-    loss_sum = torch.zeros((), device=device)
-    for mb in micro_batches:
-        mb = mb.to(device)
-        loss = micro_batch_loss(model, mb, cfg, device, dims)
-        (loss * (mb.size / total)).backward()
-        loss_sum += loss.detach() * (mb.size / total)
+    if cfg.loss.cached and len(micro_batches) > 1:
+        loss_sum = cached_backward(model, micro_batches, cfg, device, dims)
+    else:  # gradient accumulation: each micro-batch its own loss (in-batch negatives from its own queries)
+        total = sum(mb.size for mb in micro_batches)
+        loss_sum = torch.zeros((), device=device)
+        for mb in micro_batches:
+            mb = mb.to(device)
+            loss = micro_batch_loss(model, mb, cfg, device, dims)
+            (loss * (mb.size / total)).backward()
+            loss_sum += loss.detach() * (mb.size / total)
     params = [p for p in model.parameters() if p.requires_grad]
     torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.max_grad_norm, foreach=device.type == "cuda")
     optimizer.step()
