@@ -67,7 +67,8 @@ def random_batch(batch: int, negatives: int, seq: int, vocab: int) -> MicroBatch
     gen = torch.Generator(device="cpu").manual_seed(0)
     q = torch.randint(0, vocab, (batch, seq), generator=gen)
     d = torch.randint(0, vocab, (batch * (1 + negatives), seq), generator=gen)
-    return MicroBatch(q, torch.ones_like(q), d, torch.ones_like(d), batch, (q.numel() + d.numel()))
+    keys = torch.arange(batch * (1 + negatives)).reshape(batch, 1 + negatives)  # every document distinct
+    return MicroBatch(q, torch.ones_like(q), d, torch.ones_like(d), batch, (q.numel() + d.numel()), keys)
 
 
 def peak_tflops(device: torch.device) -> float | None:

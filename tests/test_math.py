@@ -74,3 +74,27 @@ def test_metrics_by_hand():
 def test_retrieval_metrics_average_over_judged_queries():
     out = retrieval_metrics({"q1": ["d1"], "q2": ["x", "d2"]}, {"q1": {"d1": 1}, "q2": {"d2": 1}})
     assert out["recall@1"] == 0.5 and out["mrr@10"] == 0.75 and out["recall@10"] == 1.0
+
+
+def test_a_querys_own_positive_met_again_in_the_batch_is_not_its_negative():
+    """Query 0's positive text is also query 1's hard negative: with keys, that column leaves query 0's
+    softmax (the loss equals the loss without the column), and query 1's row keeps it as a negative."""
+    from train.losses import text_keys
+
+    torch.manual_seed(0)
+    pos, neg = normalize(torch.randn(2, 8)), normalize(torch.randn(2, 1, 8))
+    q = normalize(pos + 0.3 * torch.randn(2, 8))  # each query near its positive: the duplicate weighs a lot
+    neg[1, 0] = pos[0]
+    pos_keys = text_keys(["doc a", "doc b"])
+    neg_keys = text_keys(["doc c", "doc a"]).reshape(2, 1)
+    got = contrastive_loss(q, pos, neg, 0.05, True, pos_keys, neg_keys)
+    logits = q @ torch.cat([pos, neg[:, 0]]).T / 0.05  # [2, 4]: pos a, pos b, neg c, neg a
+    want = (torch.logsumexp(logits[0, :3], 0) - logits[0, 0] + torch.logsumexp(logits[1], 0) - logits[1, 1]) / 2
+    assert got.item() == pytest.approx(want.item(), abs=1e-5)
+    assert contrastive_loss(q, pos, neg, 0.05, True).item() != pytest.approx(want.item(), abs=1e-3)
+    # without in-batch negatives: a hard negative that repeats the query's own positive is dropped too
+    neg_keys = text_keys(["doc a", "doc d"]).reshape(2, 1)
+    neg[0, 0] = pos[0]
+    got = contrastive_loss(q, pos, neg, 0.05, False, pos_keys, neg_keys)
+    s1 = torch.stack([(q[1] * pos[1]).sum(), (q[1] * neg[1, 0]).sum()]) / 0.05
+    assert got.item() == pytest.approx(((torch.logsumexp(s1, 0) - s1[0]) / 2).item(), abs=1e-5)

@@ -145,8 +145,8 @@ def test_cached_loss_replays_dropout_so_the_gradients_match_the_first_pass(tiny_
     cpu = torch.device("cpu")
     torch.manual_seed(123)
     embedded = [embed_micro_batch(model, mb, cfg, cpu) for mb in parts]
-    want_loss = embedding_loss(torch.cat([q for q, _ in embedded]), torch.cat([d for _, d in embedded]), cfg,
-                               dims)
+    want_loss = embedding_loss(torch.cat([q for q, _ in embedded]), torch.cat([d for _, d in embedded]),
+                               torch.cat([mb.d_keys for mb in parts]), cfg, dims)
     want_loss.backward()
     want = _grads(model)
     model.zero_grad()

@@ -1,7 +1,8 @@
 """One optimizer step of the training job: micro-batches -> contrastive loss -> backward -> clip ->
-AdamW -> schedule (or, with `loss.cached`, one loss over the whole step's batch by gradient caching). train/loop.py and bench/gpu_train.py both call `train_step`, so the benchmark's
-figure is the job's. No host synchronisation inside a step: the loss stays a device tensor until the
-loop logs it; on CUDA AdamW is fused and the encoder may be compiled (`training.compile`)."""
+AdamW -> schedule (with `loss.cached`, one loss over the whole step's batch by gradient caching).
+train/loop.py and bench/gpu_train.py both call `train_step`, so the benchmark's figure is the job's.
+No host synchronisation inside a step: the loss stays a device tensor until the loop logs it; on CUDA
+AdamW is fused and the encoder may be compiled (`training.compile`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from rayembed.artifact import TextTokenizer
 from train.config import JobConfig
 from train.evaluate import autocast
-from train.losses import matryoshka_loss
+from train.losses import matryoshka_loss, text_keys
 
 
 @dataclass
@@ -23,20 +24,24 @@ class MicroBatch:
     d_mask: torch.Tensor  # [b * (1 + N), Sd]
     size: int  # queries
     tokens: int  # real (unpadded) tokens
+    d_keys: torch.Tensor  # [b, 1 + N] text keys of the documents (the loss masks a query's own positive met again)
 
     def to(self, device: torch.device) -> "MicroBatch":
         if device.type != "cuda":
             return self
         move = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
-        return MicroBatch(move(self.q_ids), move(self.q_mask), move(self.d_ids), move(self.d_mask), self.size, self.tokens)
+        return MicroBatch(move(self.q_ids), move(self.q_mask), move(self.d_ids), move(self.d_mask), self.size,
+                          self.tokens, move(self.d_keys))
 
 
 def tokenize(tokenizer: TextTokenizer, examples, prefixes: tuple[str, str], negatives: int) -> MicroBatch:
     """Queries and their [positive + N hard negatives] documents, each padded to its own longest text."""
     q_ids, q_mask = tokenizer([prefixes[0] + e.query for e in examples])
-    d_ids, d_mask = tokenizer([prefixes[1] + t for e in examples for t in (e.pos_doc, *e.neg_doc[:negatives])])
+    docs = [t for e in examples for t in (e.pos_doc, *e.neg_doc[:negatives])]
+    d_ids, d_mask = tokenizer([prefixes[1] + t for t in docs])
     return MicroBatch(torch.from_numpy(q_ids), torch.from_numpy(q_mask), torch.from_numpy(d_ids),
-                      torch.from_numpy(d_mask), len(examples), int(q_mask.sum() + d_mask.sum()))
+                      torch.from_numpy(d_mask), len(examples), int(q_mask.sum() + d_mask.sum()),
+                      text_keys(docs).reshape(len(examples), 1 + negatives))
 
 
 def encode_bucketed(model, ids: torch.Tensor, mask: torch.Tensor, rows: int) -> torch.Tensor:
@@ -67,15 +72,16 @@ def embed_micro_batch(model, mb: MicroBatch, cfg: JobConfig, device: torch.devic
     return q, d
 
 
-def embedding_loss(q: torch.Tensor, d: torch.Tensor, cfg: JobConfig, dims: list[int]) -> torch.Tensor:
-    """The job's contrastive loss of queries [B, H] against their documents [B, 1+N, H] (positive first)."""
+def embedding_loss(q: torch.Tensor, d: torch.Tensor, keys: torch.Tensor, cfg: JobConfig, dims: list[int]) -> torch.Tensor:
+    """The job's contrastive loss of queries [B, H] against their documents [B, 1+N, H] (positive first),
+    whose text keys are `keys` [B, 1+N]."""
     neg = d[:, 1:] if cfg.loss.negatives_per_query else None
     return matryoshka_loss(q, d[:, 0], neg, dims, cfg.loss.temperature, cfg.loss.in_batch_negatives,
-                           cfg.loss.matryoshka_weights)
+                           cfg.loss.matryoshka_weights, keys[:, 0], keys[:, 1:])
 
 
 def micro_batch_loss(model, mb: MicroBatch, cfg: JobConfig, device: torch.device, dims: list[int]) -> torch.Tensor:
-    return embedding_loss(*embed_micro_batch(model, mb, cfg, device), cfg, dims)
+    return embedding_loss(*embed_micro_batch(model, mb, cfg, device), mb.d_keys, cfg, dims)
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -107,7 +113,7 @@ def cached_backward(model, micro_batches: list[MicroBatch], cfg: JobConfig, devi
     after = _rng_state(device)
     q_all = torch.cat(qs).requires_grad_()  # [B, H]
     d_all = torch.cat(ds).requires_grad_()  # [B, 1+N, H]
-    loss = embedding_loss(q_all, d_all, cfg, dims)
+    loss = embedding_loss(q_all, d_all, torch.cat([mb.d_keys for mb in moved]), cfg, dims)
     loss.backward()
     sizes = [mb.size for mb in moved]
     for mb, state, gq, gd in zip(moved, states, q_all.grad.split(sizes), d_all.grad.split(sizes)):
