@@ -154,7 +154,8 @@ def uncompile_encoder(model) -> None:
 
 def train_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], cfg: JobConfig, device: torch.device,
                dims: list[int]) -> torch.Tensor:
-    """One optimizer step over the micro-batches (gradient accumulation); returns the mean loss on device."""
+    """One optimizer step over the micro-batches (gradient accumulation, or one cached loss over all of them
+    with `loss.cached`); returns the mean loss on device."""
     optimizer.zero_grad(set_to_none=True)
     if cfg.loss.cached and len(micro_batches) > 1:
         loss_sum = cached_backward(model, micro_batches, cfg, device, dims)
