@@ -73,8 +73,32 @@ def haproxy_configs() -> dict[int, str]:
     for proc in Path("/proc").iterdir():
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if argv and argv[0].endswith(b"haproxy") and b"-f" in argv:
+                found[int(proc.name)] = Path(argv[argv.index(b"-f") + 1].decode()).read_text()
+        except OSError:  # it exited (or its config went) while we looked
+            continue
+    return found
+
+
+def listener_pids(port: int) -> set[int]:
+    """Pids of the processes holding a socket that listens on TCP `port` (IPv4 or IPv6), read from /proc."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
         except OSError:
             continue
-        if argv and argv[0].endswith(b"haproxy") and b"-f" in argv:
-            found[int(proc.name)] = Path(argv[argv.index(b"-f") + 1].decode()).read_text()
-    return found
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                pids.add(int(proc.name))
+        except OSError:
+            continue
+    return pids
