@@ -7,6 +7,7 @@ and no torch here, so the benchmark's in-process ceiling runs exactly this code;
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,25 +81,54 @@ class OnnxEmbedder:
         out = self.session.run(["embeddings"], {"input_ids": input_ids, "attention_mask": attention_mask})[0]  # [B, H]
         return out.astype(np.float32, copy=False)
 
+    def call_tokens(self, width: int = 16, rows: int = 16, repeats: int = 5) -> int:
+        """This session's fixed cost of one call, in tokens' worth of its per-token cost: the `call_tokens` that
+        `plan_batches` weighs padding against. Timed on this machine from calls of 1 and `rows` texts of `width`
+        tokens (medians of `repeats`): t = overhead + tokens x per_token. Clamped to [1, 4096]."""
+        def median_ms(b: int) -> float:
+            ids, mask = np.full((b, width), 1000, np.int64), np.ones((b, width), np.int64)  # [b, width]
+            self.run(ids, mask)  # warm: first calls of a shape allocate
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                self.run(ids, mask)
+                times.append(time.perf_counter() - start)
+            return float(np.median(times))
 
-def plan_batches(lengths: list[int], max_texts: int, max_tokens: int) -> list[list[int]]:
-    """Group item indices by length into runs of <= max_texts whose padded size fits max_tokens.
+        one, many = median_ms(1), median_ms(rows)
+        per_token = max(many - one, 1e-9) / ((rows - 1) * width)
+        return int(min(max(round((one - width * per_token) / per_token), 1), 4096))
 
-    Sorting first makes each run's texts about equally long, so padding is cut to a minimum;
-    a single text longer than max_tokens still gets a run of its own.
+
+def plan_batches(lengths: list[int], max_texts: int, max_tokens: int, call_tokens: int = 32) -> list[list[int]]:
+    """Split item indices into ONNX Runtime calls of <= max_texts texts whose padded size fits max_tokens, at the
+    least cost, where a call costs `call_tokens` (its fixed overhead, in tokens' worth of compute) plus its padded
+    tokens (count x its longest text).
+
+    Calls hold runs of the length-sorted items, and the best cut of the sorted list is an exact dynamic program
+    (O(n x max_texts)). Few long calls waste padding; many short ones pay the overhead each time: with texts of
+    10 to 50 tokens, one call of 32 pads to 1,600 tokens for 1,000 real ones. A single text longer than
+    max_tokens still gets a call of its own.
     """
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    n = len(lengths)
+    order = sorted(range(n), key=lengths.__getitem__)
+    width = [lengths[i] for i in order]  # ascending: a run's last text is its widest
+    best = [0] + [float("inf")] * n  # best[j]: least cost of the first j sorted items
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, max(j - max_texts, 0) - 1, -1):  # the last call holds sorted items i..j-1
+            count = j - i
+            if count > 1 and count * width[j - 1] > max_tokens:
+                break
+            cost = best[i] + call_tokens + count * width[j - 1]
+            if cost <= best[j]:  # on a tie, the longer call
+                best[j], cut[j] = cost, i
     plans: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        # sorted ascending, so lengths[i] is the run's widest text: padded size = count * width
-        if current and (len(current) >= max_texts or (len(current) + 1) * lengths[i] > max_tokens):
-            plans.append(current)
-            current = []
-        current.append(i)
-    if current:
-        plans.append(current)
-    return plans
+    j = n
+    while j:
+        plans.append(order[cut[j]:j])
+        j = cut[j]
+    return plans[::-1]
 
 
 def matryoshka(embeddings: np.ndarray, dim: int | None) -> np.ndarray:
@@ -115,9 +145,12 @@ class TextEmbedder:
     max_seq_length, length-sorted ONNX Runtime calls of at most `max_texts` texts / `max_tokens` tokens."""
 
     def __init__(self, model_dir: str | Path, *, device: str = "auto", threads: int = 1, has_gpu: bool = False,
-                 max_texts: int = 64, max_tokens: int = 16384, precision: str = "auto", graph: str | None = None):
+                 max_texts: int = 64, max_tokens: int = 16384, precision: str = "auto", graph: str | None = None,
+                 call_tokens: int | None = None):
+        """call_tokens: a call's fixed cost for `plan_batches`; None times it on this machine (`call_tokens()`)."""
         self.engine = OnnxEmbedder(model_dir, device=device, threads=threads, has_gpu=has_gpu, precision=precision,
                                    graph=graph)
+        self.call_tokens = self.engine.call_tokens() if call_tokens is None else call_tokens
         self.manifest = self.engine.manifest
         self.tokenizer = TextTokenizer(model_dir, self.manifest.max_seq_length)
         self.max_texts, self.max_tokens = max_texts, max(max_tokens, self.manifest.max_seq_length)
@@ -131,7 +164,7 @@ class TextEmbedder:
         prefix = self.prefix(input_type)
         ids = [e.ids for e in self.tokenizer.tokenizer.encode_batch([prefix + t for t in texts])]
         out = np.zeros((len(texts), self.manifest.embedding_dim), np.float32)  # [N, H]
-        for plan in plan_batches([len(x) for x in ids], self.max_texts, self.max_tokens):
+        for plan in plan_batches([len(x) for x in ids], self.max_texts, self.max_tokens, self.call_tokens):
             input_ids, mask = self.tokenizer.pad([ids[i] for i in plan])  # [b, S]
             out[plan] = self.engine.run(input_ids, mask)
         return out

@@ -2,7 +2,8 @@
 
 Each text is one `@serve.batch` item, and a batch is bounded by a token budget (`max_batch_tokens`)
 and a count (`max_batch_items`); the batch is then cut into length-sorted ONNX Runtime calls of at
-most `max_batch_texts` texts.
+most `max_batch_texts` texts, where the cut weighs padding against each call's fixed cost (`call_tokens`,
+timed when the replica starts).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class EmbeddingReplica:
                                    has_gpu=bool(ray.get_gpu_ids()), spin=s.spin)
         self.tokenizer = ServingTokenizer(s.model_dir, self.engine.manifest)
         self.dims = self.engine.manifest.dims
+        self.call_tokens = s.call_tokens or self.engine.call_tokens()
         if s.max_batch_tokens < self.tokenizer.max_length:
             raise ValueError(f"max_batch_tokens ({s.max_batch_tokens}) must be >= the model's max_seq_length "
                              f"({self.tokenizer.max_length}) or a full-length input could never be batched")
@@ -81,6 +83,7 @@ class EmbeddingReplica:
             "onnx_file": self.engine.path.name,
             "providers": self.engine.providers,
             "threads": self.engine.threads,
+            "call_tokens": self.call_tokens,
             "recent_batch_texts": list(self.batch_log[-256:]),
         }
 
@@ -125,7 +128,8 @@ class EmbeddingReplica:
         for item in items:
             self._m_queue_ms.observe((started - item.queued_at) * 1000)
         out: list[np.ndarray | None] = [None] * len(items)
-        for plan in plan_batches([len(i.ids) for i in items], s.max_batch_texts, s.max_batch_tokens):
+        for plan in plan_batches([len(i.ids) for i in items], s.max_batch_texts, s.max_batch_tokens,
+                                 self.call_tokens):
             input_ids, mask = self.tokenizer.pad([items[i].ids for i in plan])  # [b, S]
             emb = self.engine.run(input_ids, mask)  # [b, H]
             for row, i in enumerate(plan):

@@ -50,6 +50,9 @@ class ProviderSettings(Section):
     max_batch_tokens: int = Field(8192, ge=1, description="token budget of one @serve.batch batch")
     max_batch_items: int = Field(512, ge=1, description="texts in one @serve.batch batch (bound together with the tokens)")
     max_batch_texts: int = Field(32, ge=1, description="texts per ONNX Runtime call (length-sorted sub-batches)")
+    call_tokens: int | None = Field(None, ge=1, description="the fixed cost of one ONNX Runtime call in tokens' worth "
+                                    "of compute, which the batch planner weighs against padding when it cuts a batch "
+                                    "into calls; default: timed by each replica when it starts")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="extra wait for a batch to fill; 0 batches what queued "
                                                                "while the previous batch ran")
     max_ongoing_requests: int = Field(256, ge=1, description="requests one replica accepts (they wait in its batch queue)")

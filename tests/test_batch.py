@@ -250,3 +250,21 @@ def test_corpus_embedding_on_a_two_node_cluster(minilm_onnx, tmp_path):
         for address_file in (temp_dir / "ray_current_cluster", Path("/tmp/ray/ray_current_cluster")):
             if address_file.is_file() and f":{gcs}" in address_file.read_text():
                 address_file.unlink()
+
+
+def test_the_batch_plan_changes_calls_not_embeddings(minilm_onnx):
+    """Texts of mixed lengths cut into many calls (cheap calls) or few (dear calls) come back in their order, with
+    the same vectors; the call cost a replica times on this machine is a sane number of tokens."""
+    from rayembed.engine import TextEmbedder
+
+    texts = [ex[key] for ex in sample_lines(20) for key in ("query", "pos_doc")]  # 3 to ~120 tokens
+    many = TextEmbedder(minilm_onnx, threads=1, call_tokens=1)
+    few = TextEmbedder(minilm_onnx, threads=1, call_tokens=100_000)
+    a, b = many(texts, "passage"), few(texts, "passage")
+    assert (np.sum(a * b, axis=1) > 0.9999).all()
+    lengths = [len(e.ids) for e in many.tokenizer.tokenizer.encode_batch(texts)]
+    from rayembed.engine import plan_batches
+
+    assert len(plan_batches(lengths, 64, 16384, 1)) > 5 and len(plan_batches(lengths, 64, 16384, 100_000)) == 1
+    timed = TextEmbedder(minilm_onnx, threads=1).call_tokens
+    assert isinstance(timed, int) and 1 <= timed <= 4096

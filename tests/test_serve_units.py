@@ -16,17 +16,58 @@ from serve.settings import ConfigError, GatewayConfig, Limits, load_gateway_conf
 
 def test_plan_batches_sorts_by_length_and_respects_both_bounds():
     lengths = [50, 3, 48, 4, 5, 49, 2, 51]
-    plans = plan_batches(lengths, max_texts=3, max_tokens=120)
+    plans = plan_batches(lengths, max_texts=3, max_tokens=120, call_tokens=40)
     assert sorted(i for p in plans for i in p) == list(range(8))
     for plan in plans:
         assert len(plan) <= 3
         assert len(plan) * max(lengths[i] for i in plan) <= 120
     # short texts travel together, long ones together: padding stays small
-    assert [sorted(lengths[i] for i in p) for p in plans] == [[2, 3, 4], [5, 48], [49, 50], [51]]
+    assert [sorted(lengths[i] for i in p) for p in plans] == [[2, 3], [4, 5], [48, 49], [50, 51]]
 
 
 def test_plan_batches_gives_an_oversized_text_its_own_run():
     assert plan_batches([10, 500, 10], max_texts=8, max_tokens=100) == [[0, 2], [1]]
+
+
+def _plan_cost(plans, lengths, call_tokens):
+    return sum(call_tokens + len(p) * max(lengths[i] for i in p) for p in plans)
+
+
+def test_plan_batches_weighs_padding_against_the_cost_of_a_call():
+    lengths = [12, 50, 11, 48, 10, 52, 13, 49]  # two clusters
+    one_call = plan_batches(lengths, max_texts=32, max_tokens=8192, call_tokens=10_000)
+    assert len(one_call) == 1  # a call dearer than any padding: everything in one
+    split = plan_batches(lengths, max_texts=32, max_tokens=8192, call_tokens=20)
+    assert [sorted(lengths[i] for i in p) for p in split] == [[10, 11, 12, 13], [48, 49, 50, 52]]
+    # 2 calls x 20 + 4 x 13 + 4 x 52 = 300 against 20 + 8 x 52 = 436 for one call
+    assert _plan_cost(split, lengths, 20) == 300 < _plan_cost(one_call, lengths, 20) == 436
+
+
+def test_plan_batches_is_the_least_cost_cut_of_the_sorted_lengths():
+    import itertools
+    import random
+
+    rng = random.Random(7)
+    for _ in range(200):
+        n, max_texts, call = rng.randint(1, 9), rng.randint(1, 5), rng.randint(1, 60)
+        lengths = [rng.randint(1, 80) for _ in range(n)]
+        max_tokens = rng.randint(80, 300)
+        plans = plan_batches(lengths, max_texts, max_tokens, call)
+        assert sorted(i for p in plans for i in p) == list(range(n))
+        assert all(len(p) <= max_texts and (len(p) == 1 or len(p) * max(lengths[i] for i in p) <= max_tokens)
+                   for p in plans)
+        width = sorted(lengths)
+        best = float("inf")  # every cut of the sorted list into runs, by brute force
+        for cuts in itertools.product([False, True], repeat=n - 1):
+            runs, start = [], 0
+            for k, c in enumerate(cuts, 1):
+                if c:
+                    runs.append(width[start:k])
+                    start = k
+            runs.append(width[start:])
+            if all(len(r) <= max_texts and (len(r) == 1 or len(r) * r[-1] <= max_tokens) for r in runs):
+                best = min(best, sum(call + len(r) * r[-1] for r in runs))
+        assert _plan_cost(plans, lengths, call) == best, (lengths, max_texts, max_tokens, call)
 
 
 def test_matryoshka_slices_then_renormalizes():
