@@ -165,6 +165,44 @@ def compare_graphs(model_dir: Path, texts: list[str], seconds: float, rounds: in
     return 0
 
 
+def compare_plans(model_dir: Path, texts: list[str], seconds: float, rounds: int,
+                  batches: tuple[int, ...] = (8, 16, 24, 32)) -> int:
+    """The replica's batch planner (rayembed.engine.plan_batches) on arrival-order batches, as @serve.batch hands
+    them over: one length-sorted call per 32 texts (a call cost no padding outweighs) against the least-cost cut
+    with the call cost the replica times at start. The replica's code (serve.tokens, rayembed.engine), 2 threads,
+    alternated `rounds` times; prints texts/s, ONNX Runtime calls per batch and the ratio."""
+    from rayembed.artifact import read_manifest
+    from rayembed.engine import OnnxEmbedder, plan_batches
+    from serve.tokens import ServingTokenizer
+
+    engine = OnnxEmbedder(model_dir, threads=2)
+    tok = ServingTokenizer(model_dir, read_manifest(model_dir))
+    ids = tok.encode(texts, None, "NONE")
+    plans = {"one_call": 10**9, "least_cost": engine.call_tokens()}
+    results: dict[tuple, list[tuple[float, float]]] = {}
+    for _ in range(rounds):
+        for batch in batches:
+            for name, call_tokens in plans.items():
+                done, calls, i = 0, 0, 0
+                start = time.perf_counter()
+                while time.perf_counter() - start < seconds:
+                    chunk = ids[i:i + batch]
+                    i = (i + batch) % (len(ids) - batch)
+                    for plan in plan_batches([len(x) for x in chunk], 32, 8192, call_tokens):
+                        engine.run(*tok.pad([chunk[j] for j in plan]))
+                        calls += 1
+                    done += len(chunk)
+                results.setdefault((batch, name), []).append((done / (time.perf_counter() - start), done / calls))
+    for batch in batches:
+        rate = {name: float(np.mean([r for r, _ in results[(batch, name)]])) for name in plans}
+        print(json.dumps({"batch": batch, "call_tokens": plans["least_cost"],
+                          **{f"{n}_texts_per_s": round(r, 1) for n, r in rate.items()},
+                          **{f"{n}_texts_per_call": round(float(np.mean([c for _, c in results[(batch, n)]])), 1)
+                             for n in plans},
+                          "least_cost_over_one_call": round(rate["least_cost"] / rate["one_call"], 3)}), flush=True)
+    return 0
+
+
 def start_server(model_dir: Path, port: int, provider: dict, log: Path, gateway_replicas: int = 1,
                  gateway_env: dict | None = None) -> subprocess.Popen:
     """`python -m serve --config` with one model named "bench" and the given provider settings."""
@@ -239,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8181)
     parser.add_argument("--compare-graphs", type=int, metavar="ROUNDS", default=0,
                         help="only compare the artifact's graphs in process (2 threads), alternated ROUNDS times")
+    parser.add_argument("--compare-plans", type=int, metavar="ROUNDS", default=0,
+                        help="only compare the batch planner's cuts in process (one call per 32 texts against the "
+                             "least-cost cut), alternated ROUNDS times, --ceiling-seconds each")
     parser.add_argument("--graphs", default="fp32,optimized",
                         help="with --compare-graphs: provider precisions to compare, the first is the reference "
                              "(fp32, optimized, int8)")
@@ -247,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_graphs:
         return compare_graphs(ensure_artifact(args.model_dir, args.work), read_texts(ensure_texts(args.work)),
                               args.ceiling_seconds, args.compare_graphs, tuple(args.graphs.split(",")))
+    if args.compare_plans:
+        return compare_plans(ensure_artifact(args.model_dir, args.work), read_texts(ensure_texts(args.work)),
+                             args.ceiling_seconds, args.compare_plans)
     model_dir = ensure_artifact(args.model_dir, args.work)
     texts_path = ensure_texts(args.work)
     texts = read_texts(texts_path)
