@@ -86,7 +86,7 @@ class OnnxEmbedder:
         `plan_batches` weighs padding against. Timed on this machine from calls of 1 and `rows` texts of `width`
         tokens (medians of `repeats`): t = overhead + tokens x per_token. Clamped to [1, 4096]."""
         def median_ms(b: int) -> float:
-            ids, mask = np.full((b, width), 1000, np.int64), np.ones((b, width), np.int64)  # [b, width]
+            ids, mask = np.ones((b, width), np.int64), np.ones((b, width), np.int64)  # [b, width]; id 1 is in every vocabulary
             self.run(ids, mask)  # warm: first calls of a shape allocate
             times = []
             for _ in range(repeats):
