@@ -269,3 +269,23 @@ def test_gateway_processes_run_user_code_on_the_replica_loop_unless_overridden()
     restored = gateway_actor_options(GatewayConfig.model_validate(
         {"models": models, "gateway_env": {k: "" for k in GATEWAY_SERVE_ENV}}))
     assert restored == {"num_cpus": 0}
+
+
+@pytest.mark.parametrize("overhead_s,per_token_s,want", [(0.002, 0.0001, 20), (0.06, 0.001, 60)])
+def test_call_tokens_is_a_calls_fixed_cost_over_its_per_token_cost(overhead_s, per_token_s, want):
+    """The arithmetic of the timing, on a session whose calls take overhead + tokens x per_token (slept); the second
+    case is a slow model (over 50 ms a call), timed with fewer and smaller calls."""
+    import time
+
+    from rayembed.engine import OnnxEmbedder
+
+    engine = object.__new__(OnnxEmbedder)
+    calls = []
+
+    def run(ids, mask):
+        calls.append(ids.shape)
+        time.sleep(overhead_s + per_token_s * ids.size)
+
+    engine.run = run
+    assert abs(engine.call_tokens() - want) <= want * 0.15
+    assert max(b for b, _ in calls) == (16 if overhead_s < 0.05 else 4)
