@@ -178,6 +178,21 @@ def compare_plans(model_dir: Path, texts: list[str], seconds: float, rounds: int
     engine = OnnxEmbedder(model_dir, threads=2)
     tok = ServingTokenizer(model_dir, read_manifest(model_dir))
     ids = tok.encode(texts, None, "NONE")
+    shapes = []  # what one call costs by shape: t = fixed + per padded token x tokens
+    for rows in (1, 2, 4, 8, 16, 32):
+        for width in (8, 16, 32, 64):
+            feed = np.ones((rows, width), np.int64)  # [rows, width]
+            engine.run(feed, feed)
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < 0.3:
+                engine.run(feed, feed)
+                n += 1
+            shapes.append((rows * width, (time.perf_counter() - start) / n * 1000))
+    fixed_ms, token_ms = np.linalg.lstsq(np.array([[1.0, t] for t, _ in shapes]), np.array([ms for _, ms in shapes]),
+                                         rcond=None)[0]
+    print(json.dumps({"call_cost_fit": {"fixed_ms": round(float(fixed_ms), 3), "per_token_ms": round(float(token_ms), 4),
+                                        "fixed_in_tokens": round(float(fixed_ms / token_ms), 1),
+                                        "shapes": "1-32 texts x 8-64 tokens"}}), flush=True)
     plans = {"one_call": 10**9, "least_cost": engine.call_tokens()}
     results: dict[tuple, list[tuple[float, float]]] = {}
     for _ in range(rounds):

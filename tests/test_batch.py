@@ -266,5 +266,5 @@ def test_the_batch_plan_changes_calls_not_embeddings(minilm_onnx):
     from rayembed.engine import plan_batches
 
     assert len(plan_batches(lengths, 64, 16384, 1)) > 5 and len(plan_batches(lengths, 64, 16384, 100_000)) == 1
-    timed = TextEmbedder(minilm_onnx, threads=1).call_tokens
-    assert isinstance(timed, int) and 1 <= timed <= 4096
+    timed = TextEmbedder(minilm_onnx, threads=1).call_tokens  # a real session: a call costs some tokens' worth,
+    assert isinstance(timed, int) and 1 < timed < 4096      # neither clamp (a broken fit lands on one of them)

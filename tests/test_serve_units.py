@@ -271,7 +271,7 @@ def test_gateway_processes_run_user_code_on_the_replica_loop_unless_overridden()
     assert restored == {"num_cpus": 0}
 
 
-@pytest.mark.parametrize("overhead_s,per_token_s,want", [(0.002, 0.0001, 20), (0.06, 0.001, 60)])
+@pytest.mark.parametrize("overhead_s,per_token_s,want", [(0.01, 0.0005, 20), (0.06, 0.001, 60)])
 def test_call_tokens_is_a_calls_fixed_cost_over_its_per_token_cost(overhead_s, per_token_s, want):
     """The arithmetic of the timing, on a session whose calls take overhead + tokens x per_token (slept); the second
     case is a slow model (over 50 ms a call), timed with fewer and smaller calls."""
