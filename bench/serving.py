@@ -167,7 +167,7 @@ def compare_graphs(model_dir: Path, texts: list[str], seconds: float, rounds: in
 
 def compare_plans(model_dir: Path, texts: list[str], seconds: float, rounds: int,
                   batches: tuple[int, ...] = (8, 16, 24, 32)) -> int:
-    """The replica's batch planner (rayembed.engine.plan_batches) on arrival-order batches, as @serve.batch hands
+    """The replica's batch planner (rayembed.engine.plan_batches) on arrival-order batches, as its batcher hands
     them over: one length-sorted call per 32 texts (a call cost no padding outweighs) against the least-cost cut
     with the call cost the replica times at start. The replica's code (serve.tokens, rayembed.engine), 2 threads,
     alternated `rounds` times; prints texts/s, ONNX Runtime calls per batch and the ratio."""

@@ -41,8 +41,8 @@ REPLICA_ATTEMPTS = 3
 # The gateway's code never blocks (parsing, routing, one awaited handle call, rendering), so its replicas run it
 # on the replica's own event loop, and route handle calls from that loop too, instead of handing every request
 # to a user-code thread and a router loop: 1.1x the texts/s at 32 clients x 1 text on 2 cores (docs/benchmarks.md
-# §5). Set per deployment (runtime_env), since Serve reads them at process start. Model replicas keep Ray's
-# defaults: ONNX Runtime blocks their user-code loop on purpose.
+# §5). Set per deployment (runtime_env), since Serve reads them at process start. Model replicas do the same for
+# their user code (serve.settings.REPLICA_SERVE_ENV); they make no handle calls.
 GATEWAY_SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 

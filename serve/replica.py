@@ -1,15 +1,12 @@
 """EmbeddingReplica: a Serve deployment holding one ONNX Runtime session and the model's tokenizer.
 
-Each text is one `@serve.batch` item, and a batch is bounded by a token budget (`max_batch_tokens`)
-and a count (`max_batch_items`); the batch is then cut into length-sorted ONNX Runtime calls of at
-most `max_batch_texts` texts, where the cut weighs padding against each call's fixed cost (`call_tokens`,
-timed when the replica starts).
+Each text is one item of the replica's continuous batcher (serve/batcher.py: ONNX Runtime in a worker thread,
+each batch takes what queued while the last one ran), bounded by a token budget (`max_batch_tokens`) and a count
+(`max_batch_items`); the batch is then cut into length-sorted ONNX Runtime calls of at most `max_batch_texts`
+texts, where the cut weighs padding against each call's fixed cost (`call_tokens`, timed when the replica starts).
 """
 
 from __future__ import annotations
-
-import asyncio
-import time
 
 import numpy as np
 import ray
@@ -17,25 +14,10 @@ from ray import serve
 from ray.serve import metrics
 
 from rayembed.engine import OnnxEmbedder, matryoshka, plan_batches
+from serve.batcher import Batcher
 from serve.errors import InvalidRequest, ServeError
 from serve.settings import ProviderSettings
 from serve.tokens import ServingTokenizer
-
-
-class _Item:
-    """One text waiting for a batch. `cost` = max(its tokens, budget / max items), so a batch whose
-    costs fit the token budget holds at most max_batch_tokens tokens and max_batch_items texts."""
-
-    __slots__ = ("ids", "queued_at", "cost")
-
-    def __init__(self, ids: list[int], queued_at: float, min_cost: int):
-        self.ids = ids
-        self.queued_at = queued_at
-        self.cost = max(len(ids), min_cost)
-
-
-def _cost(items: list[_Item]) -> int:
-    return sum(item.cost for item in items)
 
 
 # Access logs off: one log line per request costs the 2-core box ~1 ms of CPU in every process it crosses.
@@ -52,9 +34,8 @@ class EmbeddingReplica:
         if s.max_batch_tokens < self.tokenizer.max_length:
             raise ValueError(f"max_batch_tokens ({s.max_batch_tokens}) must be >= the model's max_seq_length "
                              f"({self.tokenizer.max_length}) or a full-length input could never be batched")
-        self._batched.set_max_batch_size(s.max_batch_tokens)
-        self._min_cost = s.max_batch_tokens // s.max_batch_items
-        self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        self.batcher = Batcher(self._run_batch, max_tokens=s.max_batch_tokens, max_items=s.max_batch_items,
+                               wait_s=s.batch_wait_timeout_s, on_batch=self._observe_waits)
         tags = ("provider",)
         self._m_batch_texts = metrics.Histogram(
             "rayembed_batch_texts", "texts per ONNX Runtime call", boundaries=[1, 2, 4, 8, 16, 32, 64, 128], tag_keys=tags)
@@ -111,29 +92,23 @@ class EmbeddingReplica:
         if dimensions is not None and dimensions not in self.dims:
             raise InvalidRequest(f"dimensions must be one of {self.dims} for this model, not {dimensions}", "dimensions")
         ids = self.tokenizer.encode(texts, input_type, truncate)
-        now = time.perf_counter()
-        out = np.stack(await asyncio.gather(*(self._batched(_Item(x, now, self._min_cost)) for x in ids)))  # [N, H]
+        out = np.stack(await self.batcher.embed(ids))  # [N, H]
         n_tokens = sum(len(x) for x in ids)
         self._m_tokens.inc(n_tokens)
         return matryoshka(out, dimensions), n_tokens
 
-    @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.0, batch_size_fn=_cost)
-    async def _batched(self, items: list[_Item]) -> list[np.ndarray]:
-        # ONNX Runtime runs on this event loop on purpose: while it runs, arriving requests queue up
-        # and the next batch takes all of them. Awaiting an executor instead would let @serve.batch
-        # cut tiny batches from whatever arrived in the meantime (it forms a batch before waiting
-        # for the previous one to finish).
+    def _observe_waits(self, waits_s: list[float]) -> None:
+        for wait in waits_s:
+            self._m_queue_ms.observe(wait * 1000)
+
+    def _run_batch(self, ids: list[list[int]]) -> np.ndarray:
+        """One batch's embeddings [N, H], in order: its least-cost length-sorted calls. Runs in the batcher's thread
+        (ONNX Runtime releases the GIL; Ray's metrics are thread-safe)."""
         s = self.settings
-        started = time.perf_counter()
-        for item in items:
-            self._m_queue_ms.observe((started - item.queued_at) * 1000)
-        out: list[np.ndarray | None] = [None] * len(items)
-        for plan in plan_batches([len(i.ids) for i in items], s.max_batch_texts, s.max_batch_tokens,
-                                 self.call_tokens):
-            input_ids, mask = self.tokenizer.pad([items[i].ids for i in plan])  # [b, S]
-            emb = self.engine.run(input_ids, mask)  # [b, H]
-            for row, i in enumerate(plan):
-                out[i] = emb[row]
+        out = np.empty((len(ids), self.engine.manifest.embedding_dim), np.float32)  # [N, H]
+        for plan in plan_batches([len(x) for x in ids], s.max_batch_texts, s.max_batch_tokens, self.call_tokens):
+            input_ids, mask = self.tokenizer.pad([ids[i] for i in plan])  # [b, S]
+            out[plan] = self.engine.run(input_ids, mask)  # [b, H]
             self._m_batch_texts.observe(len(plan))
             self._m_batch_tokens.observe(int(input_ids.size))
             self.batch_log.append(len(plan))

@@ -340,10 +340,12 @@ def test_concurrent_requests_are_batched_and_never_mixed_up(gateway, offline):
     assert info["call_tokens"] == 24  # the provider setting reaches the replica's batch planner
 
 
-def test_the_gateway_process_runs_with_the_gateway_serve_settings(gateway):
-    """Serve reads RAY_SERVE_RUN_* at process start: the gateway's replica process must have them in its
-    environment (a runtime_env of that deployment only), and the model replicas must not."""
+def test_the_gateway_and_replica_processes_run_with_their_serve_settings(gateway):
+    """Serve reads RAY_SERVE_RUN_* at process start: the gateway's replica process must have its settings in its
+    environment (a runtime_env of that deployment only), and the model replicas theirs (user code on the main loop,
+    the router loop left as Ray has it)."""
     from serve.app import GATEWAY_SERVE_ENV
+    from serve.settings import REPLICA_SERVE_ENV
 
     def environ(pid: int) -> dict[str, str]:
         raw = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
@@ -356,7 +358,10 @@ def test_the_gateway_process_runs_with_the_gateway_serve_settings(gateway):
         env = environ(pid)
         assert {k: env.get(k) for k in GATEWAY_SERVE_ENV} == GATEWAY_SERVE_ENV
     for pid in replicas:
-        assert "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD" not in environ(pid)
+        env = environ(pid)
+        assert env.get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD") == REPLICA_SERVE_ENV[
+            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+        assert "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP" not in env
     assert call(gateway + "/v1/embeddings", {"model": "minilm", "input": TEXTS[:3]})[0] == 200
 
 

@@ -184,22 +184,14 @@ def test_serving_never_imports_torch():
     assert out.stdout.strip() == "[]"
 
 
-def test_serve_batch_cost_bounds_tokens_and_count():
-    from serve.replica import _cost, _Item
-
-    budget, max_items = 8192, 512
-    short = [_Item([1] * 3, 0.0, budget // max_items) for _ in range(max_items)]
-    assert _cost(short) == budget and _cost(short + short[:1]) > budget  # 513 short texts overflow by count
-    long = [_Item([1] * 4096, 0.0, budget // max_items) for _ in range(2)]
-    assert _cost(long) == budget and _cost(long + short[:1]) > budget  # by tokens
-
-
 def test_provider_deployment_options(tmp_path):
-    from serve.settings import ProviderSettings
+    from serve.settings import REPLICA_SERVE_ENV, ProviderSettings
 
     fixed = ProviderSettings(name="p", app="x", num_replicas=3, num_cpus=2, max_queued_requests=7).deployment_options()
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
-    assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0} and fixed["max_queued_requests"] == 7
+    assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0, "runtime_env": {"env_vars": REPLICA_SERVE_ENV}}
+    assert REPLICA_SERVE_ENV == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}  # its code never blocks its loop
+    assert fixed["max_queued_requests"] == 7
     auto = ProviderSettings(name="p", app="x", autoscaling={"min_replicas": 1, "max_replicas": 4,
                                                              "target_ongoing_requests": 8}).deployment_options()
     assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
