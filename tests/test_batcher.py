@@ -43,18 +43,20 @@ def make(model: Model, **kw) -> Batcher:
     return Batcher(model, **kw)
 
 
-async def _started(model: Model) -> None:
+async def _busy(batcher: Batcher, model: Model, ids: list[list[int]] | None = None) -> asyncio.Future:
+    """Hold the model inside a first batch (of `ids`); returns that request. `model.release.set()` lets it go."""
+    model.release.clear()
+    head = asyncio.ensure_future(batcher.embed(ids or [[1]]))
     while not model.started.is_set():
         await asyncio.sleep(0.001)
+    return head
 
 
 def test_what_queues_during_a_run_goes_in_the_next_batch_and_answers_stay_in_order(model):
     batcher = make(model)
 
     async def main():
-        model.release.clear()
-        first = asyncio.ensure_future(batcher.embed([[7, 7]]))
-        await _started(model)  # the model is busy with the first request
+        first = await _busy(batcher, model, [[7, 7]])  # the model is busy with the first request
         rest = [asyncio.ensure_future(batcher.embed([[i] * (1 + i % 3), [100 + i]])) for i in range(20)]
         await asyncio.sleep(0.05)
         model.release.set()
@@ -72,9 +74,7 @@ def test_a_batch_holds_at_most_the_token_budget_and_the_item_count(model):
     batcher = make(model, max_tokens=64, max_items=8)  # every text costs at least 64 / 8 = 8 tokens
 
     async def main():
-        model.release.clear()
-        head = asyncio.ensure_future(batcher.embed([[1]]))
-        await _started(model)
+        head = await _busy(batcher, model)
         texts = [[2] * n for n in (3, 3, 3, 3, 3, 3, 3, 3, 3, 30, 40, 200)]  # short ones, long ones, one over budget
         tail = asyncio.ensure_future(batcher.embed(texts))
         await asyncio.sleep(0.05)
@@ -136,9 +136,7 @@ def test_a_cancelled_request_is_dropped_before_it_runs(model):
     batcher = make(model)
 
     async def main():
-        model.release.clear()
-        head = asyncio.ensure_future(batcher.embed([[1]]))
-        await _started(model)
+        head = await _busy(batcher, model)
         gone = asyncio.ensure_future(batcher.embed([[66], [67]]))
         kept = asyncio.ensure_future(batcher.embed([[8]]))
         await asyncio.sleep(0.01)
@@ -172,9 +170,7 @@ def test_close_fails_what_is_still_queued(model):
     batcher = make(model)
 
     async def main():
-        model.release.clear()
-        head = asyncio.ensure_future(batcher.embed([[1]]))
-        await _started(model)
+        head = await _busy(batcher, model)
         queued = asyncio.ensure_future(batcher.embed([[2]]))
         await asyncio.sleep(0.01)
         closing = asyncio.get_running_loop().run_in_executor(None, batcher.close)
