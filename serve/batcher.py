@@ -58,6 +58,8 @@ class Batcher:
         """The rows for `ids`, in order. Cancelling the caller drops its texts that have not started."""
         if self._closed:
             raise RuntimeError("the batcher is closed")
+        if not self.alive():
+            raise RuntimeError("the batcher's thread has stopped (a bug: see the replica's log)")
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         items = [_Item(x, now, self._min_cost, loop.create_future()) for x in ids]
@@ -65,6 +67,10 @@ class Batcher:
             self._queue.extend(items)
             self._ready.notify()
         return await asyncio.gather(*(item.future for item in items))
+
+    def alive(self) -> bool:
+        """Whether the thread is running (the replica's health check: a dead thread would leave requests waiting)."""
+        return self._thread.is_alive()
 
     def close(self) -> None:
         """Stop the thread after its current batch; texts still queued are failed."""
@@ -109,6 +115,8 @@ class Batcher:
                     started = time.perf_counter()
                     self._on_batch([started - item.queued_at for item in batch])
                 rows = self._run([item.ids for item in batch])
+                if len(rows) != len(batch):
+                    raise RuntimeError(f"the model returned {len(rows)} rows for {len(batch)} texts")
             except Exception as exc:  # noqa: BLE001 - the batch's callers get it; the thread goes on
                 _post([(item, exc) for item in batch], _fail)
                 continue

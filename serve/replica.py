@@ -70,6 +70,8 @@ class EmbeddingReplica:
 
     def check_health(self) -> None:
         self.engine.check()
+        if not self.batcher.alive():
+            raise RuntimeError("the batcher's thread has stopped")
 
     async def embed(self, texts: list[str], input_type: str | None = None, truncate: str = "NONE",
                     dimensions: int | None = None) -> tuple[np.ndarray, int] | ServeError:

@@ -187,6 +187,20 @@ def test_close_fails_what_is_still_queued(model):
     assert [len(b) for b in model.batches] == [1]
 
 
+def test_a_model_that_returns_too_few_rows_fails_its_batch_instead_of_hanging(model):
+    batcher = make(model)
+    batcher._run = lambda ids: model(ids)[:-1]
+
+    async def main():
+        with pytest.raises(RuntimeError, match="returned 1 rows for 2 texts"):
+            await asyncio.wait_for(batcher.embed([[1], [2]]), 5)
+
+    asyncio.run(main())
+    assert batcher.alive()
+    batcher.close()
+    assert not batcher.alive()
+
+
 def test_budget_arguments_are_checked(model):
     with pytest.raises(ValueError, match="max_items"):
         Batcher(model, max_tokens=100, max_items=0)
