@@ -184,16 +184,27 @@ def _forget(s: Settings, record: dict | None) -> None:
 
 
 def kill_processes(temp_dir: Path) -> None:
-    """SIGKILL the processes of one local head: those naming its temp dir, and the workers of its raylet."""
+    """SIGKILL the processes of one local head: those naming its temp dir, the workers of its raylet, and their
+    children."""
     def read(proc: Path, name: str) -> str:
         try:
             return (proc / name).read_bytes().replace(b"\0", b"\n").decode(errors="replace")
         except OSError:
             return ""
 
+    def parent(proc: Path) -> str:
+        stat = read(proc, "stat")
+        return stat[stat.rfind(")") + 2:].split()[1] if ")" in stat else ""
+
     procs = [p for p in Path("/proc").iterdir() if p.name.isdigit() and int(p.name) != os.getpid()]
     ours = {p.name for p in procs if str(temp_dir) in read(p, "cmdline")}
     ours |= {p.name for p in procs if any(f"RAY_RAYLET_PID={pid}\n" in read(p, "environ") for pid in ours)}
+    parents = {p.name: parent(p) for p in procs}
+    while True:  # and their children: the raylet's dashboard and runtime-env agents name neither
+        children = {pid for pid, ppid in parents.items() if ppid in ours} - ours
+        if not children:
+            break
+        ours |= children
     for pid in ours:
         try:
             os.kill(int(pid), signal.SIGKILL)

@@ -42,3 +42,39 @@ def test_free_port_skips_a_port_someone_listens_on(monkeypatch):
         monkeypatch.setattr(runtime, "PORT_RANGE", (port, port + 1))
         with pytest.raises(RuntimeError, match="no free TCP port"):
             runtime.free_port()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rfind(")") + 2] == "Z"  # killed, waiting to be reaped
+
+
+def test_kill_processes_takes_a_heads_children_that_name_nothing(tmp_path):
+    """`rayembed down` kills its head by what names its temp dir; the raylet's dashboard and runtime-env agents
+    name nothing of it and outlived `down` (seen 2026-11-29). Their parent does: they go too; a stranger stays."""
+    import subprocess
+    import sys
+    import time
+
+    from cluster.local import kill_processes
+
+    temp_dir = tmp_path / "head-session"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    spawn = f"import subprocess, time; c = subprocess.Popen({sleeper!r}); print(c.pid, flush=True); time.sleep(60)"
+    head = subprocess.Popen([sys.executable, "-c", spawn, str(temp_dir)], stdout=subprocess.PIPE, text=True)
+    stranger = subprocess.Popen(sleeper)
+    try:
+        agent = int(head.stdout.readline())
+        kill_processes(temp_dir)
+        head.wait(10)
+        deadline = time.monotonic() + 10
+        while not _gone(agent):
+            assert time.monotonic() < deadline, "the head's child outlived it"
+            time.sleep(0.05)
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        head.kill()
