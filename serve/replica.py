@@ -105,7 +105,7 @@ class EmbeddingReplica:
 
     def _run_batch(self, ids: list[list[int]]) -> np.ndarray:
         """One batch's embeddings [N, H], in order: its least-cost length-sorted calls. Runs in the batcher's thread
-        (ONNX Runtime releases the GIL; Ray's metrics are thread-safe)."""
+        (ONNX Runtime releases the GIL meanwhile)."""
         s = self.settings
         out = np.empty((len(ids), self.engine.manifest.embedding_dim), np.float32)  # [N, H]
         for plan in plan_batches([len(x) for x in ids], s.max_batch_texts, s.max_batch_tokens, self.call_tokens):
