@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -32,7 +33,11 @@ def ensure_artifact(model_dir: Path | None, work: Path) -> Path:
     if model_dir:
         return model_dir
     out = work / "minilm-onnx"
-    if not (out / "manifest.json").is_file():
+    manifest = out / "manifest.json"
+    if manifest.is_file() and "by" not in (json.loads(manifest.read_text()).get("optimized") or {}):
+        print(f"{out} was exported before onnxscript's fusions: exporting it again", flush=True)
+        shutil.rmtree(out)
+    if not manifest.is_file():
         subprocess.run([PY, "-m", "train.export", "--model", "all-MiniLM-L6-v2", "--output", str(out)], check=True, cwd=ROOT)
     return out
 
@@ -109,10 +114,10 @@ def minimal_loop(model_dir: Path, texts: list[str], seconds: float, label: str =
 
 def ceiling(model_dir: Path, texts: list[str], seconds: float, label: str = "replica_code",
             grid: tuple = ((1, False), (2, False), (2, True)), batches: tuple = (1, 8, 16, 32),
-            precision: str = "auto") -> list[dict]:
+            precision: str = "auto", graph: str | None = None) -> list[dict]:
     """In-process tokenize + ONNX Runtime run, the same code the replica runs (serve.tokens, rayembed.engine),
     without any server: the best of a small grid. Compared with `minimal_loop`, it shows what the replica's
-    own code costs before any Ray machinery is involved."""
+    own code costs before any Ray machinery is involved. `graph`: a graph file instead of `precision`'s."""
     from rayembed.artifact import read_manifest
     from rayembed.engine import OnnxEmbedder
     from serve.tokens import ServingTokenizer
@@ -120,7 +125,7 @@ def ceiling(model_dir: Path, texts: list[str], seconds: float, label: str = "rep
     tok = ServingTokenizer(model_dir, read_manifest(model_dir))
     rows = []
     for threads, spin in grid:
-        engine = OnnxEmbedder(model_dir, threads=threads, spin=spin, precision=precision)
+        engine = OnnxEmbedder(model_dir, threads=threads, spin=spin, precision=precision, graph=graph)
         for batch in batches:
             for order in ("arrival", "sorted") if batch > 1 else ("arrival",):
                 done, lat, i, tokenize_s = 0, [], 0, 0.0
@@ -149,13 +154,22 @@ def ceiling(model_dir: Path, texts: list[str], seconds: float, label: str = "rep
 
 
 def compare_graphs(model_dir: Path, texts: list[str], seconds: float, rounds: int,
-                   precisions: tuple[str, ...] = ("fp32", "optimized")) -> int:
+                   precisions: tuple[str, ...] = ("fp32", "optimized"), work: Path | None = None) -> int:
     """The artifact's graphs (provider `precision` values) with the same code, alternated; prints each one's
-    texts/s and its ratio to the first."""
+    texts/s and its ratio to the first. `transformers`: the plain graph through ONNX Runtime's transformer optimizer
+    (LayerNorm and GELU fused, attention not; what model.opt.onnx was before onnxscript's fusions), built in `work`."""
+    graphs = {p: None for p in precisions}
+    if "transformers" in graphs:
+        from train.export import transformer_fusions
+
+        graphs["transformers"] = str((work or model_dir.parent) / "model.transformers.onnx")
+        if not transformer_fusions(model_dir / "model.onnx", Path(graphs["transformers"])):
+            raise SystemExit("ONNX Runtime's transformer optimizer fuses nothing in this graph")
     results: dict[tuple, list[float]] = {}
     for _ in range(rounds):
         for precision in precisions:
-            for row in ceiling(model_dir, texts, seconds, "graph", grid=((2, False),), batches=(1, 32), precision=precision):
+            for row in ceiling(model_dir, texts, seconds, "graph", grid=((2, False),), batches=(1, 32),
+                               precision="auto" if graphs[precision] else precision, graph=graphs[precision]):
                 results.setdefault((precision, row["batch"], row["order"]), []).append(row["texts_per_s"])
     for batch, order in ((1, "arrival"), (32, "arrival"), (32, "sorted")):
         rates = {p: float(np.mean(results[(p, batch, order)])) for p in precisions}
@@ -297,12 +311,12 @@ def main(argv: list[str] | None = None) -> int:
                              "least-cost cut), alternated ROUNDS times, --ceiling-seconds each")
     parser.add_argument("--graphs", default="fp32,optimized",
                         help="with --compare-graphs: provider precisions to compare, the first is the reference "
-                             "(fp32, optimized, int8)")
+                             "(fp32, optimized, int8), or transformers: ONNX Runtime's transformer optimizer's graph")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.compare_graphs:
         return compare_graphs(ensure_artifact(args.model_dir, args.work), read_texts(ensure_texts(args.work)),
-                              args.ceiling_seconds, args.compare_graphs, tuple(args.graphs.split(",")))
+                              args.ceiling_seconds, args.compare_graphs, tuple(args.graphs.split(",")), args.work)
     if args.compare_plans:
         return compare_plans(ensure_artifact(args.model_dir, args.work), read_texts(ensure_texts(args.work)),
                              args.ceiling_seconds, args.compare_plans)

@@ -71,7 +71,7 @@ class Manifest(BaseModel):
     source: dict[str, Any] = Field(default_factory=dict)
     export_seconds: float | None = None
     files: dict[str, str] = Field(default_factory=dict)
-    optimized: dict[str, Any] | None = Field(None, description="the fused graph's file and fusion counts, when written")
+    optimized: dict[str, Any] | None = Field(None, description="the fused graph, when written: its file, what fused it (by) and its fused ops (fusions)")
     int8: dict[str, Any] | None = Field(None, description="the int8 graph's file and its gates' figures, when written")
 
     @model_validator(mode="before")

@@ -78,23 +78,80 @@ def test_export_cli_on_the_packaged_minilm(tmp_path):
     assert float(emb[0] @ emb[1]) > float(emb[0] @ emb[2]) + 0.2
 
 
+def _op_counts(path) -> dict[str, int]:
+    import collections
+
+    import onnx
+
+    return dict(collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node))
+
+
 def test_fused_graph_is_written_parity_checked_and_preferred_on_cpu(minilm_onnx):
-    """The packaged MiniLM's export carries ONNX Runtime's fused graph; replicas load it on CPU."""
+    """The packaged MiniLM's export carries the fused graph (whole attention blocks, Add + LayerNorm, bias + GELU as
+    single ONNX Runtime ops); replicas load it on CPU and it matches the plain graph on padded batches."""
     from rayembed.engine import OnnxEmbedder
 
     manifest = json.loads((minilm_onnx / "manifest.json").read_text())
-    assert manifest["optimized"]["file"] == "model.opt.onnx" and manifest["optimized"]["fusions"]["LayerNormalization"] > 0
+    opt = manifest["optimized"]
+    assert opt["file"] == "model.opt.onnx" and opt["by"] == "onnxscript"
+    assert opt["fusions"] == {"Attention": 6, "SkipLayerNormalization": 12, "BiasGelu": 6}  # 6 layers
+    ops, plain_ops = _op_counts(minilm_onnx / "model.opt.onnx"), _op_counts(minilm_onnx / "model.onnx")
+    assert ops["Attention"] == 6 and "Softmax" not in ops and sum(ops.values()) < sum(plain_ops.values()) / 2
     assert manifest["parity"]["optimized_min_cosine"] >= 0.9999 and "model.opt.onnx" in manifest["files"]
-    texts = ["receive RSS feeds by email", "a real-time strategy game of ancient warfare"]
+    texts = ["receive RSS feeds by email", "a real-time strategy game of ancient warfare", "x",
+             "Moose is an extension of the Perl 5 object system, to make object oriented programming easier"]
     ids, mask = TextTokenizer(minilm_onnx, 256)(texts)
     fused, plain = OnnxEmbedder(minilm_onnx), OnnxEmbedder(minilm_onnx, precision="fp32")
     assert fused.path.name == "model.opt.onnx" and plain.path.name == "model.onnx"
     np.testing.assert_allclose(fused.run(ids, mask), plain.run(ids, mask), atol=1e-4)
+    for i in range(len(texts)):  # padding changes nothing: each text alone gives its row of the batch
+        one_ids, one_mask = TextTokenizer(minilm_onnx, 256)([texts[i]])
+        np.testing.assert_allclose(fused.run(one_ids, one_mask)[0], fused.run(ids, mask)[i], atol=1e-5)
 
 
-def test_llama_export_has_no_fused_graph(tiny_nemotron, tmp_path):
+def test_llama_export_gets_a_fused_bidirectional_graph(tiny_nemotron, tmp_path):
+    """The nemotron architecture: RMSNorm (with the residual Add) and attention fused, and the attention stays
+    bidirectional (the parity gate runs PyTorch's bidirectional model on mixed-length batches)."""
+    from rayembed.engine import OnnxEmbedder
+
     manifest = export_onnx(tiny_nemotron, tmp_path / "onnx", max_seq_length=32)
-    assert manifest.optimized is None and not (tmp_path / "onnx" / "model.opt.onnx").exists()
+    assert manifest.optimized["by"] == "onnxscript" and manifest.parity.optimized_min_cosine >= 0.9999
+    assert {"MultiHeadAttention", "SkipSimplifiedLayerNormalization"} <= set(manifest.optimized["fusions"])
+    ops = _op_counts(tmp_path / "onnx" / "model.opt.onnx")
+    assert "GroupQueryAttention" not in ops and "Softmax" not in ops  # GQA would be causal
+    ids, mask = TextTokenizer(tmp_path / "onnx", 32)(["perl module for web servers", "x", "lint tool for ansible"])
+    fused, plain = OnnxEmbedder(tmp_path / "onnx"), OnnxEmbedder(tmp_path / "onnx", precision="fp32")
+    assert fused.path.name == "model.opt.onnx"
+    info = inspect_model(str(tiny_nemotron))
+    with torch.no_grad():  # PyTorch's bidirectional model: a causal attention would miss it by far
+        ref = normalize(BiEncoder(load_backbone(info)).eval()(torch.from_numpy(ids), torch.from_numpy(mask))).numpy()
+    np.testing.assert_allclose(fused.run(ids, mask), ref, atol=1e-4)
+    np.testing.assert_allclose(plain.run(ids, mask), ref, atol=1e-4)
+
+
+def test_fusion_falls_back_and_the_parity_gate_judges_each_graph(tiny_bert, tmp_path, monkeypatch):
+    """onnxscript's fusions failing leaves ONNX Runtime's optimizer for BERT-family graphs; a fused graph that fails
+    the gate is removed, and the next fuser gets its turn."""
+    out = tmp_path / "onnx"
+    export_onnx(tiny_bert, out, max_seq_length=32, optimize=False)
+    src, dst = out / "model.onnx", tmp_path / "fused.onnx"
+
+    def broken(src, dst):
+        raise RuntimeError("pattern mismatch")
+
+    monkeypatch.setattr(export_mod, "ort_fusions", broken)
+    kept, cos = export_mod._optimized_copy(src, dst, "hf_encoder", lambda path: (True, 1.0))
+    assert kept["by"] == "onnxruntime.transformers" and kept["fusions"].get("LayerNormalization", 0) > 0 and dst.is_file()
+    monkeypatch.undo()
+    judged = []
+
+    def gate(path):
+        judged.append(_op_counts(path))
+        return len(judged) > 1, 0.5 if len(judged) == 1 else 1.0  # the first graph fails, the second passes
+
+    kept, cos = export_mod._optimized_copy(src, dst, "hf_encoder", gate)
+    assert "Attention" in judged[0] and "Attention" not in judged[1] and kept["by"] == "onnxruntime.transformers"
+    assert export_mod._optimized_copy(src, dst, "llama", lambda path: (False, 0.5)) is None and not dst.exists()
 
 
 SAMPLE_EVAL = ROOT / "data" / "debian-pkgdesc-sample" / "eval"
@@ -114,6 +171,9 @@ def test_int8_graph_passes_both_gates_and_serves_only_when_asked(minilm_onnx, tm
     manifest = json.loads((art / "manifest.json").read_text())
     q = manifest["int8"]
     assert q["file"] == "model.int8.onnx" and q["from"] == "model.opt.onnx" and q["min_cosine"] >= 0.97
+    assert "fusions" in q["quantized"]
+    ops = _op_counts(art / "model.int8.onnx")  # every projection quantized, Q, K and V included: 6 per layer
+    assert ops["MatMulInteger"] == 36 and "Attention" not in ops
     assert q["ndcg@10_drop"] <= 0.005 and set(q["ndcg@10"]) == {"model.opt.onnx", "model.int8.onnx"}
     assert manifest["files"]["model.int8.onnx"] == export_mod._sha256(art / "model.int8.onnx")
     assert (art / "model.int8.onnx").stat().st_mode & 0o777 == 0o644

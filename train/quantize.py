@@ -4,8 +4,9 @@ passes two gates against the artifact's own fp32 graph, and reported side by sid
     python -m train.quantize --model-dir DIR [--eval BEIR_DIR] [--max-ndcg-drop 0.005] [--min-cosine 0.97]
 
 1. Weights of MatMul/Gemm to int8 per output channel (activations quantized per batch at run time;
-   per-tensor weights lose far more: worst cosine 0.91 on MiniLM against 0.98), from the fused graph
-   when the artifact has one, else from `model.onnx`.
+   per-tensor weights lose far more: worst cosine 0.91 on MiniLM against 0.98), from `model.onnx` with
+   ONNX Runtime's LayerNorm/GELU fusions for BERT-family encoders (not from model.opt.onnx, whose fused
+   Attention op dynamic quantization does not reach), else from `model.onnx`.
 2. Parity: the minimum cosine between int8 and fp32 embeddings of the parity texts (and of every
    evaluation query and document) must reach `--min-cosine`.
 3. Quality (with `--eval`): nDCG@10 of both graphs on the BEIR folder; the int8 graph may lose at most
@@ -77,21 +78,30 @@ def quantize_artifact(model_dir: str | Path, *, eval_dir: str | Path | None = No
     """Write `model.int8.onnx` into the artifact when it passes the gates; returns the report.
     Raises QuantizeError (the artifact untouched) when it does not."""
     from train.data import load_beir
-    from train.export import DEFAULT_PARITY_TEXTS, _sha256
+    from train.export import DEFAULT_PARITY_TEXTS, _sha256, transformer_fusions
 
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
+    # the gates compare against the graph replicas serve by default
     source = GRAPH_OPTIMIZED if manifest.optimized and (model_dir / GRAPH_OPTIMIZED).is_file() else GRAPH
     staging = model_dir / f".{GRAPH_INT8}.tmp"  # judged under this name; renamed over any older one when it passes
+    fused_src = model_dir / f".{GRAPH_INT8}.src.tmp"
     rset = load_beir(eval_dir) if eval_dir else None
     start = time.perf_counter()
     try:
-        _quantize(model_dir / source, staging)
+        # Quantized from the plain graph with only LayerNorm/GELU fused: dynamic quantization turns MatMul weights into
+        # int8 but leaves a fused Attention op (model.opt.onnx's Q, K and V projections) in fp32.
+        if manifest.family == "hf_encoder" and transformer_fusions(model_dir / GRAPH, fused_src):
+            _quantize(fused_src, staging)
+            quantized = f"{GRAPH} with ONNX Runtime's LayerNorm/GELU fusions"
+        else:
+            _quantize(model_dir / GRAPH, staging)
+            quantized = GRAPH
         ref, got = (_embeddings(model_dir, g, list(DEFAULT_PARITY_TEXTS), rset, threads) for g in (source, staging.name))
         # parity over every text both graphs embedded: the parity texts, and the evaluation queries and documents
         a, b = np.concatenate(list(ref.values())), np.concatenate(list(got.values()))  # [T, H]
         cos = float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
-        report = {"file": GRAPH_INT8, "from": source, "min_cosine": round(cos, 6), "min_cosine_threshold": min_cosine,
+        report = {"file": GRAPH_INT8, "from": source, "quantized": quantized, "min_cosine": round(cos, 6), "min_cosine_threshold": min_cosine,
                   "parity_texts": len(a)}
         if not cos >= min_cosine:
             raise QuantizeError(f"int8 parity gate failed: min cosine {cos:.4f} < {min_cosine} against {source} "
@@ -108,6 +118,7 @@ def quantize_artifact(model_dir: str | Path, *, eval_dir: str | Path | None = No
         staging.rename(model_dir / GRAPH_INT8)
     finally:
         staging.unlink(missing_ok=True)
+        fused_src.unlink(missing_ok=True)
     files = {**manifest.files, GRAPH_INT8: _sha256(model_dir / GRAPH_INT8)}
     write_manifest(model_dir, manifest.model_copy(update={"int8": report, "files": files}))
     return report
