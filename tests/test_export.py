@@ -187,6 +187,24 @@ def test_int8_graph_passes_both_gates_and_serves_only_when_asked(minilm_onnx, tm
     assert cos.min() >= 0.97 and not np.allclose(a, b, atol=1e-4)  # close, and really another graph
 
 
+def test_int8_graph_is_quantized_from_the_plain_graph_when_the_optimizer_fails(minilm_onnx, tmp_path, monkeypatch):
+    import shutil
+
+    from train.quantize import quantize_artifact
+
+    art = tmp_path / "art"
+    shutil.copytree(minilm_onnx, art)
+
+    def broken(src, dst):
+        raise RuntimeError("no pattern matched")
+
+    monkeypatch.setattr(export_mod, "transformer_fusions", broken)
+    report = quantize_artifact(art)
+    assert report["quantized"] == "model.onnx" and report["from"] == "model.opt.onnx" and report["min_cosine"] >= 0.97
+    ops = _op_counts(art / "model.int8.onnx")
+    assert ops["MatMulInteger"] == 36 and "BiasGelu" not in ops and not list(art.glob(".*tmp"))
+
+
 def test_int8_graph_failing_a_gate_leaves_the_artifact_as_it_was(minilm_onnx, tmp_path):
     import shutil
 

@@ -50,6 +50,14 @@ def _quantize(src: Path, dst: Path) -> None:
         logging.disable(logging.NOTSET)
 
 
+def _fused_or_none(fuse, src: Path, dst: Path) -> dict | None:
+    try:
+        return fuse(src, dst)
+    except Exception as exc:  # noqa: BLE001 - then the plain graph is quantized, and the gates judge it as ever
+        log.warning("ONNX Runtime's transformer optimizer does not apply (%s); quantizing model.onnx", exc)
+        return None
+
+
 def _embeddings(model_dir: Path, graph: str, texts: list[str], rset, threads: int) -> dict[str, np.ndarray]:
     """One graph's embeddings of the parity texts and, with an evaluation set, of its queries and documents."""
     from rayembed.engine import TextEmbedder
@@ -91,7 +99,7 @@ def quantize_artifact(model_dir: str | Path, *, eval_dir: str | Path | None = No
     try:
         # Quantized from the plain graph with only LayerNorm/GELU fused: dynamic quantization turns MatMul weights into
         # int8 but leaves a fused Attention op (model.opt.onnx's Q, K and V projections) in fp32.
-        if manifest.family == "hf_encoder" and transformer_fusions(model_dir / GRAPH, fused_src):
+        if manifest.family == "hf_encoder" and _fused_or_none(transformer_fusions, model_dir / GRAPH, fused_src):
             _quantize(fused_src, staging)
             quantized = f"{GRAPH} with ONNX Runtime's LayerNorm/GELU fusions"
         else:
