@@ -34,7 +34,8 @@ def ensure_artifact(model_dir: Path | None, work: Path) -> Path:
         return model_dir
     out = work / "minilm-onnx"
     manifest = out / "manifest.json"
-    if manifest.is_file() and "by" not in (json.loads(manifest.read_text()).get("optimized") or {}):
+    optimized = json.loads(manifest.read_text()).get("optimized") if manifest.is_file() else None
+    if optimized is not None and "by" not in optimized:  # null: no fuser passed the gate; exporting again won't help
         print(f"{out} was exported before onnxscript's fusions: exporting it again", flush=True)
         shutil.rmtree(out)
     if not manifest.is_file():
@@ -55,7 +56,7 @@ def read_texts(path: Path) -> list[str]:
 
 
 def minimal_loop(model_dir: Path, texts: list[str], seconds: float, label: str = "minimal",
-                 threads: int = 2) -> list[dict]:
+                 threads: int = 2, batches: tuple[int, ...] = (1, 32)) -> list[dict]:
     """The ceiling a user compares against: the artifact's graph and tokenizer driven directly (tokenizers
     `encode_batch`, numpy padding, `session.run`, `threads` intra-op threads, no spinning), one text at a time
     and in length-sorted batches of 32. None of the project's serving code runs here."""
@@ -83,7 +84,7 @@ def minimal_loop(model_dir: Path, texts: list[str], seconds: float, label: str =
         session.run(["embeddings"], {"input_ids": input_ids, "attention_mask": mask})
 
     rows = []
-    for batch in (1, 32):
+    for batch in batches:
         run([e.ids for e in tok.encode_batch(texts[:batch])])  # warm-up
         done, lat, i = 0, [], 0
         start = time.perf_counter()
@@ -281,6 +282,48 @@ def load(port: int, texts: Path, c: int, b: int, duration: float, route: str = "
     return row
 
 
+def cycles(model_dir: Path, texts_path: Path, n: int, seconds: float, duration: float, configs: list[tuple[int, int]],
+           route: str, provider: dict, port: int, log: Path, idle_s: float = 20.0) -> list[dict]:
+    """The goals' ratios with the machine's drift taken out: `n` times in turn, the minimal loop alone (no Ray),
+    then the server started and left idle `idle_s`, the same loop beside it, then each config through `route`,
+    then the server stopped; once more the loop alone at the end. Each cycle's ceiling is the better of the loop
+    runs alone just before and just after it (as in a full run). Prints one JSON line per cycle and the medians:
+    served / alone (the goal), the loop beside the idle server / alone (what Ray's idle processes leave of the
+    two cores), served / beside."""
+    texts = read_texts(texts_path)
+
+    def alone() -> dict:
+        return {r["batch"]: r for r in minimal_loop(model_dir, texts, seconds)}
+
+    before, out = alone(), []
+    for i in range(n):
+        proc = start_server(model_dir, port, provider, log)
+        try:
+            time.sleep(idle_s)
+            beside = {r["batch"]: r for r in minimal_loop(model_dir, texts, seconds, "minimal_beside_idle_ray")}
+            served = [load(port, texts_path, c, b, duration, route) for c, b in configs]
+        finally:
+            stop_server(proc)
+        after = alone()
+        best = max(before[32]["texts_per_s"], after[32]["texts_per_s"])
+        one = min(before[1]["p50_ms"], after[1]["p50_ms"])
+        row = {"what": "cycle", "cycle": i + 1, "route": route, "loop_texts_per_s": best, "loop_one_text_ms": one,
+               "beside_over_alone": round(beside[32]["texts_per_s"] / best, 3)}
+        for r in served:
+            key = f"{r['concurrency']}x{r['batch']}"
+            row[f"{key}_over_alone"] = round(r["texts_per_s"] / best, 3)
+            row[f"{key}_over_beside"] = round(r["texts_per_s"] / beside[32]["texts_per_s"], 3)
+            row[f"{key}_p50_over_loop_ms"] = round(r["p50_ms"] - one, 2)
+            row[f"{key}_errors"] = sum(r["errors"].values())
+        print(json.dumps(row), flush=True)
+        out.append(row)
+        before = after
+    medians = {k: round(float(np.median([r[k] for r in out])), 3) for k in out[0]
+               if k.endswith(("_over_alone", "_over_beside", "_over_loop_ms"))}
+    print(json.dumps({"what": "cycles_median", "cycles": n, "route": route, **medians}), flush=True)
+    return out + [{"what": "cycles_median", **medians}]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path)
@@ -309,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-plans", type=int, metavar="ROUNDS", default=0,
                         help="only compare the batch planner's cuts in process (one call per 32 texts against the "
                              "least-cost cut), alternated ROUNDS times, --ceiling-seconds each")
+    parser.add_argument("--cycles", type=int, metavar="N", default=0,
+                        help="only the goals' ratios, N times in turn: the minimal loop alone, the server idle with the "
+                             "loop beside it, --configs through the first of --routes; prints per-cycle ratios and medians")
     parser.add_argument("--graphs", default="fp32,optimized",
                         help="with --compare-graphs: provider precisions to compare, the first is the reference "
                              "(fp32, optimized, int8), or transformers: ONNX Runtime's transformer optimizer's graph")
@@ -322,6 +368,14 @@ def main(argv: list[str] | None = None) -> int:
                              args.ceiling_seconds, args.compare_plans)
     model_dir = ensure_artifact(args.model_dir, args.work)
     texts_path = ensure_texts(args.work)
+    if args.cycles:
+        configs = [tuple(int(x) for x in spec.split("x")) for spec in args.configs.split(",")]
+        rows = cycles(model_dir, texts_path, args.cycles, args.ceiling_seconds, args.duration, configs,
+                      args.routes.split(",")[0], json.loads(args.provider), args.port, args.work / "server.log")
+        with (args.work / "results.jsonl").open("a") as fh:
+            for r in rows:
+                fh.write(json.dumps({"provider": json.loads(args.provider), **r, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        return 0
     texts = read_texts(texts_path)
 
     provider = json.loads(args.provider)

@@ -420,6 +420,52 @@ def test_bench_minimal_loop_runs_the_artifacts_graph_without_project_code(artifa
     assert all(r["texts_per_s"] > 0 and r["p50_ms"] > 0 for r in rows)
 
 
+def test_bench_cycles_bracket_each_server_with_the_loop_alone(tmp_path, monkeypatch, capsys):
+    """`--cycles`: the loop runs alone before each server, beside it, and alone after it; each cycle's ratios use the
+    better of its two bracketing loop runs. The loop, the server and the load generator are replaced here with known
+    rates (the bookkeeping is under test; `python -m bench.serving --cycles N` runs the real ones, and the loop has
+    its own test above)."""
+    import bench.serving as bs
+
+    alone = iter([(100.0, 7.0), (120.0, 6.0), (90.0, 8.0)])  # (texts/s in batches, one text p50 ms), in turn
+    beside = iter([80.0, 99.0])
+    served = iter([(110.0, 9.0), (96.0, 14.0)])  # 32 x 16: texts/s, p50 ms
+    events = []
+
+    def loop(model_dir, texts, seconds, label="minimal", **kw):
+        events.append(label)
+        rate, one = next(alone) if label == "minimal" else (next(beside), 1.0)
+        return [{"what": label, "batch": 1, "texts_per_s": 1000 / one, "p50_ms": one},
+                {"what": label, "batch": 32, "texts_per_s": rate, "p50_ms": 50.0}]
+
+    def load(port, texts, c, b, duration, route):
+        events.append(f"load {c}x{b} {route}")
+        rate, p50 = next(served)
+        return {"what": "gateway", "route": route, "concurrency": c, "batch": b, "texts_per_s": rate,
+                "p50_ms": p50, "p99_ms": p50, "errors": {"503": 1} if p50 > 10 else {}}
+
+    monkeypatch.setattr(bs, "minimal_loop", loop)
+    monkeypatch.setattr(bs, "start_server", lambda *a, **k: events.append("start") or "proc")
+    monkeypatch.setattr(bs, "stop_server", lambda proc: events.append("stop"))
+    monkeypatch.setattr(bs, "load", load)
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("\n".join(json.dumps(t) for t in TEXTS))
+    rows = bs.cycles(tmp_path, texts, 2, 0.02, 1.0, [(32, 16)], "provider", {}, 0, tmp_path / "log", idle_s=0)
+    assert events == ["minimal", "start", "minimal_beside_idle_ray", "load 32x16 provider", "stop", "minimal",
+                      "start", "minimal_beside_idle_ray", "load 32x16 provider", "stop", "minimal"]
+    first, second, median = rows
+    assert first == {"what": "cycle", "cycle": 1, "route": "provider", "loop_texts_per_s": 120.0,
+                     "loop_one_text_ms": 6.0, "beside_over_alone": round(80 / 120, 3),
+                     "32x16_over_alone": round(110 / 120, 3), "32x16_over_beside": round(110 / 80, 3),
+                     "32x16_p50_over_loop_ms": 3.0, "32x16_errors": 0}
+    assert (second["loop_texts_per_s"], second["loop_one_text_ms"], second["32x16_over_alone"]) == (120.0, 6.0, 0.8)
+    assert (second["32x16_p50_over_loop_ms"], second["32x16_errors"]) == (8.0, 1)
+    keys = ("beside_over_alone", "32x16_over_alone", "32x16_over_beside", "32x16_p50_over_loop_ms")
+    assert median == {"what": "cycles_median", **{k: round((first[k] + second[k]) / 2, 3) for k in keys}}
+    assert median["32x16_p50_over_loop_ms"] == 5.5 and median["beside_over_alone"] == round((0.667 + 0.825) / 2, 3)
+    assert '"what": "cycles_median"' in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- a provider answering its own route
 def test_the_provider_route_is_answered_by_the_providers_own_application(gateway, artifacts, offline):
     """`python -m serve`'s layout (serve.direct.standalone_apps): the provider's application answers the provider
