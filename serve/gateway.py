@@ -168,6 +168,8 @@ class GatewayCore:
         self.set_table(config, workspaces, keys)
         self.handles = dict(handles or {})  # provider name or app name -> handle
         self.metrics = RequestMetrics()
+        self._pending: dict[str, list[tuple[tuple, asyncio.Future]]] = {}  # provider -> requests for the next call
+        self._sending: set[asyncio.Task] = set()
 
     def set_table(self, config: GatewayConfig, workspaces: tuple[str, ...] | list[str] = (),
                   keys: KeyRing | None = KeyRing()) -> None:
@@ -193,28 +195,61 @@ class GatewayCore:
         return parse_request(await read_body(request, limits.max_body_bytes, limits.body_timeout_s))
 
     async def _embed(self, body: EmbeddingRequest, provider: ProviderSettings, model: str) -> Response:
-        texts = body.texts(self.config.limits)
-        # An embedding is idempotent: a request whose replica died, or did not answer within the provider's
-        # deadline (hung, stopped), is sent again; Serve's router prefers the replica with the shorter queue.
-        timeout = provider.request_timeout_s
-        for attempt in range(REPLICA_ATTEMPTS):
-            try:
-                result = await asyncio.wait_for(
-                    self._handle(provider).embed.remote(texts, body.input_type, body.truncate, body.dimensions), timeout)
-                break
-            except RayActorError:  # ActorDiedError, ActorUnavailableError
-                if attempt == REPLICA_ATTEMPTS - 1:
-                    raise
-                log.warning("a replica of provider %s failed mid-request; retrying", provider.name)
-            except asyncio.TimeoutError:
-                if attempt == REPLICA_ATTEMPTS - 1:
-                    raise UpstreamTimeout(f"provider {provider.name!r} did not answer within {timeout:g} s, "
-                                          f"{REPLICA_ATTEMPTS} times; retry later") from None
-                log.warning("provider %s did not answer within %g s; retrying", provider.name, timeout)
+        result = await self._submit(provider, (body.texts(self.config.limits), body.input_type, body.truncate,
+                                               body.dimensions))
         if isinstance(result, ServeError):
             raise result
         embeddings, tokens = result
         return json_response(render(embeddings, body.encoding_format, model, tokens))
+
+    async def _submit(self, provider: ProviderSettings, request: tuple) -> tuple | ServeError:
+        """One request's result from `provider`'s replicas. Requests for the same provider that reach this point in the
+        same pass of the event loop go in one handle call (`embed_many`): under load many arrive together, and each
+        handle call costs the gateway and the replica a Ray task. A request alone goes out at the end of the pass."""
+        loop = asyncio.get_running_loop()
+        key = provider.app or provider.name
+        group = self._pending.get(key)
+        if group is None:
+            group = self._pending[key] = []
+            loop.call_soon(self._flush, key, provider)
+        future = loop.create_future()
+        group.append((request, future))
+        return await future
+
+    def _flush(self, key: str, provider: ProviderSettings) -> None:
+        group = [(request, future) for request, future in self._pending.pop(key) if not future.cancelled()]
+        if group:
+            task = asyncio.ensure_future(self._send(provider, group))
+            self._sending.add(task)  # a reference, so the task is not collected mid-call
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, provider: ProviderSettings, group: list[tuple[tuple, asyncio.Future]]) -> None:
+        # An embedding is idempotent: a group whose replica died, or did not answer within the provider's
+        # deadline (hung, stopped), is sent again; Serve's router prefers the replica with the shorter queue.
+        timeout = provider.request_timeout_s
+        try:
+            for attempt in range(REPLICA_ATTEMPTS):
+                try:
+                    results = await asyncio.wait_for(
+                        self._handle(provider).embed_many.remote([request for request, _ in group]), timeout)
+                    break
+                except RayActorError:  # ActorDiedError, ActorUnavailableError
+                    if attempt == REPLICA_ATTEMPTS - 1:
+                        raise
+                    log.warning("a replica of provider %s failed mid-request; retrying", provider.name)
+                except asyncio.TimeoutError:
+                    if attempt == REPLICA_ATTEMPTS - 1:
+                        raise UpstreamTimeout(f"provider {provider.name!r} did not answer within {timeout:g} s, "
+                                              f"{REPLICA_ATTEMPTS} times; retry later") from None
+                    log.warning("provider %s did not answer within %g s; retrying", provider.name, timeout)
+        except Exception as exc:  # noqa: BLE001 - each request of the group answers with it
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(group, results):
+            if not future.done():
+                future.set_result(result)
 
     async def openai_embeddings(self, request: Request) -> Response:
         body = await self._body(request)

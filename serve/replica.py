@@ -8,6 +8,8 @@ texts, where the cut weighs padding against each call's fixed cost (`call_tokens
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import ray
 from ray import serve
@@ -84,6 +86,12 @@ class EmbeddingReplica:
             return await self._embed(texts, input_type, truncate, dimensions)
         except ServeError as exc:
             return exc
+
+    async def embed_many(self, requests: list[tuple]) -> list[tuple[np.ndarray, int] | ServeError]:
+        """Several requests in one handle call, each `(texts, input_type, truncate, dimensions)` as for `embed`, each
+        with its own result or client error: the gateway sends those that reach it together this way (one Ray task
+        for the group instead of one per request). Their texts join the same batcher queue."""
+        return list(await asyncio.gather(*(self.embed(*request) for request in requests)))
 
     async def _embed(self, texts: list[str], input_type: str | None, truncate: str,
                      dimensions: int | None) -> tuple[np.ndarray, int]:

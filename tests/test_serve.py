@@ -139,6 +139,29 @@ def test_openai_sdk_float_base64_match_offline_artifact(gateway, offline):
     assert b64.usage.prompt_tokens == n_tokens == b64.usage.total_tokens
 
 
+def test_concurrent_requests_each_get_their_own_answer(gateway, offline):
+    """Concurrent requests on /v1/embeddings (which the gateway sends to the replica in shared handle calls): each gets
+    its own vectors in its own order and its own token count, and a bad one its own 400, not its neighbours'."""
+    want = offline["minilm"].embed(TEXTS)
+
+    def one(i: int):
+        texts = [TEXTS[(i + k) % 4] for k in range(1 + i % 3)]
+        dims = 5 if i % 4 == 3 else (384 if i % 2 else None)  # MiniLM has one size
+        return i, texts, dims, call(gateway + "/v1/embeddings", {"model": "minilm", "input": texts, "dimensions": dims})
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(one, range(24)))
+    for i, texts, dims, (status, body, _) in answers:
+        if dims == 5:
+            assert status == 400 and body["error"]["param"] == "dimensions", body
+            continue
+        assert status == 200, body
+        got = vectors(body)
+        assert got.shape == (len(texts), 384)
+        np.testing.assert_allclose(got, np.array([want[TEXTS.index(t)] for t in texts]), atol=1e-5)
+        assert body["usage"]["prompt_tokens"] > len(texts)
+
+
 def test_base64_is_little_endian_float32(gateway, offline):
     status, body, _ = call(gateway + "/v1/embeddings", {"model": "minilm", "input": TEXTS[0], "encoding_format": "base64"})
     assert status == 200

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -281,3 +283,80 @@ def test_call_tokens_is_a_calls_fixed_cost_over_its_per_token_cost(overhead_s, p
     engine.run = run
     assert abs(engine.call_tokens() - want) <= want * 0.15
     assert max(b for b, _ in calls) == (16 if overhead_s < 0.05 else 4)
+
+
+class _GroupHandle:
+    """Stands in for a provider's DeploymentHandle: records each `embed_many` call's requests and answers them with
+    `answer(requests)` (a list of results, or an exception to raise), after yielding to the event loop once."""
+
+    def __init__(self, answer):
+        self.calls, self.answer = [], answer
+
+    @property
+    def embed_many(self):
+        return self
+
+    def remote(self, requests):
+        self.calls.append(list(requests))
+
+        async def reply():
+            await asyncio.sleep(0)
+            result = self.answer(requests)
+            if isinstance(result, BaseException):
+                raise result
+            return result
+        return reply()
+
+
+def _core(answer) -> tuple:
+    from serve.gateway import GatewayCore
+
+    config = GatewayConfig.model_validate({"models": [{"name": "m", "providers": [{"name": "p", "app": "p-app"}]}]})
+    handle = _GroupHandle(answer)
+    core = GatewayCore(config, {"p-app": handle})
+    return core, config.models[0].providers[0], handle
+
+
+def test_the_gateway_sends_requests_that_reach_it_together_in_one_handle_call():
+    """Requests for one provider that reach the gateway in the same pass of its event loop go in one `embed_many`
+    call, each with its own answer (a client error stays that request's); a request after them goes on its own; a
+    request cancelled before the call is left out of it."""
+    async def main():
+        core, provider, handle = _core(lambda reqs: [InvalidRequest("bad", "dimensions") if r[3] == 7
+                                                     else (np.full((len(r[0]), 2), i, np.float32), len(r[0]))
+                                                     for i, r in enumerate(reqs)])
+        requests = [([f"t{i}"] * (i + 1), None, "NONE", 7 if i == 2 else None) for i in range(5)]
+        results = await asyncio.gather(*(core._submit(provider, r) for r in requests))
+        assert handle.calls == [requests]
+        for i, result in enumerate(results):
+            if i == 2:
+                assert isinstance(result, InvalidRequest) and result.param == "dimensions"
+            else:
+                assert result[1] == i + 1 and result[0].shape == (i + 1, 2) and (result[0] == i).all()
+        assert (await core._submit(provider, requests[0]))[1] == 1 and handle.calls[1] == [requests[0]]
+        gone = asyncio.ensure_future(core._submit(provider, requests[1]))
+        kept = asyncio.ensure_future(core._submit(provider, requests[3]))
+        await asyncio.sleep(0)  # both are queued for the next call
+        gone.cancel()
+        assert (await kept)[1] == 4 and handle.calls[2] == [requests[3]] and gone.cancelled()
+        assert core._pending == {} and core._sending == set()
+
+    asyncio.run(main())
+
+
+def test_a_failed_group_call_answers_every_request_in_it():
+    from ray.exceptions import ActorUnavailableError
+    from ray.serve.exceptions import BackPressureError
+
+    async def main():
+        core, provider, handle = _core(lambda reqs: BackPressureError(num_queued_requests=9, max_queued_requests=8))
+        out = await asyncio.gather(*(core._submit(provider, ([f"t{i}"], None, "NONE", None)) for i in range(3)),
+                                   return_exceptions=True)
+        assert len(handle.calls) == 1 and all(isinstance(e, BackPressureError) for e in out)
+        # a replica that died mid-call: the group is sent again, and answered
+        failures = iter([ActorUnavailableError("gone", None)])
+        core, provider, handle = _core(lambda reqs: next(failures, None) or [(np.zeros((1, 2)), 1)] * len(reqs))
+        out = await asyncio.gather(*(core._submit(provider, ([f"t{i}"], None, "NONE", None)) for i in range(2)))
+        assert [len(c) for c in handle.calls] == [2, 2] and [r[1] for r in out] == [1, 1]
+
+    asyncio.run(main())
