@@ -61,8 +61,12 @@ class ProviderSettings(Section):
                                     "into calls; default: timed by each replica when it starts")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="extra wait for a batch to fill; 0 batches what queued "
                                                                "while the previous batch ran")
-    max_ongoing_requests: int = Field(256, ge=1, description="requests one replica accepts (they wait in its batch queue)")
-    max_queued_requests: int = Field(512, ge=-1, description="requests waiting for a replica; beyond it: 429 (-1: no limit)")
+    # Serve counts handle calls: the gateway sends the requests that reach it together as one (embed_many).
+    max_ongoing_requests: int = Field(256, ge=1, description="calls one replica accepts (they wait in its batch "
+                                      "queue); a call is one request, or the gateway's group of requests that "
+                                      "reached it together")
+    max_queued_requests: int = Field(512, ge=-1, description="calls waiting for a replica (counted as "
+                                     "max_ongoing_requests counts them); beyond it: 429 (-1: no limit)")
     request_timeout_s: float = Field(120.0, gt=0, description="a replica that has not answered within it (hung, or "
                                       "stopped): the gateway retries on another replica, then answers 504")
     default_input_type: Literal["query", "passage"] | None = Field(
