@@ -168,7 +168,7 @@ def down(s: Settings, log=print) -> None:
             time.sleep(1)
     ray.shutdown()
     if not joined and record and record.get("started_by_up"):
-        kill_processes(Path(record["temp_dir"]))
+        kill_processes(Path(record["temp_dir"]), record["gcs_address"])
         log(f"stopped the local Ray head {record['gcs_address']}")
     _forget(s, record if not joined else None)
     log(f"down; state kept in {s.home}")
@@ -183,9 +183,10 @@ def _forget(s: Settings, record: dict | None) -> None:
                 f.unlink()
 
 
-def kill_processes(temp_dir: Path) -> None:
-    """SIGKILL the processes of one local head: those naming its temp dir, the workers of its raylet, and their
-    children."""
+def kill_processes(temp_dir: Path, gcs_address: str | None = None) -> None:
+    """SIGKILL the processes of one local head: those naming its temp dir or (given) its GCS address as their
+    `--address`/`--gcs-address` (the Ray Client server names only that, and outlived `down`), the workers of its
+    raylet, and their children."""
     def read(proc: Path, name: str) -> str:
         try:
             return (proc / name).read_bytes().replace(b"\0", b"\n").decode(errors="replace")
@@ -197,7 +198,9 @@ def kill_processes(temp_dir: Path) -> None:
         return stat[stat.rfind(")") + 2:].split()[1] if ")" in stat else ""
 
     procs = [p for p in Path("/proc").iterdir() if p.name.isdigit() and int(p.name) != os.getpid()]
-    ours = {p.name for p in procs if str(temp_dir) in read(p, "cmdline")}
+    names = {str(temp_dir)} if gcs_address is None else {str(temp_dir), f"\n--address={gcs_address}\n",
+                                                          f"\n--gcs-address={gcs_address}\n"}
+    ours = {p.name for p in procs if any(name in "\n" + read(p, "cmdline") for name in names)}
     ours |= {p.name for p in procs if any(f"RAY_RAYLET_PID={pid}\n" in read(p, "environ") for pid in ours)}
     parents = {p.name: parent(p) for p in procs}
     while True:  # and their children: the raylet's dashboard and runtime-env agents name neither

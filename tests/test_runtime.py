@@ -66,15 +66,20 @@ def test_kill_processes_takes_a_heads_children_that_name_nothing(tmp_path):
     spawn = f"import subprocess, time; c = subprocess.Popen({sleeper!r}); print(c.pid, flush=True); time.sleep(60)"
     head = subprocess.Popen([sys.executable, "-c", spawn, str(temp_dir)], stdout=subprocess.PIPE, text=True)
     stranger = subprocess.Popen(sleeper)
+    # the Ray Client server names only the head's GCS address (seen outliving `down` 2026-11-29); another head's stays
+    client = subprocess.Popen(sleeper + ["--address=192.0.2.7:23189", "--mode=proxy"])
+    other = subprocess.Popen(sleeper + ["--address=192.0.2.7:23180"])
     try:
         agent = int(head.stdout.readline())
-        kill_processes(temp_dir)
+        kill_processes(temp_dir, "192.0.2.7:23189")
         head.wait(10)
+        client.wait(10)
+        assert other.poll() is None
         deadline = time.monotonic() + 10
         while not _gone(agent):
             assert time.monotonic() < deadline, "the head's child outlived it"
             time.sleep(0.05)
         assert stranger.poll() is None
     finally:
-        stranger.kill()
-        head.kill()
+        for proc in (stranger, head, client, other):
+            proc.kill()
