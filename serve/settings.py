@@ -61,7 +61,6 @@ class ProviderSettings(Section):
                                     "into calls; default: timed by each replica when it starts")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="extra wait for a batch to fill; 0 batches what queued "
                                                                "while the previous batch ran")
-    # Serve counts handle calls: the gateway sends the requests that reach it together as one (embed_many).
     max_ongoing_requests: int = Field(256, ge=1, description="calls one replica accepts (they wait in its batch "
                                       "queue); a call is one request, or the gateway's group of requests that "
                                       "reached it together")
