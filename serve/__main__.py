@@ -8,6 +8,7 @@ routing table instead (several models, providers).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -33,6 +34,35 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def replica_resources(cores: int, replicas: int, gpus: float, cuda: bool, num_cpus: float | None = None,
+                      num_gpus: float | None = None) -> tuple[float, float, str | None]:
+    """(CPUs, GPUs) per replica for `python -m serve --model-dir` on this machine, and a note for the console.
+
+    `gpus`: what Ray can give now (available GPU resources); `cuda`: this onnxruntime has its CUDA provider. Given
+    values win. Unset, a replica gets a GPU when both hold (replicas share whole free GPUs evenly when they outnumber
+    them: a fraction must fit on one GPU) and then one CPU (tokenizing and batching; the model runs on the GPU), else
+    this machine's cores / replicas (its ONNX Runtime threads), as training takes the GPU where there is one.
+    """
+    note, whole = None, int(gpus)
+    if num_gpus is None:
+        num_gpus = 0.0
+        if whole >= 1 and cuda:
+            num_gpus = 1.0 / math.ceil(replicas / whole)
+        elif whole >= 1:
+            note = (f"Ray has {gpus:g} GPU(s) free but this onnxruntime has no CUDA provider: serving on CPU. Install "
+                    "the `gpu` extra (onnxruntime-gpu instead of onnxruntime) to serve on the GPU, or pass --num-gpus 0")
+    if num_cpus is None:
+        num_cpus = 1.0 if num_gpus > 0 else float(max(1, cores // replicas))
+    return num_cpus, num_gpus, note
+
+
+def describe(replicas: int, num_cpus: float, num_gpus: float) -> str:
+    """One console line: what each replica holds."""
+    if num_gpus > 0:
+        return f"replicas: {replicas} x ({num_gpus:g} GPU, {num_cpus:g} CPU), ONNX Runtime on CUDA (--num-gpus 0: CPU)"
+    return f"replicas: {replicas} x {num_cpus:g} CPU, ONNX Runtime on CPU with {max(1, int(num_cpus))} thread(s) each"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -43,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--num-cpus", type=float, default=None,
-                        help="CPUs per replica (= its ONNX Runtime threads); default: this machine's cores / replicas")
-    parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (CUDA provider when > 0)")
+                        help="CPUs per replica (= its ONNX Runtime threads on CPU); default: this machine's cores / "
+                             "replicas, or 1 for a GPU replica")
+    parser.add_argument("--num-gpus", type=float, default=None,
+                        help="GPUs per replica (CUDA provider when > 0); default: 1 when Ray has a free GPU and "
+                             "onnxruntime has its CUDA provider (shared when replicas outnumber GPUs), else 0")
     parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "optimized", "int8"], default="auto",
                         help="which of the artifact's graphs replicas load (auto: the fused graph on CPU, fp16 on CUDA "
                              "when exported; int8: model.int8.onnx from python -m train.quantize)")
@@ -56,12 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.config:
             config = load_gateway_config(args.config)
-        else:
-            cores = len(os.sched_getaffinity(0))  # default: the machine's cores, shared by the replicas
-            num_cpus = args.num_cpus if args.num_cpus is not None else float(max(1, cores // args.replicas))
+        else:  # checked here, before Ray starts; resources left unset are chosen once Ray says what it has
+            given = {k: v for k, v in (("num_cpus", args.num_cpus), ("num_gpus", args.num_gpus)) if v is not None}
             config = single_model_config(str(args.model_dir), args.name or default_name(args.model_dir),
-                                         replicas=args.replicas, num_cpus=num_cpus, num_gpus=args.num_gpus,
-                                         precision=args.precision)
+                                         replicas=args.replicas, precision=args.precision, **given)
             if args.precision == "int8" and not (args.model_dir / "model.int8.onnx").is_file():
                 raise FileNotFoundError(f"--precision int8 needs {args.model_dir / 'model.int8.onnx'}: write it with "
                                         f"`python -m train.quantize --model-dir {args.model_dir} --eval BEIR_DIR`")
@@ -85,6 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     from serve.routing import model_id
 
     ensure_ray()
+    if not args.config:
+        import onnxruntime as ort
+
+        from rayembed.engine import CUDA
+
+        num_cpus, num_gpus, note = replica_resources(
+            len(os.sched_getaffinity(0)), args.replicas, ray.available_resources().get("GPU", 0.0),
+            CUDA in ort.get_available_providers(), args.num_cpus, args.num_gpus)
+        if note:
+            print(f"note: {note}", flush=True)
+        print(describe(args.replicas, num_cpus, num_gpus), flush=True)
+        config = single_model_config(str(args.model_dir), args.name or default_name(args.model_dir), replicas=args.replicas,
+                                     num_cpus=num_cpus, num_gpus=num_gpus, precision=args.precision)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"enable_access_log": False})

@@ -35,6 +35,7 @@ def test_standalone_cli_serves_one_model_and_stops(ray_session, minilm_onnx, tmp
         while "Ctrl-C stops" not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
+        assert "replicas: 1 x 0.5 CPU, ONNX Runtime on CPU with 1 thread(s) each" in log.read_text()  # as given
         body = json.dumps({"model": "minilm", "input": ["a fast HTTP server"]}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/embeddings", data=body,
                                      headers={"Content-Type": "application/json"})
@@ -54,18 +55,21 @@ def test_standalone_cli_serves_one_model_and_stops(ray_session, minilm_onnx, tmp
 
 def test_standalone_cli_starts_its_own_ray_behind_haproxy(minilm_onnx, tmp_path):
     """Without a cluster to join, `python -m serve` starts Ray with Serve's HAProxy ingress (no Python
-    proxy hop), answers through it, and takes everything down on SIGTERM."""
+    proxy hop), sizes its replica to the machine, answers through it, and takes everything down on SIGTERM."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_SERVE_"))}
     log = tmp_path / "serve.log"
     proc = subprocess.Popen([sys.executable, "-m", "serve", "--model-dir", str(minilm_onnx), "--name", "minilm",
-                             "--port", str(port), "--num-cpus", "1"], cwd=ROOT, env=env,
+                             "--port", str(port)], cwd=ROOT, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while "Ctrl-C stops" not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
+        # its defaults on this machine (no GPU here): one replica holding every core, one ONNX Runtime thread each
+        cores = len(os.sched_getaffinity(0))
+        assert f"replicas: 1 x {cores} CPU, ONNX Runtime on CPU with {cores} thread(s) each" in log.read_text()
         # The gateway's port is HAProxy's frontend: every process listening on it is an HAProxy whose config binds
         # it. There may be more than one: a graceful reload (`-sf`) leaves the old process draining for a while.
         ours = {pid for pid, cfg in haproxy_configs().items() if f"bind 127.0.0.1:{port}" in cfg}

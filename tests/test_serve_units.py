@@ -217,6 +217,31 @@ def test_cuda_request_without_cuda_fails_loudly(minilm_onnx):
         engine.check()
 
 
+def test_python_m_serve_picks_a_gpu_replica_where_ray_has_a_gpu_and_onnxruntime_has_cuda():
+    from serve.__main__ import describe, replica_resources
+
+    # no GPU: the machine's cores, shared by the replicas (ONNX Runtime threads)
+    assert replica_resources(cores=2, replicas=1, gpus=0, cuda=False) == (2.0, 0.0, None)
+    assert replica_resources(cores=8, replicas=3, gpus=0, cuda=True) == (2.0, 0.0, None)
+    assert replica_resources(cores=1, replicas=2, gpus=0, cuda=False) == (1.0, 0.0, None)
+    # a free GPU and the CUDA provider: one GPU and one CPU per replica; more replicas than GPUs share them evenly,
+    # and a fraction always fits on one GPU (1.5 free counts as one whole GPU)
+    assert replica_resources(cores=16, replicas=1, gpus=1, cuda=True) == (1.0, 1.0, None)
+    assert replica_resources(cores=16, replicas=2, gpus=4, cuda=True) == (1.0, 1.0, None)
+    assert replica_resources(cores=16, replicas=3, gpus=1, cuda=True) == (1.0, pytest.approx(1 / 3), None)
+    assert replica_resources(cores=16, replicas=3, gpus=2, cuda=True) == (1.0, 0.5, None)
+    assert replica_resources(cores=16, replicas=2, gpus=1.5, cuda=True) == (1.0, 0.5, None)
+    assert replica_resources(cores=16, replicas=1, gpus=0.5, cuda=True) == (16.0, 0.0, None)  # no whole GPU free
+    # a GPU but the CPU build of onnxruntime: CPU, and a note saying how to use the GPU
+    cpus, gpus, note = replica_resources(cores=16, replicas=1, gpus=1, cuda=False)
+    assert (cpus, gpus) == (16.0, 0.0) and "onnxruntime-gpu" in note and "--num-gpus 0" in note
+    # what the user gave wins, each on its own
+    assert replica_resources(cores=16, replicas=1, gpus=1, cuda=True, num_gpus=0) == (16.0, 0.0, None)
+    assert replica_resources(cores=16, replicas=1, gpus=1, cuda=True, num_cpus=4) == (4.0, 1.0, None)
+    assert replica_resources(cores=16, replicas=1, gpus=0, cuda=False, num_cpus=0.5, num_gpus=1) == (0.5, 1.0, None)
+    assert "CUDA" in describe(1, 1.0, 1.0) and "2 thread(s)" in describe(1, 2.0, 0.0)
+
+
 def test_gateway_replicas_reach_the_gateway_deployment():
     from serve.app import gateway_app
 
