@@ -35,3 +35,39 @@ def test_soak_runs_briefly_and_accounts_for_every_request(tmp_path, minilm_onnx)
     assert len(samples) >= 2 and any(k.startswith("ray::ServeReplica") for k in samples[-1]["rss_mib"])
     assert result["memory"]["total_after_warmup_mib"] > 100 and (tmp_path / "soak.png").stat().st_size > 10_000
     assert proc.returncode == (0 if result["goal_met"] else 1)
+
+
+def test_hops_times_each_call_over_one_connection_and_drops_the_first_fifth():
+    """bench.hops' HTTP measure: one keep-alive connection, the status, the median of the last 80 % of calls."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from bench.hops import http_median, median_ms
+
+    assert median_ms([9.0] * 20 + [0.001] * 80) == 1.0  # the first fifth (warm-up) is left out
+    seen = []
+
+    class Slow(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            seen.append((self.client_address, self.rfile.read(int(self.headers["Content-Length"]))))
+            time.sleep(0.005)
+            self.send_response(201)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        p50, status = http_median(server.server_address[1], "POST", "/x", b'{"a": 1}', 10)
+    finally:
+        server.shutdown()
+    assert status == 201 and 5 <= p50 < 500
+    assert len(seen) == 10 and {body for _, body in seen} == {b'{"a": 1}'}
+    assert len({addr for addr, _ in seen}) == 1  # one connection, kept alive
