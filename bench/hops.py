@@ -46,6 +46,15 @@ def ray_rounds(requests: int, rounds: int) -> list[dict]:
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 
+    async def timed(call, n: int) -> list[float]:
+        """Seconds per awaited `call()`, one at a time (defined here so it travels with the actors by value)."""
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            await call()
+            out.append(time.perf_counter() - t)
+        return out
+
     @ray.remote(num_cpus=0)
     class Callee:
         async def ping(self, x=None):
@@ -57,12 +66,7 @@ def ray_rounds(requests: int, rounds: int) -> list[dict]:
             self.callee = callee
 
         async def run(self, n: int) -> list[float]:
-            out = []
-            for _ in range(n):
-                t = time.perf_counter()
-                await self.callee.ping.remote()
-                out.append(time.perf_counter() - t)
-            return out
+            return await timed(self.callee.ping.remote, n)
 
     @serve.deployment(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": dict(REPLICA_SERVE_ENV)}})
     class Replica:
@@ -75,12 +79,7 @@ def ray_rounds(requests: int, rounds: int) -> list[dict]:
             self.replica = replica
 
         async def run(self, n: int) -> list[float]:
-            out = []
-            for _ in range(n):
-                t = time.perf_counter()
-                await self.replica.ping.remote()
-                out.append(time.perf_counter() - t)
-            return out
+            return await timed(self.replica.ping.remote, n)
 
     rows = []
     try:
