@@ -23,8 +23,12 @@ import http.client
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
+
+if not __package__:  # `python bench/hops.py`: put the repository root (which holds `bench`) on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.serving import ROOT, ROUTES, ensure_artifact, start_server, stop_server
 
