@@ -35,18 +35,21 @@ def _interrupt(signum, frame):
 
 
 def replica_resources(cores: int, replicas: int, gpus: float, cuda: bool, num_cpus: float | None = None,
-                      num_gpus: float | None = None) -> tuple[float, float, str | None]:
+                      num_gpus: float | None = None, precision: str = "auto") -> tuple[float, float, str | None]:
     """(CPUs, GPUs) per replica for `python -m serve --model-dir` on this machine, and a note for the console.
 
     `gpus`: what Ray can give now (available GPU resources); `cuda`: this onnxruntime has its CUDA provider. Given
     values win. Unset, a replica gets a GPU when both hold (replicas share whole free GPUs evenly when they outnumber
     them: a fraction must fit on one GPU) and then one CPU (tokenizing and batching; the model runs on the GPU), else
-    this machine's cores / replicas (its ONNX Runtime threads), as training takes the GPU where there is one.
+    this machine's cores / replicas (its ONNX Runtime threads), as training takes the GPU where there is one. The
+    int8 graph (dynamic quantization) is made for CPU replicas: asking for it keeps them on the CPU unless GPUs are given.
     """
     note, whole = None, int(gpus)
     if num_gpus is None:
         num_gpus = 0.0
-        if whole >= 1 and cuda:
+        if whole >= 1 and precision == "int8":
+            note = "--precision int8 is the CPU graph: serving on CPU although Ray has a GPU free (--num-gpus 1 overrides)"
+        elif whole >= 1 and cuda:
             num_gpus = 1.0 / math.ceil(replicas / whole)
         elif whole >= 1:
             note = (f"Ray has {gpus:g} GPU(s) free but this onnxruntime has no CUDA provider: serving on CPU. Install "
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
         num_cpus, num_gpus, note = replica_resources(
             len(os.sched_getaffinity(0)), args.replicas, ray.available_resources().get("GPU", 0.0),
-            CUDA in ort.get_available_providers(), args.num_cpus, args.num_gpus)
+            CUDA in ort.get_available_providers(), args.num_cpus, args.num_gpus, args.precision)
         if note:
             print(f"note: {note}", flush=True)
         print(describe(args.replicas, num_cpus, num_gpus), flush=True)

@@ -235,6 +235,11 @@ def test_python_m_serve_picks_a_gpu_replica_where_ray_has_a_gpu_and_onnxruntime_
     # a GPU but the CPU build of onnxruntime: CPU, and a note saying how to use the GPU
     cpus, gpus, note = replica_resources(cores=16, replicas=1, gpus=1, cuda=False)
     assert (cpus, gpus) == (16.0, 0.0) and "onnxruntime-gpu" in note and "--num-gpus 0" in note
+    # the int8 graph is the CPU one: it stays on the CPU unless GPUs are given
+    cpus, gpus, note = replica_resources(cores=16, replicas=1, gpus=1, cuda=True, precision="int8")
+    assert (cpus, gpus) == (16.0, 0.0) and "int8" in note
+    assert replica_resources(cores=16, replicas=1, gpus=1, cuda=True, num_gpus=1, precision="int8") == (1.0, 1.0, None)
+    assert replica_resources(cores=16, replicas=1, gpus=0, cuda=True, precision="int8") == (16.0, 0.0, None)
     # what the user gave wins, each on its own
     assert replica_resources(cores=16, replicas=1, gpus=1, cuda=True, num_gpus=0) == (16.0, 0.0, None)
     assert replica_resources(cores=16, replicas=1, gpus=1, cuda=True, num_cpus=4) == (4.0, 1.0, None)
