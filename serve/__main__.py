@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rayembed.artifact import ArtifactError
 from rayembed.config import ConfigError
-from serve.settings import load_gateway_config, single_model_config
+from serve.settings import ProviderSettings, load_gateway_config, single_model_config
 
 APP_NAME = "rayembed-gateway"
 
@@ -59,11 +59,11 @@ def replica_resources(cores: int, replicas: int, gpus: float, cuda: bool, num_cp
     return num_cpus, num_gpus, note
 
 
-def describe(replicas: int, num_cpus: float, num_gpus: float) -> str:
-    """One console line: what each replica holds."""
-    if num_gpus > 0:
-        return f"replicas: {replicas} x ({num_gpus:g} GPU, {num_cpus:g} CPU), ONNX Runtime on CUDA (--num-gpus 0: CPU)"
-    return f"replicas: {replicas} x {num_cpus:g} CPU, ONNX Runtime on CPU with {max(1, int(num_cpus))} thread(s) each"
+def describe(p: ProviderSettings) -> str:
+    """One console line: what each of the provider's replicas holds."""
+    if p.num_gpus > 0:
+        return f"replicas: {p.num_replicas} x ({p.num_gpus:g} GPU, {p.num_cpus:g} CPU), ONNX Runtime on CUDA (--num-gpus 0: CPU)"
+    return f"replicas: {p.num_replicas} x {p.num_cpus:g} CPU, ONNX Runtime on CPU with {p.threads()} thread(s) each"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.config:
             config = load_gateway_config(args.config)
         else:  # checked here, before Ray starts; resources left unset are chosen once Ray says what it has
+            name = args.name or default_name(args.model_dir)
             given = {k: v for k, v in (("num_cpus", args.num_cpus), ("num_gpus", args.num_gpus)) if v is not None}
-            config = single_model_config(str(args.model_dir), args.name or default_name(args.model_dir),
-                                         replicas=args.replicas, precision=args.precision, **given)
+            config = single_model_config(str(args.model_dir), name, replicas=args.replicas, precision=args.precision,
+                                         **given)
             if args.precision == "int8" and not (args.model_dir / "model.int8.onnx").is_file():
                 raise FileNotFoundError(f"--precision int8 needs {args.model_dir / 'model.int8.onnx'}: write it with "
                                         f"`python -m train.quantize --model-dir {args.model_dir} --eval BEIR_DIR`")
@@ -129,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             CUDA in ort.get_available_providers(), args.num_cpus, args.num_gpus, args.precision)
         if note:
             print(f"note: {note}", flush=True)
-        print(describe(args.replicas, num_cpus, num_gpus), flush=True)
-        config = single_model_config(str(args.model_dir), args.name or default_name(args.model_dir), replicas=args.replicas,
-                                     num_cpus=num_cpus, num_gpus=num_gpus, precision=args.precision)
+        config = single_model_config(str(args.model_dir), name, replicas=args.replicas, num_cpus=num_cpus,
+                                     num_gpus=num_gpus, precision=args.precision)
+        print(describe(next(iter(config.providers().values()))), flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"enable_access_log": False})

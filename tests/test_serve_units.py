@@ -244,7 +244,11 @@ def test_python_m_serve_picks_a_gpu_replica_where_ray_has_a_gpu_and_onnxruntime_
     assert replica_resources(cores=16, replicas=1, gpus=1, cuda=True, num_gpus=0) == (16.0, 0.0, None)
     assert replica_resources(cores=16, replicas=1, gpus=1, cuda=True, num_cpus=4) == (4.0, 1.0, None)
     assert replica_resources(cores=16, replicas=1, gpus=0, cuda=False, num_cpus=0.5, num_gpus=1) == (0.5, 1.0, None)
-    assert "CUDA" in describe(1, 1.0, 1.0) and "2 thread(s)" in describe(1, 2.0, 0.0)
+    from serve.settings import ProviderSettings
+
+    assert "CUDA" in describe(ProviderSettings(name="p", app="x", num_cpus=1, num_gpus=1))
+    assert "2 x 2 CPU, ONNX Runtime on CPU with 2 thread(s)" in describe(ProviderSettings(name="p", app="x", num_cpus=2,
+                                                                                          num_replicas=2))
 
 
 def test_gateway_replicas_reach_the_gateway_deployment():
