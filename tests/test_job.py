@@ -120,7 +120,7 @@ def read_state(path: Path) -> dict | None:
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_session, tiny_bert, train_file, tmp_path):
     out = tmp_path / "killed"
-    cfg = job(tiny_bert, train_file, out, schedule={"max_steps": 300},
+    cfg = job(tiny_bert, train_file, out, schedule={"max_steps": 60},
               output={"checkpoint_every_steps": 5, "log_every_steps": 50})
     result = {}
     runner = threading.Thread(target=lambda: result.update(report=run_job(cfg)))
@@ -141,7 +141,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, tiny_bert, trai
     runner.join(timeout=600)
     assert killed is not None, "the job finished before a checkpoint could be observed"
     report = result["report"]
-    assert report["training"]["steps"] == 300
+    assert report["training"]["steps"] == 60
     assert report["training"]["resumed_from_step"] is not None and report["training"]["resumed_from_step"] >= killed
     assert_artifact(out, 32)
 
