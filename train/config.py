@@ -155,7 +155,7 @@ class Output(Section):
     storage_path: str | None = Field(None, description="Ray Train storage for checkpoints (local dir or pyarrow.fs URI); null = <dir>/checkpoints.")
     checkpoint_every_steps: int = Field(200, gt=0, description="Save a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept on storage.")
-    log_every_steps: int = Field(10, gt=0, description="Report loss, lr, examples/s, tokens/s every N steps.")
+    log_every_steps: int = Field(10, gt=0, description="Print loss, lr, examples/s, tokens/s every N steps (sent to Ray Train at most every 5 s).")
     export_fp16: bool = Field(False, description="Also write onnx/model.fp16.onnx for GPU serving.")
     export_int8: bool = Field(False, description="Also write onnx/model.int8.onnx for CPU replicas (dynamic int8, "
                               "served with precision: int8), kept only when it passes the parity gate and, with "

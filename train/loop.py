@@ -31,6 +31,11 @@ from rayembed.progress import progress_line
 
 STATE_FILE = "train_state.json"
 EVAL_NEGATIVES = 64  # every stored negative joins the validation corpus
+# Metrics alone go to Ray Train at most this often: each report waits until the controller has collected the last
+# one (it polls every 0.5 s, train/trainer.py), so reporting every few fast steps held a loop of 40 ms steps to one
+# report per poll (docs/benchmarks.md §2). The progress line is printed at every `log_every_steps` regardless;
+# checkpoints and the final result are always reported.
+METRICS_REPORT_EVERY_S = 5.0
 
 
 def plan_steps(cfg: JobConfig, n_train: int) -> tuple[int, int]:
@@ -61,6 +66,11 @@ def save_state(directory: Path, model, optimizer, scheduler, step: int, extra: d
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
     state = {"step": step, "scheduler": scheduler.state_dict(), "pid": os.getpid(), "host": socket.gethostname(), **extra}
     (directory / STATE_FILE).write_text(json.dumps(state))
+
+
+def metrics_report_due(last_report_s: float, now_s: float) -> bool:
+    """Whether a report without a checkpoint goes to Ray Train now (times from time.monotonic())."""
+    return now_s - last_report_s >= METRICS_REPORT_EVERY_S
 
 
 def restore_state(checkpoint, model, optimizer, scheduler, device) -> dict:
@@ -124,6 +134,7 @@ def train_loop_per_worker(config: dict) -> None:
     compile_seconds = None
     window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
     loss_value, train_start = float("nan"), time.time()
+    last_report = -math.inf  # time.monotonic() of the last report to Ray Train
     for step in range(start_step, total):
         rows = batch_rows(step, per_epoch, len(train_idx), G, cfg.training.seed)
         batches = [tokenize(tokenizer, [reader[int(i)] for i in chunk], prefixes, n_neg)
@@ -151,8 +162,10 @@ def train_loop_per_worker(config: dict) -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     save_state(Path(tmp), model, optimizer, scheduler, done, {"resumed_from_step": resumed_from})
                     _report(metrics, Path(tmp))
-            else:
+                last_report = time.monotonic()
+            elif metrics_report_due(last_report, time.monotonic()):
                 _report(metrics)
+                last_report = time.monotonic()
             window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
     uncompile_encoder(model)
 

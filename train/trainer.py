@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import ray
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from train.config import JobConfig
 from train.loop import train_loop_per_worker
+
+
+# Ray Train's controller collects a worker's report when it polls the worker, every 2 s by default, and the worker's
+# next report waits until the last one is collected. Polled every 0.5 s instead, a checkpoint or a final result
+# waits at most that long (docs/benchmarks.md §2). Read by the controller from the environment of the process that
+# calls `fit()` (a job's driver, a Tune trial); a value already set wins.
+TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 def cluster_has_gpu() -> bool:
@@ -17,6 +26,8 @@ def cluster_has_gpu() -> bool:
 def build_trainer(cfg: JobConfig, callbacks: list | None = None, quiet: bool = False) -> TorchTrainer:
     """`quiet`: Ray Train's own console lines (worker group start, every checkpoint) only when they warn."""
     use_gpu = cluster_has_gpu() if cfg.resources.use_gpu == "auto" else cfg.resources.use_gpu
+    for key, value in TRAIN_POLL_ENV.items():
+        os.environ.setdefault(key, value)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.model_dump(mode="json"),
