@@ -42,7 +42,7 @@ def _ensure_models(c: Client) -> None:
             raise
     a = c.models.wait_ready("bench-minilm")
     try:  # a second entity over the same artifact: what the swap moves to
-        c.models.create("bench-minilm-b", artifact=a.artifact.onnx_dir)
+        c.models.create("bench-minilm-b", artifact=a.artifact.uri)
     except ApiError as exc:
         if exc.status != 409:
             raise

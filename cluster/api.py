@@ -21,6 +21,7 @@ from fastapi.responses import PlainTextResponse, Response
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
+from cluster import datasets
 from cluster.settings import CONTROL_PLANE, NAMESPACE
 from serve.auth import Access, BearerAuth, KeyRing, access_of
 from serve.errors import NotFound, PermissionDenied, ServeError, Unavailable, shown
@@ -117,6 +118,10 @@ for _verb, _path, _method, _opts in [
     ("POST", WS + "/models", "create_model", {"body": True, "status": 201}),
     ("GET", WS + "/models/{name}", "get_model", {}),
     ("DELETE", WS + "/models/{name}", "delete_model", {}),
+    ("GET", WS + "/datasets", "list_datasets", {"listing": True}),
+    ("POST", WS + "/datasets", "create_dataset", {"body": True, "status": 201}),
+    ("GET", WS + "/datasets/{name}", "get_dataset", {}),
+    ("DELETE", WS + "/datasets/{name}", "delete_dataset", {}),
     ("GET", WS + "/customization/jobs", "list_jobs", {"listing": True}),
     ("POST", WS + "/customization/jobs", "create_job", {"body": True, "status": 201}),
     ("GET", WS + "/customization/jobs/{job_id}", "get_job", {}),
@@ -138,6 +143,21 @@ for _verb, _path, _method, _opts in [
     ("GET", WS + "/providers/{name}", "get_provider", {}),
 ]:
     management(_verb, _path, _method, **_opts)
+
+
+@api_route("management", _metrics)
+async def upload_dataset_file(request: Request) -> Response:
+    """The request body is the file (any Content-Type), streamed to storage once it validates."""
+    workspace, name, path = (request.path_params[k] for k in ("workspace", "name", "path"))
+    _authorize(access_of(request.scope), "add_dataset_file", workspace)
+    dataset = await _call("get_dataset", workspace, name)
+    stored = await datasets.upload(request, dataset, path)
+    return json_response(await _call("add_dataset_file", workspace, name, path, stored))
+
+
+app.add_api_route(WS + "/datasets/{name}/files/{path:path}", upload_dataset_file, methods=["PUT"],
+                  summary="upload a dataset file (training.jsonl, validation.jsonl, evaluation/corpus.jsonl, "
+                          "evaluation/queries.jsonl, evaluation/qrels/test.tsv)")
 
 
 # Like the standalone gateway, its code runs on the replica's own loop (GATEWAY_SERVE_ENV): the handlers await

@@ -158,6 +158,35 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_datasets(args) -> int:
+    c = _client(args)
+    if args.action in ("create", "upload") and not args.name:
+        raise ApiError(0, f"datasets {args.action} needs a NAME")
+    if args.action == "create":
+        d = c.datasets.create(args.name, training=args.training, validation=args.validation, evaluation=args.evaluation,
+                              description=args.description or "")
+        _dataset_summary(d)
+    elif args.action == "upload":
+        _dataset_summary(c.datasets.upload(args.name, training=args.training, validation=args.validation,
+                                           evaluation=args.evaluation))
+    elif args.action == "list":
+        for d in c.datasets.list():
+            print(f"{d.name:<32} {', '.join(d.files) or '(no files yet)'}")
+    elif args.action == "get":
+        _print(c.datasets.retrieve(args.name))
+    elif args.action == "delete":
+        c.datasets.delete(args.name)
+        print(f"deleted dataset {args.name}")
+    return 0
+
+
+def _dataset_summary(d) -> None:
+    print(f"dataset {d.name}: {d.uri}")
+    for path, f in d.files.items():
+        print(f"  {path:<28} {f.records:>8} records  {f.bytes / 2**20:8.2f} MiB  sha256 {f.sha256[:12]}")
+    print(f"use it in a job config as  dataset: {{name: {d.name}}}")
+
+
 def cmd_jobs(args) -> int:
     c = _client(args)
     if args.action == "create":
@@ -218,7 +247,7 @@ def _finish(c: Client, job_id: str) -> int:
     model = c.models.retrieve(job.output_model)
     if model.get("evaluation"):
         print(evaluation_table(model.evaluation))
-    print(f"model {model.name}: {model.artifact.onnx_dir}")
+    print(f"model {model.name}: {model.artifact.uri}")
     return 0
 
 
@@ -309,6 +338,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--artifact", help="register: an ONNX folder this project wrote")
     s.add_argument("--no-wait", action="store_true")
     s.set_defaults(fn=cmd_models)
+
+    s = sub.add_parser("datasets", help="datasets uploaded into the cluster's storage (a job reads them wherever it runs)")
+    s.add_argument("action", choices=["create", "upload", "list", "get", "delete"])
+    s.add_argument("name", nargs="?")
+    s.add_argument("--training", help="create, upload: the training JSONL file")
+    s.add_argument("--validation", help="create, upload: a validation JSONL file")
+    s.add_argument("--evaluation", help="create, upload: a BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
+    s.add_argument("--description")
+    s.set_defaults(fn=cmd_datasets)
 
     s = sub.add_parser("jobs", help="customization jobs")
     s.add_argument("action", choices=["create", "list", "get", "logs", "wait", "cancel", "resume"])

@@ -2,6 +2,7 @@
 
     client = Client(base_url="http://127.0.0.1:8080", workspace="default")
     client.models.create(name="minilm", base_model="all-MiniLM-L6-v2")
+    client.datasets.create(name="debian", training="train.jsonl", evaluation="eval/")
     job = client.customization.jobs.create(output_model="minilm-tuned", config={...})
     client.customization.jobs.wait(job.name, on_progress=print)
     client.deployments.create(name="minilm-tuned", model="minilm-tuned"); client.deployments.wait_ready("minilm-tuned")
@@ -51,13 +52,17 @@ class Http:
     def __init__(self, base_url: str, timeout: float, api_key: str | None = None):
         self.base_url, self.timeout, self.api_key = base_url.rstrip("/"), timeout, api_key
 
-    def request(self, method: str, path: str, body: Any = None, raw: bool = False, retries: int = 0):
+    def request(self, method: str, path: str, body: Any = None, raw: bool = False, retries: int = 0, file: str | None = None):
+        """`file`: a local file sent as the body, streamed from disk (a dataset upload)."""
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if data else {}
+        if file is not None:
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(os.path.getsize(file))}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers)
         for attempt in range(retries + 1):
+            fh = open(file, "rb") if file is not None else None
+            req = urllib.request.Request(self.base_url + path, data=fh or data, method=method, headers=headers)
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     payload = resp.read()
@@ -75,6 +80,9 @@ class Http:
                 if attempt == retries:
                     reason = getattr(exc, "reason", None) or exc
                     raise ApiError(0, f"cannot reach {self.base_url}: {reason}; is `rayembed up` running?") from None
+            finally:
+                if fh is not None:
+                    fh.close()
             time.sleep(1.0)
 
 
@@ -125,6 +133,30 @@ class Models(_Resource):
                       **kwargs)
 
 
+class Datasets(_Resource):
+    """Files uploaded into the cluster's storage, so a job reads them wherever it runs: `dataset: {name: ...}`."""
+
+    def __init__(self, http: Http, workspace: str):
+        super().__init__(http, workspace, "datasets")
+
+    def create(self, name: str, training: str | None = None, validation: str | None = None, evaluation: str | None = None,
+               description: str = "", workspace: str | None = None) -> Obj:
+        """Create the dataset and upload the files given: JSONL files, and `evaluation`, a local BEIR folder."""
+        self._create({"name": name, "description": description}, workspace)
+        return self.upload(name, training=training, validation=validation, evaluation=evaluation, workspace=workspace)
+
+    def upload(self, name: str, training: str | None = None, validation: str | None = None, evaluation: str | None = None,
+               workspace: str | None = None) -> Obj:
+        files = {"training.jsonl": training, "validation.jsonl": validation}
+        if evaluation is not None:  # the judgments last: they are checked against the corpus and queries
+            files.update({f"evaluation/{p}": os.path.join(evaluation, p) for p in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv")})
+        dataset = None
+        for path, local in files.items():
+            if local is not None:
+                dataset = self._http.request("PUT", self._url(name, "files", path, workspace=workspace), file=local)
+        return dataset if dataset is not None else self.retrieve(name, workspace)
+
+
 class Jobs(_Resource):
     def __init__(self, http: Http, workspace: str):
         super().__init__(http, workspace, "customization/jobs")
@@ -148,10 +180,17 @@ class Jobs(_Resource):
 
     def wait(self, job_id: str, on_progress: Callable[[Obj], None] | None = None, timeout_s: float = 24 * 3600,
              poll_s: float = 1.0, workspace: str | None = None) -> Obj:
-        """Until the job is completed, failed or cancelled; `on_progress(status)` on every poll."""
+        """Until the job is completed, failed or cancelled; `on_progress(status)` on every poll. The control plane
+        unavailable for a while (its node died, Ray restarts it elsewhere) is waited out until the deadline."""
         deadline = time.monotonic() + timeout_s
         while True:
-            status = self.get_status(job_id, workspace)
+            try:
+                status = self.get_status(job_id, workspace)
+            except ApiError as exc:
+                if exc.status != 503 or time.monotonic() > deadline:
+                    raise
+                time.sleep(poll_s)
+                continue
             if on_progress:
                 on_progress(status)
             if status.status in ("completed", "failed", "cancelled"):
@@ -258,6 +297,7 @@ class Client:
         self.base_url, self.workspace = base_url.rstrip("/"), workspace
         http = self._http = Http(self.base_url, timeout, api_key or os.environ.get("RAYEMBED_API_KEY") or None)
         self.models = Models(http, workspace)
+        self.datasets = Datasets(http, workspace)
         self.customization = _Namespace(jobs=Jobs(http, workspace))
         self.deployment_configs = DeploymentConfigs(http, workspace)
         self.deployments = Deployments(http, workspace)

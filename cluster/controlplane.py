@@ -23,10 +23,12 @@ from pydantic import ValidationError
 
 from cluster import deployments, jobs
 from cluster.paths import Confinement
-from cluster.entities import (DEFAULT_WORKSPACE, JOB_DONE, NAME, ApiKey, Artifact, CustomizationJob, Entity, Evaluation, ModelDeployment,
+from cluster.entities import (DATASET_FILES, DEFAULT_WORKSPACE, JOB_DONE, NAME, ApiKey, Artifact, CustomizationJob, Dataset,
+                              DatasetFile, Entity, Evaluation, ModelDeployment,
                               ModelDeploymentConfig, ModelEntity, ModelProvider, StatusChange, Workspace, now)
-from cluster.store import open_store
-from rayembed.artifact import GRAPH_FP16, GRAPH_INT8, ArtifactError, missing_files, read_manifest
+from cluster.store import open_store, redacted
+from rayembed import storage
+from rayembed.artifact import GRAPH_FP16, GRAPH_INT8, MANIFEST, REQUIRED_FILES, ArtifactError, parse_manifest
 from serve import auth
 from serve.errors import Conflict, InvalidName, InvalidRequest, NotFound, PromotionRefused, shown
 
@@ -36,9 +38,11 @@ TICK_S = 1.0
 PENDING_TIMEOUT_S = 900.0
 RETIRE_AFTER_S = 5.0  # an old generation keeps serving this long after the routes moved (gateways poll at 0.5 s)
 DEFAULT_GPU_MEMORY_GIB = 80.0
-KIND_OF = {Workspace: "workspace", ModelEntity: "model", CustomizationJob: "job",
+# what the control plane passes on to its jobs (storage credentials and node-local folders come from each node)
+JOB_ENV = ("RAYEMBED_ACCELERATOR_TYPE",)
+KIND_OF = {Workspace: "workspace", ModelEntity: "model", CustomizationJob: "job", Dataset: "dataset",
            ModelDeploymentConfig: "deployment_config", ModelDeployment: "deployment", ModelProvider: "provider"}
-WHAT = {"model": "model", "job": "customization job", "deployment_config": "deployment config",
+WHAT = {"model": "model", "job": "customization job", "dataset": "dataset", "deployment_config": "deployment config",
         "deployment": "deployment", "provider": "provider"}
 
 
@@ -60,12 +64,14 @@ def _fields(model: type, body: dict, what: str, **fixed: Any):
 
 class ControlPlane:
     def __init__(self, home: str, dashboard_url: str, base_url: str, state_url: str | None = None,
-                 data_roots: list[str] | None = None):
+                 data_roots: list[str] | None = None, storage_root: str | None = None):
         self.home = Path(home)
+        self.storage = storage_root or str(self.home)  # datasets, jobs' outputs, models: shared by every node
         self.data_roots = list(data_roots or [])  # besides its own folder, where a workspace's jobs may read
         self.dashboard_url = dashboard_url
         self.base_url = base_url
-        self.store = open_store(state_url or str(self.home / "state.db"))
+        self.state_url = state_url or str(self.home / "state.db")
+        self.store = open_store(self.state_url)
         self._lock = threading.RLock()
         self._routes_version = time.time_ns()  # a restart changes it, so every gateway re-reads the routes
         self._client = None
@@ -106,13 +112,17 @@ class ControlPlane:
         return workspace
 
     def _confinement(self, workspace: str) -> Confinement:
-        return Confinement(self.home, workspace, self.data_roots)
+        return Confinement(self._workspace_root(workspace), self.data_roots)
+
+    def _workspace_root(self, workspace: str) -> str:
+        return storage.join(self.storage, "workspaces", workspace)
 
     def _bump_routes(self) -> None:
         self._routes_version = time.time_ns()
 
     def ping(self) -> dict:
-        return {"ok": True, "schema_version": self.store.schema_version(), "home": str(self.home),
+        return {"ok": True, "schema_version": self.store.schema_version(), "home": str(self.home), "storage": self.storage,
+                "state": redacted(self.state_url),
                 "api_keys": len(self.store.list("apikey")), "data_roots": self.data_roots}
 
     # ---------------------------------------------------------------- API keys (Ray callers only: `rayembed keys`)
@@ -163,7 +173,7 @@ class ControlPlane:
             self._workspace(name)
             if name == DEFAULT_WORKSPACE:
                 raise Conflict("the default workspace cannot be deleted")
-            used = [k for k in ("model", "job", "deployment_config", "deployment") if self.store.list(k, name)]
+            used = [k for k in ("model", "dataset", "job", "deployment_config", "deployment") if self.store.list(k, name)]
             if used:
                 raise Conflict(f"workspace {name!r} still holds {', '.join(WHAT[k] + 's' for k in used)}; delete them first")
             keys = [k["id"] for k in self.store.list("apikey") if name in k["workspaces"]]
@@ -198,46 +208,71 @@ class ControlPlane:
         confinement = self._confinement(workspace)
         confinement.model(base, "base_model")
         confinement.read(artifact, "artifact")
+        out = storage.join(self._workspace_root(workspace), "models", name, "onnx")
+        if self.store.get("model", workspace, name) is not None:
+            raise Conflict(f"model {name!r} already exists in workspace {workspace!r}")
+        if artifact is not None:  # copied into storage (outside the lock), so every node reads the same files
+            published = self._publish_artifact(str(artifact), out)
         with self._lock:
             if self.store.get("model", workspace, name) is not None:
                 raise Conflict(f"model {name!r} already exists in workspace {workspace!r}")
             if artifact is not None:
-                entity = self._entity_from_artifact(workspace, name, str(artifact), str(artifact), None, None,
+                entity = self._entity_from_artifact(workspace, name, published, str(artifact), None, None,
                                                     description=str(body.get("description", "")))
             else:
-                out = self.home / "workspaces" / workspace / "models" / name / "onnx"
                 job_id = f"export-{workspace}-{name}-{jobs.new_job_id()[5:13]}"
                 entry = (f"{shlex.quote(sys.executable)} -m train.export --model {shlex.quote(str(base))} "
                          f"--output {shlex.quote(str(out))}")
-                self._jobs_client().submit_job(entrypoint=entry, submission_id=job_id, **self._gpu_request(),
+                self._jobs_client().submit_job(entrypoint=entry, submission_id=job_id, **self._job_request(),
                                                metadata={"rayembed": "model-export", "workspace": workspace, "model": name})
                 entity = ModelEntity(workspace=workspace, name=name, status="exporting", base_model=str(base),
-                                     artifact=Artifact(onnx_dir=str(out)), source_job=job_id,
+                                     artifact=Artifact(uri=out), source_job=job_id,
                                      description=str(body.get("description", "")))
             self._save(entity)
         return entity.model_dump(mode="json")
 
-    def _entity_from_artifact(self, workspace: str, name: str, onnx_dir: str, base_model: str, hf_dir: str | None,
-                              source_job: str | None, evaluation=None, description: str = "") -> ModelEntity:
-        missing = missing_files(onnx_dir)
+    def _publish_artifact(self, folder: str, dest: str) -> str:
+        """An ONNX folder a user registers, copied into storage and sealed; one that storage already holds
+        sealed (a job's or an export's onnx/) is registered where it is."""
+        shared = storage.is_uri(folder) or (not storage.is_uri(self.storage) and
+                                            Path(folder).resolve().is_relative_to(Path(self.storage).resolve()))
+        if shared and storage.read_seal(folder) is not None:
+            return folder
+        files = storage.list_files(folder) if storage.exists(folder) else {}
+        missing = [f for f in REQUIRED_FILES if f not in files]
         if missing:
-            raise InvalidRequest(f"artifact {onnx_dir} lacks {', '.join(missing)}: give a folder written by "
+            raise InvalidRequest(f"artifact {shown(folder)} lacks {', '.join(missing)}: give a folder written by "
+                                 "`python -m train.export` or a job's onnx/", "artifact")
+        storage.publish(folder, dest)
+        return dest
+
+    def _entity_from_artifact(self, workspace: str, name: str, uri: str, base_model: str, hf_uri: str | None,
+                              source_job: str | None, evaluation=None, description: str = "") -> ModelEntity:
+        """A ready model entity from a published ONNX folder in storage (read through the storage API, so the
+        actor's node needs none of the files)."""
+        seal = storage.read_seal(uri)
+        if seal is None:
+            raise InvalidRequest(f"artifact {uri} was not published completely (no seal): run its job or export "
+                                 "again", "artifact")
+        missing = [f for f in REQUIRED_FILES if f not in seal["files"]]
+        if missing:
+            raise InvalidRequest(f"artifact {uri} lacks {', '.join(missing)}: give a folder written by "
                                  "`python -m train.export` or a job's onnx/", "artifact")
         try:
-            m = read_manifest(onnx_dir)
+            m = parse_manifest(storage.read_text(storage.join(uri, MANIFEST)), uri)
         except ArtifactError as exc:
             raise InvalidRequest(str(exc), "artifact") from None
-        if evaluation is None and (Path(onnx_dir) / "eval.json").is_file():  # a job's onnx/ carries its evaluation
+        if evaluation is None and "eval.json" in seal["files"]:  # a job's onnx/ carries its evaluation
             try:
-                evaluation = Evaluation.from_report(json.loads((Path(onnx_dir) / "eval.json").read_text()))
+                evaluation = Evaluation.from_report(json.loads(storage.read_text(storage.join(uri, "eval.json"))))
             except (ValueError, KeyError) as exc:
-                raise InvalidRequest(f"{onnx_dir}/eval.json is not a job's evaluation report: {exc}", "artifact") from None
+                raise InvalidRequest(f"{uri}/eval.json is not a job's evaluation report: {exc}", "artifact") from None
         params = None
-        if hf_dir and (Path(hf_dir) / "model.safetensors").is_file():
-            params = _count_parameters(Path(hf_dir) / "model.safetensors")
+        if hf_uri and storage.is_file(storage.join(hf_uri, "model.safetensors")):
+            params = _count_parameters(storage.join(hf_uri, "model.safetensors"))
         return ModelEntity(workspace=workspace, name=name, status="ready",
-                           base_model=m.base_model if base_model == onnx_dir else base_model,
-                           artifact=Artifact(onnx_dir=str(Path(onnx_dir).absolute()), hf_dir=hf_dir),
+                           base_model=m.base_model if base_model == uri else base_model,
+                           artifact=Artifact(uri=uri, sha256=seal["sha256"], hf_uri=hf_uri),
                            parameter_count=params, precision="fp32 (ONNX; trained bf16-mixed on GPU)",
                            embedding_dim=m.embedding_dim, matryoshka_dims=m.dims, max_seq_length=m.max_seq_length,
                            prefixes=m.prefixes.model_dump(), evaluation=evaluation, source_job=source_job,
@@ -253,17 +288,85 @@ class ControlPlane:
             self.store.delete("model", workspace, name)
         return {"name": name, "deleted": True}
 
+    # ---------------------------------------------------------------- datasets (the files go through the API ingress)
+    def create_dataset(self, workspace: str, body: dict) -> dict:
+        self._workspace(workspace)
+        name = check_name(body.get("name"), "dataset")
+        with self._lock:
+            if self.store.get("dataset", workspace, name) is not None:
+                raise Conflict(f"dataset {name!r} already exists in workspace {workspace!r}")
+            ds = _fields(Dataset, {"description": body.get("description", "")}, "dataset", workspace=workspace,
+                         name=name, uri=storage.join(self._workspace_root(workspace), "datasets", name))
+            self._save(ds)
+        return ds.model_dump(mode="json")
+
+    def list_datasets(self, workspace: str) -> list[dict]:
+        self._workspace(workspace)
+        return [d.model_dump(mode="json") for d in self._all("dataset", Dataset, workspace)]
+
+    def get_dataset(self, workspace: str, name: str) -> dict:
+        self._workspace(workspace)
+        return self._load("dataset", workspace, name, Dataset).model_dump(mode="json")
+
+    def add_dataset_file(self, workspace: str, name: str, path: str, stored: dict) -> dict:
+        """Record a file the API ingress validated and stored at the dataset's folder (a new upload replaces it)."""
+        with self._lock:
+            self._workspace(workspace)
+            ds = self._load("dataset", workspace, name, Dataset)
+            if path not in DATASET_FILES:
+                raise InvalidRequest(f"{shown(path)} is not a dataset file: use one of {', '.join(DATASET_FILES)}", "path")
+            ds = ds.touched(files={**ds.files, path: DatasetFile.model_validate(stored)})
+            self._save(ds)
+        return ds.model_dump(mode="json")
+
+    def _jobs_reading(self, ds: Dataset) -> list[str]:
+        """Unfinished jobs whose config reads the dataset's files."""
+        def reads(job: CustomizationJob) -> bool:
+            given = (job.spec.get("job") if job.kind == "sweep" else job.spec).get("dataset") or {}
+            return any(isinstance(given.get(k), str) and given[k].startswith(ds.uri.rstrip("/") + "/")
+                       for k in ("training", "validation", "evaluation"))
+
+        return [j.name for j in self._all("job", CustomizationJob, ds.workspace) if j.status not in JOB_DONE and reads(j)]
+
+    def delete_dataset(self, workspace: str, name: str) -> dict:
+        with self._lock:
+            self._workspace(workspace)
+            ds = self._load("dataset", workspace, name, Dataset)
+            users = self._jobs_reading(ds)
+            if users:
+                raise Conflict(f"dataset {name!r} is read by job {', '.join(users)}; wait for it to finish or cancel it")
+            self.store.delete("dataset", workspace, name)
+        storage.delete_tree(ds.uri)  # outside the lock: the entity is gone, so no new job can name it
+        return {"name": name, "deleted": True}
+
+    def _with_dataset(self, workspace: str, spec: dict, field: str) -> dict:
+        """`dataset: {name: ...}` in a job config -> the dataset's files as the config's paths (in storage)."""
+        given = spec.get("dataset")
+        if not isinstance(given, dict) or "name" not in given:
+            return spec
+        ds = self._load("dataset", workspace, check_name(given["name"], "dataset", f"{field}.dataset.name"), Dataset)
+        fields = ds.job_fields()
+        if "training" not in fields:
+            raise InvalidRequest(f"dataset {ds.name!r} has no training.jsonl yet: upload it first "
+                                 f"(`rayembed datasets upload {ds.name} --training FILE`)", f"{field}.dataset.name")
+        clash = sorted(set(fields) & set(given))
+        if clash:
+            raise InvalidRequest(f"{field}.dataset: give either name (dataset {ds.name!r}) or {', '.join(clash)}, not "
+                                 "both", f"{field}.dataset")
+        return {**spec, "dataset": {**{k: v for k, v in given.items() if k != "name"}, **fields}}
+
     # ---------------------------------------------------------------- customization jobs
-    def _gpu_request(self) -> dict:
+    def _job_request(self) -> dict:
+        """What a job's Ray submission asks for. Its driver reserves no GPU: the Ray Train worker it starts holds
+        the GPU (a driver holding one would leave a one-GPU cluster's worker unplaceable). A pinned accelerator
+        type (RAYEMBED_ACCELERATOR_TYPE) goes to the worker."""
+        env = {k: os.environ[k] for k in JOB_ENV if os.environ.get(k)}
+        return {"runtime_env": {"env_vars": env}} if env else {}
+
+    def _cluster_has_gpu(self) -> bool:
         import ray
 
-        if ray.cluster_resources().get("GPU", 0) < 1:
-            return {}
-        request: dict = {"entrypoint_num_gpus": 1}
-        accelerator = os.environ.get("RAYEMBED_ACCELERATOR_TYPE")
-        if accelerator:
-            request["entrypoint_resources"] = {f"accelerator_type:{accelerator}": 0.001}
-        return request
+        return ray.cluster_resources().get("GPU", 0) >= 1
 
     def create_job(self, workspace: str, body: dict) -> dict:
         self._workspace(workspace)
@@ -274,6 +377,10 @@ class ControlPlane:
         spec = body[kind if kind == "sweep" else "config"]
         if not isinstance(spec, dict):
             raise InvalidRequest(f"{'sweep' if kind == 'sweep' else 'config'} must be a JSON object", "config")
+        if kind == "sweep" and isinstance(spec.get("job"), dict):
+            spec = {**spec, "job": self._with_dataset(workspace, spec["job"], "sweep.job")}
+        else:
+            spec = self._with_dataset(workspace, spec, "config")
         with self._lock:
             if self.store.get("model", workspace, output_model) is not None:
                 raise Conflict(f"model {output_model!r} already exists in workspace {workspace!r}: choose another output_model")
@@ -282,16 +389,16 @@ class ControlPlane:
             if clash:
                 raise Conflict(f"job {clash[0]} already creates model {output_model!r}")
             job_id = jobs.new_job_id()
-            job_dir = self.home / "workspaces" / workspace / "jobs" / job_id
-            has_gpu = bool(self._gpu_request())
+            job_dir = storage.join(self._workspace_root(workspace), "jobs", job_id)
+            has_gpu = self._cluster_has_gpu()
             gpu_gib = float(os.environ.get("RAYEMBED_GPU_MEMORY_GIB", DEFAULT_GPU_MEMORY_GIB)) if has_gpu else None
             prepared = jobs.prepare(kind, spec, job_dir, gpu_gib, self._confinement(workspace))
             job = CustomizationJob(workspace=workspace, name=job_id, kind=kind, spec=prepared.spec,
-                                   output_model=output_model, output_dir=str(prepared.artifact_dir),
+                                   output_model=output_model, output_dir=prepared.artifact_dir,
                                    ray_job_id=job_id, warnings=prepared.warnings, gpu_estimate=prepared.gpu_estimate,
                                    status_history=[StatusChange(status="created")])
             self._save(job)
-            self._jobs_client().submit_job(entrypoint=prepared.entrypoint, submission_id=job_id, **self._gpu_request(),
+            self._jobs_client().submit_job(entrypoint=prepared.entrypoint, submission_id=job_id, **self._job_request(),
                                            metadata={"rayembed": "customization-job", "workspace": workspace,
                                                      "output_model": output_model})
             job = self._job_status(job, "pending", "submitted to Ray as job " + job_id)
@@ -342,17 +449,17 @@ class ControlPlane:
                 raise Conflict(f"job {job_id} is a sweep: create it again (a sweep's trials are not resumed)")
             if self.store.get("model", workspace, job.output_model) is not None:
                 raise Conflict(f"model {job.output_model!r} exists meanwhile; the job's files stay in {job.output_dir}")
-            config_path = Path(job.output_dir).parent / "job.yaml"
-            if not config_path.is_file():
+            config_path = storage.join(storage.parent(job.output_dir), "job.yaml")
+            if not storage.is_file(config_path):
                 raise Conflict(f"job {job_id}'s config {config_path} is gone; create the job again")
             attempt = 1 + sum(1 for h in job.status_history if h.status == "pending")
             ray_job_id = f"{job.name}-{attempt}"
-            entrypoint = f"{shlex.quote(sys.executable)} -m train --config {shlex.quote(str(config_path))}"
-            self._jobs_client().submit_job(entrypoint=entrypoint, submission_id=ray_job_id, **self._gpu_request(),
+            entrypoint = f"{shlex.quote(sys.executable)} -m train --config {shlex.quote(config_path)}"
+            self._jobs_client().submit_job(entrypoint=entrypoint, submission_id=ray_job_id, **self._job_request(),
                                            metadata={"rayembed": "customization-job", "workspace": workspace,
                                                      "output_model": job.output_model, "resumes": job.name})
             job = self._job_status(job, "pending", f"resumed as Ray job {ray_job_id} (attempt {attempt}) from the "
-                                   "last checkpoint in " + str(Path(job.output_dir) / "checkpoints"),
+                                   "last checkpoint in " + storage.join(job.output_dir, "checkpoints"),
                                    ray_job_id=ray_job_id, finished_at=None, error=None)
         return job.model_dump(mode="json")
 
@@ -420,11 +527,11 @@ class ControlPlane:
         """Promotion gate: a model its own job found worse than its base is not deployed without an override;
         and the graph the config asks for must be in the model's artifact."""
         graph = {"int8": GRAPH_INT8, "fp16": GRAPH_FP16}.get(cfg.precision)
-        if graph and not (Path(model.artifact.onnx_dir) / graph).is_file():
+        if graph and not storage.is_file(storage.join(model.artifact.uri, graph)):
             how = ("`python -m train.quantize --model-dir DIR --eval BEIR_DIR`, or output.export_int8 in the job"
                    if graph == GRAPH_INT8 else "export_fp16: true in the job")
             raise InvalidRequest(f"precision {cfg.precision} needs {graph} in model {model.name!r}'s artifact "
-                                 f"({model.artifact.onnx_dir}); write it with {how}, or use precision auto", "precision")
+                                 f"({model.artifact.uri}); write it with {how}, or use precision auto", "precision")
         ev = model.evaluation
         if ev is not None and ev.verdict == "worse" and not allow_worse:
             raise PromotionRefused(f"model {model.name!r} is worse than its base model: {ev.summary()}. "
@@ -579,7 +686,7 @@ class ControlPlane:
             if info is None:
                 self._job_status(job, "failed", "the Ray job is gone: the cluster restarted while it ran", finished_at=now(),
                                  error=f"the Ray job {job.ray_job_id} no longer exists (the Ray cluster was restarted while "
-                                       f"it was {job.status}); its files are in {Path(job.output_dir).parent}; "
+                                       f"it was {job.status}); its files are in {storage.parent(job.output_dir)}; "
                                        "create the job again")
             elif status == "PENDING" and job.status != "pending":
                 self._job_status(job, "pending", info.message or "waiting for resources")
@@ -597,12 +704,12 @@ class ControlPlane:
                 self._job_status(job, "cancelled", "the Ray job was stopped", finished_at=now(), **update)
 
     def _complete_job(self, job: CustomizationJob, update: dict) -> None:
-        artifact_dir = Path(job.output_dir)
+        artifact_dir = job.output_dir
         try:
-            result, evaluation = jobs.read_results(job.kind, artifact_dir, artifact_dir.parent.parent)
+            result, evaluation = jobs.read_results(job.kind, artifact_dir, storage.parent(artifact_dir))
             base = job.spec["job"]["model"] if job.kind == "sweep" else job.spec["model"]
-            model = self._entity_from_artifact(job.workspace, job.output_model, str(artifact_dir / "onnx"), base,
-                                               str(artifact_dir / "model"), job.name, evaluation)
+            model = self._entity_from_artifact(job.workspace, job.output_model, storage.join(artifact_dir, "onnx"), base,
+                                               storage.join(artifact_dir, "model"), job.name, evaluation)
         except (OSError, ValueError, KeyError) as exc:
             self._job_status(job, "failed", "the job finished without a usable artifact", finished_at=now(),
                              error=f"the Ray job succeeded but its output in {artifact_dir} is not usable: {exc}", **update)
@@ -634,7 +741,7 @@ class ControlPlane:
                 return
             if status == "SUCCEEDED":
                 try:
-                    ready = self._entity_from_artifact(model.workspace, model.name, model.artifact.onnx_dir, model.base_model,
+                    ready = self._entity_from_artifact(model.workspace, model.name, model.artifact.uri, model.base_model,
                                                        None, model.source_job, description=model.description)
                     self._save(ready.model_copy(update={"created_at": model.created_at}))
                 except InvalidRequest as exc:
@@ -756,15 +863,14 @@ class ControlPlane:
                 self._bump_routes()
 
 
-def _count_parameters(path: Path) -> int | None:
-    """Parameters in a safetensors file, read from its header alone (no torch)."""
+def _count_parameters(uri: str) -> int | None:
+    """Parameters in a safetensors file in storage, read from its header alone (no torch)."""
     import struct
 
     try:
-        with path.open("rb") as fh:
-            size = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(size))
-    except (OSError, ValueError):
+        size = struct.unpack("<Q", storage.read_head(uri, 8))[0]
+        header = json.loads(storage.read_head(uri, 8 + size)[8:])
+    except (OSError, ValueError, struct.error):
         return None
     total = 0
     for key, meta in header.items():

@@ -23,7 +23,8 @@ def app_name(workspace: str, deployment: str, generation: int) -> str:
 
 def provider_settings(dep: ModelDeployment, cfg: ModelDeploymentConfig, model: ModelEntity, generation: int) -> ProviderSettings:
     return ProviderSettings.model_validate({
-        "name": app_name(dep.workspace, dep.name, generation), "model_dir": model.artifact.onnx_dir,
+        "name": app_name(dep.workspace, dep.name, generation), "model_dir": model.artifact.uri,
+        "model_sha256": model.artifact.sha256,
         "num_replicas": cfg.num_replicas, "autoscaling": cfg.autoscaling.model_dump() if cfg.autoscaling else None,
         "num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "default_input_type": cfg.default_input_type,
         "precision": cfg.precision, **cfg.batching.model_dump()})

@@ -7,8 +7,9 @@ import re
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rayembed import storage
 from serve.settings import Autoscaling  # the provider's own section: one definition, one min <= max check
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{1,62}$"
@@ -85,8 +86,50 @@ class Evaluation(BaseModel):
 
 
 class Artifact(BaseModel):
-    onnx_dir: str = Field(description="the ONNX artifact folder (model.onnx, tokenizer, manifest.json)")
-    hf_dir: str | None = Field(None, description="the merged Hugging Face folder (None for a base model)")
+    """Where a model's files live in the storage root (a URI, or a path where storage is a local folder), and
+    the digest of the published ONNX folder that replicas verify when they materialize it."""
+
+    uri: str = Field(description="the published ONNX artifact folder (model.onnx, tokenizer, manifest.json)")
+    sha256: str | None = Field(None, description="the ONNX folder's digest (its seal); None while it is being exported")
+    hf_uri: str | None = Field(None, description="the merged Hugging Face folder (None for a base model)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_before_uris(cls, data: Any) -> Any:
+        """Entities stored by rayembed before storage URIs named the folders onnx_dir and hf_dir."""
+        if isinstance(data, dict) and "onnx_dir" in data:
+            data = {**{k: v for k, v in data.items() if k not in ("onnx_dir", "hf_dir")},
+                    "uri": data["onnx_dir"], "hf_uri": data.get("hf_dir")}
+        return data
+
+
+# a dataset's files: the upload path -> the job config key it fills (the evaluation files make one BEIR folder)
+DATASET_FILES = {"training.jsonl": "training", "validation.jsonl": "validation",
+                 "evaluation/corpus.jsonl": "evaluation", "evaluation/queries.jsonl": "evaluation",
+                 "evaluation/qrels/test.tsv": "evaluation"}
+
+
+class DatasetFile(BaseModel):
+    uri: str
+    bytes: int
+    sha256: str
+    records: int = Field(description="examples (training, validation), documents, queries or judgments")
+
+
+class Dataset(Entity):
+    """Files uploaded through the API into the storage root, so a client that shares no disk with the cluster
+    gives a job its data: `dataset: {name: ...}` in a job config reads them."""
+
+    description: str = ""
+    uri: str = Field(description="the dataset's folder in the storage root")
+    files: dict[str, DatasetFile] = Field(default_factory=dict, description="upload path -> the stored file")
+
+    def job_fields(self) -> dict[str, str]:
+        """The job config's dataset keys this dataset fills."""
+        fields = {key: self.files[path].uri for path, key in DATASET_FILES.items() if key != "evaluation" and path in self.files}
+        if all(p in self.files for p, k in DATASET_FILES.items() if k == "evaluation"):
+            fields["evaluation"] = storage.join(self.uri, "evaluation")
+        return fields
 
 
 class ModelEntity(Entity):
@@ -189,6 +232,6 @@ class ModelProvider(Entity):
 
 
 KINDS: dict[str, type[BaseModel]] = {
-    "workspace": Workspace, "model": ModelEntity, "job": CustomizationJob,
+    "workspace": Workspace, "model": ModelEntity, "job": CustomizationJob, "dataset": Dataset,
     "deployment_config": ModelDeploymentConfig, "deployment": ModelDeployment, "provider": ModelProvider,
 }

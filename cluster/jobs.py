@@ -8,11 +8,11 @@ import shlex
 import sys
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import yaml
 
 from cluster.entities import Evaluation, JobProgress
+from rayembed import storage
 from rayembed.config import ConfigError
 from rayembed.progress import last_progress
 from serve.errors import InvalidRequest
@@ -26,9 +26,9 @@ def new_job_id() -> str:
 class PreparedJob:
     kind: str  # training | sweep
     spec: dict  # validated, resolved (output dir filled in)
-    config_path: Path
+    config_path: str
     entrypoint: str
-    artifact_dir: Path  # where the winning/trained job writes onnx/, model/, eval.json
+    artifact_dir: str  # where the winning/trained job publishes onnx/, model/, eval.json (in the storage root)
     warnings: list[str]
     gpu_estimate: dict | None
 
@@ -37,18 +37,19 @@ def _invalid(exc: ConfigError, what: str) -> InvalidRequest:
     return InvalidRequest(f"invalid {what}: " + "; ".join(exc.problems), what)
 
 
-def prepare(kind: str, spec: dict, job_dir: Path, gpu_memory_gib: float | None, confinement=None) -> PreparedJob:
-    """Validate the spec as the job itself will, fill in the output folder, check every path it reads
-    against `confinement` (cluster.paths), write the config file."""
+def prepare(kind: str, spec: dict, job_dir: str, gpu_memory_gib: float | None, confinement=None) -> PreparedJob:
+    """Validate the spec as the job itself will, fill in the output folder (`job_dir`: in the storage root, a
+    URI or a local folder), check every path it reads against `confinement` (cluster.paths), write the config
+    file there."""
     from train.config import validate_config
 
     spec = json.loads(json.dumps(spec))  # a private copy
-    out = job_dir / "output"
+    out = storage.join(job_dir, "output")
     if kind == "training":
         spec.setdefault("output", {})
         if not isinstance(spec["output"], dict):
             raise InvalidRequest("config.output must be a mapping", "config")
-        spec["output"]["dir"] = str(out)
+        spec["output"]["dir"] = out
         spec["output"].pop("storage_path", None)
         try:
             cfg = validate_config(spec)
@@ -63,25 +64,24 @@ def prepare(kind: str, spec: dict, job_dir: Path, gpu_memory_gib: float | None, 
         from tune.config import SweepConfig
         from rayembed.config import validate
 
-        spec["output"] = {"dir": str(out)}
+        spec["output"] = {"dir": out}
         spec["promote_winner"] = True  # the winner becomes the output model entity
         if isinstance(spec.get("job"), dict):  # trials and the winner get their own folders under out/
             if not isinstance(spec["job"].get("output"), dict):
                 spec["job"]["output"] = {}
-            spec["job"]["output"]["dir"] = str(out / "job")
+            spec["job"]["output"]["dir"] = storage.join(out, "job")
         try:
             sweep = validate(SweepConfig, spec)
         except ConfigError as exc:
             raise _invalid(exc, "sweep") from None
-        job_cfg, artifact_dir, module = sweep.job.with_absolute_paths(), out / "winner", "tune"
+        job_cfg, artifact_dir, module = sweep.job.with_absolute_paths(), storage.join(out, "winner"), "tune"
         if confinement is not None:
             confinement.job(job_cfg, "sweep.job")
         resolved = sweep.model_copy(update={"job": job_cfg}).model_dump(mode="json")
     warnings, estimate = check_gpu_memory(job_cfg, gpu_memory_gib)
-    job_dir.mkdir(parents=True, exist_ok=True)
-    config_path = job_dir / ("job.yaml" if kind == "training" else "sweep.yaml")
-    config_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
-    entrypoint = f"{shlex.quote(sys.executable)} -m {module} --config {shlex.quote(str(config_path))}"
+    config_path = storage.join(job_dir, "job.yaml" if kind == "training" else "sweep.yaml")
+    storage.write_text(config_path, yaml.safe_dump(resolved, sort_keys=False))
+    entrypoint = f"{shlex.quote(sys.executable)} -m {module} --config {shlex.quote(config_path)}"
     return PreparedJob(kind, resolved, config_path, entrypoint, artifact_dir, warnings, estimate)
 
 
@@ -113,12 +113,12 @@ def last_lines(log: str, n: int = 30) -> str:
     return "\n".join(log.rstrip().splitlines()[-n:])
 
 
-def read_results(kind: str, artifact_dir: Path, job_dir: Path) -> tuple[dict, Evaluation | None]:
-    """-> (the job's result for the API, the evaluation of the output model)."""
-    report = json.loads((artifact_dir / "eval.json").read_text())
-    result: dict = {"eval": report, "artifact_dir": str(artifact_dir)}
+def read_results(kind: str, artifact_dir: str, output_dir: str) -> tuple[dict, Evaluation | None]:
+    """-> (the job's result for the API, the evaluation of the output model), read from storage."""
+    report = json.loads(storage.read_text(storage.join(artifact_dir, "eval.json")))
+    result: dict = {"eval": report, "artifact_dir": artifact_dir}
     if kind == "sweep":
-        trials = job_dir / "output" / "results.json"
-        if trials.is_file():
-            result["trials"] = json.loads(trials.read_text())
+        trials = storage.join(output_dir, "results.json")
+        if storage.is_file(trials):
+            result["trials"] = json.loads(storage.read_text(trials))
     return result, Evaluation.from_report(report)

@@ -69,12 +69,19 @@ def start_head(s: Settings, num_cpus: int | None, num_gpus: int | None, ingress:
 
 
 def auth_env(s: Settings) -> None:
-    """RAY_AUTH_MODE for this process, from the head's record; Ray reads it once, so before `import ray`."""
+    """RAY_AUTH_MODE for this process, from the head's record; Ray reads it once, so before `import ray`. Joining
+    RAY_ADDRESS: token auth when this machine has a token (a cluster without auth accepts such a client too),
+    else as set."""
+    if os.environ.get("RAY_ADDRESS"):
+        token = (os.environ.get("RAY_AUTH_TOKEN") or Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or
+                                                          Path.home() / ".ray" / "auth_token").expanduser().is_file())
+        if token and "ray" not in sys.modules:
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        return
     if "ray" in sys.modules and "RAY_AUTH_MODE" not in os.environ:
         raise RuntimeError("internal: Ray was imported before its auth mode was set")
-    if not os.environ.get("RAY_ADDRESS"):
-        record = read_record(s)
-        os.environ.setdefault("RAY_AUTH_MODE", (record or {}).get("auth_mode") or "token")
+    record = read_record(s)
+    os.environ.setdefault("RAY_AUTH_MODE", (record or {}).get("auth_mode") or "token")
 
 
 def connect(s: Settings, start: bool = False, num_cpus: int | None = None, num_gpus: int | None = None,
@@ -125,14 +132,15 @@ def up(s: Settings, num_cpus: int | None = None, num_gpus: int | None = None, lo
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one line per step below is what a person reads
     log(f"ray: {record['gcs_address']} (dashboard {record['dashboard_url']}; Serve ingress: "
         f"{record.get('ingress', 'as the cluster was started')})")
-    serve.start(http_options={"host": s.host, "port": s.port}, logging_config={"enable_access_log": False})
+    serve.start(proxy_location=s.proxy_location, http_options={"host": s.host, "port": s.port},
+                logging_config={"enable_access_log": False})
     actor = ray.remote(ControlPlane).options(
         name=CONTROL_PLANE, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
-        max_concurrency=32, num_cpus=0).remote(str(s.home), record["dashboard_url"], s.base_url, s.state_url,
-                                               paths.data_roots(data_roots or []))
+        max_concurrency=32, num_cpus=0, resources=s.control_plane_resources or None).remote(str(s.home), record["dashboard_url"], s.base_url, s.state_url,
+                                               paths.data_roots(data_roots or []), s.storage)
     info = ray.get(actor.ping.remote(), timeout=120)
-    log(f"control plane: state in {info['home']} (schema v{info['schema_version']}); API jobs read from their "
-        f"workspace's folder there and {', '.join(info['data_roots'])}")
+    log(f"control plane: state {info['state']} (schema v{info['schema_version']}); storage {info['storage']}; API "
+        f"jobs read from their workspace's folder there, its datasets and {', '.join(info['data_roots'])}")
     log(f"api keys: {info['api_keys']}, every route but the health probes needs one" if info["api_keys"] else
         "api keys: none, so the API is open to whoever reaches it (`rayembed keys create` turns keys on)")
     serve.run(build_api_app(), name=API_APP, route_prefix="/")  # unchanged code: Serve keeps the running replica

@@ -27,15 +27,18 @@ def data_roots(given: list[str] | tuple[str, ...] = ()) -> list[str]:
 class Confinement:
     """The roots one workspace's API requests may read from, and the folder they may write to."""
 
-    def __init__(self, home: Path, workspace: str, roots: list[str]):
-        self.own = (home / "workspaces" / workspace).resolve()
+    def __init__(self, own: str, roots: list[str]):
+        """`own`: the workspace's folder in the storage root (a URI, or a local folder)."""
+        self.own = own if "://" in own else str(Path(own).resolve())
         self.roots = roots
 
     def describe(self) -> str:
         return ", ".join([str(self.own), *self.roots])
 
     def _inside(self, value: str, roots: list[str]) -> bool:
-        if "://" in value:  # a remote URI (s3://, gs://): only under a data root given as a URI
+        if "://" in value:  # a remote URI (s3://, gs://): only under a root given as a URI, never through '..'
+            if ".." in value.partition("?")[0].split("/"):
+                return False
             return any(value.startswith(r.rstrip("/") + "/") for r in roots if "://" in r)
         path = Path(value).expanduser().resolve()
         return any(path == Path(r) or path.is_relative_to(r) for r in roots if "://" not in r)
@@ -43,8 +46,8 @@ class Confinement:
     def read(self, value: str | None, field: str) -> None:
         if value is not None and not self._inside(value, [str(self.own), *self.roots]):
             raise InvalidRequest(f"{field}: {shown(value)} is outside the folders this workspace's jobs may read "
-                                 f"({self.describe()}); copy the file there, or start the cluster with "
-                                 "`rayembed up --data-root DIR`", field)
+                                 f"({self.describe()}); upload it as a dataset (`rayembed datasets create`), copy "
+                                 "it there, or start the cluster with `rayembed up --data-root DIR`", field)
 
     def write(self, value: str | None, field: str) -> None:
         if value is not None and not self._inside(value, [str(self.own)]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,10 @@ class Settings:
     home: Path  # RAYEMBED_HOME: state.db, job and model folders, the local cluster's record
     host: str
     port: int
-    state_url: str | None  # RAYEMBED_STATE_URL: another database than <home>/state.db
+    state_url: str | None  # RAYEMBED_DATABASE_URL: another database than <home>/state.db (PostgreSQL for a cluster)
+    storage: str  # RAYEMBED_STORAGE: datasets, jobs' outputs and models; a URI (s3://...) that every node reads
+    proxy_location: str  # RAYEMBED_PROXY_LOCATION: where Serve runs HTTP proxies (EveryNode, HeadOnly)
+    control_plane_resources: dict  # RAYEMBED_CONTROL_PLANE_RESOURCES: JSON, custom resources pinning the actor to nodes
 
     @property
     def base_url(self) -> str:
@@ -28,4 +32,7 @@ def settings() -> Settings:
     home = Path(os.environ.get("RAYEMBED_HOME") or Path.home() / ".rayembed").expanduser().absolute()
     return Settings(home=home, host=os.environ.get("RAYEMBED_HOST", "127.0.0.1"),
                     port=int(os.environ.get("RAYEMBED_PORT", DEFAULT_PORT)),
-                    state_url=os.environ.get("RAYEMBED_STATE_URL") or None)
+                    state_url=os.environ.get("RAYEMBED_DATABASE_URL") or os.environ.get("RAYEMBED_STATE_URL") or None,
+                    storage=os.environ.get("RAYEMBED_STORAGE") or str(home),
+                    proxy_location=os.environ.get("RAYEMBED_PROXY_LOCATION") or "EveryNode",
+                    control_plane_resources=json.loads(os.environ.get("RAYEMBED_CONTROL_PLANE_RESOURCES") or "{}"))

@@ -1,4 +1,5 @@
-"""State: one small store interface and its embedded default, a SQLite file under the storage root.
+"""State: one small store interface, its embedded default (a SQLite file under RAYEMBED_HOME) and PostgreSQL
+through SQLAlchemy (RAYEMBED_DATABASE_URL=postgresql+psycopg://...), the state that outlives any one node.
 
 Entities are JSON documents keyed by (kind, workspace, name); the schema carries a version and is
 migrated forward on open. Writes are transactions, so a crash never leaves half an entity behind.
@@ -7,8 +8,10 @@ migrated forward on open. Writes are transactions, so a crash never leaves half 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -18,7 +21,7 @@ SCHEMA_VERSION = 2
 # version -> statements that bring the schema from version-1 to version
 MIGRATIONS: dict[int, list[str]] = {
     1: ["CREATE TABLE objects (kind TEXT NOT NULL, workspace TEXT NOT NULL, name TEXT NOT NULL, body TEXT NOT NULL, "
-        "updated_at REAL NOT NULL, PRIMARY KEY (kind, workspace, name))"],
+        "updated_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (kind, workspace, name))"],
     2: ["CREATE TABLE history (kind TEXT NOT NULL, workspace TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, "
         "body TEXT NOT NULL, PRIMARY KEY (kind, workspace, name, version))",
         "CREATE INDEX objects_by_workspace ON objects (kind, workspace)"],
@@ -127,11 +130,109 @@ class SQLiteStore:
             self._db.close()
 
 
-def open_store(url: str) -> SQLiteStore:
-    """`sqlite:///path/state.db` or a plain path. Other database URLs need a store implementation."""
+class SQLAlchemyStore:
+    """The same tables and migrations in any database SQLAlchemy reaches; PostgreSQL is the one we test."""
+
+    def __init__(self, url: str):
+        try:
+            import sqlalchemy as sa
+        except ImportError:
+            raise StoreError(f"{redacted(url)} needs SQLAlchemy and a driver: pip install 'rayembed[postgres]'") from None
+        self.sa = sa
+        self.url = url
+        try:
+            self._engine = sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=8)
+        except (sa.exc.ArgumentError, ImportError, sa.exc.NoSuchModuleError) as exc:
+            raise StoreError(f"database URL {redacted(url)}: {exc}") from None
+        self.migrate()
+
+    def _run(self, write: bool, statements: list[tuple[str, dict]]):
+        """Statements in one transaction -> the last one's result rows (or rowcount for a write)."""
+        sa = self.sa
+        try:
+            with self._engine.begin() as conn:
+                result = None
+                for sql, args in statements:
+                    result = conn.execute(sa.text(sql), args)
+                return result.rowcount if write else result.fetchall()
+        except sa.exc.OperationalError as exc:
+            what = "write to" if write else "read"
+            raise StoreWriteError(f"the control plane cannot {what} its database {redacted(self.url)}: "
+                                  f"{str(exc.orig).strip().splitlines()[0]}; check that the server is up and reachable "
+                                  "(nothing was changed)") from None
+
+    def migrate(self) -> int:
+        sa = self.sa
+        try:
+            with self._engine.begin() as conn:
+                if conn.dialect.name == "postgresql":  # two heads opening at once migrate one after the other
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(7208454)"))
+                conn.execute(sa.text("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"))
+                row = conn.execute(sa.text("SELECT value FROM meta WHERE key = 'schema_version'")).fetchone()
+                current = int(row[0]) if row else 0
+                if current > SCHEMA_VERSION:
+                    raise StoreError(f"{redacted(self.url)} has schema version {current}, newer than this rayembed's "
+                                     f"{SCHEMA_VERSION}: upgrade rayembed, or point RAYEMBED_DATABASE_URL elsewhere")
+                for version in range(current + 1, SCHEMA_VERSION + 1):
+                    for statement in MIGRATIONS[version]:
+                        conn.execute(sa.text(statement))
+                    conn.execute(sa.text("DELETE FROM meta WHERE key = 'schema_version'"))
+                    conn.execute(sa.text("INSERT INTO meta (key, value) VALUES ('schema_version', :v)"), {"v": str(version)})
+        except sa.exc.OperationalError as exc:
+            raise StoreError(f"cannot open the database {redacted(self.url)}: {str(exc.orig).strip()}") from None
+        return SCHEMA_VERSION
+
+    def schema_version(self) -> int:
+        return int(self._run(False, [("SELECT value FROM meta WHERE key = 'schema_version'", {})])[0][0])
+
+    def get(self, kind: str, workspace: str, name: str) -> dict | None:
+        rows = self._run(False, [("SELECT body FROM objects WHERE kind = :k AND workspace = :w AND name = :n",
+                                  {"k": kind, "w": workspace, "n": name})])
+        return json.loads(rows[0][0]) if rows else None
+
+    def list(self, kind: str, workspace: str | None = None) -> list[dict]:
+        if workspace is None:
+            rows = self._run(False, [("SELECT body FROM objects WHERE kind = :k ORDER BY workspace, name", {"k": kind})])
+        else:
+            rows = self._run(False, [("SELECT body FROM objects WHERE kind = :k AND workspace = :w ORDER BY name",
+                                      {"k": kind, "w": workspace})])
+        return [json.loads(r[0]) for r in rows]
+
+    def put(self, kind: str, workspace: str, name: str, body: dict) -> None:
+        self._run(True, [("INSERT INTO objects (kind, workspace, name, body, updated_at) VALUES (:k, :w, :n, :b, :t) "
+                          "ON CONFLICT (kind, workspace, name) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at",
+                          {"k": kind, "w": workspace, "n": name, "b": json.dumps(body), "t": time.time()})])
+
+    def delete(self, kind: str, workspace: str, name: str) -> bool:
+        return self._run(True, [("DELETE FROM objects WHERE kind = :k AND workspace = :w AND name = :n",
+                                 {"k": kind, "w": workspace, "n": name})]) > 0
+
+    def add_version(self, kind: str, workspace: str, name: str, version: int, body: dict) -> None:
+        self._run(True, [("INSERT INTO history (kind, workspace, name, version, body) VALUES (:k, :w, :n, :v, :b) "
+                          "ON CONFLICT (kind, workspace, name, version) DO UPDATE SET body = excluded.body",
+                          {"k": kind, "w": workspace, "n": name, "v": version, "b": json.dumps(body)})])
+
+    def versions(self, kind: str, workspace: str, name: str) -> list[dict]:
+        rows = self._run(False, [("SELECT body FROM history WHERE kind = :k AND workspace = :w AND name = :n ORDER BY version",
+                                  {"k": kind, "w": workspace, "n": name})])
+        return [json.loads(r[0]) for r in rows]
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+
+def redacted(url: str) -> str:
+    """A database URL with its password hidden (it goes into logs and the API's ping)."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+def open_store(url: str) -> Store:
+    """`sqlite:///path/state.db` or a plain path: the embedded SQLite store; any other SQLAlchemy URL
+    (`postgresql+psycopg://user:password@host/db`): that database."""
     if url.startswith("sqlite:///"):
         return SQLiteStore(url.removeprefix("sqlite:///"))
+    if url.startswith(("postgresql://", "postgres://")):  # the driver we ship (psycopg 3), not SQLAlchemy's default
+        url = "postgresql+psycopg://" + url.partition("://")[2]
     if "://" in url:
-        raise StoreError(f"state URL {url!r}: only SQLite (sqlite:///path or a file path) is implemented in this "
-                         "version; a PostgreSQL store would implement cluster.store.Store")
+        return SQLAlchemyStore(url)
     return SQLiteStore(url)

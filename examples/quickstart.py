@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         if exc.status != 409:  # already registered by an earlier run: reuse it
             raise
     base = client.models.wait_ready(args.name)
-    print(f"   {base.name}: {base.embedding_dim}-d, max {base.max_seq_length} tokens, {base.artifact.onnx_dir}")
+    print(f"   {base.name}: {base.embedding_dim}-d, max {base.max_seq_length} tokens, {base.artifact.uri}")
 
     print(f"2. customization job: LoRA merged on the Debian sample -> model '{tuned}'")
     for job in client.customization.jobs.list():  # a finished earlier run already made it

@@ -98,10 +98,15 @@ def read_manifest(model_dir: str | Path) -> Manifest:
     if not path.is_file():
         raise ArtifactError(f"{model_dir} has no {MANIFEST}: export one with `python -m train.export` "
                             "or point at a training job's onnx/ directory")
+    return parse_manifest(path.read_text(), model_dir)
+
+
+def parse_manifest(text: str, where: str | Path) -> Manifest:
+    """manifest.json's text (read from a folder or from storage) -> Manifest, or ArtifactError naming `where`."""
     try:
-        return Manifest.model_validate(json.loads(path.read_text()))
+        return Manifest.model_validate(json.loads(text))
     except (ValidationError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path} is not a valid rayembed manifest: {exc}") from None
+        raise ArtifactError(f"{where}/{MANIFEST} is not a valid rayembed manifest: {exc}") from None
 
 
 def write_manifest(model_dir: str | Path, manifest: Manifest) -> None:

@@ -79,12 +79,22 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """A YAML file whose top level is a mapping, or ConfigError naming the file."""
-    path = Path(path)
-    if not path.is_file():
+    """A YAML file (a local path or a storage URI) whose top level is a mapping, or ConfigError naming the file."""
+    from rayembed import storage
+
+    text = None
+    if storage.is_uri(path):
+        try:
+            text = storage.read_text(str(path))
+        except (OSError, FileNotFoundError):
+            pass
+    else:
+        path = Path(path)
+        text = path.read_text() if path.is_file() else None
+    if text is None:
         raise ConfigError([f"{path}: no such file"])
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML ({exc})"]) from None
     if not isinstance(raw, dict):
@@ -98,7 +108,7 @@ def load(model: type[M], path: str | Path | None, overrides: list[str] | None = 
     """Read YAML (optional), let `prepare` rewrite the raw tree, apply `--set` overrides, validate."""
     raw = read_yaml(path) if path is not None else {}
     if prepare is not None:
-        raw = prepare(raw, Path(path) if path is not None else None)
+        raw = prepare(raw, Path(path) if path is not None and "://" not in str(path) else None)
     for key, value in parse_overrides(overrides or []):
         set_path(raw, key, value)
     return validate(model, raw, title=title, context=context)

@@ -15,6 +15,8 @@ import ray
 from ray import serve
 from ray.serve import metrics
 
+from rayembed import storage
+from rayembed.cache import materialize
 from rayembed.engine import OnnxEmbedder, matryoshka, plan_batches
 from serve.batcher import Batcher
 from serve.errors import InvalidRequest, ServeError
@@ -28,9 +30,12 @@ class EmbeddingReplica:
     def __init__(self, settings: dict):
         self.settings = ProviderSettings.model_validate(settings)
         s = self.settings
-        self.engine = OnnxEmbedder(s.model_dir, device=s.device, precision=s.precision, threads=s.threads(),
+        model_dir = s.model_dir
+        if storage.is_uri(model_dir) or s.model_sha256:  # one verified copy per node, however many replicas start
+            model_dir = str(materialize(model_dir, s.model_sha256, log=print))
+        self.engine = OnnxEmbedder(model_dir, device=s.device, precision=s.precision, threads=s.threads(),
                                    has_gpu=bool(ray.get_gpu_ids()), spin=s.spin)
-        self.tokenizer = ServingTokenizer(s.model_dir, self.engine.manifest)
+        self.tokenizer = ServingTokenizer(model_dir, self.engine.manifest)
         self.dims = self.engine.manifest.dims
         self.call_tokens = s.call_tokens or self.engine.call_tokens()
         if s.max_batch_tokens < self.tokenizer.max_length:

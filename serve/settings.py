@@ -40,7 +40,9 @@ class ProviderSettings(Section):
     """One provider: a deployment of one ONNX artifact (or a running Serve app that serves one)."""
 
     name: str = Field(description="provider / deployment name, unique across the gateway (the provider route uses it)")
-    model_dir: str | None = Field(None, description="ONNX artifact directory (model.onnx, tokenizer.json, manifest.json)")
+    model_dir: str | None = Field(None, description="ONNX artifact directory (model.onnx, tokenizer.json, manifest.json), "
+                                  "or a published artifact's storage URI (s3://...): each node materializes it once")
+    model_sha256: str | None = Field(None, description="the published artifact's digest: replicas refuse other files")
     app: str | None = Field(None, description="instead of model_dir: a running Serve application serving an EmbeddingReplica")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when the replica holds a GPU")
     precision: Literal["auto", "fp32", "fp16", "optimized", "int8"] = Field(
@@ -75,7 +77,7 @@ class ProviderSettings(Section):
     @classmethod
     def _absolute(cls, value: str | None, info: ValidationInfo) -> str | None:
         # replicas run in other working directories: pin the path where the config was read
-        if value is None or not (info.context or {}).get("check_files", True):
+        if value is None or "://" in value or not (info.context or {}).get("check_files", True):
             return value
         return str(Path(value).resolve())
 
@@ -85,7 +87,7 @@ class ProviderSettings(Section):
             raise ValueError(f"name {self.name!r} must be 1-128 of letters, digits, '.', '_', '-'")
         if (self.model_dir is None) == (self.app is None):
             raise ValueError("give exactly one of model_dir (an ONNX artifact) or app (a running Serve application)")
-        if self.model_dir is not None and (info.context or {}).get("check_files", True):
+        if self.model_dir is not None and "://" not in self.model_dir and (info.context or {}).get("check_files", True):
             missing = missing_files(self.model_dir)
             if missing:
                 raise ValueError(f"model_dir {self.model_dir} lacks {', '.join(missing)}: export one with "
@@ -170,4 +172,5 @@ def load_gateway_config(source: dict | str | Path) -> GatewayConfig:
 def single_model_config(model_dir: str, name: str, replicas: int = 1, **provider: object) -> GatewayConfig:
     """The standalone `python -m serve --model-dir DIR` table: one model, one provider of the same name."""
     return load_gateway_config({"models": [{"name": name, "providers": [
-        {"name": name, "model_dir": str(Path(model_dir).resolve()), "num_replicas": replicas, **provider}]}]})
+        {"name": name, "model_dir": model_dir if "://" in model_dir else str(Path(model_dir).resolve()),
+         "num_replicas": replicas, **provider}]}]})

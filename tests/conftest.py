@@ -56,6 +56,23 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A real PostgreSQL server for the session (tests/services.py)."""
+    from tests.services import postgres_server
+
+    with postgres_server() as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="session")
+def s3_env() -> dict:
+    """An S3 endpoint on loopback (moto) with the bucket `rayembed-test`; its settings are in os.environ meanwhile."""
+    from tests.services import s3_server
+
+    with s3_server() as env:
+        yield env
+
 
 @pytest.fixture(scope="session")
 def minilm_onnx(tmp_path_factory) -> Path:

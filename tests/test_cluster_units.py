@@ -52,8 +52,8 @@ def test_store_roundtrip_survives_reopen_and_migrates_an_old_schema(tmp_path):
     db.close()
     with pytest.raises(StoreError, match="schema version 99, newer than this rayembed's 2"):
         SQLiteStore(old)
-    with pytest.raises(StoreError, match="only SQLite"):
-        open_store("postgresql://db/rayembed")
+    with pytest.raises(StoreError, match=r"cannot open the database postgresql\+psycopg://rayembed:\*\*\*@127.0.0.1:9/x"):
+        open_store("postgresql://rayembed:secret@127.0.0.1:9/x")  # nothing listens there; the password is not shown
 
 
 @pytest.mark.parametrize("name,ok", [("default", True), ("a1", True), ("my-model-2", True), ("a", False),
@@ -158,7 +158,7 @@ def test_a_generation_deployed_before_the_cluster_went_down_is_deployed_again(tm
     home = tmp_path / "home"
 
     cp = controlplane.ControlPlane(str(home), "http://127.0.0.1:9", "http://127.0.0.1:9")
-    cp._save(ModelEntity(name="mini", base_model="b", artifact=Artifact(onnx_dir=str(onnx)), embedding_dim=8))
+    cp._save(ModelEntity(name="mini", base_model="b", artifact=Artifact(uri=str(onnx)), embedding_dim=8))
     cp.create_deployment("default", {"name": "keep", "model": "mini"})
     cp.reconcile()
     assert started == ["rayembed.default.keep.g1"]
@@ -237,7 +237,7 @@ def test_a_deployment_asking_for_the_int8_graph_needs_it_in_the_artifact(tmp_pat
         (onnx / name).write_text("{}")
     cp = controlplane.ControlPlane(str(tmp_path / "home"), "http://127.0.0.1:9", "http://127.0.0.1:9")
     try:
-        cp._save(ModelEntity(name="mini", base_model="b", artifact=Artifact(onnx_dir=str(onnx)), embedding_dim=8))
+        cp._save(ModelEntity(name="mini", base_model="b", artifact=Artifact(uri=str(onnx)), embedding_dim=8))
         with pytest.raises(InvalidRequest, match="precision int8 needs model.int8.onnx .*python -m train.quantize"):
             cp.create_deployment("default", {"name": "q8", "model": "mini", "precision": "int8"})
         assert cp.store.get("deployment", "default", "q8") is None

@@ -100,7 +100,7 @@ def test_quickstart_story_on_a_tiny_model(platform, tiny_bert):
     assert model.status == "ready" and model.embedding_dim == 32 and model.source_job == job.name
     assert model.evaluation.verdict == job.result["eval"]["verdict"]["outcome"]
     assert model.evaluation.tuned["ndcg@10"] == job.result["eval"]["tuned"]["ndcg@10"]
-    assert Path(model.artifact.hf_dir, "config.json").is_file()
+    assert Path(model.artifact.hf_uri, "config.json").is_file()
     assert model.parameter_count > 10_000
     assert "rayembed-progress" in c.customization.jobs.get_logs(job.name)
     provider = c.providers.retrieve("tiny-debian")
@@ -123,7 +123,7 @@ def test_names_unknowns_and_workspace_isolation(platform):
     c.workspaces.create("team-a")
     c.workspaces.create("team-b")
     a, b = platform.client("team-a"), platform.client("team-b")
-    a.models.create("secret", artifact=c.models.retrieve("tiny").artifact.onnx_dir)
+    a.models.create("secret", artifact=c.models.retrieve("tiny").artifact.uri)
     assert [m.name for m in a.models.list()] == ["secret"] and b.models.list() == []
     with pytest.raises(ApiError) as err:
         b.models.retrieve("secret")
@@ -225,7 +225,7 @@ def test_hostile_management_requests_get_a_4xx_envelope(platform):
 def test_cli_verbs(platform):
     """The `rayembed` verbs a person types: register, deploy (with its routes), embed by model and by
     provider, status, undeploy; errors come back as one line, not a traceback."""
-    onnx = platform.client().models.retrieve("tiny").artifact.onnx_dir
+    onnx = platform.client().models.retrieve("tiny").artifact.uri
     out = platform.cli("models", "register", "tiny-cli", "--artifact", onnx).stdout
     assert "model tiny-cli: ready" in out
     out = platform.cli("deploy", "cli-dep", "--model", "tiny-cli", "--num-cpus", "0.25").stdout
@@ -245,7 +245,7 @@ def test_cli_verbs(platform):
 def test_promotion_gate_refuses_a_worse_model_unless_overridden(platform, tmp_path):
     c = platform.client()
     worse = tmp_path / "worse-onnx"
-    shutil.copytree(c.models.retrieve("tiny-debian").artifact.onnx_dir, worse)
+    shutil.copytree(c.models.retrieve("tiny-debian").artifact.uri, worse)
     report = json.loads((worse / "eval.json").read_text())
     report["tuned"] = {k: v - 0.2 for k, v in report["base"].items()}
     report["verdict"] = {"outcome": "worse", "delta_ndcg@10": -0.2, "warning": "overfitting: ..."}
@@ -343,10 +343,10 @@ def test_sweep_job_and_cancel(platform, tiny_bert, train_file):
     assert sorted(t["lr"] for t in trials) == [1e-4, 1e-3] and all(t["status"] == "ok" for t in trials)
     best = done.result["trials"]["best"]["lr"]
     model = c.models.retrieve("tiny-swept")
-    assert model.status == "ready" and model.source_job == job.name and "winner" in model.artifact.onnx_dir
+    assert model.status == "ready" and model.source_job == job.name and "winner" in model.artifact.uri
     import yaml
 
-    winner = yaml.safe_load((Path(model.artifact.onnx_dir) / "config.yaml").read_text())
+    winner = yaml.safe_load((Path(model.artifact.uri) / "config.yaml").read_text())
     assert model.evaluation is not None and winner["optimizer"]["learning_rate"] == best
 
     doomed = c.customization.jobs.create("tiny-cancelled", config=tiny_job(str(tiny_bert), train_file, 5000))
@@ -496,3 +496,42 @@ def test_api_keys_scope_every_route_to_workspaces(platform):
     while _status(url + "/v2/workspaces") != 200:
         assert time.monotonic() < deadline
         time.sleep(0.2)
+
+
+def test_datasets_uploaded_over_http_feed_a_job(platform, tiny_bert, tmp_path):
+    """A client that shares no disk with the cluster uploads its data: an invalid line is refused with its line
+    and field (nothing stored), a job names the dataset, and the dataset cannot be deleted while the job reads it."""
+    c = platform.client()
+    bad = tmp_path / "bad.jsonl"
+    lines = (SAMPLE / "train.jsonl").read_text().splitlines()[:20]
+    bad.write_text("\n".join(lines[:6] + ['{"query": "q", "pos_doc": 7}'] + lines[6:]) + "\n")
+    c.datasets.create("debian", description="Debian package descriptions")
+    with pytest.raises(ApiError) as err:
+        c.datasets.upload("debian", training=str(bad))
+    assert err.value.status == 400 and "training.jsonl:7:" in err.value.message and "pos_doc" in err.value.message
+    assert c.datasets.retrieve("debian").files == {}
+    with pytest.raises(ApiError) as err:  # judgments first: refused until corpus and queries are there
+        c._http.request("PUT", "/v2/workspaces/default/datasets/debian/files/evaluation/qrels/test.tsv",
+                        file=str(SAMPLE / "eval" / "qrels" / "test.tsv"))
+    assert err.value.status == 400 and "before evaluation/qrels/test.tsv" in err.value.message
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(lines) + "\n")
+    ds = c.datasets.upload("debian", training=str(good), evaluation=str(SAMPLE / "eval"))
+    assert ds.files["training.jsonl"].records == 20 and ds.files["evaluation/queries.jsonl"].records == 100
+    assert Path(ds.files["training.jsonl"].uri).read_text() == good.read_text()
+    assert ds.uri == str(platform.home / "workspaces" / "default" / "datasets" / "debian")
+    spec = tiny_job(str(tiny_bert), good, 200)
+    spec["dataset"] = {"name": "debian", "max_examples": 16}
+    job = c.customization.jobs.create("tiny-from-dataset", config=spec)
+    assert job.spec["dataset"]["training"] == ds.files["training.jsonl"].uri and job.spec["dataset"]["max_examples"] == 16
+    assert job.spec["dataset"]["evaluation"] == str(Path(ds.uri) / "evaluation")
+    with pytest.raises(ApiError) as err:
+        c.datasets.delete("debian")
+    assert err.value.status == 409 and job.name in err.value.message
+    c.customization.jobs.cancel(job.name)
+    c.datasets.delete("debian")
+    assert not Path(ds.uri).exists() and [d.name for d in c.datasets.list()] == []
+    spec["dataset"] = {"name": "debian"}
+    with pytest.raises(ApiError) as err:
+        c.customization.jobs.create("tiny-from-dataset", config=spec)
+    assert err.value.status == 404 and "dataset 'debian' does not exist" in err.value.message

@@ -152,7 +152,7 @@ def test_api_with_keys_over_http(plane, monkeypatch):
         assert srv.request("GET", "/v2/workspaces")[0] == 200  # no keys: open, as before
         for ws in ("team-a", "team-b"):
             plane.create_workspace({"name": ws})
-            plane._save(ModelEntity(workspace=ws, name=f"{ws}-model", base_model="b", artifact=Artifact(onnx_dir="/x")))
+            plane._save(ModelEntity(workspace=ws, name=f"{ws}-model", base_model="b", artifact=Artifact(uri="/x")))
         a_record = plane.create_key(["team-a"], "a")
         a = a_record["key"]
         admin = plane.create_key([ALL], "admin")["key"]
@@ -210,12 +210,12 @@ def test_paths_are_confined_to_the_workspace_folder_and_the_data_roots(tmp_path,
     for d in (home / "workspaces" / "team-a", home / "workspaces" / "team-b", data, outside):
         d.mkdir(parents=True)
     (data / "escape").symlink_to(outside)
-    c = Confinement(home, "team-a", data_roots([str(data), "s3://bucket/shared"]))
+    c = Confinement(str(home / "workspaces" / "team-a"), data_roots([str(data), "s3://bucket/shared"]))
     for ok in (str(data / "train.jsonl"), str(data), str(home / "workspaces/team-a/x.jsonl"), "s3://bucket/shared/t.jsonl"):
         c.read(ok, "f")
     for bad in ("/etc/passwd", str(data / ".." / "outside" / "x"), str(data / "escape" / "x"),  # `..` and a symlink
                 str(home / "workspaces/team-b/jobs/j/output/model"), str(home / "state.db"), str(tmp_path / "data2"),
-                "s3://bucket/other/t.jsonl", "s3://bucket/shared-not/t.jsonl", "~/x"):
+                "s3://bucket/other/t.jsonl", "s3://bucket/shared-not/t.jsonl", "s3://bucket/shared/../other/t.jsonl", "~/x"):
         with pytest.raises(InvalidRequest, match="outside the folders this workspace's jobs may read") as err:
             c.read(bad, "config.dataset.training")
         assert err.value.param == "config.dataset.training" and "--data-root" in err.value.message
@@ -237,7 +237,7 @@ def test_jobs_and_models_from_the_api_cannot_read_outside_their_roots(plane, tmp
     from serve.errors import InvalidRequest
 
     plane.data_roots = [str(tmp_path / "data")]
-    plane._gpu_request = lambda: {}  # no Ray here: a CPU cluster
+    plane._cluster_has_gpu = lambda: False  # no Ray here: a CPU cluster
     (tmp_path / "data").mkdir()
     spec = {"model": "all-MiniLM-L6-v2", "dataset": {"training": "/etc/passwd"}}
     with pytest.raises(InvalidRequest, match="config.dataset.training: '/etc/passwd' is outside"):

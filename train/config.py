@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from rayembed import storage
 from rayembed.config import ConfigError, Section, dump, load, validate  # noqa: F401 - ConfigError re-exported for callers
 
 # The model card's conservative defaults.
@@ -151,7 +152,9 @@ class Loss(Section):
 
 
 class Output(Section):
-    dir: str = Field(description="Job output directory: checkpoints/, model/, onnx/, eval.json, eval.png, config.yaml.")
+    dir: str = Field(description="Job output directory: checkpoints/, model/, onnx/, eval.json, eval.png, config.yaml. "
+                     "A storage URI (s3://bucket/prefix/job) works too: the job writes in node-local scratch and "
+                     "publishes there.")
     storage_path: str | None = Field(None, description="Ray Train storage for checkpoints (local dir or pyarrow.fs URI); null = <dir>/checkpoints.")
     checkpoint_every_steps: int = Field(200, gt=0, description="Save a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept on storage.")
@@ -168,6 +171,9 @@ class Resources(Section):
     cpus_per_worker: int = Field(1, gt=0, description="CPUs reserved for the training worker.")
     torch_threads: int | None = Field(None, gt=0, description="Intra-op threads on CPU; null = the cores this process may use.")
     max_failures: int = Field(3, ge=0, description="Worker failures survived by resuming from the last checkpoint.")
+    worker_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources the training "
+                                               "worker also reserves, to steer it to labelled nodes (e.g. {trainer: 1} "
+                                               "for nodes started with --resources '{\"trainer\": 1}').")
 
 
 class JobConfig(Section):
@@ -215,7 +221,10 @@ class JobConfig(Section):
 
     @property
     def storage_path(self) -> str:
-        return self.output.storage_path or str(Path(self.output.dir).absolute() / "checkpoints")
+        if self.output.storage_path:
+            return self.output.storage_path
+        out = self.output.dir
+        return storage.join(out, "checkpoints") if storage.is_uri(out) else str(Path(out).absolute() / "checkpoints")
 
 
 def validate_config(raw: dict) -> JobConfig:

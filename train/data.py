@@ -244,6 +244,11 @@ def _beir_records(path: Path, titles: bool):
             yield lineno, str(d["_id"]), text
 
 
+def check_beir_records(path: str | Path, titles: bool) -> int:
+    """Every line of a BEIR corpus.jsonl (titles) or queries.jsonl checked; the number of records."""
+    return sum(1 for _ in _beir_records(Path(path), titles))
+
+
 def load_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
     """BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv; every judged document must be in the corpus."""
     folder = Path(folder)

@@ -256,15 +256,22 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, *, max_seq_length
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.export", description="Export a base or merged model to a servable ONNX artifact.")
     parser.add_argument("--model", required=True, help="local HF directory, Hub id, or all-MiniLM-L6-v2 (packaged)")
-    parser.add_argument("--output", required=True, help="artifact directory to write (model.onnx, tokenizer, manifest.json)")
+    parser.add_argument("--output", required=True, help="artifact directory to write (model.onnx, tokenizer, manifest.json): "
+                        "a folder or a storage URI (s3://...), published with its seal")
     parser.add_argument("--max-seq-length", type=int, default=None, help="serving token limit (default: the model's)")
     parser.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx for GPU serving")
     args = parser.parse_args(argv)
     from rayembed.cli import setup_logging
 
+    from rayembed import storage
+    from train.staging import job_scratch, stage
+
     setup_logging()
-    manifest = export_onnx(args.model, args.output, max_seq_length=args.max_seq_length, fp16=args.fp16,
+    local = job_scratch(args.output) / "onnx" if storage.is_uri(args.output) else args.output
+    model = stage(args.model, folder=True) if storage.is_uri(args.model) else args.model
+    manifest = export_onnx(model, local, max_seq_length=args.max_seq_length, fp16=args.fp16,
                            source={"kind": "base_model_export", "base_model": args.model})
+    storage.publish(str(local), args.output, log=print)
     print(manifest.model_dump_json(include={"base_model", "embedding_dim", "matryoshka_dims", "max_seq_length", "parity"}, indent=2))
     print(f"wrote {args.output}")
     return 0

@@ -14,9 +14,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rayembed import storage
 from train.config import ConfigError, JobConfig, dump_config
 from train.data import DataError, ExampleReader, load_beir, prepare_splits, warn_on_size
 from train.model import ModelError, ModelInfo, inspect_model, resolve_prefixes
+from train.staging import job_scratch, stage_inputs
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,9 @@ class Preflight:
 
 
 def preflight(cfg: JobConfig) -> Preflight:
-    """Everything that can be checked without Ray: fails fast, naming key, file, line and field."""
+    """Everything that can be checked without Ray: fails fast, naming key, file, line and field. Inputs given as
+    storage URIs are staged into this node's scratch first."""
+    cfg = stage_inputs(cfg)
     info = inspect_model(cfg.model)
     problems = []
     for dim in cfg.loss.matryoshka_dims or []:
@@ -67,19 +71,42 @@ def preflight(cfg: JobConfig) -> Preflight:
     return Preflight(info, prefixes, len(train_idx), len(val_idx), parity, warnings)
 
 
-def claim_output(cfg: JobConfig) -> Path:
-    """Refuse to overwrite a finished job or a different job's checkpoints; resume a crashed identical one."""
-    out = Path(cfg.output.dir)
+def claim_output(cfg: JobConfig, dest: str) -> str:
+    """Refuse to overwrite a finished job or a different job's checkpoints at `dest` (output.dir: a folder or a
+    storage URI); resume a crashed identical one."""
     resolved = dump_config(cfg)
-    if (out / "eval.json").exists():
-        raise OutputConflict(f"output.dir {out} holds a finished job (eval.json); choose a new output.dir or remove it")
-    saved = out / "config.yaml"
-    if saved.exists() and saved.read_text() != resolved:
-        raise OutputConflict(f"output.dir {out} holds checkpoints of a job with a different config ({saved}); "
+    if storage.is_file(storage.join(dest, "eval.json")):
+        raise OutputConflict(f"output.dir {dest} holds a finished job (eval.json); choose a new output.dir or remove it")
+    saved = storage.join(dest, "config.yaml")
+    if storage.is_file(saved) and storage.read_text(saved) != resolved:
+        raise OutputConflict(f"output.dir {dest} holds checkpoints of a job with a different config ({saved}); "
                              "choose a new output.dir, or rerun with the same config to resume it")
+    storage.write_text(saved, resolved)
+    return resolved
+
+
+def working_config(cfg: JobConfig) -> tuple[JobConfig, Path]:
+    """The config the job runs with (inputs staged into scratch; a URI output.dir worked on in scratch, its
+    checkpoints kept in storage) and the local folder it writes."""
+    cfg = stage_inputs(cfg)
+    if not storage.is_uri(cfg.output.dir):
+        out = Path(cfg.output.dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return cfg, out
+    out = job_scratch(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(resolved)
-    return out
+    return cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(out), "storage_path": cfg.storage_path})}), out
+
+
+def publish_outputs(out: Path, dest: str, names: list[str]) -> None:
+    """The finished folders (sealed, so readers on any node can verify them) and files at `dest`; eval.json last,
+    since it marks the job finished."""
+    for name in ("model", "onnx"):
+        storage.publish(str(out / name), storage.join(dest, name), log=print)
+    if storage.is_uri(dest):
+        for name in [n for n in names if n != "eval.json"] + ["eval.json"]:
+            if (out / name).is_file():
+                storage.write_bytes(storage.join(dest, name), (out / name).read_bytes())
 
 
 def quantize_for_job(cfg: JobConfig, onnx_dir: Path) -> dict:
@@ -107,8 +134,11 @@ def run_job(cfg: JobConfig, verbose: bool = True) -> dict:
 
     job_start = time.time()
     cfg = cfg.with_absolute_paths()
+    dest = cfg.output.dir
     pre = preflight(cfg)
-    out = claim_output(cfg)
+    resolved = claim_output(cfg, dest)
+    cfg, out = working_config(cfg)
+    (out / "config.yaml").write_text(resolved)  # beside the export too (the output.dir's own copy is written)
     log.info("model %s (%s, %d-d); %d training / %d validation examples", pre.info.path, pre.info.family,
              pre.info.hidden_size, pre.n_train, pre.n_val)
     preflight_done = time.time()
@@ -123,6 +153,10 @@ def run_job(cfg: JobConfig, verbose: bool = True) -> dict:
         print(mining_summary(mining), flush=True)
         (out / "mining.json").write_text(json.dumps(mining, indent=1, ensure_ascii=False))
         pre = preflight(cfg)  # the mined file: every line again, now with its negatives
+        if storage.is_uri(dest):  # the Train worker may run on another node: it reads the mined file from storage
+            mined_uri = storage.join(dest, "mined.jsonl")
+            storage.write_bytes(mined_uri, Path(cfg.dataset.training).read_bytes())
+            cfg = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"training": mined_uri})})
     mined = time.time()
     result = build_trainer(cfg, quiet=not verbose).fit()
     final = result.metrics
@@ -147,10 +181,11 @@ def run_job(cfg: JobConfig, verbose: bool = True) -> dict:
               "worker_setup_seconds": round(final["worker_setup_seconds"], 1)}
     extra = {"mining": {k: v for k, v in mining.items() if not k.startswith("examples")}} if mining else {}
     report = write_report(out, final, {**extra, "timing": timing, "warnings": pre.warnings,
-                                       "onnx": {"path": str(out / "onnx"), "parity_min_cosine": manifest.parity.min_cosine,
+                                       "onnx": {"path": storage.join(dest, "onnx"), "parity_min_cosine": manifest.parity.min_cosine,
                                                 **({"int8": int8} if int8 else {})}})
     shutil.copy2(out / "eval.json", out / "onnx" / "eval.json")
+    publish_outputs(out, dest, ["mining.json", "eval.png", "eval.json"])
     print(summary(report))
     print(f"timing: {json.dumps(timing)}")
-    print(f"artifacts: {out}/model (merged HF), {out}/onnx (ONNX + manifest), {out}/eval.json, {out}/eval.png")
+    print(f"artifacts: {dest}/model (merged HF), {dest}/onnx (ONNX + manifest), {dest}/eval.json, {dest}/eval.png")
     return report

@@ -26,6 +26,7 @@ from train.data import ExampleReader, prepare_splits, retrieval_set_from_example
 from train.evaluate import evaluate_retrieval
 from train.step import compile_encoder, make_optimizer, micro_batch_loss, tokenize, train_step, uncompile_encoder
 from train.model import build_bi_encoder, inspect_model, merge_lora, quiet_libraries, resolve_prefixes, save_hf_directory
+from train.staging import stage_inputs
 from rayembed.artifact import TextTokenizer
 from rayembed.progress import progress_line
 
@@ -94,11 +95,21 @@ def _report(metrics: dict, directory: Path | None = None) -> None:
     ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def check_cuda(gpu_ids: list) -> None:
+    """A worker Ray gave a GPU must be able to use it: say so at once rather than train on the CPU or hang."""
+    if gpu_ids and not torch.cuda.is_available():
+        raise RuntimeError(f"this training worker holds Ray GPU {gpu_ids} but no CUDA device is usable here "
+                           f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}): install a CUDA build of torch on the GPU "
+                           "nodes and check the driver with nvidia-smi, or run on the CPU with resources.use_gpu: false")
+
+
 def train_loop_per_worker(config: dict) -> None:
     # ---- setup: re-validate the config (Tune may have injected values), model, data ----
     worker_start = time.time()
     quiet_libraries()
-    cfg = validate_config(config)
+    cfg = stage_inputs(validate_config(config))  # this worker's node may share no disk with the driver's
+    check_cuda(ray.get_gpu_ids())
     device = ray.train.torch.get_device()
     if device.type != "cuda":
         torch.set_num_threads(cfg.resources.torch_threads or len(os.sched_getaffinity(0)))

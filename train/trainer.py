@@ -6,7 +6,7 @@ import os
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from train.config import JobConfig
 from train.loop import train_loop_per_worker
@@ -28,11 +28,17 @@ def build_trainer(cfg: JobConfig, callbacks: list | None = None, quiet: bool = F
     use_gpu = cluster_has_gpu() if cfg.resources.use_gpu == "auto" else cfg.resources.use_gpu
     for key, value in TRAIN_POLL_ENV.items():
         os.environ.setdefault(key, value)
+    # a pinned GPU model (the control plane passes RAYEMBED_ACCELERATOR_TYPE on): the worker, not the driver, asks
+    accelerator = os.environ.get("RAYEMBED_ACCELERATOR_TYPE") if use_gpu else None
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.model_dump(mode="json"),
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.resources.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        # one worker and no collectives: gloo sets the process group up on any node, so a GPU node whose CUDA is
+        # broken reaches the loop's own device check (a clear message) instead of failing inside NCCL's setup
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, accelerator_type=accelerator or None,
+                                     resources_per_worker={"CPU": cfg.resources.cpus_per_worker, **({"GPU": 1} if use_gpu else {}),
+                                                           **cfg.resources.worker_resources}),
         run_config=RunConfig(
             name=cfg.name,
             storage_path=cfg.storage_path,

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import Field, model_validator
 
+from rayembed import storage
 from rayembed.config import ConfigError, Section, load
 from train.config import JobConfig, validate_config
 
@@ -62,7 +63,7 @@ def trial_job(sweep: SweepConfig, lr: float) -> JobConfig:
     raw = sweep.job.model_dump(mode="json")
     raw["optimizer"]["learning_rate"] = lr
     raw["name"] = f"{sweep.job.name}-lr{lr:.3g}"
-    raw["output"]["dir"] = str(Path(sweep.output.dir) / "trials" / f"lr{lr:.3g}")
+    raw["output"]["dir"] = storage.join(sweep.output.dir, "trials", f"lr{lr:.3g}")
     raw["output"]["storage_path"] = None
     if sweep.trial_evaluation == "validation":
         raw["dataset"]["evaluation"] = None

@@ -16,6 +16,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
+from rayembed import storage
 from train.config import JobConfig, dump_config
 from tune.config import SweepConfig, trial_job
 
@@ -69,13 +70,13 @@ def max_concurrent_trials(job: JobConfig) -> int:
 
 
 def run_points(sweep: SweepConfig, space, num_samples: int, label: str) -> list[Trial]:
-    storage = str(Path(sweep.output.dir).absolute() / "tune")
+    tune_storage = storage.join(sweep.output.dir, "tune")
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(run_trial, sweep=sweep.model_dump(mode="json")),
                             {"CPU": 0.1}),  # the trial only drives its Train run; the worker holds the CPUs,
         param_space={"learning_rate": space},
         tune_config=tune.TuneConfig(num_samples=num_samples, max_concurrent_trials=max_concurrent_trials(sweep.job)),
-        run_config=tune.RunConfig(name=f"{sweep.job.name}-{label}", storage_path=storage, verbose=0),
+        run_config=tune.RunConfig(name=f"{sweep.job.name}-{label}", storage_path=tune_storage, verbose=0),
     )
     trials = []
     for result in tuner.fit():
@@ -118,15 +119,17 @@ def next_extension(trials: list[Trial], search) -> float | None:
 def run_sweep(sweep: SweepConfig) -> dict:
     from cluster.runtime import ensure_ray
     from train.job import OutputConflict, preflight, run_job
-    from tune.report import write_outputs
+    from train.staging import job_scratch, stage_inputs
 
     start = time.time()
+    dest = sweep.output.dir if storage.is_uri(sweep.output.dir) else str(Path(sweep.output.dir).absolute())
     sweep = sweep.model_copy(update={"job": sweep.job.with_absolute_paths(),
-                                     "output": sweep.output.model_copy(update={"dir": str(Path(sweep.output.dir).absolute())})})
+                                     "output": sweep.output.model_copy(update={"dir": dest})})
     preflight(sweep.job)  # config, model and every data line once, before any trial starts
-    if (Path(sweep.output.dir) / "results.json").exists():
-        raise OutputConflict(f"output.dir {sweep.output.dir} holds a finished sweep (results.json); choose a new one")
-    Path(sweep.output.dir).mkdir(parents=True, exist_ok=True)
+    if storage.is_file(storage.join(dest, "results.json")):
+        raise OutputConflict(f"output.dir {dest} holds a finished sweep (results.json); choose a new one")
+    local = job_scratch(dest) if storage.is_uri(dest) else Path(dest)  # the table and plot, then published
+    local.mkdir(parents=True, exist_ok=True)
     ensure_ray()
     given_dataset = sweep.job.dataset
     if sweep.job.dataset.mining:  # mined once, before the trials; every trial trains on the same file
@@ -134,8 +137,12 @@ def run_sweep(sweep: SweepConfig) -> dict:
         from train.mining import mine_for_job
 
         pre = preflight(sweep.job)
-        mined_job, mining = mine_for_job(sweep.job, pre.info.path, pre.prefixes, pre.parity_texts)
+        mined_job, mining = mine_for_job(stage_inputs(sweep.job), pre.info.path, pre.prefixes, pre.parity_texts)
         print(mining_summary(mining), flush=True)
+        if storage.is_uri(dest):  # trials may run on other nodes: they read the mined file from storage
+            mined_uri = storage.join(dest, "mined.jsonl")
+            storage.write_bytes(mined_uri, Path(mined_job.dataset.training).read_bytes())
+            mined_job = mined_job.model_copy(update={"dataset": mined_job.dataset.model_copy(update={"training": mined_uri})})
         sweep = sweep.model_copy(update={"job": mined_job})
     s = sweep.search
     if s.mode == "loguniform":
@@ -155,10 +162,21 @@ def run_sweep(sweep: SweepConfig) -> dict:
                "best": asdict(winner) if winner else None, "seconds": round(time.time() - start, 1)}
     if winner:
         best_job = trial_job(sweep, winner.lr).model_copy(update={"output": sweep.job.output.model_copy(
-            update={"dir": str(Path(sweep.output.dir) / "winner")}), "dataset": given_dataset, "name": f"{sweep.job.name}-best"})
-        (Path(sweep.output.dir) / "best_job.yaml").write_text(dump_config(best_job))
-    write_outputs(Path(sweep.output.dir), summary)  # before promotion: a failing winner job keeps the table
+            update={"dir": storage.join(dest, "winner")}), "dataset": given_dataset, "name": f"{sweep.job.name}-best"})
+        (local / "best_job.yaml").write_text(dump_config(best_job))
+    publish_outputs(local, dest, summary)  # before promotion: a failing winner job keeps the table
     if winner and sweep.promote_winner:
         summary["winner_report"] = run_job(best_job)
-        write_outputs(Path(sweep.output.dir), summary)
+        publish_outputs(local, dest, summary)
     return summary
+
+
+def publish_outputs(local: Path, dest: str, summary: dict) -> None:
+    """The table, plot and best config written locally, and copied to a storage URI output.dir."""
+    from tune.report import write_outputs
+
+    write_outputs(local, summary)
+    if storage.is_uri(dest):
+        for name in ("best_job.yaml", "results.md", "sweep.png", "results.json"):
+            if (local / name).is_file():
+                storage.write_bytes(storage.join(dest, name), (local / name).read_bytes())

@@ -1,0 +1,184 @@
+"""A cluster of Ray nodes that share no writable folder, on this machine: a head (the API, Serve's proxy), two
+"trainer" nodes (a custom resource that stands for the GPU), and a "server" node with a logical GPU. Storage is an
+S3 endpoint (moto), state is a real PostgreSQL server. Each node has its own scratch and cache folders, and a
+client that only speaks HTTP runs the whole story: upload a dataset, train (the trainer node holding the worker
+and the control plane dies mid-job: both come back on the other trainer node), deploy to the server node, embed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster.client import Client
+from cluster.local import kill_processes
+from cluster.runtime import free_port, serve_ingress_env
+from rayembed import storage
+from tests.conftest import ROOT, SAMPLE
+
+pytestmark = pytest.mark.timeout(2400)
+BUCKET = "s3://rayembed-test/multinode"
+
+
+class Nodes:
+    """`ray start` nodes with their own temp, scratch and cache folders; killed by their own processes only."""
+
+    def __init__(self, root: Path, env: dict):
+        self.root, self.env, self.temp = root, env, {}
+        self.ray = str(Path(sys.executable).parent / "ray")
+        self.address = None
+
+    def folder(self, name: str, kind: str) -> Path:
+        return self.root / name / kind
+
+    def start(self, name: str, *args: str) -> None:
+        temp = Path("/tmp") / f"rayembed-mn-{os.getpid()}-{name}"  # short: Ray's socket paths have a length limit
+        self.temp[name] = temp
+        env = {**self.env, "RAY_AUTH_MODE": "token", "RAYEMBED_SCRATCH": str(self.folder(name, "scratch")),
+               "RAYEMBED_CACHE": str(self.folder(name, "cache"))}
+        ports = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                 "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+                 "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port())]
+        if self.address is None:
+            gcs = free_port()
+            cmd = [self.ray, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
+                   "--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port()), *ports]
+        else:
+            cmd = [self.ray, "start", "--address", self.address, *ports]
+        proc = subprocess.run([*cmd, "--temp-dir", str(temp), "--disable-usage-stats", *args], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        if self.address is None:
+            self.address = (temp / "ray_current_cluster").read_text().split()[0] if (temp / "ray_current_cluster").is_file() \
+                else f"127.0.0.1:{gcs}"
+
+    def kill(self, name: str) -> None:
+        kill_processes(self.temp[name], self.address if name == "head" else None)
+
+    def stop(self) -> None:
+        for name in reversed(list(self.temp)):
+            self.kill(name)
+            shutil.rmtree(self.temp[name], ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3_env, postgres_url):
+    root = tmp_path_factory.mktemp("multinode")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # Ray picks its auth mode itself
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], env=base,
+                   capture_output=True, timeout=120)
+    env = {**base, **s3_env, **serve_ingress_env("haproxy")}
+    nodes = Nodes(root, env)
+    port = free_port()
+    up_env = {**env, "RAYEMBED_HOME": str(root / "head" / "home"), "RAYEMBED_PORT": str(port),
+              "RAYEMBED_STORAGE": BUCKET, "RAYEMBED_DATABASE_URL": postgres_url, "RAYEMBED_PROXY_LOCATION": "HeadOnly",
+              "RAYEMBED_CONTROL_PLANE_RESOURCES": json.dumps({"controlplane": 0.01})}
+    try:
+        nodes.start("head", "--num-cpus", "0")
+        nodes.start("trainer-a", "--num-cpus", "2", "--resources", json.dumps({"trainer": 1, "controlplane": 1, "trainer-a": 1}))
+        nodes.start("server", "--num-cpus", "2", "--num-gpus", "1")
+        up_env["RAY_ADDRESS"] = nodes.address
+        rayembed = lambda *a: subprocess.run([str(Path(sys.executable).parent / "rayembed"), *a], env=up_env,
+                                             cwd=root, capture_output=True, text=True, timeout=600)
+        proc = rayembed("up")  # from a folder that is not the checkout: jobs must still import every package
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert f"storage {BUCKET}" in proc.stdout and "postgresql+psycopg://postgres:***@" in proc.stdout
+        yield nodes, Client(base_url=f"http://127.0.0.1:{port}"), up_env, rayembed
+        proc = rayembed("down")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finally:
+        nodes.stop()
+
+
+def where(up_env: dict, code: str) -> str:
+    """Python run as a Ray driver on this cluster (as an operator would), its stdout."""
+    script = "import ray\nray.init(namespace='rayembed', log_to_driver=False, logging_level='ERROR')\n" + code
+    proc = subprocess.run([sys.executable, "-c", script], env={**up_env, "RAY_AUTH_MODE": "token"}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
+def control_plane_node(up_env: dict) -> str:
+    return where(up_env, "from ray.util.state import list_actors\n"
+                 "a = [a for a in list_actors(filters=[('name', '=', 'rayembed-control-plane'), ('state', '=', 'ALIVE')])]\n"
+                 "print(a[0].node_id if a else '')")
+
+
+def node_id(up_env: dict, name: str) -> str:
+    """The Ray node id of one of our nodes, by the resource named after it."""
+    return where(up_env, f"print(next(n['NodeID'] for n in ray.nodes() if n['Alive'] and {name!r} in n['Resources']))")
+
+
+def test_a_client_that_shares_no_disk_runs_the_story_across_nodes(cluster, tmp_path):
+    nodes, c, up_env, _ = cluster
+    lines = (SAMPLE / "train.jsonl").read_text().splitlines()[:200]
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(lines) + "\n")
+    ds = c.datasets.create("debian", training=str(train), evaluation=str(SAMPLE / "eval"))
+    assert ds.uri == f"{BUCKET}/workspaces/default/datasets/debian" and ds.files["training.jsonl"].records == 200
+
+    # a job asking for the cluster's one GPU gets it (the driver holds none) and stops at the device check
+    gpu_job = c.customization.jobs.create("needs-cuda", config={
+        "model": "all-MiniLM-L6-v2", "dataset": {"name": "debian"}, "schedule": {"max_steps": 2},
+        "training": {"max_seq_length": 32}, "resources": {"use_gpu": True, "max_failures": 0}})
+    done = c.customization.jobs.wait(gpu_job.name, timeout_s=600)
+    assert done.status == "failed" and "no CUDA device is usable" in done.error, done.error
+
+    cp_before = control_plane_node(up_env)
+    assert cp_before == node_id(up_env, "trainer-a")  # the only node with the resource it is pinned to when `up` ran
+    nodes.start("trainer-b", "--num-cpus", "2", "--resources", json.dumps({"trainer": 1, "controlplane": 1, "trainer-b": 1}))
+    where(up_env, "@ray.remote(num_cpus=2, resources={'trainer-b': 1})\nclass Hold:\n    def ping(self):\n        return 1\n"
+          "h = Hold.options(name='hold', lifetime='detached').remote()\nray.get(h.ping.remote())")  # trainer-b busy
+    job = c.customization.jobs.create("debian-tuned", config={
+        "model": "all-MiniLM-L6-v2", "name": "mn", "dataset": {"name": "debian"},
+        "training": {"max_seq_length": 48}, "schedule": {"max_steps": 120}, "batch": {"global_batch_size": 16},
+        "optimizer": {"learning_rate": 2e-5}, "output": {"checkpoint_every_steps": 20, "log_every_steps": 5},
+        "resources": {"use_gpu": False, "worker_resources": {"trainer": 1}}})
+    checkpoints = storage.join(job.output_dir, "checkpoints")
+    deadline = time.monotonic() + 600
+    while not any("checkpoint_" in p for p in storage.list_files(checkpoints)):  # the worker runs on trainer-a
+        assert time.monotonic() < deadline and c.customization.jobs.get_status(job.name).status in ("pending", "running")
+        time.sleep(0.5)
+    where(up_env, "ray.kill(ray.get_actor('hold'))")  # trainer-b free for the worker's restart
+    nodes.kill("trainer-a")  # the node holding the control plane, and the training worker with it
+    shutil.rmtree(nodes.folder("trainer-a", "scratch"), ignore_errors=True)
+    done = c.customization.jobs.wait(job.name, timeout_s=1200)
+    assert done.status == "completed", done.error
+    assert control_plane_node(up_env) == node_id(up_env, "trainer-b")  # restarted there, its state from PostgreSQL
+    assert done.result["eval"]["training"]["resumed_from_step"] >= 20  # from a checkpoint in storage
+    assert [d.name for d in c.datasets.list()] == ["debian"] and c.customization.jobs.retrieve(gpu_job.name).status == "failed"
+
+    model = c.models.retrieve("debian-tuned")
+    assert model.artifact.uri == f"{job.output_dir}/onnx" and model.artifact.uri.startswith(BUCKET)
+    assert model.artifact.sha256 == storage.read_seal(model.artifact.uri)["sha256"]
+    for name in [n for n in nodes.temp if n.startswith("trainer")]:  # training is over: no trainer disk remains
+        nodes.kill(name)
+        shutil.rmtree(nodes.folder(name, "scratch"), ignore_errors=True)
+
+    c.deployments.create("debian-tuned", model="debian-tuned", num_cpus=1)
+    c.deployments.wait_ready("debian-tuned", timeout_s=600)
+    texts = ["a fast HTTP server", "an image converter for the command line"]
+    got = c.inference.gateway.model.post("v1/embeddings", name="debian-tuned",
+                                         body={"input": texts, "input_type": "query"})
+    served = np.array([d["embedding"] for d in got["data"]], np.float32)
+
+    from rayembed.cache import materialize
+    from rayembed.engine import TextEmbedder
+
+    local = materialize(model.artifact.uri, model.artifact.sha256, root=tmp_path / "client-cache")
+    expected = TextEmbedder(str(local), device="cpu")(texts, "query")  # the artifact's own vectors, run here
+    assert np.allclose(served, expected, atol=1e-4)
+    assert (nodes.folder("server", "cache") / model.artifact.sha256 / "model.onnx").is_file()  # materialized there
+
+    everything = json.dumps([c.datasets.list(), c.customization.jobs.list(), c.models.list(), c.deployments.list(),
+                             c.providers.list()])
+    assert str(nodes.root) not in everything and '"/' not in everything  # URIs and names only, never a node's path
