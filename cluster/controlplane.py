@@ -232,19 +232,20 @@ class ControlPlane:
         return entity.model_dump(mode="json")
 
     def _publish_artifact(self, folder: str, dest: str) -> str:
-        """An ONNX folder a user registers, copied into storage and sealed; one that storage already holds
-        sealed (a job's or an export's onnx/) is registered where it is."""
-        shared = storage.is_uri(folder) or (not storage.is_uri(self.storage) and
-                                            Path(folder).resolve().is_relative_to(Path(self.storage).resolve()))
-        if shared and storage.read_seal(folder) is not None:
+        """An ONNX folder a user registers, sealed where every node reads it: a published URI as it is, a folder
+        inside a local storage root sealed in place (its files hashed again), any other folder copied to `dest`."""
+        if storage.is_uri(folder) and storage.read_seal(folder) is not None:
             return folder
         files = storage.list_files(folder) if storage.exists(folder) else {}
         missing = [f for f in REQUIRED_FILES if f not in files]
         if missing:
             raise InvalidRequest(f"artifact {shown(folder)} lacks {', '.join(missing)}: give a folder written by "
                                  "`python -m train.export` or a job's onnx/", "artifact")
-        storage.publish(folder, dest)
-        return dest
+        inside = not storage.is_uri(folder) and not storage.is_uri(self.storage) and \
+            Path(folder).resolve().is_relative_to(Path(self.storage).resolve())
+        target = folder if inside else dest
+        storage.publish(folder, target)
+        return target
 
     def _entity_from_artifact(self, workspace: str, name: str, uri: str, base_model: str, hf_uri: str | None,
                               source_job: str | None, evaluation=None, description: str = "") -> ModelEntity:

@@ -2,10 +2,10 @@
 
     python examples/quickstart.py
 
-Registers the packaged all-MiniLM-L6-v2 (exported to ONNX and verified once), fine-tunes it with
-LoRA merged on the shipped Debian sample as a customization job (a Ray job), follows it with a
-progress bar, prints base vs tuned, deploys the result, and embeds through the model-entity route,
-the provider route and the official openai client.
+Registers the packaged all-MiniLM-L6-v2 (exported to ONNX and verified once), uploads the shipped Debian
+sample as a dataset (over HTTP, so the cluster may be anywhere), fine-tunes it with LoRA merged as a
+customization job (a Ray job), follows it with a progress bar, prints base vs tuned, deploys the result,
+and embeds through the model-entity route, the provider route and the official openai client.
 """
 
 from __future__ import annotations
@@ -23,11 +23,14 @@ from cluster.client import ApiError, Client  # noqa: E402
 from cluster.settings import settings  # noqa: E402
 
 
+DATA = ROOT / "data" / "debian-pkgdesc-sample"
+DATASET = "debian-sample"
+
+
 def job_config(base_model: str, max_steps: int | None) -> dict:
-    data = ROOT / "data" / "debian-pkgdesc-sample"
     return {
         "model": base_model, "name": "quickstart",
-        "dataset": {"training": str(data / "train.jsonl"), "evaluation": str(data / "eval")},
+        "dataset": {"name": DATASET},  # the uploaded files, wherever the job runs
         "training": {"finetuning_type": "lora_merged", "max_seq_length": 128, "lora": {"rank": 16, "alpha": 32}},
         "schedule": {"max_steps": max_steps} if max_steps else {"epochs": 1},
         "batch": {"global_batch_size": 32},
@@ -56,7 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     base = client.models.wait_ready(args.name)
     print(f"   {base.name}: {base.embedding_dim}-d, max {base.max_seq_length} tokens, {base.artifact.uri}")
 
-    print(f"2. customization job: LoRA merged on the Debian sample -> model '{tuned}'")
+    print(f"2. upload the Debian sample as dataset '{DATASET}' (validated line by line, stored in the cluster's storage)")
+    try:
+        ds = client.datasets.create(DATASET, training=str(DATA / "train.jsonl"), evaluation=str(DATA / "eval"))
+    except ApiError as exc:
+        if exc.status != 409:  # created by an earlier run: reuse it, finishing its upload if that stopped halfway
+            raise
+        ds = client.datasets.retrieve(DATASET)
+        if len(ds.files) < 4:
+            ds = client.datasets.upload(DATASET, training=str(DATA / "train.jsonl"), evaluation=str(DATA / "eval"))
+    print(f"   {', '.join(f'{p} ({f.records} records)' for p, f in ds.files.items())}")
+
+    print(f"3. customization job: LoRA merged on the Debian sample -> model '{tuned}'")
     for job in client.customization.jobs.list():  # a finished earlier run already made it
         if job.output_model == tuned and job.status == "completed":
             break
@@ -70,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     model = client.models.retrieve(tuned)
     print(evaluation_table(model.evaluation))
 
-    print(f"3. deploy '{tuned}'")
+    print(f"4. deploy '{tuned}'")
     try:
         client.deployments.create(tuned, model=tuned, num_cpus=1)
     except ApiError as exc:
@@ -84,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   READY in {time.monotonic() - deployed:.1f} s")
 
     texts = ["convert images between formats", "a daemon that watches disks"]
-    print("4. embed through the gateway")
+    print("5. embed through the gateway")
     body = {"input": texts, "input_type": "query"}
     by_model = client.inference.gateway.model.post("v1/embeddings", name=tuned, body=body)
     by_provider = client.inference.gateway.provider.post("v1/embeddings", name=tuned, workspace="default", body=body)
