@@ -29,6 +29,7 @@ def copy_files(src: str, dest: str) -> None:
 
     src_fs, src_path = fs.FileSystem.from_uri(src) if "://" in src else (fs.LocalFileSystem(), src)
     dst_fs, dst_path = fs.FileSystem.from_uri(dest) if "://" in dest else (fs.LocalFileSystem(), dest)
+    dst_fs.create_dir(dst_path, recursive=True)
     fs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
 

@@ -150,6 +150,7 @@ def test_a_client_that_shares_no_disk_runs_the_story_across_nodes(cluster, tmp_p
         assert time.monotonic() < deadline and c.customization.jobs.get_status(job.name).status in ("pending", "running")
         time.sleep(0.5)
     where(up_env, "ray.kill(ray.get_actor('hold'))")  # trainer-b free for the worker's restart
+    shutil.rmtree(nodes.folder("head", "scratch") / "inputs")  # the driver's copies: the worker must read its own
     at_kill = c.customization.jobs.get_status(job.name).progress.step
     nodes.kill("trainer-a")  # the node holding the control plane, and the training worker with it
     shutil.rmtree(nodes.folder("trainer-a", "scratch"), ignore_errors=True)
@@ -192,6 +193,8 @@ def test_a_client_that_shares_no_disk_runs_the_story_across_nodes(cluster, tmp_p
     assert np.allclose(served, expected, atol=1e-4)
     assert (nodes.folder("server", "cache") / model.artifact.sha256 / "model.onnx").is_file()  # materialized there
 
-    everything = json.dumps([c.datasets.list(), c.customization.jobs.list(), c.models.list(), c.deployments.list(),
-                             c.providers.list()])
-    assert str(nodes.root) not in everything and '"/' not in everything  # URIs and names only, never a node's path
+    jobs = [{k: j[k] for k in ("spec", "output_dir", "result")} for j in c.customization.jobs.list()]
+    everything = json.dumps([c.datasets.list(), jobs, c.models.list(), c.deployments.list(), c.providers.list()])
+    assert str(nodes.root) not in everything and "/tmp/" not in everything  # URIs and names, never a node's path
+    assert done.output_dir.startswith(BUCKET) and done.result["eval"]["dataset"] == f"{ds.uri}/evaluation"
+    assert all(f.uri.startswith(BUCKET) for f in c.datasets.retrieve("debian").files.values())

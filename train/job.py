@@ -86,9 +86,8 @@ def claim_output(cfg: JobConfig, dest: str) -> str:
 
 
 def working_config(cfg: JobConfig) -> tuple[JobConfig, Path]:
-    """The config the job runs with (inputs staged into scratch; a URI output.dir worked on in scratch, its
-    checkpoints kept in storage) and the local folder it writes."""
-    cfg = stage_inputs(cfg)
+    """The config the job runs with and the local folder it writes: a URI output.dir is worked on in this node's
+    scratch, its checkpoints kept in storage. Inputs stay as given: each process stages what it reads on its node."""
     if not storage.is_uri(cfg.output.dir):
         out = Path(cfg.output.dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -149,14 +148,15 @@ def run_job(cfg: JobConfig, verbose: bool = True) -> dict:
         from batch.mine import summary as mining_summary
         from train.mining import mine_for_job
 
-        cfg, mining = mine_for_job(cfg, pre.info.path, pre.prefixes, pre.parity_texts)
+        mined_cfg, mining = mine_for_job(stage_inputs(cfg), pre.info.path, pre.prefixes, pre.parity_texts)
         print(mining_summary(mining), flush=True)
         (out / "mining.json").write_text(json.dumps(mining, indent=1, ensure_ascii=False))
-        pre = preflight(cfg)  # the mined file: every line again, now with its negatives
+        training = mined_cfg.dataset.training
         if storage.is_uri(dest):  # the Train worker may run on another node: it reads the mined file from storage
-            mined_uri = storage.join(dest, "mined.jsonl")
-            storage.write_bytes(mined_uri, Path(cfg.dataset.training).read_bytes())
-            cfg = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"training": mined_uri})})
+            training = storage.join(dest, "mined.jsonl")
+            storage.write_bytes(training, Path(mined_cfg.dataset.training).read_bytes())
+        cfg = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"training": training, "mining": None})})
+        pre = preflight(cfg)  # the mined file: every line again, now with its negatives
     mined = time.time()
     result = build_trainer(cfg, quiet=not verbose).fit()
     final = result.metrics

@@ -108,7 +108,8 @@ def train_loop_per_worker(config: dict) -> None:
     # ---- setup: re-validate the config (Tune may have injected values), model, data ----
     worker_start = time.time()
     quiet_libraries()
-    cfg = stage_inputs(validate_config(config))  # this worker's node may share no disk with the driver's
+    given = validate_config(config)
+    cfg = stage_inputs(given)  # this worker's node may share no disk with the driver's
     check_cuda(ray.get_gpu_ids())
     device = ray.train.torch.get_device()
     if device.type != "cuda":
@@ -193,7 +194,7 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.dataset.evaluation:
         from train.data import load_beir
 
-        eval_set, eval_name = load_beir(cfg.dataset.evaluation), cfg.dataset.evaluation
+        eval_set, eval_name = load_beir(cfg.dataset.evaluation), given.dataset.evaluation  # named as given, not staged
     tuned = val_metrics if eval_set is val_set else evaluate_retrieval(model, tokenizer, eval_set, prefixes, device, cfg.precision)
     base_model = build_bi_encoder(info, "all_weights").to(device).eval()
     base = evaluate_retrieval(base_model, tokenizer, eval_set, prefixes, device, cfg.precision)

@@ -139,11 +139,13 @@ def run_sweep(sweep: SweepConfig) -> dict:
         pre = preflight(sweep.job)
         mined_job, mining = mine_for_job(stage_inputs(sweep.job), pre.info.path, pre.prefixes, pre.parity_texts)
         print(mining_summary(mining), flush=True)
+        training = mined_job.dataset.training
         if storage.is_uri(dest):  # trials may run on other nodes: they read the mined file from storage
-            mined_uri = storage.join(dest, "mined.jsonl")
-            storage.write_bytes(mined_uri, Path(mined_job.dataset.training).read_bytes())
-            mined_job = mined_job.model_copy(update={"dataset": mined_job.dataset.model_copy(update={"training": mined_uri})})
-        sweep = sweep.model_copy(update={"job": mined_job})
+            training = storage.join(dest, "mined.jsonl")
+            storage.write_bytes(training, Path(mined_job.dataset.training).read_bytes())
+        job = sweep.job  # its other inputs as given: each trial stages what it reads on its own node
+        sweep = sweep.model_copy(update={"job": job.model_copy(update={"dataset": job.dataset.model_copy(
+            update={"training": training, "mining": None})})})
     s = sweep.search
     if s.mode == "loguniform":
         trials = run_points(sweep, tune.loguniform(s.min_learning_rate, s.max_learning_rate), s.num_samples, "loguniform")
