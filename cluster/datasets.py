@@ -76,7 +76,7 @@ def store(local: Path, uri: str) -> dict:
     with local.open("rb") as fh:
         for chunk in iter(lambda: fh.read(2**20), b""):
             h.update(chunk)
-    storage.copy_file_to(str(local), uri)
+    storage.copy_file(str(local), uri)
     return {"uri": uri, "bytes": local.stat().st_size, "sha256": h.hexdigest()}
 
 

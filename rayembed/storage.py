@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import posixpath
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -240,24 +239,17 @@ def download(folder: str, local: Path, seal: dict) -> None:
 
 
 def copy_file(src: str, dest: str) -> None:
-    """One file from a URI or path to a local path (a dataset staged into scratch)."""
+    """One file between any two places, URIs or paths: a local destination appears through a rename, an object
+    in one upload, so neither is ever seen half written."""
     src_fs, src_path = filesystem(src)
-    Path(dest).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{dest}.partial-{os.getpid()}"
-    with src_fs.open_input_stream(src_path) as inp, open(tmp, "wb") as out:
-        shutil.copyfileobj(inp, out, CHUNK)
-    os.replace(tmp, dest)
-
-
-def copy_file_to(src: str, dest: str) -> None:
-    """One local file to a URI or path (a local destination through a rename, an object in one upload)."""
-    if not is_uri(dest):
-        copy_file(src, dest)
-        return
-    f, path = filesystem(dest)
-    f.create_dir(posixpath.dirname(path), recursive=True)
-    with open(src, "rb") as inp, f.open_output_stream(path) as out:
-        shutil.copyfileobj(inp, out, CHUNK)
+    dst_fs, dst_path = filesystem(dest)
+    target = f"{dst_path}.partial-{os.getpid()}" if not is_uri(dest) else dst_path
+    dst_fs.create_dir(posixpath.dirname(dst_path), recursive=True)
+    with src_fs.open_input_stream(src_path) as inp, dst_fs.open_output_stream(target) as out:
+        while chunk := inp.read(CHUNK):
+            out.write(chunk)
+    if target != dst_path:
+        os.replace(target, dst_path)
 
 
 def copy_tree(src: str, dest: str) -> None:
