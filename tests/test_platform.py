@@ -457,6 +457,45 @@ def _status(url: str, key: str | None = None, body: dict | None = None) -> int:
         return exc.code
 
 
+def test_datasets_uploaded_over_http_feed_a_job(platform, tiny_bert, tmp_path):
+    """A client that shares no disk with the cluster uploads its data: an invalid line is refused with its line
+    and field (nothing stored), a job names the dataset, and the dataset cannot be deleted while the job reads it."""
+    c = platform.client()
+    bad = tmp_path / "bad.jsonl"
+    lines = (SAMPLE / "train.jsonl").read_text().splitlines()[:20]
+    bad.write_text("\n".join(lines[:6] + ['{"query": "q", "pos_doc": 7}'] + lines[6:]) + "\n")
+    c.datasets.create("debian", description="Debian package descriptions")
+    with pytest.raises(ApiError) as err:
+        c.datasets.upload("debian", training=str(bad))
+    assert err.value.status == 400 and "training.jsonl:7:" in err.value.message and "pos_doc" in err.value.message
+    assert c.datasets.retrieve("debian").files == {}
+    with pytest.raises(ApiError) as err:  # judgments first: refused until corpus and queries are there
+        c._http.request("PUT", "/v2/workspaces/default/datasets/debian/files/evaluation/qrels/test.tsv",
+                        file=str(SAMPLE / "eval" / "qrels" / "test.tsv"))
+    assert err.value.status == 400 and "before evaluation/qrels/test.tsv" in err.value.message
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(lines) + "\n")
+    ds = c.datasets.upload("debian", training=str(good), evaluation=str(SAMPLE / "eval"))
+    assert ds.files["training.jsonl"].records == 20 and ds.files["evaluation/queries.jsonl"].records == 100
+    assert Path(ds.files["training.jsonl"].uri).read_text() == good.read_text()
+    assert ds.uri == str(platform.home / "workspaces" / "default" / "datasets" / "debian")
+    spec = tiny_job(str(tiny_bert), good, 200)
+    spec["dataset"] = {"name": "debian", "max_examples": 16}
+    job = c.customization.jobs.create("tiny-from-dataset", config=spec)
+    assert job.spec["dataset"]["training"] == ds.files["training.jsonl"].uri and job.spec["dataset"]["max_examples"] == 16
+    assert job.spec["dataset"]["evaluation"] == str(Path(ds.uri) / "evaluation")
+    with pytest.raises(ApiError) as err:
+        c.datasets.delete("debian")
+    assert err.value.status == 409 and job.name in err.value.message
+    c.customization.jobs.cancel(job.name)
+    c.datasets.delete("debian")
+    assert not Path(ds.uri).exists() and [d.name for d in c.datasets.list()] == []
+    spec["dataset"] = {"name": "debian"}
+    with pytest.raises(ApiError) as err:
+        c.customization.jobs.create("tiny-from-dataset", config=spec)
+    assert err.value.status == 404 and "dataset 'debian' does not exist" in err.value.message
+
+
 def test_api_keys_scope_every_route_to_workspaces(platform):
     """`rayembed keys`: once a key exists every route but the health probes needs one, through HAProxy and
     the real gateway; a key sees only its workspaces (another's deployment is a 404); revoking works; the
@@ -497,41 +536,3 @@ def test_api_keys_scope_every_route_to_workspaces(platform):
         assert time.monotonic() < deadline
         time.sleep(0.2)
 
-
-def test_datasets_uploaded_over_http_feed_a_job(platform, tiny_bert, tmp_path):
-    """A client that shares no disk with the cluster uploads its data: an invalid line is refused with its line
-    and field (nothing stored), a job names the dataset, and the dataset cannot be deleted while the job reads it."""
-    c = platform.client()
-    bad = tmp_path / "bad.jsonl"
-    lines = (SAMPLE / "train.jsonl").read_text().splitlines()[:20]
-    bad.write_text("\n".join(lines[:6] + ['{"query": "q", "pos_doc": 7}'] + lines[6:]) + "\n")
-    c.datasets.create("debian", description="Debian package descriptions")
-    with pytest.raises(ApiError) as err:
-        c.datasets.upload("debian", training=str(bad))
-    assert err.value.status == 400 and "training.jsonl:7:" in err.value.message and "pos_doc" in err.value.message
-    assert c.datasets.retrieve("debian").files == {}
-    with pytest.raises(ApiError) as err:  # judgments first: refused until corpus and queries are there
-        c._http.request("PUT", "/v2/workspaces/default/datasets/debian/files/evaluation/qrels/test.tsv",
-                        file=str(SAMPLE / "eval" / "qrels" / "test.tsv"))
-    assert err.value.status == 400 and "before evaluation/qrels/test.tsv" in err.value.message
-    good = tmp_path / "good.jsonl"
-    good.write_text("\n".join(lines) + "\n")
-    ds = c.datasets.upload("debian", training=str(good), evaluation=str(SAMPLE / "eval"))
-    assert ds.files["training.jsonl"].records == 20 and ds.files["evaluation/queries.jsonl"].records == 100
-    assert Path(ds.files["training.jsonl"].uri).read_text() == good.read_text()
-    assert ds.uri == str(platform.home / "workspaces" / "default" / "datasets" / "debian")
-    spec = tiny_job(str(tiny_bert), good, 200)
-    spec["dataset"] = {"name": "debian", "max_examples": 16}
-    job = c.customization.jobs.create("tiny-from-dataset", config=spec)
-    assert job.spec["dataset"]["training"] == ds.files["training.jsonl"].uri and job.spec["dataset"]["max_examples"] == 16
-    assert job.spec["dataset"]["evaluation"] == str(Path(ds.uri) / "evaluation")
-    with pytest.raises(ApiError) as err:
-        c.datasets.delete("debian")
-    assert err.value.status == 409 and job.name in err.value.message
-    c.customization.jobs.cancel(job.name)
-    c.datasets.delete("debian")
-    assert not Path(ds.uri).exists() and [d.name for d in c.datasets.list()] == []
-    spec["dataset"] = {"name": "debian"}
-    with pytest.raises(ApiError) as err:
-        c.customization.jobs.create("tiny-from-dataset", config=spec)
-    assert err.value.status == 404 and "dataset 'debian' does not exist" in err.value.message
