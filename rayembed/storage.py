@@ -101,11 +101,6 @@ def read_head(value: str, n: int) -> bytes:
         return fh.read(n)
 
 
-def open_input(value: str):
-    f, path = filesystem(value)
-    return f.open_input_file(path)
-
-
 def write_bytes(value: str, data: bytes) -> None:
     """One object in one put (atomic on object stores); a local file through a rename."""
     if not is_uri(value):
@@ -250,9 +245,3 @@ def copy_file(src: str, dest: str) -> None:
             out.write(chunk)
     if target != dst_path:
         os.replace(target, dst_path)
-
-
-def copy_tree(src: str, dest: str) -> None:
-    """A folder from a URI or path into a local folder (replaced)."""
-    for rel in list_files(src):
-        copy_file(join(src, rel), str(Path(dest) / rel))
