@@ -21,7 +21,7 @@ from fastapi.responses import PlainTextResponse, Response
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
-from cluster import datasets
+from cluster import datasets, kuberay
 from cluster.settings import CONTROL_PLANE, NAMESPACE
 from serve.auth import Access, BearerAuth, KeyRing, access_of
 from serve.errors import NotFound, PermissionDenied, ServeError, Unavailable, shown
@@ -158,6 +158,23 @@ async def upload_dataset_file(request: Request) -> Response:
 app.add_api_route(WS + "/datasets/{name}/files/{path:path}", upload_dataset_file, methods=["PUT"],
                   summary="upload a dataset file (training.jsonl, validation.jsonl, evaluation/corpus.jsonl, "
                           "evaluation/queries.jsonl, evaluation/qrels/test.tsv)")
+
+
+@api_route("management", _metrics)
+async def export_deployment(request: Request) -> Response:
+    """`?format=rayservice` (the default; `image`, `k8s_name` optional): YAML, or JSON when the client accepts only that."""
+    workspace, name = request.path_params["workspace"], request.path_params["name"]
+    _authorize(access_of(request.scope), "export_deployment", workspace)
+    query = request.query_params
+    manifest = await _call("export_deployment", workspace, name, query.get("format", "rayservice"),
+                           query.get("image") or None, query.get("k8s_name") or None)
+    if "yaml" not in (accept := request.headers.get("accept", "")) and "json" in accept:
+        return json_response(manifest)
+    return Response(kuberay.render(manifest), media_type="application/yaml")
+
+
+app.add_api_route(WS + "/deployments/{name}/export", export_deployment, methods=["GET"],
+                  summary="a KubeRay RayService manifest that serves the deployment's model on a serving-only cluster")
 
 
 # Like the standalone gateway, its code runs on the replica's own loop (GATEWAY_SERVE_ENV): the handlers await

@@ -5,6 +5,7 @@
     rayembed jobs create --config examples/minilm-debian.yaml --output-model minilm-debian --wait
     rayembed deploy minilm-debian --model minilm-debian
     rayembed embed --model minilm-debian "a tool to convert images"
+    rayembed deployments export minilm-debian -o rayservice.yaml   # serve it on a KubeRay cluster
     rayembed keys create --for default --label ci   # from then on every call needs a key (RAYEMBED_API_KEY)
     rayembed down
 """
@@ -287,6 +288,24 @@ def cmd_undeploy(args) -> int:
     return 0
 
 
+def cmd_deployments(args) -> int:
+    c = _client(args)
+    if args.verb == "list":
+        for d in c.deployments.list():
+            print(f"{d.name:<32} {d.status:<9} model {d.model}")
+    elif args.verb == "get":
+        _print(c.deployments.retrieve(args.name))
+    else:  # export
+        manifest = c.deployments.export(args.name, format=args.format, image=args.image, k8s_name=args.k8s_name)
+        if args.output in (None, "-"):
+            sys.stdout.write(manifest)
+        else:
+            Path(args.output).write_text(manifest)
+            print(f"deployment {args.name}: {args.format} manifest written to {args.output} "
+                  f"(kubectl apply -f {args.output})", file=sys.stderr)
+    return 0
+
+
 def cmd_embed(args) -> int:
     c = _client(args)
     body = {"input": args.text, "input_type": args.input_type, "dimensions": args.dimensions}
@@ -372,6 +391,21 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("--no-wait", action="store_true")
     s.set_defaults(fn=cmd_undeploy)
+
+    s = sub.add_parser("deployments", help="model deployments: list, get, export to another cluster")
+    verbs = s.add_subparsers(dest="verb", required=True)
+    verbs.add_parser("list", help="every deployment with its status and model")
+    v = verbs.add_parser("get", help="one deployment as JSON")
+    v.add_argument("name")
+    v = verbs.add_parser("export", help="a manifest that serves the deployment's model on another cluster (KubeRay "
+                                        "RayService: a serving-only cluster; the model must be in shared storage)")
+    v.add_argument("name")
+    v.add_argument("--format", choices=["rayservice"], default="rayservice")
+    v.add_argument("--image", help="the node image its pods run (default: the platform's RAYEMBED_IMAGE, else "
+                                   "rayembed:VERSION-gpu): what you built from deploy/Dockerfile")
+    v.add_argument("--k8s-name", help="the RayService's name (default: the deployment's, made a Kubernetes name)")
+    v.add_argument("--output", "-o", help="write it to this file (default: stdout)")
+    s.set_defaults(fn=cmd_deployments)
 
     s = sub.add_parser("embed", help="embed texts through the gateway")
     s.add_argument("text", nargs="+")

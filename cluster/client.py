@@ -18,6 +18,7 @@ import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any, Callable
 
@@ -222,6 +223,13 @@ class Deployments(_Resource):
 
     def update(self, name: str, workspace: str | None = None, **changes) -> Obj:
         return self._http.request("PATCH", self._url(name, workspace=workspace), changes)
+
+    def export(self, name: str, format: str = "rayservice", image: str | None = None, k8s_name: str | None = None,
+               workspace: str | None = None) -> str:
+        """A manifest (YAML) that serves the deployment's model elsewhere: `rayservice`, a KubeRay RayService whose
+        containers run `image` (default: the platform's RAYEMBED_IMAGE)."""
+        query = urllib.parse.urlencode({k: v for k, v in {"format": format, "image": image, "k8s_name": k8s_name}.items() if v})
+        return self._http.request("GET", self._url(name, "export", workspace=workspace) + "?" + query, raw=True, retries=5)
 
     def wait_ready(self, name: str, timeout_s: float = 900, workspace: str | None = None, routable: bool = True) -> Obj:
         """Until READY with no generation pending (a swap finished), or FAILED (raises); with `routable`,

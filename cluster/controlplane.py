@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cluster import deployments, jobs
+from cluster import deployments, jobs, kuberay
 from cluster.paths import Confinement
 from cluster.entities import (DATASET_FILES, DEFAULT_WORKSPACE, JOB_DONE, NAME, ApiKey, Artifact, CustomizationJob, Dataset,
                               DatasetFile, Entity, Evaluation, ModelDeployment,
@@ -594,6 +594,17 @@ class ControlPlane:
     def get_deployment(self, workspace: str, name: str) -> dict:
         self._workspace(workspace)
         return self._load("deployment", workspace, name, ModelDeployment).model_dump(mode="json")
+
+    def export_deployment(self, workspace: str, name: str, fmt: str, image: str | None = None,
+                          k8s_name: str | None = None) -> dict:
+        """A manifest that serves the deployment's model elsewhere as it is served here (cluster.kuberay)."""
+        if fmt not in kuberay.FORMATS:
+            raise InvalidRequest(f"format {shown(fmt)} is not one of {', '.join(kuberay.FORMATS)}", "format")
+        self._workspace(workspace)
+        dep = self._load("deployment", workspace, name, ModelDeployment)
+        cfg = self._load("deployment_config", workspace, dep.config, ModelDeploymentConfig)
+        model = self._model_for(workspace, dep.model)
+        return kuberay.rayservice(dep, cfg, model, image=image or os.environ.get("RAYEMBED_IMAGE"), name=k8s_name)
 
     def list_deployments(self, workspace: str) -> list[dict]:
         self._workspace(workspace)

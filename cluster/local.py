@@ -91,6 +91,8 @@ def connect(s: Settings, start: bool = False, num_cpus: int | None = None, num_g
     import ray
 
     address = os.environ.get("RAY_ADDRESS")
+    if address and start:
+        wait_for_head(address)
     if address:
         record = {"gcs_address": address, "dashboard_url": os.environ.get("RAY_DASHBOARD_URL") or _dashboard_of(address),
                   "started_by_up": False}
@@ -103,6 +105,23 @@ def connect(s: Settings, start: bool = False, num_cpus: int | None = None, num_g
     if not ray.is_initialized():
         ray.init(address=record["gcs_address"], namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
     return record
+
+
+def wait_for_head(address: str, log=print) -> None:
+    """`up` joining a head that is still starting (a KubeRay head's container runs `ray start` and `rayembed up` side
+    by side): wait for its GCS port to accept connections, up to RAYEMBED_JOIN_TIMEOUT_S (default 300 s)."""
+    if "://" in address or ":" not in address:  # ray://, http://, auto: Ray resolves (and waits for) those itself
+        return
+    timeout_s = float(os.environ.get("RAYEMBED_JOIN_TIMEOUT_S") or 300)
+    deadline, told = time.monotonic() + timeout_s, False
+    while not reachable(address):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"RAY_ADDRESS={address} did not accept connections within {timeout_s:.0f} s: is the "
+                               "Ray head running there (`ray start --head`)? RAYEMBED_JOIN_TIMEOUT_S waits longer")
+        if not told:
+            log(f"ray: waiting for the head at {address} (up to {timeout_s:.0f} s)")
+            told = True
+        time.sleep(1)
 
 
 def _dashboard_of(address: str) -> str:
