@@ -44,9 +44,11 @@ def serve_config(workspace: str, model: str, provider: ProviderSettings) -> dict
     """The Ray Serve config (ServeDeploySchema) of one model behind the gateway: the same routes as on the platform
     (by model entity, by provider, /v1/embeddings), the provider named like the deployment."""
     settings = provider.model_dump(mode="json", exclude_defaults=True)
-    settings["name"] = provider.name
-    if provider.autoscaling is not None:  # all three written out: the replica range is what a reader looks for
-        settings["autoscaling"] = provider.autoscaling.model_dump(mode="json")
+    # the replicas and what each holds written out, defaults or not: what a reader of the manifest looks for
+    sizing = {"autoscaling": provider.autoscaling.model_dump(mode="json")} if provider.autoscaling else \
+        {"num_replicas": provider.num_replicas}
+    settings.pop("num_replicas", None)
+    settings = {"name": provider.name, **settings, **sizing, "num_cpus": provider.num_cpus, "num_gpus": provider.num_gpus}
     return {"proxy_location": "EveryNode", "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
             "applications": [{"name": GATEWAY_APP, "route_prefix": "/", "import_path": "serve.app:build_app",
                               "args": {"models": [{"workspace": workspace, "name": model, "providers": [settings]}]}}]}

@@ -156,7 +156,7 @@ def test_export_sizes_the_pods_from_the_deployment_and_refuses_a_node_local_arti
     assert m["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is False
     provider = yaml.safe_load(m["spec"]["serveConfigV2"])["applications"][0]["args"]["models"][0]["providers"][0]
     assert provider == {"name": "My_Model.v2", "model_dir": "s3://b/m/onnx", "model_sha256": "ab" * 32,
-                        "num_replicas": 3, "num_cpus": 0.5}
+                        "num_replicas": 3, "num_cpus": 0.5, "num_gpus": 0.0}
     # two replicas share each one-GPU pod: 1-5 replicas are 1-3 pods
     dep, cfg, model = sample_entities("s3://b/m/onnx", num_gpus=0.5,
                                       autoscaling={"min_replicas": 1, "max_replicas": 5})

@@ -14,16 +14,19 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from cluster.client import ApiError, Client
 from cluster.local import kill_processes
 from cluster.runtime import free_port, serve_ingress_env
 from rayembed import storage
 from tests.conftest import ROOT, SAMPLE
+from tests.manifests import crd_errors, serve_config
 
 pytestmark = pytest.mark.timeout(2400)
 BUCKET = "s3://rayembed-test/multinode"
@@ -120,7 +123,7 @@ def node_id(up_env: dict, name: str) -> str:
 
 
 def test_a_client_that_shares_no_disk_runs_the_story_across_nodes(cluster, tmp_path):
-    nodes, c, up_env, _ = cluster
+    nodes, c, up_env, rayembed = cluster
     lines = (SAMPLE / "train.jsonl").read_text().splitlines()[:200]
     train = tmp_path / "train.jsonl"
     train.write_text("\n".join(lines) + "\n")
@@ -198,3 +201,23 @@ def test_a_client_that_shares_no_disk_runs_the_story_across_nodes(cluster, tmp_p
     assert str(nodes.root) not in everything and "/tmp/" not in everything  # URIs and names, never a node's path
     assert done.output_dir.startswith(BUCKET) and done.result["eval"]["dataset"] == f"{ds.uri}/evaluation"
     assert all(f.uri.startswith(BUCKET) for f in c.datasets.retrieve("debian").files.values())
+
+    # exported for a serving-only KubeRay cluster: a valid RayService, whose applications, started from its
+    # serveConfigV2 on this cluster as KubeRay would start them, serve the same vectors from the same artifact
+    out = tmp_path / "rayservice.yaml"
+    proc = rayembed("deployments", "export", "debian-tuned", "--image", "registry.example/rayembed:0.1.0-gpu", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = yaml.safe_load(out.read_text())
+    assert crd_errors(manifest) == [] and manifest["metadata"]["name"] == "debian-tuned"
+    provider = serve_config(manifest).applications[0].args["models"][0]["providers"][0]
+    assert (provider["model_dir"], provider["model_sha256"]) == (model.artifact.uri, model.artifact.sha256)
+    assert (provider["num_replicas"], provider["num_cpus"], provider["num_gpus"]) == (1, 1, 0)
+    where(up_env, f"import yaml\nfrom tests.manifests import run_applications, serve_config\n"
+          f"run_applications(serve_config(yaml.safe_load(open({str(out)!r}).read())), name='exported', "
+          f"route_prefix='/exported')")
+    body = json.dumps({"model": "debian-tuned", "input": texts, "input_type": "query"}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{up_env['RAYEMBED_PORT']}/exported/v1/embeddings", data=body,
+                                 headers={"Content-Type": "application/json"})
+    got = json.loads(urllib.request.urlopen(req, timeout=120).read())
+    assert np.allclose(np.array([d["embedding"] for d in got["data"]], np.float32), served, atol=1e-5)
+    where(up_env, "from ray import serve\nserve.delete('exported')")

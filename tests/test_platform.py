@@ -236,6 +236,11 @@ def test_cli_verbs(platform):
     assert "32-d [" in out
     status = json.loads(platform.cli("status").stdout)
     assert status["deployments"]["cli-dep"] == "READY (tiny-cli)" and "cli-dep" in status["providers"]
+    assert "cli-dep" in platform.cli("deployments", "list").stdout
+    assert json.loads(platform.cli("deployments", "get", "cli-dep").stdout)["model"] == "tiny-cli"
+    # a model in this machine's own folder cannot be served by another cluster: the export says what to change
+    export = platform.cli("deployments", "export", "cli-dep", check=False)
+    assert export.returncode == 2 and "HTTP 409" in export.stderr and "RAYEMBED_STORAGE" in export.stderr
     assert "cli-dep: deleted" in platform.cli("undeploy", "cli-dep").stdout
     bad = platform.cli("deploy", "Bad_Name", "--model", "tiny-cli", check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "HTTP 422" in bad.stderr
