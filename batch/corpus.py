@@ -193,7 +193,7 @@ def embed_corpus(model_dir: str, inputs: list[str], output: str, *, input_type: 
     import ray
     import ray.data
 
-    from cluster.runtime import ensure_ray
+    from rayembed.runtime import ensure_ray
 
     manifest = read_manifest(model_dir)  # fails early, naming the folder, when it is not an artifact
     out = Path(output)

@@ -27,7 +27,7 @@ def main() -> int:
     args = p.parse_args()
 
     from batch.corpus import embed_corpus
-    from cluster.runtime import ensure_ray
+    from rayembed.runtime import ensure_ray
     from rayembed.engine import TextEmbedder
 
     rows = [json.loads(line) for line in Path(args.corpus).read_text().splitlines() if line.strip()]

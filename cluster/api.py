@@ -2,7 +2,7 @@
 customizer's) and the inference gateway's routes, in one Serve deployment.
 
 Management calls go to the ControlPlane actor; its typed errors come back through the gateway's one
-error handler (OpenAPI envelope, status from serve/errors.py). The gateway's routing table and the API
+error handler (OpenAPI envelope, status from rayembed/errors.py). The gateway's routing table and the API
 keys follow the control plane: a thread asks for them every half second and swaps them in when their
 version changed. With keys configured, every route but the health probes needs one (serve/auth.py),
 and a key sees only its workspaces: another workspace is "does not exist" (404), as if it did not.
@@ -24,7 +24,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from cluster import datasets, kuberay
 from cluster.settings import CONTROL_PLANE, NAMESPACE
 from serve.auth import Access, BearerAuth, KeyRing, access_of
-from serve.errors import NotFound, PermissionDenied, ServeError, Unavailable, shown
+from rayembed.errors import NotFound, PermissionDenied, ServeError, Unavailable, shown
 from serve.gateway import (GATEWAY_SERVE_ENV, GatewayCore, api_route, error_response, inference_routes, install_core,
                            install_error_handlers, installed_core, json_response, read_body)
 from serve.schemas import parse_json_object

@@ -30,7 +30,7 @@ from cluster.store import open_store, redacted
 from rayembed import storage
 from rayembed.artifact import GRAPH_FP16, GRAPH_INT8, MANIFEST, REQUIRED_FILES, ArtifactError, parse_manifest
 from serve import auth
-from serve.errors import Conflict, InvalidName, InvalidRequest, NotFound, PromotionRefused, shown
+from rayembed.errors import Conflict, InvalidName, InvalidRequest, NotFound, PromotionRefused, shown
 
 log = logging.getLogger(__name__)
 NAME_RULE = "2-63 characters of lowercase letters, digits and '-', starting with a letter or digit"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cluster.entities import DATASET_FILES
 from rayembed import storage
-from serve.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, shown
+from rayembed.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, shown
 
 CHUNK_TIMEOUT_S = 60.0  # a client that stalls this long between chunks loses its upload
 

@@ -10,7 +10,7 @@ from ray.serve.api import RunTarget
 
 from cluster.entities import ModelDeployment, ModelDeploymentConfig, ModelEntity
 from serve.app import build_provider_app
-from serve.errors import ServeError
+from rayembed.errors import ServeError
 from serve.settings import ProviderSettings
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from cluster.entities import Evaluation, JobProgress
 from rayembed import storage
 from rayembed.config import ConfigError
 from rayembed.progress import last_progress
-from serve.errors import InvalidRequest
+from rayembed.errors import InvalidRequest
 
 
 def new_job_id() -> str:

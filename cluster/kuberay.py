@@ -14,7 +14,7 @@ import yaml
 from cluster.deployments import provider_settings
 from cluster.entities import ModelDeployment, ModelDeploymentConfig, ModelEntity
 from rayembed import storage
-from serve.errors import Conflict, InvalidRequest
+from rayembed.errors import Conflict, InvalidRequest
 from serve.settings import ProviderSettings
 
 RAY_VERSION = "2.60.0"

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from cluster import paths
-from cluster.runtime import free_port, reachable, serve_ingress_env, wait_http
+from rayembed.runtime import free_port, reachable, serve_ingress_env, wait_http
 from cluster.settings import API_APP, CONTROL_PLANE, NAMESPACE, Settings
 
 RECORD = "cluster.json"
@@ -137,7 +137,7 @@ def _dashboard_of(address: str) -> str:
 def up(s: Settings, num_cpus: int | None = None, num_gpus: int | None = None, log=print,
        ingress: str = "haproxy", data_roots: list[str] | None = None) -> dict:
     """Idempotent: a running cluster, control plane and API are reused. `ingress` applies to a head this
-    starts (see cluster.runtime.serve_ingress_env); a running cluster keeps the one it has. `data_roots`:
+    starts (see rayembed.runtime.serve_ingress_env); a running cluster keeps the one it has. `data_roots`:
     where jobs submitted through the API may read (cluster.paths; default: RAYEMBED_DATA_ROOTS, else here)."""
     auth_env(s)
     import ray

@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from serve.errors import InvalidRequest, shown
+from rayembed.errors import InvalidRequest, shown
 
 # A Hub model id (owner/name) or a packaged name: not a path, nothing local is read.
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")

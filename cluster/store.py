@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from serve.errors import Unavailable
+from rayembed.errors import Unavailable
 
 SCHEMA_VERSION = 2
 # version -> statements that bring the schema from version-1 to version

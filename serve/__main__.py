@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from cluster.runtime import ensure_ray, local_cluster_address, serve_ingress_env, wait_http
+    from rayembed.runtime import ensure_ray, local_cluster_address, serve_ingress_env, wait_http
 
     joined = os.environ.get("RAY_ADDRESS", "local") != "local" or (
         not os.environ.get("RAY_ADDRESS") and local_cluster_address() is not None)

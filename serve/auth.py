@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Callable
 
-from serve.errors import ServeError, Unauthorized, Unavailable
+from rayembed.errors import ServeError, Unauthorized, Unavailable
 
 PREFIX = "rek"
 ALL = "*"  # a key for every workspace (an admin key): it also creates and deletes workspaces

@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from ray import serve
 from ray.serve import Application
 
-from serve.errors import ServeError
+from rayembed.errors import ServeError
 from serve.gateway import GATEWAY, RequestMetrics, api_route, install_error_handlers, json_response, read_body
 from serve.replica import EmbeddingReplica
 from serve.routing import RoutingTable

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from serve.auth import OPEN, Access, KeyRing, access_of
-from serve.errors import (ClientGone, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, QueueFull,
+from rayembed.errors import (ClientGone, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, QueueFull,
                           RequestTimeout, ServeError, Unauthorized, Unavailable, UnsupportedMediaType, UpstreamTimeout,
                           envelope, status_of)
 from serve.routing import RoutingTable, model_id

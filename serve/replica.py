@@ -19,7 +19,7 @@ from rayembed import storage
 from rayembed.cache import materialize
 from rayembed.engine import OnnxEmbedder, matryoshka, plan_batches
 from serve.batcher import Batcher
-from serve.errors import InvalidRequest, ServeError
+from rayembed.errors import InvalidRequest, ServeError
 from serve.settings import ProviderSettings
 from serve.tokens import ServingTokenizer
 

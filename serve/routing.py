@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 from serve.auth import OPEN, Access
-from serve.errors import InvalidRequest, NotFound, shown
+from rayembed.errors import InvalidRequest, NotFound, shown
 from serve.settings import GatewayConfig, ModelRoute, ProviderSettings
 
 DEFAULT_WORKSPACE = "default"

@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from serve.errors import InvalidRequest, PayloadTooLarge
+from rayembed.errors import InvalidRequest, PayloadTooLarge
 from serve.settings import Limits
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from rayembed.artifact import Manifest, load_tokenizer, pad_batch
-from serve.errors import InputTooLong, InvalidRequest
+from rayembed.errors import InputTooLong, InvalidRequest
 
 
 

@@ -46,7 +46,7 @@ def train_file(tmp_path) -> Path:
 def ray_session():
     import ray
 
-    from cluster.runtime import SERVE_START_ENV
+    from rayembed.runtime import SERVE_START_ENV
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, test-only local instance
     for key, value in SERVE_START_ENV.items():  # Serve's processes read them when they start

@@ -11,7 +11,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from cluster.runtime import free_port
+from rayembed.runtime import free_port
 
 PG_BIN = Path(os.environ.get("RAYEMBED_PG_BIN", "/usr/lib/postgresql/15/bin"))
 

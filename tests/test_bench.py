@@ -24,7 +24,7 @@ def test_soak_runs_briefly_and_accounts_for_every_request(tmp_path, minilm_onnx)
     import sys
 
     from tests.conftest import ROOT
-    from cluster.runtime import free_port
+    from rayembed.runtime import free_port
 
     proc = subprocess.run([sys.executable, "-m", "bench.soak", "--model-dir", str(minilm_onnx), "--work", str(tmp_path),
                            "--duration", "12", "--warmup", "4", "--saturation-seconds", "3", "--load", "0.3",

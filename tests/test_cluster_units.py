@@ -12,7 +12,7 @@ from cluster.controlplane import check_name
 from cluster.jobs import check_gpu_memory, progress_from_log
 from cluster.store import SCHEMA_VERSION, SQLiteStore, StoreError, open_store
 from rayembed.progress import progress_line
-from serve.errors import InvalidName, InvalidRequest
+from rayembed.errors import InvalidName, InvalidRequest
 from train.config import validate_config
 
 
@@ -182,7 +182,7 @@ def test_a_generation_deployed_before_the_cluster_went_down_is_deployed_again(tm
 
 def test_a_full_or_read_only_store_is_a_clear_503_and_keeps_what_it_had(tmp_path):
     from cluster.store import StoreWriteError
-    from serve.errors import status_of
+    from rayembed.errors import status_of
 
     path = tmp_path / "state.db"
     store = SQLiteStore(path)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.runtime import free_port
+from rayembed.runtime import free_port
 from tests.conftest import ROOT
 
 

@@ -23,9 +23,9 @@ import yaml
 
 from cluster import kuberay
 from cluster.entities import Artifact, ModelDeployment, ModelDeploymentConfig, ModelEntity
-from cluster.runtime import free_port
+from rayembed.runtime import free_port
 from rayembed import storage
-from serve.errors import Conflict
+from rayembed.errors import Conflict
 from tests.conftest import ROOT
 from tests.manifests import crd_errors, run_applications, serve_config
 

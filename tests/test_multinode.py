@@ -23,7 +23,7 @@ import yaml
 
 from cluster.client import ApiError, Client
 from cluster.local import kill_processes
-from cluster.runtime import free_port, serve_ingress_env
+from rayembed.runtime import free_port, serve_ingress_env
 from rayembed import storage
 from tests.conftest import ROOT, SAMPLE
 from tests.manifests import crd_errors, serve_config

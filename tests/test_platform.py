@@ -171,7 +171,7 @@ def test_the_api_process_runs_with_the_gateway_serve_settings(platform):
 def test_the_serve_controller_waits_for_a_slow_proxy(platform):
     """A busy machine (`up` right after `down`) can take more than Serve's 5 s to start the proxy actor;
     the controller then killed it and `up` failed (a CI run): the head's controller has the longer check."""
-    from cluster.runtime import SERVE_START_ENV
+    from rayembed.runtime import SERVE_START_ENV
 
     envs = _process_envs(b"ray::ServeController", platform)
     assert envs

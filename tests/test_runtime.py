@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-import cluster.runtime as runtime
+import rayembed.runtime as runtime
 
 
 def test_stale_address_file_is_ignored_and_live_one_used(tmp_path, monkeypatch):

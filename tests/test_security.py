@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from serve.auth import ALL, OPEN, KeyRing, digest, new_key
-from serve.errors import NotFound, Unauthorized
+from rayembed.errors import NotFound, Unauthorized
 from serve.routing import RoutingTable
 from serve.settings import GatewayConfig
 
@@ -71,7 +71,7 @@ def plane(tmp_path, monkeypatch):
 
 
 def test_keys_are_stored_hashed_scoped_and_revocable(plane, tmp_path):
-    from serve.errors import Conflict, InvalidRequest
+    from rayembed.errors import Conflict, InvalidRequest
 
     plane.create_workspace({"name": "team-a"})
     created = plane.create_key(["team-a"], "ci")
@@ -103,7 +103,7 @@ class _Server:
         import uvicorn
 
         from cluster import api
-        from cluster.runtime import free_port
+        from rayembed.runtime import free_port
         from serve.gateway import GatewayCore, install_core
 
         async def call(method, *args):
@@ -204,7 +204,7 @@ def test_api_with_keys_over_http(plane, monkeypatch):
 
 def test_paths_are_confined_to_the_workspace_folder_and_the_data_roots(tmp_path, monkeypatch):
     from cluster.paths import Confinement, data_roots
-    from serve.errors import InvalidRequest
+    from rayembed.errors import InvalidRequest
 
     home, data, outside = tmp_path / "home", tmp_path / "data", tmp_path / "outside"
     for d in (home / "workspaces" / "team-a", home / "workspaces" / "team-b", data, outside):
@@ -234,7 +234,7 @@ def test_paths_are_confined_to_the_workspace_folder_and_the_data_roots(tmp_path,
 
 
 def test_jobs_and_models_from_the_api_cannot_read_outside_their_roots(plane, tmp_path):
-    from serve.errors import InvalidRequest
+    from rayembed.errors import InvalidRequest
 
     plane.data_roots = [str(tmp_path / "data")]
     plane._cluster_has_gpu = lambda: False  # no Ray here: a CPU cluster

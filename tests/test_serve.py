@@ -24,7 +24,7 @@ import onnxruntime as ort
 import pytest
 from tokenizers import Tokenizer
 
-from cluster.runtime import free_port
+from rayembed.runtime import free_port
 from rayembed.artifact import TextTokenizer
 from tests.hostile_requests import CASES, VALID, check_envelope, send
 from train.export import export_onnx

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from cluster.runtime import free_port
+from rayembed.runtime import free_port
 from tests.conftest import ROOT, haproxy_configs, listener_pids
 from rayembed.artifact import TextTokenizer
 

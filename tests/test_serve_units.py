@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from rayembed.engine import matryoshka, plan_batches
-from serve.errors import (InputTooLong, InvalidRequest, NotFound, PayloadTooLarge, QueueFull, Unavailable, envelope,
+from rayembed.errors import (InputTooLong, InvalidRequest, NotFound, PayloadTooLarge, QueueFull, Unavailable, envelope,
                           status_of)
 from serve.routing import RoutingTable
 from serve.schemas import parse_request, render

@@ -129,7 +129,7 @@ def test_the_same_store_checks_pass_on_sqlite_and_postgresql(store_url):
 def test_postgresql_going_away_is_a_clear_503_and_nothing_is_lost():
     """A write while the server is down answers 503 naming the database, its password hidden."""
     from cluster.store import StoreWriteError, open_store
-    from serve.errors import status_of
+    from rayembed.errors import status_of
     from tests.services import postgres_server
 
     with postgres_server() as (url, stop):

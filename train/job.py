@@ -126,7 +126,7 @@ def quantize_for_job(cfg: JobConfig, onnx_dir: Path) -> dict:
 
 
 def run_job(cfg: JobConfig, verbose: bool = True) -> dict:
-    from cluster.runtime import ensure_ray
+    from rayembed.runtime import ensure_ray
     from train.export import export_onnx
     from train.report import summary, write_report
     from train.trainer import build_trainer

@@ -117,7 +117,7 @@ def next_extension(trials: list[Trial], search) -> float | None:
 
 
 def run_sweep(sweep: SweepConfig) -> dict:
-    from cluster.runtime import ensure_ray
+    from rayembed.runtime import ensure_ray
     from train.job import OutputConflict, preflight, run_job
     from train.staging import job_scratch, stage_inputs
 

@@ -1,7 +1,7 @@
-"""Typed serving errors, their HTTP status in one table, and the OpenAI error envelope.
+"""Typed errors of every layer (store, control plane, gateway), their HTTP status in one table, and the OpenAI envelope.
 
-Only `serve/` knows HTTP: the domain raises `ServeError` subclasses; the gateway's one handler turns
-them (and pydantic's validation errors, Serve's back-pressure and unavailability) into a status and
+The domain raises `ServeError` subclasses; the one handler of the gateway and the API (serve/gateway.py) turns them
+(and pydantic's validation errors, Serve's back-pressure and unavailability) into a status and
 `{"error": {"message", "type", "param", "code"}}`. Anything unexpected is a 500 without a traceback.
 """
 
