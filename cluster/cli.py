@@ -87,7 +87,7 @@ def cmd_down(args) -> int:
     return 0
 
 
-def cmd_keys(args) -> int:
+def _control_plane_call():
     """API keys go through Ray (the operator's access to the cluster), never through the HTTP API they guard."""
     from cluster.local import connect
 
@@ -107,24 +107,31 @@ def cmd_keys(args) -> int:
         except ray.exceptions.RayTaskError as exc:
             raise RuntimeError(str(getattr(exc, "cause", exc))) from None
 
-    if args.action == "create":
-        if bool(args.scope) == args.all_workspaces:
-            raise RuntimeError("keys create needs --for WORKSPACE (repeatable) or --all-workspaces")
-        key = call("create_key", ["*"] if args.all_workspaces else args.scope, args.label or "")
-        print(f"key {key['id']} for {', '.join(key['workspaces'])} (shown once; only its SHA-256 is stored):")
-        print(key["key"])
-        print("use it as: export RAYEMBED_API_KEY=<key>   or   Authorization: Bearer <key>", file=sys.stderr)
-    elif args.action == "list":
-        keys = call("list_keys")
-        for k in keys:
-            print(f"{k['id']:<14} {','.join(k['workspaces']):<30} {time.strftime('%Y-%m-%d %H:%M', time.localtime(k['created_at']))}  {k['label']}")
-        if not keys:
-            print("no API keys: the API is open to whoever can reach it (`rayembed keys create` turns keys on)")
-    elif args.action == "revoke":
-        if not args.id:
-            raise RuntimeError("keys revoke needs the key's id (`rayembed keys list`)")
-        call("revoke_key", args.id)
-        print(f"revoked key {args.id}")
+    return call
+
+
+def keys_create(args) -> int:
+    if bool(args.scope) == args.all_workspaces:
+        raise RuntimeError("keys create needs --for WORKSPACE (repeatable) or --all-workspaces")
+    key = _control_plane_call()("create_key", ["*"] if args.all_workspaces else args.scope, args.label or "")
+    print(f"key {key['id']} for {', '.join(key['workspaces'])} (shown once; only its SHA-256 is stored):")
+    print(key["key"])
+    print("use it as: export RAYEMBED_API_KEY=<key>   or   Authorization: Bearer <key>", file=sys.stderr)
+    return 0
+
+
+def keys_list(args) -> int:
+    keys = _control_plane_call()("list_keys")
+    for k in keys:
+        print(f"{k['id']:<14} {','.join(k['workspaces']):<30} {time.strftime('%Y-%m-%d %H:%M', time.localtime(k['created_at']))}  {k['label']}")
+    if not keys:
+        print("no API keys: the API is open to whoever can reach it (`rayembed keys create` turns keys on)")
+    return 0
+
+
+def keys_revoke(args) -> int:
+    _control_plane_call()("revoke_key", args.id)
+    print(f"revoked key {args.id}")
     return 0
 
 
@@ -139,45 +146,60 @@ def cmd_status(args) -> int:
     return 0
 
 
-def cmd_models(args) -> int:
-    c = _client(args)
-    if args.action == "list":
-        for m in c.models.list():
-            ev = f"  {m.evaluation['verdict']}" if m.get("evaluation") else ""
-            print(f"{m.name:<32} {m.status:<10} {m.embedding_dim or '?':>5}-d  {m.base_model}{ev}")
-    elif args.action == "get":
-        _print(c.models.retrieve(args.name))
-    elif args.action == "register":
-        m = c.models.create(args.name, base_model=args.base_model, artifact=args.artifact)
-        print(f"model {m.name}: {m.status}")
-        if m.status != "ready" and not args.no_wait:
-            m = c.models.wait_ready(args.name)
-            print(f"model {m.name}: {m.status} ({m.embedding_dim}-d, max {m.max_seq_length} tokens)")
-    elif args.action == "delete":
-        c.models.delete(args.name)
-        print(f"deleted model {args.name}")
+def models_list(args) -> int:
+    for m in _client(args).models.list():
+        ev = f"  {m.evaluation['verdict']}" if m.get("evaluation") else ""
+        print(f"{m.name:<32} {m.status:<10} {m.embedding_dim or '?':>5}-d  {m.base_model}{ev}")
     return 0
 
 
-def cmd_datasets(args) -> int:
+def models_get(args) -> int:
+    _print(_client(args).models.retrieve(args.name))
+    return 0
+
+
+def models_register(args) -> int:
     c = _client(args)
-    if args.action in ("create", "upload") and not args.name:
-        raise ApiError(0, f"datasets {args.action} needs a NAME")
-    if args.action == "create":
-        d = c.datasets.create(args.name, training=args.training, validation=args.validation, evaluation=args.evaluation,
-                              description=args.description or "")
-        _dataset_summary(d)
-    elif args.action == "upload":
-        _dataset_summary(c.datasets.upload(args.name, training=args.training, validation=args.validation,
-                                           evaluation=args.evaluation))
-    elif args.action == "list":
-        for d in c.datasets.list():
-            print(f"{d.name:<32} {', '.join(d.files) or '(no files yet)'}")
-    elif args.action == "get":
-        _print(c.datasets.retrieve(args.name))
-    elif args.action == "delete":
-        c.datasets.delete(args.name)
-        print(f"deleted dataset {args.name}")
+    m = c.models.create(args.name, base_model=args.base_model, artifact=args.artifact)
+    print(f"model {m.name}: {m.status}")
+    if m.status != "ready" and not args.no_wait:
+        m = c.models.wait_ready(args.name)
+        print(f"model {m.name}: {m.status} ({m.embedding_dim}-d, max {m.max_seq_length} tokens)")
+    return 0
+
+
+def models_delete(args) -> int:
+    _client(args).models.delete(args.name)
+    print(f"deleted model {args.name}")
+    return 0
+
+
+def datasets_create(args) -> int:
+    _dataset_summary(_client(args).datasets.create(args.name, training=args.training, validation=args.validation,
+                                                   evaluation=args.evaluation, description=args.description or ""))
+    return 0
+
+
+def datasets_upload(args) -> int:
+    _dataset_summary(_client(args).datasets.upload(args.name, training=args.training, validation=args.validation,
+                                                   evaluation=args.evaluation))
+    return 0
+
+
+def datasets_list(args) -> int:
+    for d in _client(args).datasets.list():
+        print(f"{d.name:<32} {', '.join(d.files) or '(no files yet)'}")
+    return 0
+
+
+def datasets_get(args) -> int:
+    _print(_client(args).datasets.retrieve(args.name))
+    return 0
+
+
+def datasets_delete(args) -> int:
+    _client(args).datasets.delete(args.name)
+    print(f"deleted dataset {args.name}")
     return 0
 
 
@@ -188,35 +210,46 @@ def _dataset_summary(d) -> None:
     print(f"use it in a job config as  dataset: {{name: {d.name}}}")
 
 
-def cmd_jobs(args) -> int:
+def jobs_create(args) -> int:
     c = _client(args)
-    if args.action == "create":
-        if not args.config or not args.output_model:
-            raise ApiError(0, "jobs create needs --config FILE and --output-model NAME")
-        raw = _load_spec(args)
-        job = c.customization.jobs.create(args.output_model, **({"sweep": raw} if args.sweep else {"config": raw}))
-        print(f"job {job.name} ({job.kind}) -> model {job.output_model}: {job.status}")
-        for warning in job.warnings:
-            print(f"warning: {warning}")
-        if args.wait:
-            return _finish(c, job.name)
-    elif args.action == "list":
-        for j in c.customization.jobs.list():
-            print(f"{j.name:<18} {j.status:<10} {j.kind:<8} -> {j.output_model}")
-    elif args.action == "get":
-        _print(c.customization.jobs.retrieve(args.id))
-    elif args.action == "logs":
-        print(c.customization.jobs.get_logs(args.id))
-    elif args.action == "wait":
-        return _finish(c, args.id)
-    elif args.action == "cancel":
-        print(f"job {args.id}: {c.customization.jobs.cancel(args.id).status}")
-    elif args.action == "resume":
-        job = c.customization.jobs.resume(args.id)
-        print(f"job {args.id}: {job.status} ({job.status_history[-1].reason})")
-        if args.wait:
-            return _finish(c, args.id)
+    raw = _load_spec(args)
+    job = c.customization.jobs.create(args.output_model, **({"sweep": raw} if args.sweep else {"config": raw}))
+    print(f"job {job.name} ({job.kind}) -> model {job.output_model}: {job.status}")
+    for warning in job.warnings:
+        print(f"warning: {warning}")
+    return _finish(c, job.name) if args.wait else 0
+
+
+def jobs_list(args) -> int:
+    for j in _client(args).customization.jobs.list():
+        print(f"{j.name:<18} {j.status:<10} {j.kind:<8} -> {j.output_model}")
     return 0
+
+
+def jobs_get(args) -> int:
+    _print(_client(args).customization.jobs.retrieve(args.id))
+    return 0
+
+
+def jobs_logs(args) -> int:
+    print(_client(args).customization.jobs.get_logs(args.id))
+    return 0
+
+
+def jobs_wait(args) -> int:
+    return _finish(_client(args), args.id)
+
+
+def jobs_cancel(args) -> int:
+    print(f"job {args.id}: {_client(args).customization.jobs.cancel(args.id).status}")
+    return 0
+
+
+def jobs_resume(args) -> int:
+    c = _client(args)
+    job = c.customization.jobs.resume(args.id)
+    print(f"job {args.id}: {job.status} ({job.status_history[-1].reason})")
+    return _finish(c, args.id) if args.wait else 0
 
 
 def _load_spec(args) -> dict:
@@ -288,21 +321,25 @@ def cmd_undeploy(args) -> int:
     return 0
 
 
-def cmd_deployments(args) -> int:
-    c = _client(args)
-    if args.verb == "list":
-        for d in c.deployments.list():
-            print(f"{d.name:<32} {d.status:<9} model {d.model}")
-    elif args.verb == "get":
-        _print(c.deployments.retrieve(args.name))
-    else:  # export
-        manifest = c.deployments.export(args.name, format=args.format, image=args.image, k8s_name=args.k8s_name)
-        if args.output in (None, "-"):
-            sys.stdout.write(manifest)
-        else:
-            Path(args.output).write_text(manifest)
-            print(f"deployment {args.name}: {args.format} manifest written to {args.output} "
-                  f"(kubectl apply -f {args.output})", file=sys.stderr)
+def deployments_list(args) -> int:
+    for d in _client(args).deployments.list():
+        print(f"{d.name:<32} {d.status:<9} model {d.model}")
+    return 0
+
+
+def deployments_get(args) -> int:
+    _print(_client(args).deployments.retrieve(args.name))
+    return 0
+
+
+def deployments_export(args) -> int:
+    manifest = _client(args).deployments.export(args.name, format=args.format, image=args.image, k8s_name=args.k8s_name)
+    if args.output in (None, "-"):
+        sys.stdout.write(manifest)
+    else:
+        Path(args.output).write_text(manifest)
+        print(f"deployment {args.name}: {args.format} manifest written to {args.output} "
+              f"(kubectl apply -f {args.output})", file=sys.stderr)
     return 0
 
 
@@ -341,41 +378,85 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop only what `up` started (state stays in RAYEMBED_HOME)").set_defaults(fn=cmd_down)
     sub.add_parser("status", help="workspaces, models, jobs, deployments, providers").set_defaults(fn=cmd_status)
 
-    s = sub.add_parser("keys", help="API keys: once one exists, every route but the health probes needs one")
-    s.add_argument("action", choices=["create", "list", "revoke"])
-    s.add_argument("id", nargs="?", help="revoke: the key's id")
-    s.add_argument("--for", dest="scope", action="append", default=[], metavar="WORKSPACE",
-                   help="create: a workspace the key may use (repeatable); other workspaces are 404 to it")
-    s.add_argument("--all-workspaces", action="store_true", help="create: an admin key (also creates and deletes workspaces)")
-    s.add_argument("--label", help="create: a note, such as who holds the key")
-    s.set_defaults(fn=cmd_keys)
+    def verbs(command: str, help: str):
+        return sub.add_parser(command, help=help).add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    s = sub.add_parser("models", help="model entities")
-    s.add_argument("action", choices=["list", "get", "register", "delete"])
-    s.add_argument("name", nargs="?")
-    s.add_argument("--base-model", help="register: a local HF folder, a nemotron folder, or all-MiniLM-L6-v2 (exported once)")
-    s.add_argument("--artifact", help="register: an ONNX folder this project wrote")
-    s.add_argument("--no-wait", action="store_true")
-    s.set_defaults(fn=cmd_models)
+    keys = verbs("keys", "API keys: once one exists, every route but the health probes needs one")
+    v = keys.add_parser("create", help="a new key, shown once")
+    v.add_argument("--for", dest="scope", action="append", default=[], metavar="WORKSPACE",
+                   help="a workspace the key may use (repeatable); other workspaces are 404 to it")
+    v.add_argument("--all-workspaces", action="store_true", help="an admin key (also creates and deletes workspaces)")
+    v.add_argument("--label", help="a note, such as who holds the key")
+    v.set_defaults(fn=keys_create)
+    keys.add_parser("list", help="every key: id, workspaces, created, label").set_defaults(fn=keys_list)
+    v = keys.add_parser("revoke", help="revoke a key at once")
+    v.add_argument("id", help="the key's id (`rayembed keys list`)")
+    v.set_defaults(fn=keys_revoke)
 
-    s = sub.add_parser("datasets", help="datasets uploaded into the cluster's storage (a job reads them wherever it runs)")
-    s.add_argument("action", choices=["create", "upload", "list", "get", "delete"])
-    s.add_argument("name", nargs="?")
-    s.add_argument("--training", help="create, upload: the training JSONL file")
-    s.add_argument("--validation", help="create, upload: a validation JSONL file")
-    s.add_argument("--evaluation", help="create, upload: a BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
-    s.add_argument("--description")
-    s.set_defaults(fn=cmd_datasets)
+    models = verbs("models", "model entities")
+    models.add_parser("list", help="every model with its status, size and verdict").set_defaults(fn=models_list)
+    for verb, fn, help in (("get", models_get, "one model as JSON"), ("delete", models_delete, "delete a model")):
+        v = models.add_parser(verb, help=help)
+        v.add_argument("name")
+        v.set_defaults(fn=fn)
+    v = models.add_parser("register", help="register a base model (exported once) or an ONNX artifact")
+    v.add_argument("name")
+    source = v.add_mutually_exclusive_group(required=True)
+    source.add_argument("--base-model", help="a local HF folder, a nemotron folder, or all-MiniLM-L6-v2 (exported once)")
+    source.add_argument("--artifact", help="an ONNX folder this project wrote")
+    v.add_argument("--no-wait", action="store_true")
+    v.set_defaults(fn=models_register)
 
-    s = sub.add_parser("jobs", help="customization jobs")
-    s.add_argument("action", choices=["create", "list", "get", "logs", "wait", "cancel", "resume"])
-    s.add_argument("id", nargs="?")
-    s.add_argument("--config", help="create: a job YAML (or a sweep YAML with --sweep)")
-    s.add_argument("--sweep", action="store_true", help="create: the file is a learning-rate sweep")
-    s.add_argument("--output-model", help="create: the model entity the job creates")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--wait", action="store_true", help="create, resume: follow the job with a progress bar")
-    s.set_defaults(fn=cmd_jobs)
+    datasets = verbs("datasets", "datasets uploaded into the cluster's storage (a job reads them wherever it runs)")
+    for verb, fn, help in (("create", datasets_create, "create a dataset and upload its files"),
+                           ("upload", datasets_upload, "upload (or replace) files of a dataset")):
+        v = datasets.add_parser(verb, help=help)
+        v.add_argument("name")
+        v.add_argument("--training", help="the training JSONL file")
+        v.add_argument("--validation", help="a validation JSONL file")
+        v.add_argument("--evaluation", help="a BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
+        if verb == "create":
+            v.add_argument("--description")
+        v.set_defaults(fn=fn)
+    datasets.add_parser("list", help="every dataset and its files").set_defaults(fn=datasets_list)
+    for verb, fn, help in (("get", datasets_get, "one dataset as JSON"), ("delete", datasets_delete, "delete a dataset")):
+        v = datasets.add_parser(verb, help=help)
+        v.add_argument("name")
+        v.set_defaults(fn=fn)
+
+    jobs = verbs("jobs", "customization jobs")
+    v = jobs.add_parser("create", help="submit a training job (or a learning-rate sweep with --sweep)")
+    v.add_argument("--config", required=True, help="a job YAML (or a sweep YAML with --sweep)")
+    v.add_argument("--output-model", required=True, help="the model entity the job creates")
+    v.add_argument("--sweep", action="store_true", help="the file is a learning-rate sweep")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--wait", action="store_true", help="follow the job with a progress bar")
+    v.set_defaults(fn=jobs_create)
+    jobs.add_parser("list", help="every job, newest first").set_defaults(fn=jobs_list)
+    for verb, fn, help in (("get", jobs_get, "one job as JSON"), ("logs", jobs_logs, "the job's Ray log"),
+                           ("wait", jobs_wait, "follow a job with a progress bar until it ends"),
+                           ("cancel", jobs_cancel, "stop a job"),
+                           ("resume", jobs_resume, "submit a failed or cancelled job again, from its last checkpoint")):
+        v = jobs.add_parser(verb, help=help)
+        v.add_argument("id")
+        if verb == "resume":
+            v.add_argument("--wait", action="store_true", help="follow the job with a progress bar")
+        v.set_defaults(fn=fn)
+
+    deps = verbs("deployments", "model deployments: list, get, export to another cluster")
+    deps.add_parser("list", help="every deployment with its status and model").set_defaults(fn=deployments_list)
+    v = deps.add_parser("get", help="one deployment as JSON")
+    v.add_argument("name")
+    v.set_defaults(fn=deployments_get)
+    v = deps.add_parser("export", help="a manifest that serves the deployment's model on another cluster (KubeRay "
+                                       "RayService: a serving-only cluster; the model must be in shared storage)")
+    v.add_argument("name")
+    v.add_argument("--format", choices=["rayservice"], default="rayservice")
+    v.add_argument("--image", help="the node image its pods run (default: the platform's RAYEMBED_IMAGE, else "
+                                   "rayembed:VERSION-gpu): what you built from deploy/Dockerfile")
+    v.add_argument("--k8s-name", help="the RayService's name (default: the deployment's, made a Kubernetes name)")
+    v.add_argument("--output", "-o", help="write it to this file (default: stdout)")
+    v.set_defaults(fn=deployments_export)
 
     s = sub.add_parser("deploy", help="deploy a model entity (or swap an existing deployment to another model)")
     s.add_argument("name")
@@ -391,21 +472,6 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("--no-wait", action="store_true")
     s.set_defaults(fn=cmd_undeploy)
-
-    s = sub.add_parser("deployments", help="model deployments: list, get, export to another cluster")
-    verbs = s.add_subparsers(dest="verb", required=True)
-    verbs.add_parser("list", help="every deployment with its status and model")
-    v = verbs.add_parser("get", help="one deployment as JSON")
-    v.add_argument("name")
-    v = verbs.add_parser("export", help="a manifest that serves the deployment's model on another cluster (KubeRay "
-                                        "RayService: a serving-only cluster; the model must be in shared storage)")
-    v.add_argument("name")
-    v.add_argument("--format", choices=["rayservice"], default="rayservice")
-    v.add_argument("--image", help="the node image its pods run (default: the platform's RAYEMBED_IMAGE, else "
-                                   "rayembed:VERSION-gpu): what you built from deploy/Dockerfile")
-    v.add_argument("--k8s-name", help="the RayService's name (default: the deployment's, made a Kubernetes name)")
-    v.add_argument("--output", "-o", help="write it to this file (default: stdout)")
-    s.set_defaults(fn=cmd_deployments)
 
     s = sub.add_parser("embed", help="embed texts through the gateway")
     s.add_argument("text", nargs="+")

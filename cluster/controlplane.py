@@ -16,6 +16,7 @@ import shlex
 import sys
 import threading
 import time
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,15 @@ from cluster.store import open_store, redacted
 from rayembed import storage
 from rayembed.artifact import GRAPH_FP16, GRAPH_INT8, MANIFEST, REQUIRED_FILES, ArtifactError, parse_manifest
 from serve import auth
-from rayembed.errors import Conflict, InvalidName, InvalidRequest, NotFound, PromotionRefused, shown
+from rayembed.progress import PROGRESS_ENV
+from rayembed.errors import Conflict, InvalidName, InvalidRequest, NotFound, PromotionRefused, Unavailable, shown
 
 log = logging.getLogger(__name__)
 NAME_RULE = "2-63 characters of lowercase letters, digits and '-', starting with a letter or digit"
 TICK_S = 1.0
 PENDING_TIMEOUT_S = 900.0
+RECONCILE_WORKERS = 16  # entities reconciled at once (each task is mostly waiting on Ray or a probe)
+SUBMIT_TIMEOUT_S = 120.0  # a job still `created` this long after its row was written was never submitted
 RETIRE_AFTER_S = 5.0  # an old generation keeps serving this long after the routes moved (gateways poll at 0.5 s)
 DEFAULT_GPU_MEMORY_GIB = 80.0
 # what the control plane passes on to its jobs (storage credentials and node-local folders come from each node)
@@ -75,10 +79,12 @@ class ControlPlane:
         self._lock = threading.RLock()
         self._routes_version = time.time_ns()  # a restart changes it, so every gateway re-reads the routes
         self._client = None
-        self._last_log_poll: dict[str, float] = {}
         self._started_apps: set[str] = set()  # Serve applications this incarnation deployed
         if self.store.get("workspace", "", DEFAULT_WORKSPACE) is None:
             self._save(Workspace(name=DEFAULT_WORKSPACE, description="always exists"))
+        self._pool = futures.ThreadPoolExecutor(max_workers=RECONCILE_WORKERS, thread_name_prefix="reconcile")
+        self._tasks_lock = threading.Lock()
+        self._running: set[tuple] = set()  # (kind, workspace, name) with a reconcile task in flight
         self._stop = threading.Event()
         threading.Thread(target=self._loop, name="reconcile", daemon=True).start()
 
@@ -220,15 +226,21 @@ class ControlPlane:
                 entity = self._entity_from_artifact(workspace, name, published, str(artifact), None, None,
                                                     description=str(body.get("description", "")))
             else:
-                job_id = f"export-{workspace}-{name}-{jobs.new_job_id()[5:13]}"
-                entry = (f"{shlex.quote(sys.executable)} -m train.export --model {shlex.quote(str(base))} "
-                         f"--output {shlex.quote(str(out))}")
-                self._jobs_client().submit_job(entrypoint=entry, submission_id=job_id, **self._job_request(),
-                                               metadata={"rayembed": "model-export", "workspace": workspace, "model": name})
                 entity = ModelEntity(workspace=workspace, name=name, status="exporting", base_model=str(base),
-                                     artifact=Artifact(uri=out), source_job=job_id,
+                                     artifact=Artifact(uri=out), source_job=f"export-{workspace}-{name}-{jobs.new_job_id()[5:13]}",
                                      description=str(body.get("description", "")))
             self._save(entity)
+        if artifact is None:  # the export runs as a Ray job, submitted outside the lock (a network call)
+            entry = (f"{shlex.quote(sys.executable)} -m train.export --model {shlex.quote(str(base))} "
+                     f"--output {shlex.quote(str(out))}")
+            try:
+                self._jobs_client().submit_job(entrypoint=entry, submission_id=entity.source_job, **self._job_request(),
+                                               metadata={"rayembed": "model-export", "workspace": workspace, "model": name})
+            except Exception as exc:  # noqa: BLE001 - the export did not start: the name is free again
+                with self._lock:
+                    self.store.delete("model", workspace, name)
+                raise Unavailable(f"Ray did not accept the export job: {type(exc).__name__}: {exc}"[:1000] +
+                                  "; nothing was registered: retry in a few seconds") from None
         return entity.model_dump(mode="json")
 
     def _publish_artifact(self, folder: str, dest: str) -> str:
@@ -357,11 +369,13 @@ class ControlPlane:
         return {**spec, "dataset": {**{k: v for k, v in given.items() if k != "name"}, **fields}}
 
     # ---------------------------------------------------------------- customization jobs
-    def _job_request(self) -> dict:
+    def _job_request(self, progress_uri: str | None = None) -> dict:
         """What a job's Ray submission asks for. Its driver reserves no GPU: the Ray Train worker it starts holds
         the GPU (a driver holding one would leave a one-GPU cluster's worker unplaceable). A pinned accelerator
-        type (RAYEMBED_ACCELERATOR_TYPE) goes to the worker."""
+        type (RAYEMBED_ACCELERATOR_TYPE) goes to the worker, and so does where to write its progress record."""
         env = {k: os.environ[k] for k in JOB_ENV if os.environ.get(k)}
+        if progress_uri:
+            env[PROGRESS_ENV] = progress_uri
         return {"runtime_env": {"env_vars": env}} if env else {}
 
     def _cluster_has_gpu(self) -> bool:
@@ -398,12 +412,26 @@ class ControlPlane:
                                    output_model=output_model, output_dir=prepared.artifact_dir,
                                    ray_job_id=job_id, warnings=prepared.warnings, gpu_estimate=prepared.gpu_estimate,
                                    status_history=[StatusChange(status="created")])
-            self._save(job)
-            self._jobs_client().submit_job(entrypoint=prepared.entrypoint, submission_id=job_id, **self._job_request(),
-                                           metadata={"rayembed": "customization-job", "workspace": workspace,
-                                                     "output_model": output_model})
-            job = self._job_status(job, "pending", "submitted to Ray as job " + job_id)
+            self._save(job)  # created: it holds its output model's name while it is submitted
+        self._submit(job, prepared.entrypoint, job_id, {"rayembed": "customization-job", "workspace": workspace,
+                                                        "output_model": output_model})
+        with self._lock:
+            job = self._job_status(self._fresh(job, CustomizationJob) or job, "pending", "submitted to Ray as job " + job_id)
         return job.model_dump(mode="json")
+
+    def _submit(self, job: CustomizationJob, entrypoint: str, ray_job_id: str, metadata: dict) -> None:
+        """Submit a Ray job, outside the store lock (a network call). Refused (Ray's job agent not up yet, the
+        dashboard restarting), the job is marked failed with the reason, which frees its output model's name, and
+        the caller gets a 503 to retry."""
+        try:
+            self._jobs_client().submit_job(entrypoint=entrypoint, submission_id=ray_job_id, metadata=metadata,
+                                           **self._job_request(jobs.progress_uri(job.output_dir)))
+        except Exception as exc:  # noqa: BLE001 - whatever Ray answered, the job did not start
+            reason = f"Ray did not accept the submission: {type(exc).__name__}: {exc}"[:1000]
+            with self._lock:
+                current = self._fresh(job, CustomizationJob) or job
+                self._job_status(current, "failed", reason, error=reason, finished_at=now())
+            raise Unavailable(f"{reason}; nothing ran: retry in a few seconds (job {job.name} is marked failed)") from None
 
     def _job_status(self, job: CustomizationJob, status: str, reason: str = "", **changes) -> CustomizationJob:
         history = job.status_history + ([StatusChange(status=status, reason=reason)] if status != job.status else [])
@@ -431,11 +459,11 @@ class ControlPlane:
             job = self._load("job", workspace, job_id, CustomizationJob)
             if job.status in JOB_DONE:
                 raise Conflict(f"job {job_id} is already {job.status}")
-            try:
-                self._jobs_client().stop_job(job.ray_job_id)
-            except RuntimeError as exc:
-                log.warning("stopping Ray job %s: %s", job.ray_job_id, exc)
             job = self._job_status(job, "cancelled", "cancelled by request; the Ray job was stopped", finished_at=now())
+        try:  # after the row says cancelled (the reconciler leaves it alone), outside the lock: a network call
+            self._jobs_client().stop_job(job.ray_job_id)
+        except Exception as exc:  # noqa: BLE001 - a job Ray no longer has is stopped
+            log.warning("stopping Ray job %s: %s", job.ray_job_id, exc)
         return job.model_dump(mode="json")
 
     def resume_job(self, workspace: str, job_id: str) -> dict:
@@ -456,9 +484,16 @@ class ControlPlane:
             attempt = 1 + sum(1 for h in job.status_history if h.status == "pending")
             ray_job_id = f"{job.name}-{attempt}"
             entrypoint = f"{shlex.quote(sys.executable)} -m train --config {shlex.quote(config_path)}"
-            self._jobs_client().submit_job(entrypoint=entrypoint, submission_id=ray_job_id, **self._job_request(),
+        try:  # outside the lock: a network call
+            self._jobs_client().submit_job(entrypoint=entrypoint, submission_id=ray_job_id,
+                                           **self._job_request(jobs.progress_uri(job.output_dir)),
                                            metadata={"rayembed": "customization-job", "workspace": workspace,
                                                      "output_model": job.output_model, "resumes": job.name})
+        except Exception as exc:  # noqa: BLE001 - the job stays as it was
+            raise Unavailable(f"Ray did not accept the resubmission: {type(exc).__name__}: {exc}"[:1000] +
+                              f"; job {job_id} is still {job.status}: retry in a few seconds") from None
+        with self._lock:
+            job = self._load("job", workspace, job_id, CustomizationJob)
             job = self._job_status(job, "pending", f"resumed as Ray job {ray_job_id} (attempt {attempt}) from the "
                                    "last checkpoint in " + storage.join(job.output_dir, "checkpoints"),
                                    ray_job_id=ray_job_id, finished_at=None, error=None)
@@ -651,20 +686,47 @@ class ControlPlane:
     def _loop(self) -> None:
         while not self._stop.wait(TICK_S):
             try:
-                self.reconcile()
+                self.reconcile(wait=False)
             except Exception:  # noqa: BLE001 - keep reconciling; the next tick retries
                 log.exception("reconcile failed")
 
-    def reconcile(self) -> None:
+    def reconcile(self, wait: bool = True) -> None:
+        """One pass over every job, exporting model and deployment. Each is reconciled in its own task, concurrently,
+        and one still running from an earlier pass is skipped: a slow probe or Ray call holds up only its own
+        entity. `wait`: return when this pass's tasks are done (the loop does not wait)."""
+        tasks = []
         for job in self._all("job", CustomizationJob):
-            if job.status not in JOB_DONE and job.status != "created":  # created: being submitted right now
-                self._reconcile_job(job)
+            if job.status == "created":  # being submitted right now, unless this actor died in between
+                if time.time() - job.updated_at > SUBMIT_TIMEOUT_S:
+                    tasks.append(self._spawn(("job", job.workspace, job.name), self._settle_submission, job))
+            elif job.status not in JOB_DONE:
+                tasks.append(self._spawn(("job", job.workspace, job.name), self._reconcile_job, job))
         for model in self._all("model", ModelEntity):
             if model.status == "exporting":
-                self._reconcile_export(model)
+                tasks.append(self._spawn(("model", model.workspace, model.name), self._reconcile_export, model))
         apps = deployments.statuses()
         for dep in self._all("deployment", ModelDeployment):
-            self._reconcile_deployment(dep, apps)
+            tasks.append(self._spawn(("deployment", dep.workspace, dep.name), self._reconcile_deployment, dep, apps))
+        if wait:
+            futures.wait([t for t in tasks if t is not None])
+
+    def _spawn(self, key: tuple, fn, *args) -> futures.Future | None:
+        """Run `fn(*args)` on the reconcile pool unless the entity `key` still has a task running."""
+        with self._tasks_lock:
+            if key in self._running:
+                return None
+            self._running.add(key)
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - the next pass retries
+                log.exception("reconciling %s/%s/%s failed", *key)
+            finally:
+                with self._tasks_lock:
+                    self._running.discard(key)
+
+        return self._pool.submit(run)
 
     def _fresh(self, entity: Entity, model: type):
         """The stored entity if nobody changed it since `entity` was read, else None (skip this tick)."""
@@ -672,6 +734,19 @@ class ControlPlane:
         if body is None or body["updated_at"] != entity.updated_at:
             return None
         return model.model_validate(body)
+
+    def _settle_submission(self, job: CustomizationJob) -> None:
+        """A job left `created` by an actor that died while submitting it: pending if Ray has it, else failed."""
+        submitted = self._ray_job(job.ray_job_id) is not None
+        with self._lock:
+            if (job := self._fresh(job, CustomizationJob)) is None:
+                return
+            if submitted:
+                self._job_status(job, "pending", "submitted to Ray as job " + job.ray_job_id)
+            else:
+                self._job_status(job, "failed", "its submission to Ray never completed (the control plane restarted "
+                                 "meanwhile); nothing ran: create the job again", finished_at=now(),
+                                 error="the submission to Ray never completed; nothing ran")
 
     def _ray_job(self, job_id: str):
         try:
@@ -682,9 +757,10 @@ class ControlPlane:
     def _reconcile_job(self, job: CustomizationJob) -> None:
         info = self._ray_job(job.ray_job_id)
         status = getattr(info.status, "value", str(info.status)) if info else None
+        # progress: the record the job writes to storage (a small read), not its log; the log only when it failed
+        progress = jobs.read_job_progress(job.output_dir) if status in ("RUNNING", "FAILED", "SUCCEEDED") else None
         log_text = None
-        if status in ("RUNNING", "FAILED", "SUCCEEDED") and (status != "RUNNING" or time.time() - self._last_log_poll.get(job.name, 0) > 2):
-            self._last_log_poll[job.name] = time.time()
+        if status == "FAILED":
             try:
                 log_text = self._jobs_client().get_job_logs(job.ray_job_id)
             except RuntimeError:
@@ -693,8 +769,7 @@ class ControlPlane:
             job = self._fresh(job, CustomizationJob)
             if job is None or job.status in JOB_DONE:
                 return
-            progress = jobs.progress_from_log(log_text) if log_text else None
-            update = {"progress": progress} if progress else {}
+            update = {"progress": progress} if progress and progress != job.progress else {}
             if info is None:
                 self._job_status(job, "failed", "the Ray job is gone: the cluster restarted while it ran", finished_at=now(),
                                  error=f"the Ray job {job.ray_job_id} no longer exists (the Ray cluster was restarted while "
@@ -739,8 +814,8 @@ class ControlPlane:
     def _reconcile_export(self, model: ModelEntity) -> None:
         info = self._ray_job(model.source_job)
         status = getattr(info.status, "value", str(info.status)) if info else "GONE"
-        if status in ("PENDING", "RUNNING"):
-            return
+        if status in ("PENDING", "RUNNING") or (status == "GONE" and time.time() - model.created_at < SUBMIT_TIMEOUT_S):
+            return  # running, or still being submitted
         log_text = ""
         if status == "FAILED":
             try:
@@ -791,21 +866,32 @@ class ControlPlane:
             self._watch_generation(dep, apps)
 
     def _start_generation(self, dep: ModelDeployment, lost: bool, vanished: str | None = None) -> None:
-        with self._lock:
-            dep = self._fresh(dep, ModelDeployment)
-            if dep is None:
-                return
-            target = dep.pending_model or dep.model
-            try:
+        target = dep.pending_model or dep.model
+        try:
+            with self._lock:
                 model = self._model_for(dep.workspace, target)
                 cfg = self._load("deployment_config", dep.workspace, dep.config, ModelDeploymentConfig)
-                generation = dep.generation + 1
-                settings = deployments.provider_settings(dep, cfg, model, generation)
-                deployments.start(settings)
-                self._started_apps.add(settings.name)
-            except Exception as exc:  # noqa: BLE001 - recorded on the deployment
+            generation = dep.generation + 1
+            settings = deployments.provider_settings(dep, cfg, model, generation)
+            self._started_apps.add(settings.name)
+            deployments.start(settings)  # outside the lock: a call to Serve's controller
+            failure = None
+        except Exception as exc:  # noqa: BLE001 - recorded on the deployment
+            failure = exc
+        with self._lock:
+            fresh = self._fresh(dep, ModelDeployment)
+        if fresh is None:  # deleted or changed meanwhile: the next pass starts what it wants now
+            if failure is None:
+                deployments.delete(settings.name)
+            return
+        with self._lock:
+            dep = self._fresh(fresh, ModelDeployment)
+            if dep is None:
+                return
+            if failure is not None:
                 self._deployment_status(dep, "FAILED" if dep.status != "READY" else "READY",
-                                        f"could not start model {target}: {exc}"[:1000], pending_model=None, error=str(exc)[:1000])
+                                        f"could not start model {target}: {failure}"[:1000], pending_model=None,
+                                        error=str(failure)[:1000])
                 return
             status = "READY" if dep.status == "READY" and not lost else "PENDING"
             gone = vanished or (dep.app if lost else None)
@@ -831,12 +917,13 @@ class ControlPlane:
             failure = deployments.probe(dep.pending_app, (model or {}).get("embedding_dim"))
             if failure is not None and time.time() - (dep.pending_since or dep.updated_at) < PENDING_TIMEOUT_S:
                 return  # replicas may still be warming up; probe again next tick
+        if failure is not None:  # outside the lock: a call to Serve's controller
+            deployments.delete(dep.pending_app)
         with self._lock:
             dep = self._fresh(dep, ModelDeployment)
             if dep is None:
                 return
             if failure is not None:
-                deployments.delete(dep.pending_app)
                 swapping = dep.status == "READY"
                 reason = (f"swap to model {dep.pending_model} failed, still serving {dep.model}: " if swapping else "") + failure
                 self._deployment_status(dep, "READY" if swapping else "FAILED", reason, pending_app=None,

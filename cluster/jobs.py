@@ -14,7 +14,7 @@ import yaml
 from cluster.entities import Evaluation, JobProgress
 from rayembed import storage
 from rayembed.config import ConfigError
-from rayembed.progress import last_progress
+from rayembed.progress import read_progress
 from rayembed.errors import InvalidRequest
 
 
@@ -100,10 +100,17 @@ def check_gpu_memory(cfg, gpu_memory_gib: float | None) -> tuple[list[str], dict
     return [], estimate
 
 
-def progress_from_log(log: str) -> JobProgress | None:
-    p = last_progress(log)
-    if p is None:
-        return None
+def progress_uri(output_dir: str) -> str:
+    """Where a job (and each trial of a sweep) writes its progress record: beside its output folder."""
+    return storage.join(storage.parent(output_dir), "progress.json")
+
+
+def read_job_progress(output_dir: str) -> JobProgress | None:
+    p = read_progress(progress_uri(output_dir))
+    return None if p is None else _progress(p)
+
+
+def _progress(p: dict) -> JobProgress:
     total = p.get("total_steps") or None
     return JobProgress(step=p["step"], total_steps=total, loss=p.get("loss"), examples_per_s=p.get("examples_per_s"),
                        eta_seconds=p.get("eta_seconds"), percent=round(100.0 * p["step"] / total, 1) if total else 0.0)

@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 
 from cluster.controlplane import check_name
-from cluster.jobs import check_gpu_memory, progress_from_log
+from cluster.jobs import check_gpu_memory
 from cluster.store import SCHEMA_VERSION, SQLiteStore, StoreError, open_store
 from rayembed.progress import progress_line
 from rayembed.errors import InvalidName, InvalidRequest
@@ -67,14 +67,30 @@ def test_names(name, ok):
             check_name(name, "model")
 
 
-def test_progress_line_roundtrip_through_a_ray_log():
-    log = ("(RayTrainWorker pid=1) " + progress_line(3, 10, 0.5, 4.0, 8) + "\n"
-           "(RayTrainWorker pid=1) " + progress_line(4, 10, 0.25, 8.0, 8) + "\n"
-           "(RayTrainWorker pid=1) rayembed-progress {\"step\": 5, \"tot")  # cut mid-write
-    p = progress_from_log(log)
+def test_progress_record_reaches_the_control_plane_through_storage(tmp_path, monkeypatch):
+    """The loop's record goes to storage beside the job's output (at most every 2 s, always at the last step); the
+    control plane reads that small file, never the job's whole log. The log keeps a line a person reads."""
+    from cluster.jobs import progress_uri, read_job_progress
+    from rayembed import progress
+
+    out = str(tmp_path / "job" / "output")
+    assert read_job_progress(out) is None  # nothing written yet
+    write = progress.ProgressWriter(progress_uri(out))
+    write(progress.progress_record(3, 10, 0.5, 4.0, 8))
+    write(progress.progress_record(4, 10, 0.25, 8.0, 8))  # 2 s have not passed: not written
+    assert read_job_progress(out).step == 3
+    monkeypatch.setattr(progress, "WRITE_EVERY_S", 0.0)
+    write(progress.progress_record(4, 10, 0.25, 8.0, 8))
+    p = read_job_progress(out)
     assert (p.step, p.total_steps, p.loss, p.examples_per_s, p.percent) == (4, 10, 0.25, 8.0, 40.0)
     assert p.eta_seconds == pytest.approx(6.0)  # 6 steps x 8 examples / 8 per s
-    assert progress_from_log("no progress here") is None
+    monkeypatch.setattr(progress, "WRITE_EVERY_S", 3600.0)
+    write(progress.progress_record(10, 10, 0.125, 8.0, 8))  # the last step is always written
+    assert (read_job_progress(out).step, read_job_progress(out).percent) == (10, 100.0)
+    assert progress_line(4, 10, 0.25, 8.0, 8).startswith("rayembed-progress step 4/10 (40%) | loss 0.2500 | 8.00 examples/s | ETA 6s")
+    progress.ProgressWriter(str(tmp_path / "a-file" / "progress.json"))  # no folder yet: created on the first write
+    (tmp_path / "blocked").write_text("a file where a folder should be")
+    progress.ProgressWriter(str(tmp_path / "blocked" / "progress.json"))(progress.progress_record(1, 2, 0.5, 1.0, 1))
 
 
 def test_gpu_memory_estimate_warns_when_the_gpu_is_smaller(tmp_path):
@@ -247,4 +263,85 @@ def test_a_deployment_asking_for_the_int8_graph_needs_it_in_the_artifact(tmp_pat
         cp.reconcile()
         assert [s.precision for s in started] == ["int8"]
     finally:
+        cp._stop.set()
+
+
+def test_a_submission_ray_refuses_leaves_no_ghost_job_and_answers_503(ray_session, tmp_path, tiny_bert, train_file):
+    """Ray's job API not answering (its agent not up yet, the dashboard restarting): the job is marked failed with the
+    reason, its output model's name is free for the retry, and the caller gets a 503 (Retry-After from the edge);
+    a base model whose export job is refused is not registered at all."""
+    from cluster.controlplane import ControlPlane
+    from rayembed.errors import NotFound, Unavailable, status_of
+    from rayembed.runtime import free_port
+    from tests.conftest import ROOT, SAMPLE
+
+    cp = ControlPlane(str(tmp_path / "home"), f"http://127.0.0.1:{free_port()}", "http://127.0.0.1:1",
+                      data_roots=[str(ROOT), str(tiny_bert.parent), str(train_file.parent)])
+    cp._stop.set()  # no reconcile loop: this test drives the calls itself
+    config = {"model": str(tiny_bert), "name": "tiny", "schedule": {"max_steps": 2},
+              "dataset": {"training": str(train_file), "evaluation": str(SAMPLE / "eval")}}
+    for attempt in range(2):  # the retry passes the name check (no 409) and meets the same refusal
+        with pytest.raises(Unavailable, match="Ray did not accept the submission") as refused:
+            cp.create_job("default", {"output_model": "tuned", "config": config})
+        assert status_of(refused.value)[0] == 503
+    jobs = cp.list_jobs("default")
+    assert [j["status"] for j in jobs] == ["failed", "failed"]
+    assert all("Ray did not accept the submission" in j["error"] for j in jobs)
+    with pytest.raises(Unavailable, match="Ray did not accept the export job"):
+        cp.create_model("default", {"name": "base", "base_model": "all-MiniLM-L6-v2"})
+    with pytest.raises(NotFound):
+        cp.get_model("default", "base")
+
+
+def test_a_slow_probe_holds_up_no_other_deployment(tmp_path, monkeypatch):
+    """Deployments are reconciled in their own tasks: while one deployment's readiness probe hangs, another one
+    becomes READY, and the hung one is not probed twice at once."""
+    import threading
+    import time
+
+    from cluster import controlplane, deployments
+    from cluster.entities import Artifact, ModelEntity
+    from rayembed.artifact import REQUIRED_FILES
+
+    monkeypatch.setattr(controlplane, "TICK_S", 3600.0)  # reconcile only when the test says so
+    serve_apps: dict[str, tuple[str, str]] = {}
+    release, probes = threading.Event(), []
+
+    def probe(app, dim):
+        probes.append(app)
+        if ".slow." in app:
+            release.wait(30)
+        return None
+
+    monkeypatch.setattr(deployments, "start", lambda settings: serve_apps.__setitem__(settings.name, ("RUNNING", "")))
+    monkeypatch.setattr(deployments, "statuses", lambda: dict(serve_apps))
+    monkeypatch.setattr(deployments, "probe", probe)
+    onnx = tmp_path / "onnx"
+    onnx.mkdir()
+    for name in REQUIRED_FILES:
+        (onnx / name).write_text("{}")
+    cp = controlplane.ControlPlane(str(tmp_path / "home"), "http://127.0.0.1:9", "http://127.0.0.1:9")
+    try:
+        cp._save(ModelEntity(name="mini", base_model="b", artifact=Artifact(uri=str(onnx)), embedding_dim=8))
+        for name in ("slow", "fast"):
+            cp.create_deployment("default", {"name": name, "model": "mini"})
+        cp.reconcile()  # both generations started
+        started = time.monotonic()
+        for _ in range(3):  # the slow probe is still hanging through every pass
+            cp.reconcile(wait=False)
+            time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while cp.store.get("deployment", "default", "fast")["status"] != "READY":
+            assert time.monotonic() < deadline, "the fast deployment waited for the slow probe"
+            time.sleep(0.05)
+        assert time.monotonic() - started < 5
+        assert cp.store.get("deployment", "default", "slow")["status"] == "PENDING"
+        assert probes.count("rayembed.default.slow.g1") == 1  # not probed again while its probe runs
+        release.set()
+        deadline = time.monotonic() + 10
+        while cp.store.get("deployment", "default", "slow")["status"] != "READY":
+            cp.reconcile()
+            assert time.monotonic() < deadline
+    finally:
+        release.set()
         cp._stop.set()

@@ -37,13 +37,25 @@ def job(model_dir, train_file, out, **sections):
     return validate_config(raw)
 
 
-def assert_artifact(out: Path, hidden: int):
+@pytest.mark.parametrize("base,tuned,outcome", [(0.50, 0.52, "improved"), (0.50, 0.504, "unchanged"),
+                                                 (0.50, 0.496, "unchanged"), (0.50, 0.45, "worse")])
+def test_the_verdict_of_hand_made_scores(base, tuned, outcome):
+    from train.report import verdict
+
+    v = verdict({"ndcg@10": base}, {"ndcg@10": tuned})
+    assert v["outcome"] == outcome and v["delta_ndcg@10"] == pytest.approx(tuned - base)
+    assert (v["warning"] is not None) == (outcome == "worse")
+    if outcome == "worse":
+        assert "lower optimizer.learning_rate" in v["warning"] and f"{base:.4f} -> {tuned:.4f}" in v["warning"]
+
+
+def assert_artifact(out: Path, hidden: int, outcome: str):
+    """The job's files, its report (the verdict this seeded run reaches: `outcome`), and a served graph equal to the
+    merged PyTorch model."""
     assert {"checkpoints", "model", "onnx", "eval.json", "eval.png", "config.yaml"} <= {p.name for p in out.iterdir()}
     report = json.loads((out / "eval.json").read_text())
-    delta = report["tuned"]["ndcg@10"] - report["base"]["ndcg@10"]
-    expected = "unchanged" if abs(delta) < 0.005 else "improved" if delta > 0 else "worse"
-    assert report["verdict"]["outcome"] == expected and report["verdict"]["delta_ndcg@10"] == pytest.approx(delta)
-    assert (report["verdict"]["warning"] is not None) == (expected == "worse")
+    assert report["verdict"]["outcome"] == outcome, report["verdict"]
+    assert report["verdict"]["delta_ndcg@10"] == pytest.approx(report["tuned"]["ndcg@10"] - report["base"]["ndcg@10"])
     for side in ("base", "tuned"):
         assert set(report[side]) == {"ndcg@10", "recall@1", "recall@5", "recall@10", "recall@100", "mrr@10"}
     manifest = json.loads((out / "onnx" / "manifest.json").read_text())

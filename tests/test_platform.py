@@ -102,7 +102,9 @@ def test_quickstart_story_on_a_tiny_model(platform, tiny_bert):
     assert model.evaluation.tuned["ndcg@10"] == job.result["eval"]["tuned"]["ndcg@10"]
     assert Path(model.artifact.hf_uri, "config.json").is_file()
     assert model.parameter_count > 10_000
-    assert "rayembed-progress" in c.customization.jobs.get_logs(job.name)
+    assert "rayembed-progress" in c.customization.jobs.get_logs(job.name)  # the line a person reads
+    record = json.loads((Path(job.output_dir).parent / "progress.json").read_text())  # what the control plane reads
+    assert (record["step"], record["total_steps"]) == (4, 4)
     provider = c.providers.retrieve("tiny-debian")
     assert provider.model == "tiny-debian" and provider.app.startswith("rayembed.default.tiny-debian.g")
 

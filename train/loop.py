@@ -28,7 +28,7 @@ from train.step import compile_encoder, make_optimizer, micro_batch_loss, tokeni
 from train.model import build_bi_encoder, inspect_model, merge_lora, quiet_libraries, resolve_prefixes, save_hf_directory
 from train.staging import stage_inputs
 from rayembed.artifact import TextTokenizer
-from rayembed.progress import progress_line
+from rayembed.progress import ProgressWriter, progress_line, progress_record
 
 STATE_FILE = "train_state.json"
 EVAL_NEGATIVES = 64  # every stored negative joins the validation corpus
@@ -147,6 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
     window_start, window_examples, window_tokens = time.perf_counter(), 0, 0
     loss_value, train_start = float("nan"), time.time()
     last_report = -math.inf  # time.monotonic() of the last report to Ray Train
+    progress = ProgressWriter()
     for step in range(start_step, total):
         rows = batch_rows(step, per_epoch, len(train_idx), G, cfg.training.seed)
         batches = [tokenize(tokenizer, [reader[int(i)] for i in chunk], prefixes, n_neg)
@@ -170,6 +171,7 @@ def train_loop_per_worker(config: dict) -> None:
             # written, not print()ed: Ray Train patches print to tee into its logger, which shows each line twice
             sys.stdout.write(progress_line(done, total, loss_value, metrics["examples_per_s"], G) + "\n")
             sys.stdout.flush()
+            progress(progress_record(done, total, loss_value, metrics["examples_per_s"], G))  # the control plane's copy
             if done % cfg.output.checkpoint_every_steps == 0 and done < total:
                 with tempfile.TemporaryDirectory() as tmp:
                     save_state(Path(tmp), model, optimizer, scheduler, done, {"resumed_from_step": resumed_from})
