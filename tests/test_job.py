@@ -49,12 +49,13 @@ def test_the_verdict_of_hand_made_scores(base, tuned, outcome):
         assert "lower optimizer.learning_rate" in v["warning"] and f"{base:.4f} -> {tuned:.4f}" in v["warning"]
 
 
-def assert_artifact(out: Path, hidden: int, outcome: str):
-    """The job's files, its report (the verdict this seeded run reaches: `outcome`), and a served graph equal to the
-    merged PyTorch model."""
+def assert_artifact(out: Path, hidden: int, outcome: str | None):
+    """The job's files, its report (the verdict the run reaches, `outcome`, where the run is decisive), and a served
+    graph equal to the merged PyTorch model."""
     assert {"checkpoints", "model", "onnx", "eval.json", "eval.png", "config.yaml"} <= {p.name for p in out.iterdir()}
     report = json.loads((out / "eval.json").read_text())
-    assert report["verdict"]["outcome"] == outcome, report["verdict"]
+    if outcome is not None:
+        assert report["verdict"]["outcome"] == outcome, report["verdict"]
     assert report["verdict"]["delta_ndcg@10"] == pytest.approx(report["tuned"]["ndcg@10"] - report["base"]["ndcg@10"])
     for side in ("base", "tuned"):
         assert set(report[side]) == {"ndcg@10", "recall@1", "recall@5", "recall@10", "recall@100", "mrr@10"}
@@ -85,7 +86,7 @@ def test_full_sft_on_nemotron_layout_with_matryoshka(ray_session, tiny_nemotron,
     cfg = job(tiny_nemotron, train_file, tmp_path / "full", schedule={"epochs": 1},
               loss={"matryoshka_dims": [16, 32, 64], "in_batch_negatives": True, "cached": True})
     report = run_job(cfg)
-    rep, manifest = assert_artifact(tmp_path / "full", 64)
+    rep, manifest = assert_artifact(tmp_path / "full", 64, "improved")
     assert manifest["prefixes"] == {"query": "query: ", "passage": "passage: "}
     assert manifest["matryoshka_dims"] == [16, 32, 64]
     assert rep["training"]["steps"] == 7 and rep["training"]["train_examples"] == 51
@@ -97,11 +98,26 @@ def test_full_sft_on_nemotron_layout_with_matryoshka(ray_session, tiny_nemotron,
     assert 0 <= timing["preflight_seconds"] <= timing["first_step_seconds"] < timing["job_seconds"]
 
 
+@pytest.mark.timeout(1200)
+def test_the_readme_minilm_job_improves_on_the_shipped_sample(ray_session, tmp_path, monkeypatch):
+    """The README's job (examples/minilm-debian.yaml: all-MiniLM-L6-v2, the 600-line sample, 1 epoch) must beat the
+    base model on the sample's 100 BEIR queries: measured 0.9242 -> 0.9413 (+0.017); the margin asserted is 0.010."""
+    from train.config import load_config
+    from tests.conftest import ROOT
+
+    monkeypatch.chdir(ROOT)  # the example's data paths are relative to the checkout, as in the README
+    run_job(load_config(ROOT / "examples" / "minilm-debian.yaml", [f"output.dir={tmp_path / 'demo'}"]))
+    report = json.loads((tmp_path / "demo" / "eval.json").read_text())
+    assert (report["queries"], report["documents"]) == (100, 600)
+    assert report["verdict"]["outcome"] == "improved"
+    assert report["tuned"]["ndcg@10"] >= report["base"]["ndcg@10"] + 0.010, (report["base"], report["tuned"])
+
+
 def test_lora_merged_on_nemotron_layout(ray_session, tiny_nemotron, train_file, tmp_path):
     cfg = job(tiny_nemotron, train_file, tmp_path / "lora", schedule={"max_steps": 4},
               training={"finetuning_type": "lora_merged", "lora": {"rank": 4, "alpha": 8}})
     run_job(cfg)
-    assert_artifact(tmp_path / "lora", 64)
+    assert_artifact(tmp_path / "lora", 64, "unchanged")
     weights = json.loads((tmp_path / "lora" / "model" / "config.json").read_text())
     assert weights["is_causal"] is False and "auto_map" not in weights
     files = {p.name for p in (tmp_path / "lora" / "model").iterdir()}
@@ -114,7 +130,9 @@ def test_tiny_bert(ray_session, tiny_bert, train_file, tmp_path, finetuning_type
     int8 = finetuning_type == "all_weights"  # output.export_int8 once: the int8 graph beside the exported one
     run_job(job(tiny_bert, train_file, tmp_path / "bert", schedule={"max_steps": 3},
                 training={"finetuning_type": finetuning_type}, output={"export_int8": int8}))
-    report, manifest = assert_artifact(tmp_path / "bert", 32)
+    # 3 full-weight steps at lr 1e-3 move a random tiny model's ranking by noise (improved in one run, -0.02 in the next):
+    # no verdict is asserted there; LoRA's 3 steps leave it unchanged
+    report, manifest = assert_artifact(tmp_path / "bert", 32, None if finetuning_type == "all_weights" else "unchanged")
     if int8:
         assert report["onnx"]["int8"]["written"] is True and report["onnx"]["int8"]["min_cosine"] >= 0.97, report["onnx"]
         assert manifest["int8"]["file"] == "model.int8.onnx" and (tmp_path / "bert" / "onnx" / "model.int8.onnx").is_file()
@@ -200,7 +218,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, tiny_bert, trai
     report = result["report"]
     assert report["training"]["steps"] == 60
     assert report["training"]["resumed_from_step"] is not None and report["training"]["resumed_from_step"] >= killed
-    assert_artifact(out, 32)
+    assert_artifact(out, 32, "worse")  # 60 steps at lr 1e-3 on 51 examples overfit
 
 
 def test_bad_data_fails_before_ray_work_and_names_line_and_field(tiny_bert, train_file, tmp_path):

@@ -55,8 +55,8 @@ def test_absurd_learning_rate_does_not_win(ray_session, train_file, tmp_path):
     summary = run_sweep(load_sweep(path))
     rows = {t["lr"]: t for t in summary["trials"]}
     assert set(rows) == {1e-5, 3e-5, 0.5} and all(t["status"] == "ok" for t in rows.values())
-    assert summary["best"]["lr"] in {1e-5, 3e-5}
-    assert rows[0.5]["ndcg"] is None or rows[0.5]["ndcg"] < summary["best"]["ndcg"] - 0.1
+    assert summary["best"]["lr"] in {1e-5, 3e-5}  # (they tie here: 0.851 each)
+    assert rows[0.5]["ndcg"] < summary["best"]["ndcg"] - 0.5  # 0.06: lr 0.5 wrecks the model, and still runs
     out = tmp_path / "sweep"
     assert {"results.json", "results.md", "sweep.png", "best_job.yaml"} <= {p.name for p in out.iterdir()}
     best_job = yaml.safe_load((out / "best_job.yaml").read_text())
@@ -75,9 +75,13 @@ def test_failing_trial_is_reported_and_extension_runs(ray_session, tiny_bert, tr
     assert len(failed) == 1 and failed[0]["lr"] == 5.0 and "learning_rate" in failed[0]["error"]
     ext = [t for t in trials if t["extension"]]
     assert len(ext) == 1 and ext[0]["status"] == "ok"
-    assert ext[0]["lr"] in (pytest.approx(3e-4 * 2.5), pytest.approx(1e-4 / 2.5))
+    # the sweep steps past the end that scored better (on this tiny model either end can win: 0.382 against 0.370 in
+    # one run, the other way in the next), and the winner is the best score of all
+    score = {t["lr"]: t["ndcg"] for t in trials if t["status"] == "ok"}
+    assert ext[0]["lr"] == pytest.approx(3e-4 * 2.5 if score[3e-4] > score[1e-4] else 1e-4 / 2.5)
+    assert summary["best"]["ndcg"] == max(score.values()) and summary["best"]["lr"] == max(score, key=score.get)
     table = (tmp_path / "sweep" / "results.md").read_text()
-    assert "failed:" in table and ("(extension)" in table or summary["best"]["lr"] == ext[0]["lr"])
+    assert f"| {summary['best']['lr']:.3g} (best) | ok |" in table and "| 5 | failed: ConfigError" in table
     assert json.loads((tmp_path / "sweep" / "results.json").read_text())["best"] is not None
 
 
