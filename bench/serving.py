@@ -90,7 +90,7 @@ def minimal_loop(model_dir: Path, texts: list[str], seconds: float, label: str =
         start = time.perf_counter()
         while time.perf_counter() - start < seconds:
             window = texts[i:i + batch * 8]
-            i = (i + len(window)) % (len(texts) - 256)
+            i = (i + len(window)) % max(1, len(texts) - batch * 8)  # full windows, even from a short list
             if batch == 1:  # one text: its tokenizing, padding and run
                 for text in window:
                     t0 = time.perf_counter()
@@ -134,7 +134,7 @@ def ceiling(model_dir: Path, texts: list[str], seconds: float, label: str = "rep
                 start = time.perf_counter()
                 while time.perf_counter() - start < seconds:
                     chunk = texts[i:i + (batch * 8 if order == "sorted" else batch)]
-                    i = (i + len(chunk)) % (len(texts) - 256)
+                    i = (i + len(chunk)) % max(1, len(texts) - batch * 8)  # full chunks, even from a short list
                     t0 = time.perf_counter()
                     ids = tok.encode(chunk, None, "NONE")
                     tokenize_s += time.perf_counter() - t0

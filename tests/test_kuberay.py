@@ -225,7 +225,9 @@ def dockerfile_install() -> tuple[str, str, str]:
     installs = re.findall(r'pip install [^\n]*"\$\(ls /tmp/dist/rayembed-\*\.whl\)\[([^\]]+)\]"', text)
     assert len(installs) == 1, installs  # one install line: the one tested here
     env = text[text.index("\nENV "):]
-    return fill(args["RAY_IMAGE"]), fill(installs[0]), env
+    bases = {fill(b) for b in re.findall(r"^FROM (\S+)", text, re.M)}
+    assert len(bases) == 1, bases  # the wheel is built on the image it is installed into
+    return bases.pop(), fill(installs[0]), env
 
 
 @pytest.mark.timeout(900)
