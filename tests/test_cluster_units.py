@@ -148,12 +148,22 @@ def test_client_reports_a_server_that_resets_the_connection_as_unreachable():
         srv.close()
 
 
+def fake_artifact(tmp_path):
+    """A folder with the artifact's required files (empty JSON): enough for the control plane to register it."""
+    from rayembed.artifact import REQUIRED_FILES
+
+    onnx = tmp_path / "onnx"
+    onnx.mkdir()
+    for name in REQUIRED_FILES:
+        (onnx / name).write_text("{}")
+    return onnx
+
+
 def test_a_generation_deployed_before_the_cluster_went_down_is_deployed_again(tmp_path, monkeypatch):
     """CI saw a deployment stuck PENDING for 15 min after `down` + `up`: its pending application had been
     deployed into the old cluster. A new control plane over the same store must deploy it again."""
     from cluster import controlplane, deployments
     from cluster.entities import Artifact, ModelEntity
-    from rayembed.artifact import REQUIRED_FILES
 
     monkeypatch.setattr(controlplane, "TICK_S", 3600.0)  # reconcile only when the test says so
     serve_apps: dict[str, tuple[str, str]] = {}  # what Serve runs: app -> (status, message)
@@ -167,10 +177,7 @@ def test_a_generation_deployed_before_the_cluster_went_down_is_deployed_again(tm
     monkeypatch.setattr(deployments, "statuses", lambda: dict(serve_apps))
     monkeypatch.setattr(deployments, "probe", lambda app, dim: None)
     monkeypatch.setattr(deployments, "delete", lambda app: serve_apps.pop(app, None))
-    onnx = tmp_path / "onnx"
-    onnx.mkdir()
-    for name in REQUIRED_FILES:
-        (onnx / name).write_text("{}")
+    onnx = fake_artifact(tmp_path)
     home = tmp_path / "home"
 
     cp = controlplane.ControlPlane(str(home), "http://127.0.0.1:9", "http://127.0.0.1:9")
@@ -241,16 +248,13 @@ def test_a_deployment_asking_for_the_int8_graph_needs_it_in_the_artifact(tmp_pat
     artifact has no model.int8.onnx, and reaches the replica's settings when it has one."""
     from cluster import controlplane, deployments
     from cluster.entities import Artifact, ModelEntity
-    from rayembed.artifact import GRAPH_INT8, REQUIRED_FILES
+    from rayembed.artifact import GRAPH_INT8
 
     monkeypatch.setattr(controlplane, "TICK_S", 3600.0)
     started = []
     monkeypatch.setattr(deployments, "start", started.append)
     monkeypatch.setattr(deployments, "statuses", dict)
-    onnx = tmp_path / "onnx"
-    onnx.mkdir()
-    for name in REQUIRED_FILES:
-        (onnx / name).write_text("{}")
+    onnx = fake_artifact(tmp_path)
     cp = controlplane.ControlPlane(str(tmp_path / "home"), "http://127.0.0.1:9", "http://127.0.0.1:9")
     try:
         cp._save(ModelEntity(name="mini", base_model="b", artifact=Artifact(uri=str(onnx)), embedding_dim=8))
@@ -301,7 +305,6 @@ def test_a_slow_probe_holds_up_no_other_deployment(tmp_path, monkeypatch):
 
     from cluster import controlplane, deployments
     from cluster.entities import Artifact, ModelEntity
-    from rayembed.artifact import REQUIRED_FILES
 
     monkeypatch.setattr(controlplane, "TICK_S", 3600.0)  # reconcile only when the test says so
     serve_apps: dict[str, tuple[str, str]] = {}
@@ -316,10 +319,7 @@ def test_a_slow_probe_holds_up_no_other_deployment(tmp_path, monkeypatch):
     monkeypatch.setattr(deployments, "start", lambda settings: serve_apps.__setitem__(settings.name, ("RUNNING", "")))
     monkeypatch.setattr(deployments, "statuses", lambda: dict(serve_apps))
     monkeypatch.setattr(deployments, "probe", probe)
-    onnx = tmp_path / "onnx"
-    onnx.mkdir()
-    for name in REQUIRED_FILES:
-        (onnx / name).write_text("{}")
+    onnx = fake_artifact(tmp_path)
     cp = controlplane.ControlPlane(str(tmp_path / "home"), "http://127.0.0.1:9", "http://127.0.0.1:9")
     try:
         cp._save(ModelEntity(name="mini", base_model="b", artifact=Artifact(uri=str(onnx)), embedding_dim=8))
