@@ -10,24 +10,32 @@ and a key sees only its workspaces: another workspace is "does not exist" (404),
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import threading
 import time
 
 import ray
-from fastapi import FastAPI, Request
+from typing import Literal
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
-from cluster import datasets, kuberay
+from pydantic import BaseModel
+
+from cluster import datasets, kuberay, schemas
+from cluster.entities import DATASET_FILES, NAME_PATTERN
 from cluster.settings import CONTROL_PLANE, NAMESPACE
 from serve.auth import Access, BearerAuth, KeyRing, access_of
-from rayembed.errors import NotFound, PermissionDenied, ServeError, Unavailable, shown
+from rayembed.errors import InvalidName, InvalidRequest, NotFound, PermissionDenied, ServeError, Unavailable, shown
 from serve.gateway import (GATEWAY_SERVE_ENV, GatewayCore, api_route, error_response, inference_routes, install_core,
                            install_error_handlers, installed_core, json_response, read_body)
-from serve.schemas import parse_json_object
+from serve.openapi import answers, install_openapi, json_body
+from serve.schemas import EmbeddingRequest, parse_json_object
 from serve.settings import GatewayConfig
 
 log = logging.getLogger("ray.serve")
@@ -86,95 +94,172 @@ def _authorize(access: Access, method: str, workspace: str | None) -> None:
                                + ", ".join(sorted(access.workspaces or ())))
 
 
-def management(verb: str, path: str, method: str, *, body: bool = False, status: int = 200, listing: bool = False,
-               text: bool = False, summary: str = "") -> None:
-    """One management route: path parameters (in order) and the JSON body go to the actor's `method`."""
+PATH_DOC = {"workspace": "the workspace's name", "name": "the entity's name", "job_id": "the customization job's id",
+            "path": "the dataset file"}
+SORT_DOC = "a field, descending with a leading '-'"
+
+
+def _path_param(name: str):
+    return Path(description=f"{PATH_DOC[name]} ({schemas.NAME_DOC})", pattern=NAME_PATTERN)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_parameter(request: Request, exc: RequestValidationError) -> Response:
+    """A path or query parameter FastAPI refused, in the envelope; a name that breaks the rule says the rule."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
+    if first.get("type") == "string_pattern_mismatch":
+        return error_response(InvalidName(f"{where} {shown(first.get('input'))} is invalid: use {schemas.NAME_DOC}", where))
+    return error_response(InvalidRequest(f"invalid request: {where}: {first.get('msg', 'see /docs')}", where or None))
+
+
+def _signature(params: list[str], listing: bool) -> inspect.Signature:
+    """What FastAPI documents and passes: the request, the path parameters and, on a list route, the page."""
+    kinds = inspect.Parameter.KEYWORD_ONLY
+    out = [inspect.Parameter("request", kinds, annotation=Request)]
+    out += [inspect.Parameter(p, kinds, annotation=str, default=_path_param(p)) for p in params]
+    if listing:
+        out += [inspect.Parameter("page", kinds, annotation=int, default=Query(1, ge=1, le=schemas.MAX_PAGE, description="from 1")),
+                inspect.Parameter("page_size", kinds, annotation=int,
+                                  default=Query(schemas.PAGE_SIZE, ge=1, le=schemas.MAX_PAGE_SIZE)),
+                inspect.Parameter("sort", kinds, annotation=Literal[schemas.SORTS],  # type: ignore[valid-type]
+                                  default=Query("-created_at", description=SORT_DOC)),
+                inspect.Parameter("status", kinds, annotation=str | None,
+                                  default=Query(None, max_length=64, description="only entities in this status"))]
+    return inspect.Signature(out)
+
+
+def management(verb: str, path: str, method: str, answer: type[BaseModel] | None, *, body: type[BaseModel] | None = None,
+               status: int = 200, listing: bool = False, text: bool = False, summary: str = "",
+               links: dict | None = None) -> None:
+    """One management route: path parameters (in order) and the JSON body go to the actor's `method`; its answer
+    goes out through `answer` (ISO 8601 times, the documented fields only), a list as one page of them."""
     params = re.findall(r"{(\w+)}", path)
 
-    @api_route("management", _metrics)
-    async def handler(request: Request) -> Response:
-        args = [request.path_params[p] for p in params]
+    async def handler(request: Request, **kw) -> Response:
+        args = [kw[p] for p in params]
         access = access_of(request.scope)
-        _authorize(access, method, request.path_params.get("workspace"))
-        if body:
+        _authorize(access, method, kw.get("workspace"))
+        if body is not None:
             args.append(await _body(request))
         result = await _call(method, *args)
         if method == "list_workspaces":
             result = [w for w in result if access.allows(w["name"])]
         if text:
             return PlainTextResponse(result)
-        return json_response({"object": "list", "data": result} if listing else result, status)
+        if listing:
+            page = schemas.page_of(result, kw["page"], kw["page_size"], kw["sort"], kw["status"])
+            page["data"] = [_out(answer, item) for item in page["data"]]
+            return json_response(page)
+        return json_response(_out(answer, result), status)
 
+    handler.__signature__ = _signature(params, listing)
     handler.__name__ = method
-    app.add_api_route(path, handler, methods=[verb], summary=summary or method.replace("_", " "))
+    shown_as = schemas.Page[answer] if listing else answer
+    content = {"text/plain": {"schema": {"type": "string"}}} if text else None
+    app.add_api_route(path, api_route("management", _metrics)(handler), methods=[verb], operation_id=method,
+                      summary=summary or method.replace("_", " "), status_code=status, response_model=None,
+                      responses=answers(status, shown_as, summary or method.replace("_", " "), links, content),
+                      openapi_extra=json_body(body) if body is not None else None)
 
 
-for _verb, _path, _method, _opts in [
-    ("GET", "/v2/workspaces", "list_workspaces", {"listing": True}),
-    ("POST", "/v2/workspaces", "create_workspace", {"body": True, "status": 201}),
-    ("GET", WS, "get_workspace", {}),
-    ("DELETE", WS, "delete_workspace", {}),
-    ("GET", WS + "/models", "list_models", {"listing": True}),
-    ("POST", WS + "/models", "create_model", {"body": True, "status": 201}),
-    ("GET", WS + "/models/{name}", "get_model", {}),
-    ("DELETE", WS + "/models/{name}", "delete_model", {}),
-    ("GET", WS + "/datasets", "list_datasets", {"listing": True}),
-    ("POST", WS + "/datasets", "create_dataset", {"body": True, "status": 201}),
-    ("GET", WS + "/datasets/{name}", "get_dataset", {}),
-    ("DELETE", WS + "/datasets/{name}", "delete_dataset", {}),
-    ("GET", WS + "/customization/jobs", "list_jobs", {"listing": True}),
-    ("POST", WS + "/customization/jobs", "create_job", {"body": True, "status": 201}),
-    ("GET", WS + "/customization/jobs/{job_id}", "get_job", {}),
-    ("GET", WS + "/customization/jobs/{job_id}/status", "job_status", {}),
-    ("POST", WS + "/customization/jobs/{job_id}/cancel", "cancel_job", {}),
-    ("POST", WS + "/customization/jobs/{job_id}/resume", "resume_job", {}),
-    ("GET", WS + "/customization/jobs/{job_id}/logs", "job_logs", {"text": True}),
-    ("GET", WS + "/deployment-configs", "list_deployment_configs", {"listing": True}),
-    ("POST", WS + "/deployment-configs", "create_deployment_config", {"body": True, "status": 201}),
-    ("GET", WS + "/deployment-configs/{name}", "get_deployment_config", {}),
-    ("PATCH", WS + "/deployment-configs/{name}", "update_deployment_config", {"body": True}),
-    ("DELETE", WS + "/deployment-configs/{name}", "delete_deployment_config", {}),
-    ("GET", WS + "/deployments", "list_deployments", {"listing": True}),
-    ("POST", WS + "/deployments", "create_deployment", {"body": True, "status": 201}),
-    ("GET", WS + "/deployments/{name}", "get_deployment", {}),
-    ("PATCH", WS + "/deployments/{name}", "update_deployment", {"body": True}),
-    ("DELETE", WS + "/deployments/{name}", "delete_deployment", {}),
-    ("GET", WS + "/providers", "list_providers", {"listing": True}),
-    ("GET", WS + "/providers/{name}", "get_provider", {}),
+def _out(answer: type[BaseModel], value: dict) -> dict:
+    return answer.model_validate(value).model_dump(mode="json")
+
+
+def _links(get: str, param: str = "name", field: str = "name", **more: str) -> dict:
+    """OpenAPI links from a create answer to the routes that read and remove what it made."""
+    ops = {"get": get, **more}
+    return {verb.title().replace("_", ""): {"operationId": op, "parameters": {
+        "workspace": "$request.path.workspace", param: f"$response.body#/{field}"}} for verb, op in ops.items()}
+
+
+Out, S = schemas, schemas  # the answer models and the request models live in cluster/schemas.py
+for _verb, _path, _method, _answer, _opts in [
+    ("GET", "/v2/workspaces", "list_workspaces", Out.WorkspaceOut, {"listing": True}),
+    ("POST", "/v2/workspaces", "create_workspace", Out.WorkspaceOut, {"body": S.WorkspaceCreate, "status": 201, "links": {
+        "GetWorkspace": {"operationId": "get_workspace", "parameters": {"workspace": "$response.body#/name"}},
+        "DeleteWorkspace": {"operationId": "delete_workspace", "parameters": {"workspace": "$response.body#/name"}}}}),
+    ("GET", WS, "get_workspace", Out.WorkspaceOut, {}),
+    ("DELETE", WS, "delete_workspace", Out.Deleted, {}),
+    ("GET", WS + "/models", "list_models", Out.ModelOut, {"listing": True}),
+    ("POST", WS + "/models", "create_model", Out.ModelOut, {"body": S.ModelCreate, "status": 201,
+                                                            "links": _links("get_model", delete="delete_model")}),
+    ("GET", WS + "/models/{name}", "get_model", Out.ModelOut, {}),
+    ("DELETE", WS + "/models/{name}", "delete_model", Out.Deleted, {}),
+    ("GET", WS + "/datasets", "list_datasets", Out.DatasetOut, {"listing": True}),
+    ("POST", WS + "/datasets", "create_dataset", Out.DatasetOut, {"body": S.DatasetCreate, "status": 201,
+                                                                  "links": _links("get_dataset", delete="delete_dataset")}),
+    ("GET", WS + "/datasets/{name}", "get_dataset", Out.DatasetOut, {}),
+    ("DELETE", WS + "/datasets/{name}", "delete_dataset", Out.Deleted, {}),
+    ("GET", WS + "/customization/jobs", "list_jobs", Out.JobOut, {"listing": True}),
+    ("POST", WS + "/customization/jobs", "create_job", Out.JobOut, {"body": S.JobCreate, "status": 201, "links": _links(
+        "get_job", "job_id", status="job_status", cancel="cancel_job")}),
+    ("GET", WS + "/customization/jobs/{job_id}", "get_job", Out.JobOut, {}),
+    ("GET", WS + "/customization/jobs/{job_id}/status", "job_status", Out.JobStatusOut, {}),
+    ("POST", WS + "/customization/jobs/{job_id}/cancel", "cancel_job", Out.JobOut, {}),
+    ("POST", WS + "/customization/jobs/{job_id}/resume", "resume_job", Out.JobOut, {}),
+    ("GET", WS + "/customization/jobs/{job_id}/logs", "job_logs", None, {"text": True}),
+    ("GET", WS + "/deployment-configs", "list_deployment_configs", Out.DeploymentConfigOut, {"listing": True}),
+    ("POST", WS + "/deployment-configs", "create_deployment_config", Out.DeploymentConfigOut, {
+        "body": S.DeploymentConfigCreate, "status": 201,
+        "links": _links("get_deployment_config", delete="delete_deployment_config")}),
+    ("GET", WS + "/deployment-configs/{name}", "get_deployment_config", Out.DeploymentConfigDetail, {}),
+    ("PATCH", WS + "/deployment-configs/{name}", "update_deployment_config", Out.DeploymentConfigOut,
+     {"body": S.DeploymentConfigUpdate}),
+    ("DELETE", WS + "/deployment-configs/{name}", "delete_deployment_config", Out.Deleted, {}),
+    ("GET", WS + "/deployments", "list_deployments", Out.DeploymentOut, {"listing": True}),
+    ("POST", WS + "/deployments", "create_deployment", Out.DeploymentOut, {
+        "body": S.DeploymentCreate, "status": 201, "links": _links("get_deployment", delete="delete_deployment")}),
+    ("GET", WS + "/deployments/{name}", "get_deployment", Out.DeploymentOut, {}),
+    ("PATCH", WS + "/deployments/{name}", "update_deployment", Out.DeploymentOut, {"body": S.DeploymentUpdate}),
+    ("DELETE", WS + "/deployments/{name}", "delete_deployment", Out.DeploymentOut, {}),
+    ("GET", WS + "/providers", "list_providers", Out.ProviderOut, {"listing": True}),
+    ("GET", WS + "/providers/{name}", "get_provider", Out.ProviderOut, {}),
 ]:
-    management(_verb, _path, _method, **_opts)
+    management(_verb, _path, _method, _answer, **_opts)
 
 
 @api_route("management", _metrics)
-async def upload_dataset_file(request: Request) -> Response:
+async def upload_dataset_file(request: Request, workspace: str = _path_param("workspace"), name: str = _path_param("name"),
+                              path: Literal[tuple(DATASET_FILES)] = Path(description="the dataset file")  # type: ignore[valid-type]
+                              ) -> Response:
     """The request body is the file (any Content-Type), streamed to storage once it validates."""
-    workspace, name, path = (request.path_params[k] for k in ("workspace", "name", "path"))
     _authorize(access_of(request.scope), "add_dataset_file", workspace)
     dataset = await _call("get_dataset", workspace, name)
     stored = await datasets.upload(request, dataset, path)
-    return json_response(await _call("add_dataset_file", workspace, name, path, stored))
+    return json_response(_out(schemas.DatasetOut, await _call("add_dataset_file", workspace, name, path, stored)))
 
 
 app.add_api_route(WS + "/datasets/{name}/files/{path:path}", upload_dataset_file, methods=["PUT"],
+                  operation_id="upload_dataset_file", response_model=None,
+                  responses=answers(200, schemas.DatasetOut, "the dataset with the file recorded"),
+                  openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
+                      "schema": {"type": "string", "format": "binary"}}}}},
                   summary="upload a dataset file (training.jsonl, validation.jsonl, evaluation/corpus.jsonl, "
                           "evaluation/queries.jsonl, evaluation/qrels/test.tsv)")
 
 
 @api_route("management", _metrics)
-async def export_deployment(request: Request) -> Response:
+async def export_deployment(request: Request, workspace: str = _path_param("workspace"), name: str = _path_param("name"),
+                            format: Literal[kuberay.FORMATS] = Query("rayservice"),  # type: ignore[valid-type]  # noqa: A002
+                            image: str | None = Query(None, max_length=512, description="the containers' image"),
+                            k8s_name: str | None = Query(None, max_length=63, description="metadata.name")) -> Response:
     """`?format=rayservice` (the default; `image`, `k8s_name` optional): YAML, or JSON when the client accepts only that."""
-    workspace, name = request.path_params["workspace"], request.path_params["name"]
     _authorize(access_of(request.scope), "export_deployment", workspace)
-    query = request.query_params
-    manifest = await _call("export_deployment", workspace, name, query.get("format", "rayservice"),
-                           query.get("image") or None, query.get("k8s_name") or None)
+    manifest = await _call("export_deployment", workspace, name, format, image or None, k8s_name or None)
     if "yaml" not in (accept := request.headers.get("accept", "")) and "json" in accept:
         return json_response(manifest)
     return Response(kuberay.render(manifest), media_type="application/yaml")
 
 
-app.add_api_route(WS + "/deployments/{name}/export", export_deployment, methods=["GET"],
+app.add_api_route(WS + "/deployments/{name}/export", export_deployment, methods=["GET"], operation_id="export_deployment",
+                  response_model=None, responses=answers(200, None, "the manifest", content={
+                      "application/yaml": {"schema": {"type": "string"}}, "application/json": {"schema": {"type": "object"}}}),
                   summary="a KubeRay RayService manifest that serves the deployment's model on a serving-only cluster")
+install_openapi(app, [schemas.WorkspaceCreate, schemas.ModelCreate, schemas.DatasetCreate, schemas.JobCreate,
+                      schemas.DeploymentConfigCreate, schemas.DeploymentConfigUpdate, schemas.DeploymentCreate,
+                      schemas.DeploymentUpdate, EmbeddingRequest])
 
 
 # Like the standalone gateway, its code runs on the replica's own loop (GATEWAY_SERVE_ENV): the handlers await

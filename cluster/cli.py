@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from cluster.client import ApiError, Client
 from cluster.settings import settings
 
@@ -27,7 +29,8 @@ def _client(args) -> Client:
 
 
 def _print(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    """An answer (a model of cluster/schemas.py, or plain JSON) as indented JSON."""
+    print(json.dumps(obj, indent=2, default=lambda o: o.model_dump(mode="json") if isinstance(o, BaseModel) else str(o)))
 
 
 def progress_bar(status) -> str:
@@ -148,7 +151,7 @@ def cmd_status(args) -> int:
 
 def models_list(args) -> int:
     for m in _client(args).models.list():
-        ev = f"  {m.evaluation['verdict']}" if m.get("evaluation") else ""
+        ev = f"  {m.evaluation.verdict}" if m.evaluation else ""
         print(f"{m.name:<32} {m.status:<10} {m.embedding_dim or '?':>5}-d  {m.base_model}{ev}")
     return 0
 
@@ -279,7 +282,7 @@ def _finish(c: Client, job_id: str) -> int:
         print(f"job {job_id} {job.status}:\n{job.error or ''}", file=sys.stderr)
         return 1
     model = c.models.retrieve(job.output_model)
-    if model.get("evaluation"):
+    if model.evaluation:
         print(evaluation_table(model.evaluation))
     print(f"model {model.name}: {model.artifact.uri}")
     return 0

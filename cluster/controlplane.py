@@ -27,6 +27,8 @@ from cluster.paths import Confinement
 from cluster.entities import (DATASET_FILES, DEFAULT_WORKSPACE, JOB_DONE, NAME, ApiKey, Artifact, CustomizationJob, Dataset,
                               DatasetFile, Entity, Evaluation, ModelDeployment,
                               ModelDeploymentConfig, ModelEntity, ModelProvider, StatusChange, Workspace, now)
+from cluster.schemas import (DatasetCreate, DeploymentConfigCreate, DeploymentConfigUpdate, DeploymentCreate,
+                             DeploymentUpdate, JobCreate, ModelCreate, WorkspaceCreate)
 from cluster.store import open_store, redacted
 from rayembed import storage
 from rayembed.artifact import GRAPH_FP16, GRAPH_INT8, MANIFEST, REQUIRED_FILES, ArtifactError, parse_manifest
@@ -62,8 +64,13 @@ def _fields(model: type, body: dict, what: str, **fixed: Any):
     try:
         return model.model_validate({**body, **fixed})
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or what}: {e['msg']}" for e in exc.errors())
-        raise InvalidRequest(f"invalid {what}: {problems}") from None
+        errors = exc.errors()
+        where = lambda e: ".".join(map(str, e["loc"])) or what  # noqa: E731
+        if all(e["type"] == "string_pattern_mismatch" for e in errors):  # a name: the rule, as check_name says it
+            e = errors[0]
+            raise InvalidName(f"{where(e)} {shown(e['input'])} is invalid: use {NAME_RULE}", where(e)) from None
+        problems = "; ".join(f"{where(e)}: {e['msg']}" for e in errors)
+        raise InvalidRequest(f"invalid {what}: {problems}", where(errors[0])) from None
 
 
 class ControlPlane:
@@ -162,6 +169,7 @@ class ControlPlane:
 
     def create_workspace(self, body: dict) -> dict:
         name = check_name(body.get("name"), "workspace")
+        _fields(WorkspaceCreate, body, "workspace")
         with self._lock:
             if self.store.get("workspace", "", name) is not None:
                 raise Conflict(f"workspace {name!r} already exists")
@@ -211,6 +219,7 @@ class ControlPlane:
         for field, value in (("base_model", base), ("artifact", artifact)):
             if value is not None and not isinstance(value, str):
                 raise InvalidRequest(f"{field} must be a string (a folder path or model name), not {shown(value)}", field)
+        _fields(ModelCreate, body, "model")
         confinement = self._confinement(workspace)
         confinement.model(base, "base_model")
         confinement.read(artifact, "artifact")
@@ -305,6 +314,7 @@ class ControlPlane:
     def create_dataset(self, workspace: str, body: dict) -> dict:
         self._workspace(workspace)
         name = check_name(body.get("name"), "dataset")
+        _fields(DatasetCreate, body, "dataset")
         with self._lock:
             if self.store.get("dataset", workspace, name) is not None:
                 raise Conflict(f"dataset {name!r} already exists in workspace {workspace!r}")
@@ -392,6 +402,7 @@ class ControlPlane:
         spec = body[kind if kind == "sweep" else "config"]
         if not isinstance(spec, dict):
             raise InvalidRequest(f"{'sweep' if kind == 'sweep' else 'config'} must be a JSON object", "config")
+        _fields(JobCreate, body, "customization job")
         if kind == "sweep" and isinstance(spec.get("job"), dict):
             spec = {**spec, "job": self._with_dataset(workspace, spec["job"], "sweep.job")}
         else:
@@ -511,6 +522,7 @@ class ControlPlane:
     def create_deployment_config(self, workspace: str, body: dict) -> dict:
         self._workspace(workspace)
         name = check_name(body.get("name"), "deployment config")
+        _fields(DeploymentConfigCreate, body, "deployment config")
         with self._lock:
             if self.store.get("deployment_config", workspace, name) is not None:
                 raise Conflict(f"deployment config {name!r} already exists in workspace {workspace!r}")
@@ -521,6 +533,7 @@ class ControlPlane:
         return cfg.model_dump(mode="json")
 
     def update_deployment_config(self, workspace: str, name: str, body: dict) -> dict:
+        _fields(DeploymentConfigUpdate, body, "deployment config change")
         with self._lock:
             self._workspace(workspace)
             old = self._load("deployment_config", workspace, name, ModelDeploymentConfig)
@@ -576,6 +589,7 @@ class ControlPlane:
     def create_deployment(self, workspace: str, body: dict) -> dict:
         self._workspace(workspace)
         name = check_name(body.get("name"), "deployment")
+        _fields(DeploymentCreate, body, "deployment")
         allow_worse = bool(body.get("allow_worse", False))
         with self._lock:
             if self.store.get("deployment", workspace, name) is not None:
@@ -604,6 +618,7 @@ class ControlPlane:
     def update_deployment(self, workspace: str, name: str, body: dict) -> dict:
         """Point a deployment at another model (or config version): a new generation starts beside the
         old one, and the routes move only once it answers (zero-downtime swap)."""
+        _fields(DeploymentUpdate, body, "deployment change")
         with self._lock:
             self._workspace(workspace)
             dep = self._load("deployment", workspace, name, ModelDeployment)

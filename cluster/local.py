@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from cluster import paths
+from rayembed.polling import poll
 from rayembed.runtime import free_port, reachable, serve_ingress_env, wait_http
 from cluster.settings import API_APP, CONTROL_PLANE, NAMESPACE, Settings
 
@@ -113,15 +114,14 @@ def wait_for_head(address: str, log=print) -> None:
     if "://" in address or ":" not in address:  # ray://, http://, auto: Ray resolves (and waits for) those itself
         return
     timeout_s = float(os.environ.get("RAYEMBED_JOIN_TIMEOUT_S") or 300)
-    deadline, told = time.monotonic() + timeout_s, False
-    while not reachable(address):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"RAY_ADDRESS={address} did not accept connections within {timeout_s:.0f} s: is the "
-                               "Ray head running there (`ray start --head`)? RAYEMBED_JOIN_TIMEOUT_S waits longer")
-        if not told:
-            log(f"ray: waiting for the head at {address} (up to {timeout_s:.0f} s)")
-            told = True
-        time.sleep(1)
+    if reachable(address):
+        return
+    log(f"ray: waiting for the head at {address} (up to {timeout_s:.0f} s)")
+    try:
+        poll(lambda: reachable(address) or None, timeout_s=timeout_s, what=f"RAY_ADDRESS={address} accepts no connections")
+    except TimeoutError as exc:
+        raise RuntimeError(f"{exc}: is the Ray head running there (`ray start --head`)? RAYEMBED_JOIN_TIMEOUT_S "
+                           "waits longer") from None
 
 
 def _dashboard_of(address: str) -> str:
@@ -190,9 +190,11 @@ def down(s: Settings, log=print) -> None:
     if joined or not (record and record.get("started_by_up")):  # a shared cluster: take our applications down
         for name in ours:
             serve.delete(name, _blocking=False)
-        deadline = time.monotonic() + 180  # replicas drain first (in parallel)
-        while set(ours) & set(serve.status().applications) and time.monotonic() < deadline:
-            time.sleep(1)
+        try:  # replicas drain first (in parallel)
+            poll(lambda: None if set(ours) & set(serve.status().applications) else True, timeout_s=180,
+                 what="rayembed's Serve applications are still deleting")
+        except TimeoutError as exc:
+            log(f"{exc}; stopping anyway")
     ray.shutdown()
     if not joined and record and record.get("started_by_up"):
         kill_processes(Path(record["temp_dir"]), record["gcs_address"])

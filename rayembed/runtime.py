@@ -6,9 +6,10 @@ import logging
 import os
 import random
 import socket
-import time
 import urllib.request
 from pathlib import Path
+
+from rayembed.polling import poll
 
 log = logging.getLogger(__name__)
 ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")  # written by `ray start --head`
@@ -97,17 +98,15 @@ def local_cluster_address() -> str | None:
 
 def wait_http(url: str, timeout_s: float = 300) -> None:
     """Poll a URL until it answers 200 (readiness of the gateway or the API)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def answers() -> bool | None:
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
+                return True if resp.status == 200 else None
         except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s; see the Serve logs (ray dashboard, Serve tab)")
-        time.sleep(0.5)
+            return None
+
+    poll(answers, timeout_s=timeout_s, interval_s=0.5,
+         what=f"{url} did not answer; see the Serve logs (ray dashboard, Serve tab)")
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:

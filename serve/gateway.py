@@ -25,13 +25,15 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from serve.auth import OPEN, Access, KeyRing, access_of
 from rayembed.errors import (ClientGone, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, QueueFull,
                           RequestTimeout, ServeError, Unauthorized, Unavailable, UnsupportedMediaType, UpstreamTimeout,
                           envelope, status_of)
 from serve.routing import RoutingTable, model_id
-from serve.schemas import EmbeddingRequest, parse_request, render
+from serve.openapi import answers, install_openapi, json_body
+from serve.schemas import EmbeddingRequest, EmbeddingResponse, Health, ModelList, parse_request, render
 from serve.settings import GatewayConfig, ProviderSettings
 
 log = logging.getLogger("ray.serve")
@@ -102,15 +104,19 @@ def install_error_handlers(app: FastAPI) -> None:
         shown = path if len(path) <= 120 else path[:117] + "..."
         if exc.status_code == 404:
             return error_response(NotFound(f"no route {request.method} {shown}; see /docs"))
-        if exc.status_code == 405:
-            allow = (exc.headers or {}).get("Allow", "")
+        if exc.status_code == 405:  # every route of the path, not just the first one matched (one per method)
+            allow = ", ".join(sorted({m for r in request.app.routes if getattr(r, "methods", None)
+                                      and r.matches(request.scope)[0] != Match.NONE for m in r.methods} - {"HEAD"}))
             return error_response(MethodNotAllowed(f"method {request.method} is not allowed on {shown}"
                                                    + (f"; use {allow}" if allow else ""), allow))
         return error_response(InvalidRequest(str(exc.detail)[:200]))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(InvalidRequest(f"invalid request: {exc.errors()[0].get('msg', 'see /docs')}"))
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
+        return error_response(InvalidRequest(f"invalid request: {where + ': ' if where else ''}"
+                                             f"{first.get('msg', 'see /docs')}", where or None))
 
 
 def error_response(exc: BaseException) -> Response:
@@ -293,38 +299,47 @@ class GatewayCore:
 def inference_routes(app: FastAPI, core: Callable[[], GatewayCore]) -> None:
     """Mount the inference routes on `app`; `core()` returns the replica's GatewayCore."""
     metrics_of = lambda: core().metrics  # noqa: E731
+    embed = {"responses": answers(200, EmbeddingResponse, "one embedding per input, in order"),
+             "openapi_extra": json_body(EmbeddingRequest)}
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", operation_id="create_embeddings", summary="embeddings (OpenAI): `model` names a "
+              "model entity (workspace/name, or name in the key's workspace) or a deployment", **embed)
     @api_route("openai", metrics_of)
     async def openai_embeddings(request: Request) -> Response:
         return await core().openai_embeddings(request)
 
-    @app.post(GATEWAY + "/model/{name}/-/v1/embeddings")
+    @app.post(GATEWAY + "/model/{name}/-/v1/embeddings", operation_id="model_embeddings",
+              summary="embeddings from a model entity (any provider serving it)", **embed)
     @api_route("model", metrics_of)
     async def model_embeddings(workspace: str, name: str, request: Request) -> Response:
         return await core().model_embeddings(workspace, name, request)
 
-    @app.post(GATEWAY + "/provider/{deployment}/-/v1/embeddings")
+    @app.post(GATEWAY + "/provider/{deployment}/-/v1/embeddings", operation_id="provider_embeddings",
+              summary="embeddings from one deployment's provider", **embed)
     @api_route("provider", metrics_of)
     async def provider_embeddings(workspace: str, deployment: str, request: Request) -> Response:
         return await core().provider_embeddings(workspace, deployment, request)
 
-    @app.get(GATEWAY + "/provider/{deployment}/-/v1/models")
+    @app.get(GATEWAY + "/provider/{deployment}/-/v1/models", operation_id="provider_models",
+             summary="the model a provider serves", responses=answers(200, ModelList, "the provider's model"))
     @api_route("provider_models", metrics_of)
     async def provider_models(workspace: str, deployment: str, request: Request) -> Response:
         return await core().provider_models(workspace, deployment, access_of(request.scope))
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", operation_id="list_served_models", summary="the models the gateway routes to (OpenAI)",
+             responses=answers(200, ModelList, "models routed to, in the key's workspaces"))
     @api_route("models", metrics_of)
     async def models(request: Request) -> Response:
         return await core().models(access_of(request.scope))
 
-    @app.get("/v1/health/live")
+    @app.get("/v1/health/live", operation_id="live", summary="the gateway answers",
+             responses=answers(200, Health, "live"))
     @api_route("live", metrics_of)
     async def live() -> Response:
         return json_response({"status": "live"})
 
-    @app.get("/v1/health/ready")
+    @app.get("/v1/health/ready", operation_id="ready", summary="every routed provider answers (503 until then)",
+             responses=answers(200, Health, "ready"))
     @api_route("ready", metrics_of)
     async def ready() -> Response:
         return await core().ready()
@@ -347,6 +362,7 @@ def install_core(core: GatewayCore) -> None:
 
 inference_routes(app, installed_core)
 install_error_handlers(app)
+install_openapi(app, [EmbeddingRequest])
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096, logging_config={"enable_access_log": False})

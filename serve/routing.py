@@ -13,6 +13,8 @@ DEFAULT_WORKSPACE = "default"
 
 def _known(names) -> str:
     names = sorted(names)
+    if not names:
+        return "none is served yet: deploy one first"
     return ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
 
 

@@ -15,7 +15,9 @@ from serve.settings import Limits
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
+    model_config = ConfigDict(extra="ignore",  # OpenAI clients send fields we do not use
+                              json_schema_extra={"examples": [{"model": "minilm", "input": ["query: serial terminal "
+                                                 "emulator"], "encoding_format": "float"}]})
 
     model: str | None = None
     input: str | list[str]
@@ -76,6 +78,44 @@ class EmbeddingRequest(BaseModel):
                 raise PayloadTooLarge(f"input[{i}] has {len(text)} characters; the limit is "
                                       f"{limits.max_chars_per_input}", "input")
         return texts
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="floats, or base64 little-endian float32 (encoding_format)")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    """The OpenAI embeddings answer (written by `render`, documented here)."""
+
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str = Field(description="workspace/model")
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    providers: list[str] = []
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["live", "ready"]
+    providers: int | list[str] | None = None
 
 
 def json_type(value: object) -> str:
