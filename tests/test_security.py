@@ -188,7 +188,7 @@ def test_api_with_keys_over_http(plane, monkeypatch):
         assert status == 404 and "team-b" not in body["error"]["message"].split("(known")[1]
 
         status, body, _ = srv.request("GET", "/v2/workspaces", key=admin)
-        assert [w["name"] for w in body["data"]] == ["default", "team-a", "team-b"]
+        assert sorted(w["name"] for w in body["data"]) == ["default", "team-a", "team-b"]
         assert srv.request("POST", "/v2/workspaces", key=admin, body={"name": "team-c"})[0] == 201
         assert srv.request("GET", "/v2/workspaces/team-b/models", key=admin)[0] == 200
 

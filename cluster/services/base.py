@@ -1,0 +1,105 @@
+"""What every service of the control plane shares: the store, its lock, names, body validation, the Ray jobs client."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from cluster.paths import Confinement
+from cluster.entities import (NAME, CustomizationJob, Dataset, Entity, ModelDeployment, ModelDeploymentConfig,
+                              ModelEntity, ModelProvider, Workspace)
+from cluster.store import redacted
+from rayembed import storage
+from rayembed.errors import InvalidName, InvalidRequest, NotFound, shown
+
+log = logging.getLogger(__name__)
+NAME_RULE = "2-63 characters of lowercase letters, digits and '-', starting with a letter or digit"
+PENDING_TIMEOUT_S = 900.0
+SUBMIT_TIMEOUT_S = 120.0  # a job still `created` this long after its row was written was never submitted
+RETIRE_AFTER_S = 5.0  # an old generation keeps serving this long after the routes moved (gateways poll at 0.5 s)
+DEFAULT_GPU_MEMORY_GIB = 80.0
+# what the control plane passes on to its jobs (storage credentials and node-local folders come from each node)
+JOB_ENV = ("RAYEMBED_ACCELERATOR_TYPE",)
+KIND_OF = {Workspace: "workspace", ModelEntity: "model", CustomizationJob: "job", Dataset: "dataset",
+           ModelDeploymentConfig: "deployment_config", ModelDeployment: "deployment", ModelProvider: "provider"}
+WHAT = {"model": "model", "job": "customization job", "dataset": "dataset", "deployment_config": "deployment config",
+        "deployment": "deployment", "provider": "provider"}
+
+
+def check_name(name: Any, what: str, field: str = "name") -> str:
+    if name is None:
+        raise InvalidName(f"{field} is required: the {what} name ({NAME_RULE})", field)
+    if not isinstance(name, str) or not NAME.match(name):
+        raise InvalidName(f"{what} name {shown(name)} is invalid: use {NAME_RULE}", field)
+    return name
+
+
+def validated(model: type, body: dict, what: str, **fixed: Any):
+    """`body` (with `fixed` fields) as `model`, or the error naming each field at fault and what is wrong."""
+    try:
+        return model.model_validate({**body, **fixed})
+    except ValidationError as exc:
+        errors = exc.errors()
+        where = lambda e: ".".join(map(str, e["loc"])) or what  # noqa: E731
+        if all(e["type"] == "string_pattern_mismatch" for e in errors):  # a name: the rule, as check_name says it
+            e = errors[0]
+            raise InvalidName(f"{where(e)} {shown(e['input'])} is invalid: use {NAME_RULE}", where(e)) from None
+        problems = "; ".join(f"{where(e)}: {e['msg']}" for e in errors)
+        raise InvalidRequest(f"invalid {what}: {problems}", where(errors[0])) from None
+
+
+class Core:
+    """The state the services share (set up by ControlPlane.__init__) and the plumbing over it."""
+
+    def _jobs_client(self):
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            self._client = JobSubmissionClient(self.dashboard_url)
+        return self._client
+
+    def _save(self, entity) -> None:
+        kind = KIND_OF[type(entity)]
+        workspace = "" if kind == "workspace" else entity.workspace
+        self.store.put(kind, workspace, entity.name, entity.model_dump(mode="json"))
+
+    def _load(self, kind: str, workspace: str, name: str, model: type):
+        check_name(name, WHAT.get(kind, kind))
+        body = self.store.get(kind, workspace, name)
+        if body is None:
+            raise NotFound(f"{WHAT.get(kind, kind)} {name!r} does not exist in workspace {workspace!r}")
+        return model.model_validate(body)
+
+    def _all(self, kind: str, model: type, workspace: str | None = None) -> list:
+        return [model.model_validate(b) for b in self.store.list(kind, workspace)]
+
+    def _workspace(self, workspace: str) -> str:
+        check_name(workspace, "workspace")
+        if self.store.get("workspace", "", workspace) is None:
+            raise NotFound(f"workspace {workspace!r} does not exist; create it with POST /v2/workspaces")
+        return workspace
+
+    def _confinement(self, workspace: str) -> Confinement:
+        return Confinement(self._workspace_root(workspace), self.data_roots)
+
+    def _workspace_root(self, workspace: str) -> str:
+        return storage.join(self.storage, "workspaces", workspace)
+
+    def _bump_routes(self) -> None:
+        self._routes_version = time.time_ns()
+
+    def ping(self) -> dict:
+        return {"ok": True, "schema_version": self.store.schema_version(), "home": str(self.home), "storage": self.storage,
+                "state": redacted(self.state_url),
+                "api_keys": len(self.store.list("apikey")), "data_roots": self.data_roots}
+
+    def _fresh(self, entity: Entity, model: type):
+        """The stored entity if nobody changed it since `entity` was read, else None (skip this tick)."""
+        body = self.store.get(KIND_OF[model], entity.workspace, entity.name)
+        if body is None or body["updated_at"] != entity.updated_at:
+            return None
+        return model.model_validate(body)
+

@@ -1,0 +1,182 @@
+"""Model entities: registered from an ONNX folder, or exported once from a base model as a Ray job."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from cluster import jobs
+from cluster.entities import Artifact, Evaluation, ModelDeployment, ModelEntity
+from cluster.schemas import ModelCreate
+from rayembed import storage
+from rayembed.artifact import MANIFEST, REQUIRED_FILES, ArtifactError, parse_manifest
+from cluster.services.base import SUBMIT_TIMEOUT_S, Core, check_name, validated
+from rayembed.errors import Conflict, InvalidRequest, Unavailable, shown
+
+log = logging.getLogger(__name__)
+
+
+class ModelService(Core):
+    """Model entities and their export jobs."""
+
+    # ---------------------------------------------------------------- model entities
+    def list_models(self, workspace: str) -> list[dict]:
+        self._workspace(workspace)
+        return [m.model_dump(mode="json") for m in self._all("model", ModelEntity, workspace)]
+
+    def get_model(self, workspace: str, name: str) -> dict:
+        self._workspace(workspace)
+        return self._load("model", workspace, name, ModelEntity).model_dump(mode="json")
+
+    def create_model(self, workspace: str, body: dict) -> dict:
+        """Register a base model: `base_model` (a local HF folder, a Hub-layout nemotron folder, or
+        all-MiniLM-L6-v2) is exported and verified once, as a Ray job; `artifact` (an ONNX folder this
+        project wrote) is registered as it is."""
+        self._workspace(workspace)
+        name = check_name(body.get("name"), "model")
+        base, artifact = body.get("base_model"), body.get("artifact")
+        if (base is None) == (artifact is None):
+            raise InvalidRequest("give exactly one of base_model (exported once) or artifact (an ONNX folder)", "base_model")
+        for field, value in (("base_model", base), ("artifact", artifact)):
+            if value is not None and not isinstance(value, str):
+                raise InvalidRequest(f"{field} must be a string (a folder path or model name), not {shown(value)}", field)
+        validated(ModelCreate, body, "model")
+        confinement = self._confinement(workspace)
+        confinement.model(base, "base_model")
+        confinement.read(artifact, "artifact")
+        out = storage.join(self._workspace_root(workspace), "models", name, "onnx")
+        if self.store.get("model", workspace, name) is not None:
+            raise Conflict(f"model {name!r} already exists in workspace {workspace!r}")
+        if artifact is not None:  # copied into storage (outside the lock), so every node reads the same files
+            published = self._publish_artifact(str(artifact), out)
+        with self._lock:
+            if self.store.get("model", workspace, name) is not None:
+                raise Conflict(f"model {name!r} already exists in workspace {workspace!r}")
+            if artifact is not None:
+                entity = self._entity_from_artifact(workspace, name, published, str(artifact), None, None,
+                                                    description=str(body.get("description", "")))
+            else:
+                entity = ModelEntity(workspace=workspace, name=name, status="exporting", base_model=str(base),
+                                     artifact=Artifact(uri=out), source_job=f"export-{workspace}-{name}-{jobs.new_job_id()[5:13]}",
+                                     description=str(body.get("description", "")))
+            self._save(entity)
+        if artifact is None:  # the export runs as a Ray job, submitted outside the lock (a network call)
+            entry = (f"{shlex.quote(sys.executable)} -m train.export --model {shlex.quote(str(base))} "
+                     f"--output {shlex.quote(str(out))}")
+            try:
+                self._jobs_client().submit_job(entrypoint=entry, submission_id=entity.source_job, **self._job_request(),
+                                               metadata={"rayembed": "model-export", "workspace": workspace, "model": name})
+            except Exception as exc:  # noqa: BLE001 - the export did not start: the name is free again
+                with self._lock:
+                    self.store.delete("model", workspace, name)
+                raise Unavailable(f"Ray did not accept the export job: {type(exc).__name__}: {exc}"[:1000] +
+                                  "; nothing was registered: retry in a few seconds") from None
+        return entity.model_dump(mode="json")
+
+    def _publish_artifact(self, folder: str, dest: str) -> str:
+        """An ONNX folder a user registers, sealed where every node reads it: a published URI as it is, a folder
+        inside a local storage root sealed in place (its files hashed again), any other folder copied to `dest`."""
+        if storage.is_uri(folder) and storage.read_seal(folder) is not None:
+            return folder
+        files = storage.list_files(folder) if storage.exists(folder) else {}
+        missing = [f for f in REQUIRED_FILES if f not in files]
+        if missing:
+            raise InvalidRequest(f"artifact {shown(folder)} lacks {', '.join(missing)}: give a folder written by "
+                                 "`python -m train.export` or a job's onnx/", "artifact")
+        inside = not storage.is_uri(folder) and not storage.is_uri(self.storage) and \
+            Path(folder).resolve().is_relative_to(Path(self.storage).resolve())
+        target = folder if inside else dest
+        storage.publish(folder, target)
+        return target
+
+    def _entity_from_artifact(self, workspace: str, name: str, uri: str, base_model: str, hf_uri: str | None,
+                              source_job: str | None, evaluation=None, description: str = "") -> ModelEntity:
+        """A ready model entity from a published ONNX folder in storage (read through the storage API, so the
+        actor's node needs none of the files)."""
+        seal = storage.read_seal(uri)
+        if seal is None:
+            raise InvalidRequest(f"artifact {uri} was not published completely (no seal): run its job or export "
+                                 "again", "artifact")
+        missing = [f for f in REQUIRED_FILES if f not in seal["files"]]
+        if missing:
+            raise InvalidRequest(f"artifact {uri} lacks {', '.join(missing)}: give a folder written by "
+                                 "`python -m train.export` or a job's onnx/", "artifact")
+        try:
+            m = parse_manifest(storage.read_text(storage.join(uri, MANIFEST)), uri)
+        except ArtifactError as exc:
+            raise InvalidRequest(str(exc), "artifact") from None
+        if evaluation is None and "eval.json" in seal["files"]:  # a job's onnx/ carries its evaluation
+            try:
+                evaluation = Evaluation.from_report(json.loads(storage.read_text(storage.join(uri, "eval.json"))))
+            except (ValueError, KeyError) as exc:
+                raise InvalidRequest(f"{uri}/eval.json is not a job's evaluation report: {exc}", "artifact") from None
+        params = None
+        if hf_uri and storage.is_file(storage.join(hf_uri, "model.safetensors")):
+            params = _count_parameters(storage.join(hf_uri, "model.safetensors"))
+        return ModelEntity(workspace=workspace, name=name, status="ready",
+                           base_model=m.base_model if base_model == uri else base_model,
+                           artifact=Artifact(uri=uri, sha256=seal["sha256"], hf_uri=hf_uri),
+                           parameter_count=params, precision="fp32 (ONNX; trained bf16-mixed on GPU)",
+                           embedding_dim=m.embedding_dim, matryoshka_dims=m.dims, max_seq_length=m.max_seq_length,
+                           prefixes=m.prefixes.model_dump(), evaluation=evaluation, source_job=source_job,
+                           description=description)
+
+    def delete_model(self, workspace: str, name: str) -> dict:
+        with self._lock:
+            self._workspace(workspace)
+            self._load("model", workspace, name, ModelEntity)
+            users = [d.name for d in self._all("deployment", ModelDeployment, workspace) if name in (d.model, d.pending_model)]
+            if users:
+                raise Conflict(f"model {name!r} is deployed by {', '.join(users)}; delete or repoint those deployments first")
+            self.store.delete("model", workspace, name)
+        return {"name": name, "deleted": True}
+
+    def _reconcile_export(self, model: ModelEntity) -> None:
+        info = self._ray_job(model.source_job)
+        status = getattr(info.status, "value", str(info.status)) if info else "GONE"
+        if status in ("PENDING", "RUNNING") or (status == "GONE" and time.time() - model.created_at < SUBMIT_TIMEOUT_S):
+            return  # running, or still being submitted
+        log_text = ""
+        if status == "FAILED":
+            try:
+                log_text = self._jobs_client().get_job_logs(model.source_job)
+            except RuntimeError:
+                pass
+        with self._lock:
+            model = self._fresh(model, ModelEntity)
+            if model is None:
+                return
+            if status == "SUCCEEDED":
+                try:
+                    ready = self._entity_from_artifact(model.workspace, model.name, model.artifact.uri, model.base_model,
+                                                       None, model.source_job, description=model.description)
+                    self._save(ready.model_copy(update={"created_at": model.created_at}))
+                except InvalidRequest as exc:
+                    self._save(model.touched(status="failed", error=exc.message))
+            else:
+                why = {"GONE": "the export's Ray job is gone (cluster restarted); register the model again",
+                       "STOPPED": "the export was stopped"}.get(status, jobs.last_lines(log_text or (info.message if info else "")))
+                self._save(model.touched(status="failed", error=why))
+
+
+def _count_parameters(uri: str) -> int | None:
+    """Parameters in a safetensors file in storage, read from its header alone (no torch)."""
+    import struct
+
+    try:
+        size = struct.unpack("<Q", storage.read_head(uri, 8))[0]
+        header = json.loads(storage.read_head(uri, 8 + size)[8:])
+    except (OSError, ValueError, struct.error):
+        return None
+    total = 0
+    for key, meta in header.items():
+        if key != "__metadata__":
+            n = 1
+            for d in meta["shape"]:
+                n *= d
+            total += n
+    return total

@@ -1,0 +1,99 @@
+"""Workspaces, API keys, and the providers and routing table the gateway follows."""
+
+from __future__ import annotations
+
+import logging
+
+from cluster.entities import DEFAULT_WORKSPACE, ApiKey, ModelProvider, Workspace
+from cluster.schemas import WorkspaceCreate
+from serve import auth
+from cluster.services.base import WHAT, Core, check_name, validated
+from rayembed.errors import Conflict, InvalidRequest, NotFound, shown
+
+log = logging.getLogger(__name__)
+
+
+class WorkspaceService(Core):
+    """Workspaces and keys (keys only through Ray: `rayembed keys`), providers and the gateway's routes."""
+
+    # ---------------------------------------------------------------- API keys (Ray callers only: `rayembed keys`)
+    def create_key(self, workspaces: list[str], label: str = "") -> dict:
+        """A key for `workspaces` (["*"]: all, an admin key). Returns the key itself, this once."""
+        if not workspaces:
+            raise InvalidRequest("a key needs at least one workspace, or all of them (*)", "workspaces")
+        with self._lock:
+            if auth.ALL not in workspaces:
+                for w in workspaces:
+                    self._workspace(w)
+            key_id, key, sha = auth.new_key()
+            record = ApiKey(id=key_id, sha256=sha, workspaces=sorted(set(workspaces)), label=str(label)[:200])
+            self.store.put("apikey", "", key_id, record.model_dump(mode="json"))
+            self._bump_routes()
+        return {**record.public(), "key": key}
+
+    def list_keys(self) -> list[dict]:
+        return [ApiKey.model_validate(b).public() for b in self.store.list("apikey")]
+
+    def revoke_key(self, key_id: str) -> dict:
+        with self._lock:
+            if not self.store.delete("apikey", "", str(key_id)):
+                raise NotFound(f"API key {shown(key_id)} does not exist (`rayembed keys list` shows the ids)")
+            self._bump_routes()
+        return {"id": key_id, "revoked": True}
+
+    # ---------------------------------------------------------------- workspaces
+    def list_workspaces(self) -> list[dict]:
+        return [w.model_dump(mode="json") for w in self._all("workspace", Workspace)]
+
+    def create_workspace(self, body: dict) -> dict:
+        name = check_name(body.get("name"), "workspace")
+        validated(WorkspaceCreate, body, "workspace")
+        with self._lock:
+            if self.store.get("workspace", "", name) is not None:
+                raise Conflict(f"workspace {name!r} already exists")
+            ws = validated(Workspace, body, "workspace")
+            self._save(ws)
+            self._bump_routes()
+        return ws.model_dump(mode="json")
+
+    def get_workspace(self, name: str) -> dict:
+        self._workspace(name)
+        return self.store.get("workspace", "", name)
+
+    def delete_workspace(self, name: str) -> dict:
+        with self._lock:
+            self._workspace(name)
+            if name == DEFAULT_WORKSPACE:
+                raise Conflict("the default workspace cannot be deleted")
+            used = [k for k in ("model", "dataset", "job", "deployment_config", "deployment") if self.store.list(k, name)]
+            if used:
+                raise Conflict(f"workspace {name!r} still holds {', '.join(WHAT[k] + 's' for k in used)}; delete them first")
+            keys = [k["id"] for k in self.store.list("apikey") if name in k["workspaces"]]
+            if keys:  # a key would otherwise regain access to a workspace created later under the same name
+                raise Conflict(f"workspace {name!r} is in the scope of API keys {', '.join(keys)}; revoke them first "
+                               "(`rayembed keys revoke ID`)")
+            self.store.delete("workspace", "", name)
+            self._bump_routes()
+        return {"name": name, "deleted": True}
+
+    # ---------------------------------------------------------------- providers and routes
+    def list_providers(self, workspace: str) -> list[dict]:
+        self._workspace(workspace)
+        return [p.model_dump(mode="json") for p in self._all("provider", ModelProvider, workspace)]
+
+    def get_provider(self, workspace: str, name: str) -> dict:
+        self._workspace(workspace)
+        return self._load("provider", workspace, name, ModelProvider).model_dump(mode="json")
+
+    def routes(self, known_version: int | None = None) -> dict | None:
+        """The gateway's routing table (None when `known_version` is current): READY providers by model entity."""
+        version = self._routes_version
+        if known_version == version:
+            return None
+        by_model: dict[tuple[str, str], list[dict]] = {}
+        for p in self._all("provider", ModelProvider):
+            by_model.setdefault((p.workspace, p.model), []).append({"name": p.name, "app": p.app})
+        models = [{"workspace": w, "name": m, "providers": ps} for (w, m), ps in sorted(by_model.items())]
+        workspaces = [w.name for w in self._all("workspace", Workspace)]
+        keys = [{k: b[k] for k in ("id", "sha256", "workspaces")} for b in self.store.list("apikey")]
+        return {"version": version, "workspaces": workspaces, "config": {"models": models}, "keys": keys}
