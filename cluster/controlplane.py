@@ -51,6 +51,7 @@ class ControlPlane(WorkspaceService, ModelService, DatasetService, JobService, D
         self._routes_version = time.time_ns()  # a restart changes it, so every gateway re-reads the routes
         self._client = None
         self._started_apps: set[str] = set()  # Serve applications this incarnation deployed
+        self._graphs: set[tuple] = set()  # (artifact, digest, graph) found in storage (cluster/services/deployments.py)
         if self.store.get("workspace", "", DEFAULT_WORKSPACE) is None:
             self._save(Workspace(name=DEFAULT_WORKSPACE, description="always exists"))
         self._pool = futures.ThreadPoolExecutor(max_workers=RECONCILE_WORKERS, thread_name_prefix="reconcile")

@@ -12,7 +12,7 @@ from cluster.schemas import DeploymentConfigCreate, DeploymentConfigUpdate, Depl
 from rayembed import storage
 from rayembed.artifact import GRAPH_FP16, GRAPH_INT8
 from cluster.services.base import PENDING_TIMEOUT_S, RETIRE_AFTER_S, Core, check_name, validated
-from rayembed.errors import Conflict, InvalidRequest, PromotionRefused, shown
+from rayembed.errors import Conflict, InvalidName, InvalidRequest, NotFound, PromotionRefused, shown
 
 log = logging.getLogger(__name__)
 
@@ -76,23 +76,47 @@ class DeploymentService(Core):
 
     def _gate(self, model: ModelEntity, allow_worse: bool, cfg: ModelDeploymentConfig) -> None:
         """Promotion gate: a model its own job found worse than its base is not deployed without an override;
-        and the graph the config asks for must be in the model's artifact."""
-        graph = {"int8": GRAPH_INT8, "fp16": GRAPH_FP16}.get(cfg.precision)
-        if graph and not storage.is_file(storage.join(model.artifact.uri, graph)):
-            how = ("`python -m train.quantize --model-dir DIR --eval BEIR_DIR`, or output.export_int8 in the job"
-                   if graph == GRAPH_INT8 else "export_fp16: true in the job")
-            raise InvalidRequest(f"precision {cfg.precision} needs {graph} in model {model.name!r}'s artifact "
-                                 f"({model.artifact.uri}); write it with {how}, or use precision auto", "precision")
+        and the graph the config asks for must be in the model's artifact (checked by `_graph_in_artifact` before the
+        lock was taken: a storage read)."""
+        self._graph_in_artifact(model, cfg.precision)
         ev = model.evaluation
         if ev is not None and ev.verdict == "worse" and not allow_worse:
             raise PromotionRefused(f"model {model.name!r} is worse than its base model: {ev.summary()}. "
                                    "Deploy it anyway with allow_worse: true, or train again", "model")
+
+    def _graph_in_artifact(self, model: ModelEntity, precision: str) -> None:
+        """The graph `precision` names is in the model's artifact (a storage read; a sealed artifact never changes)."""
+        graph = {"int8": GRAPH_INT8, "fp16": GRAPH_FP16}.get(precision)
+        if not graph:
+            return
+        key = (model.artifact.uri, model.artifact.sha256, graph)
+        if key not in self._graphs and storage.is_file(storage.join(model.artifact.uri, graph)):
+            self._graphs.add(key)  # only a graph found is remembered: one written later is found then
+        if key not in self._graphs:
+            how = ("`python -m train.quantize --model-dir DIR --eval BEIR_DIR`, or output.export_int8 in the job"
+                   if graph == GRAPH_INT8 else "export_fp16: true in the job")
+            raise InvalidRequest(f"precision {precision} needs {graph} in model {model.name!r}'s artifact "
+                                 f"({model.artifact.uri}); write it with {how}, or use precision auto", "precision")
+
+    def _check_graph_first(self, workspace: str, model: str | None, config: str | None, precision: str | None) -> None:
+        """Before the lock: look the requested graph up in storage, so `_gate` under the lock finds it remembered.
+        Anything that does not resolve here is left to the checks under the lock, which name it."""
+        try:
+            cfg = self._load("deployment_config", workspace, config, ModelDeploymentConfig) if config else None
+            name = model or (cfg.model if cfg else None)
+            entity = self._load("model", workspace, name, ModelEntity) if name else None
+        except (NotFound, InvalidName):
+            return
+        wanted = precision or (cfg.precision if cfg else None)
+        if entity is not None and entity.artifact is not None and wanted:
+            self._graph_in_artifact(entity, wanted)
 
     def create_deployment(self, workspace: str, body: dict) -> dict:
         self._workspace(workspace)
         name = check_name(body.get("name"), "deployment")
         validated(DeploymentCreate, body, "deployment")
         allow_worse = bool(body.get("allow_worse", False))
+        self._check_graph_first(workspace, body.get("model"), body.get("config"), body.get("precision"))
         with self._lock:
             if self.store.get("deployment", workspace, name) is not None:
                 raise Conflict(f"deployment {name!r} already exists in workspace {workspace!r}")
@@ -121,6 +145,9 @@ class DeploymentService(Core):
         """Point a deployment at another model (or config version): a new generation starts beside the
         old one, and the routes move only once it answers (zero-downtime swap)."""
         validated(DeploymentUpdate, body, "deployment change")
+        current = self.store.get("deployment", workspace, name) or {}
+        self._check_graph_first(workspace, body.get("model"), body.get("config", current.get("config")),
+                                body.get("precision"))
         with self._lock:
             self._workspace(workspace)
             dep = self._load("deployment", workspace, name, ModelDeployment)

@@ -8,7 +8,7 @@ import shlex
 import sys
 
 from cluster import jobs
-from cluster.entities import JOB_DONE, CustomizationJob, StatusChange, now
+from cluster.entities import JOB_DONE, CustomizationJob, ModelEntity, StatusChange, now
 from cluster.schemas import JobCreate
 from rayembed import storage
 from rayembed.progress import PROGRESS_ENV
@@ -50,28 +50,39 @@ class JobService(Core):
             spec = {**spec, "job": self._with_dataset(workspace, spec["job"], "sweep.job")}
         else:
             spec = self._with_dataset(workspace, spec, "config")
-        with self._lock:
-            if self.store.get("model", workspace, output_model) is not None:
-                raise Conflict(f"model {output_model!r} already exists in workspace {workspace!r}: choose another output_model")
-            clash = [j.name for j in self._all("job", CustomizationJob, workspace)
-                     if j.output_model == output_model and j.status not in JOB_DONE]
-            if clash:
-                raise Conflict(f"job {clash[0]} already creates model {output_model!r}")
-            job_id = jobs.new_job_id()
-            job_dir = storage.join(self._workspace_root(workspace), "jobs", job_id)
-            has_gpu = self._cluster_has_gpu()
-            gpu_gib = float(os.environ.get("RAYEMBED_GPU_MEMORY_GIB", DEFAULT_GPU_MEMORY_GIB)) if has_gpu else None
-            prepared = jobs.prepare(kind, spec, job_dir, gpu_gib, self._confinement(workspace))
-            job = CustomizationJob(workspace=workspace, name=job_id, kind=kind, spec=prepared.spec,
-                                   output_model=output_model, output_dir=prepared.artifact_dir,
-                                   ray_job_id=job_id, warnings=prepared.warnings, gpu_estimate=prepared.gpu_estimate,
-                                   status_history=[StatusChange(status="created")])
-            self._save(job)  # created: it holds its output model's name while it is submitted
+        self._output_model_free(workspace, output_model)  # fails fast, before anything is written
+        job_id = jobs.new_job_id()
+        job_dir = storage.join(self._workspace_root(workspace), "jobs", job_id)
+        # outside the lock: a call to Ray (the cluster's GPUs) and the job's folder written to storage
+        gpu_gib = float(os.environ.get("RAYEMBED_GPU_MEMORY_GIB", DEFAULT_GPU_MEMORY_GIB)) if self._cluster_has_gpu() else None
+        prepared = jobs.prepare(kind, spec, job_dir, gpu_gib, self._confinement(workspace))
+        try:
+            with self._lock:
+                self._output_model_free(workspace, output_model)  # again: another request may have taken it meanwhile
+                job = self._created_job(workspace, job_id, kind, output_model, prepared)
+        except Conflict:
+            storage.delete_tree(job_dir)  # the folder prepared for it (outside the lock)
+            raise
         self._submit(job, prepared.entrypoint, job_id, {"rayembed": "customization-job", "workspace": workspace,
                                                         "output_model": output_model})
         with self._lock:
             job = self._job_status(self._fresh(job, CustomizationJob) or job, "pending", "submitted to Ray as job " + job_id)
         return job.model_dump(mode="json")
+
+    def _created_job(self, workspace: str, job_id: str, kind: str, output_model: str, prepared) -> CustomizationJob:
+        job = CustomizationJob(workspace=workspace, name=job_id, kind=kind, spec=prepared.spec, output_model=output_model,
+                               output_dir=prepared.artifact_dir, ray_job_id=job_id, warnings=prepared.warnings,
+                               gpu_estimate=prepared.gpu_estimate, status_history=[StatusChange(status="created")])
+        self._save(job)  # created: it holds its output model's name while it is submitted
+        return job
+
+    def _output_model_free(self, workspace: str, output_model: str) -> None:
+        if self.store.get("model", workspace, output_model) is not None:
+            raise Conflict(f"model {output_model!r} already exists in workspace {workspace!r}: choose another output_model")
+        clash = [j.name for j in self._all("job", CustomizationJob, workspace)
+                 if j.output_model == output_model and j.status not in JOB_DONE]
+        if clash:
+            raise Conflict(f"job {clash[0]} already creates model {output_model!r}")
 
     def _submit(self, job: CustomizationJob, entrypoint: str, ray_job_id: str, metadata: dict) -> None:
         """Submit a Ray job, outside the store lock (a network call). Refused (Ray's job agent not up yet, the
@@ -194,6 +205,7 @@ class JobService(Core):
                 log_text = self._jobs_client().get_job_logs(job.ray_job_id)
             except RuntimeError:
                 log_text = ""
+        outcome = self._read_outcome(job) if status == "SUCCEEDED" else None
         with self._lock:
             job = self._fresh(job, CustomizationJob)
             if job is None or job.status in JOB_DONE:
@@ -212,7 +224,7 @@ class JobService(Core):
                 elif update:
                     self._save(job.touched(**update))
             elif status == "SUCCEEDED":
-                self._complete_job(job, update)
+                self._complete_job(job, update, outcome)
             elif status == "FAILED":
                 self._job_status(job, "failed", info.message or "the Ray job failed", finished_at=now(),
                                  error=jobs.last_lines(log_text or info.message or ""), **update)
@@ -220,17 +232,26 @@ class JobService(Core):
                 self._job_status(job, "cancelled", "the Ray job was stopped", finished_at=now(), **update)
 
 
-    def _complete_job(self, job: CustomizationJob, update: dict) -> None:
+    def _read_outcome(self, job: CustomizationJob) -> tuple[dict, ModelEntity] | str:
+        """A finished job's result and the model entity its artifact makes, read from storage (before the lock is
+        taken); or why its output is not usable."""
         artifact_dir = job.output_dir
         try:
             result, evaluation = jobs.read_results(job.kind, artifact_dir, storage.parent(artifact_dir))
             base = job.spec["job"]["model"] if job.kind == "sweep" else job.spec["model"]
             model = self._entity_from_artifact(job.workspace, job.output_model, storage.join(artifact_dir, "onnx"), base,
                                                storage.join(artifact_dir, "model"), job.name, evaluation)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, InvalidRequest) as exc:
+            return f"the Ray job succeeded but its output in {artifact_dir} is not usable: {exc}"
+        return result, model
+
+    def _complete_job(self, job: CustomizationJob, update: dict, outcome: tuple[dict, ModelEntity] | str) -> None:
+        artifact_dir = job.output_dir
+        if isinstance(outcome, str):
             self._job_status(job, "failed", "the job finished without a usable artifact", finished_at=now(),
-                             error=f"the Ray job succeeded but its output in {artifact_dir} is not usable: {exc}", **update)
+                             error=outcome, **update)
             return
+        result, model = outcome
         if self.store.get("model", job.workspace, job.output_model) is not None:
             self._job_status(job, "failed", "output model name taken", finished_at=now(),
                              error=f"model {job.output_model!r} was created meanwhile; the artifact stays in {artifact_dir}")
@@ -238,5 +259,5 @@ class JobService(Core):
         self._save(model)
         progress = update.get("progress") or job.progress
         progress = progress.model_copy(update={"step": progress.total_steps or progress.step, "percent": 100.0, "eta_seconds": 0})
-        self._job_status(job, "completed", f"model {model.name} created: {evaluation.summary()}", finished_at=now(),
+        self._job_status(job, "completed", f"model {model.name} created: {model.evaluation.summary()}", finished_at=now(),
                          result=result, progress=progress)

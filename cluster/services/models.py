@@ -51,15 +51,14 @@ class ModelService(Core):
         out = storage.join(self._workspace_root(workspace), "models", name, "onnx")
         if self.store.get("model", workspace, name) is not None:
             raise Conflict(f"model {name!r} already exists in workspace {workspace!r}")
-        if artifact is not None:  # copied into storage (outside the lock), so every node reads the same files
+        if artifact is not None:  # copied into storage and read (outside the lock), so every node reads the same files
             published = self._publish_artifact(str(artifact), out)
+            entity = self._entity_from_artifact(workspace, name, published, str(artifact), None, None,
+                                                description=str(body.get("description", "")))
         with self._lock:
             if self.store.get("model", workspace, name) is not None:
                 raise Conflict(f"model {name!r} already exists in workspace {workspace!r}")
-            if artifact is not None:
-                entity = self._entity_from_artifact(workspace, name, published, str(artifact), None, None,
-                                                    description=str(body.get("description", "")))
-            else:
+            if artifact is None:
                 entity = ModelEntity(workspace=workspace, name=name, status="exporting", base_model=str(base),
                                      artifact=Artifact(uri=out), source_job=f"export-{workspace}-{name}-{jobs.new_job_id()[5:13]}",
                                      description=str(body.get("description", "")))
@@ -146,20 +145,23 @@ class ModelService(Core):
                 log_text = self._jobs_client().get_job_logs(model.source_job)
             except RuntimeError:
                 pass
+        ready, why = None, None
+        if status == "SUCCEEDED":  # the artifact is read before the lock is taken (storage may be remote)
+            try:
+                ready = self._entity_from_artifact(model.workspace, model.name, model.artifact.uri, model.base_model,
+                                                   None, model.source_job, description=model.description)
+            except InvalidRequest as exc:
+                why = exc.message
+        else:
+            why = {"GONE": "the export's Ray job is gone (cluster restarted); register the model again",
+                   "STOPPED": "the export was stopped"}.get(status, jobs.last_lines(log_text or (info.message if info else "")))
         with self._lock:
             model = self._fresh(model, ModelEntity)
             if model is None:
                 return
-            if status == "SUCCEEDED":
-                try:
-                    ready = self._entity_from_artifact(model.workspace, model.name, model.artifact.uri, model.base_model,
-                                                       None, model.source_job, description=model.description)
-                    self._save(ready.model_copy(update={"created_at": model.created_at}))
-                except InvalidRequest as exc:
-                    self._save(model.touched(status="failed", error=exc.message))
+            if ready is not None:
+                self._save(ready.model_copy(update={"created_at": model.created_at}))
             else:
-                why = {"GONE": "the export's Ray job is gone (cluster restarted); register the model again",
-                       "STOPPED": "the export was stopped"}.get(status, jobs.last_lines(log_text or (info.message if info else "")))
                 self._save(model.touched(status="failed", error=why))
 
 
