@@ -118,7 +118,7 @@ def wait_for_head(address: str, log=print) -> None:
         return
     log(f"ray: waiting for the head at {address} (up to {timeout_s:.0f} s)")
     try:
-        poll(lambda: reachable(address) or None, timeout_s=timeout_s, what=f"RAY_ADDRESS={address} accepts no connections")
+        poll(lambda: reachable(address) or None, timeout_s=timeout_s, what=f"RAY_ADDRESS={address} did not accept connections")
     except TimeoutError as exc:
         raise RuntimeError(f"{exc}: is the Ray head running there (`ray start --head`)? RAYEMBED_JOIN_TIMEOUT_S "
                            "waits longer") from None

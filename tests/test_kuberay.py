@@ -271,5 +271,5 @@ def test_up_waits_for_a_head_that_is_still_starting(monkeypatch):
     finally:
         server.close()
     monkeypatch.setenv("RAYEMBED_JOIN_TIMEOUT_S", "1")
-    with pytest.raises(RuntimeError, match=f"RAY_ADDRESS=127.0.0.1:{port} did not accept connections within 1 s"):
+    with pytest.raises(RuntimeError, match=f"RAY_ADDRESS=127.0.0.1:{port} did not accept connections after 1 s: is the Ray head running"):
         wait_for_head(f"127.0.0.1:{port}", log=lines.append)
