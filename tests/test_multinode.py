@@ -197,7 +197,8 @@ def test_a_client_that_shares_no_disk_runs_the_story_across_nodes(cluster, tmp_p
     assert (nodes.folder("server", "cache") / model.artifact.sha256 / "model.onnx").is_file()  # materialized there
 
     jobs = [{k: j[k] for k in ("spec", "output_dir", "result")} for j in c.customization.jobs.list()]
-    everything = json.dumps([c.datasets.list(), jobs, c.models.list(), c.deployments.list(), c.providers.list()])
+    everything = json.dumps([c.datasets.list(), jobs, c.models.list(), c.deployments.list(), c.providers.list()],
+                            default=lambda answer: answer.model_dump(mode="json"))
     assert str(nodes.root) not in everything and "/tmp/" not in everything  # URIs and names, never a node's path
     assert done.output_dir.startswith(BUCKET) and done.result["eval"]["dataset"] == f"{ds.uri}/evaluation"
     assert all(f.uri.startswith(BUCKET) for f in c.datasets.retrieve("debian").files.values())
