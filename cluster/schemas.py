@@ -88,6 +88,9 @@ class JobCreate(Wire):
                                          "the learning rates to try (docs/config.md)")
 
 
+Precision = Literal["auto", "fp32", "fp16", "optimized", "int8"]
+
+
 class DeploymentSettings(Wire):
     """How a model is served: replicas (or autoscaling), resources per replica, batching, which graph."""
 
@@ -97,7 +100,7 @@ class DeploymentSettings(Wire):
     num_gpus: float = Field(0.0, ge=0)
     batching: Batching = Batching()
     default_input_type: Literal["query", "passage"] | None = None
-    precision: Literal["auto", "fp32", "fp16", "optimized", "int8"] = "auto"
+    precision: Precision = "auto"
 
 
 class DeploymentConfigCreate(DeploymentSettings):
@@ -120,10 +123,10 @@ class DeploymentConfigUpdate(Wire):
     num_gpus: float | None = Field(None, ge=0)
     batching: Batching | None = None
     default_input_type: Literal["query", "passage"] | None = None
-    precision: Literal["auto", "fp32", "fp16", "optimized", "int8"] | None = None
+    precision: Precision | None = None
 
 
-class DeploymentCreate(Wire):
+class DeploymentCreate(DeploymentConfigUpdate):
     """Either `config` (a stored deployment config) or `model` and inline settings (a config of the deployment's
     name, owned by it)."""
 
@@ -134,13 +137,6 @@ class DeploymentCreate(Wire):
     config: str | None = Field(None, pattern=NAME_PATTERN, description="a deployment config in the same workspace")
     model: str | None = Field(None, pattern=NAME_PATTERN, description="a ready model entity (inline settings)")
     allow_worse: bool = Field(False, description="deploy a model its own job found worse than its base")
-    num_replicas: int | None = Field(None, ge=1)
-    autoscaling: Autoscaling | None = None
-    num_cpus: float | None = Field(None, ge=0)
-    num_gpus: float | None = Field(None, ge=0)
-    batching: Batching | None = None
-    default_input_type: Literal["query", "passage"] | None = None
-    precision: Literal["auto", "fp32", "fp16", "optimized", "int8"] | None = None
 
 
 class DeploymentUpdate(DeploymentConfigUpdate):
@@ -234,7 +230,7 @@ class DeploymentConfigOut(EntityOut):
     num_gpus: float
     batching: Batching
     default_input_type: Literal["query", "passage"] | None = None
-    precision: Literal["auto", "fp32", "fp16", "optimized", "int8"]
+    precision: Precision
 
 
 class DeploymentConfigDetail(DeploymentConfigOut):
