@@ -345,3 +345,26 @@ def test_a_slow_probe_holds_up_no_other_deployment(tmp_path, monkeypatch):
     finally:
         release.set()
         cp._stop.set()
+
+
+@pytest.mark.parametrize("entity,answer", [
+    ("Workspace", "WorkspaceOut"), ("ModelEntity", "ModelOut"), ("Dataset", "DatasetOut"),
+    ("CustomizationJob", "JobOut"), ("ModelDeploymentConfig", "DeploymentConfigOut"),
+    ("ModelDeployment", "DeploymentOut"), ("ModelProvider", "ProviderOut"), ("StatusChange", "StatusChangeOut")])
+def test_every_stored_field_is_in_its_answer_and_times_go_out_as_iso_8601(entity, answer):
+    """An answer model drops what it does not declare: a field added to an entity must be added to its answer."""
+    from cluster import entities, schemas
+
+    stored, out = getattr(entities, entity), getattr(schemas, answer)
+    assert set(stored.model_fields) == set(out.model_fields)
+    times = [f for f in stored.model_fields if f.endswith(("_at", "_since")) or f == "at"]
+    sample = {"name": "x", "base_model": "b", "spec": {}, "output_model": "m", "output_dir": "/o", "model": "m",
+              "config": "c", "deployment": "d", "app": "a", "uri": "/u", "status": "ready", "workspace": "default"}
+    required = {k: v for k, v in sample.items() if k in stored.model_fields and stored.model_fields[k].is_required()}
+    if entity == "CustomizationJob":
+        required["status"] = "running"
+    if entity == "ModelDeployment":
+        required["status"] = "READY"
+    body = stored.model_validate({**required, **{t: 1796232146.941 for t in times}}).model_dump(mode="json")
+    shown = out.model_validate(body).model_dump(mode="json")
+    assert times and all(shown[t] == "2026-12-02T17:22:26.941000Z" for t in times), shown
