@@ -14,6 +14,48 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "debian-pkgdesc-sample"
 
 
+# The README's test command runs on pytest-xdist workers (pyproject: `-n 2 --dist loadgroup`). A module whose tests
+# share a module-scoped cluster runs on one worker, in its order; other tests go one by one to whichever worker is
+# free. Work starts longest first, so no long test is left to run alone at the end: these are the seconds each slow
+# test (or module, run as one unit) took alone on the 2-core VM. Only the order depends on them.
+TOGETHER = ("tests/test_multinode.py", "tests/test_platform.py", "tests/test_serve.py", "tests/test_kuberay.py")
+SLOW_S = {
+    "tests/test_multinode.py": 380, "tests/test_platform.py": 375, "tests/test_serve.py": 227, "tests/test_kuberay.py": 63,
+    "tests/test_job.py::test_the_readme_minilm_job": 137, "tests/test_install.py::test_serving_install": 76,
+    "tests/test_tune.py::test_absurd": 68, "tests/test_tune.py::test_failing_trial": 53, "tests/test_bench.py::test_soak": 45,
+    "tests/test_batch.py::test_job_mines": 45, "tests/test_job.py::test_job_console": 38, "tests/test_tune.py::test_loguniform": 33,
+    "tests/test_batch.py::test_corpus_embedding_on_a_two_node": 33, "tests/test_batch.py::test_corpus_embedding_matches": 34,
+    "tests/test_job.py::test_killed_worker": 29, "tests/test_serve_cli.py": 23, "tests/test_export.py::test_int8_graph_passes": 22,
+    "tests/test_job.py::test_full_sft": 22, "tests/test_export.py::test_export_cli": 21, "tests/test_job.py::test_tiny_bert": 17,
+    "tests/test_job.py::test_lora_merged": 17, "tests/test_job.py::test_a_fast_loop": 14, "tests/test_install.py::test_the_built": 12,
+}
+
+
+def pytest_configure(config):
+    """Once, before any worker starts: Ray's token for `ray start` clusters (~/.ray/auth_token). Every cluster on this
+    machine uses it, and two workers generating it at once could each start a cluster with a token the other
+    then overwrites."""
+    if not hasattr(config, "workerinput") and not (Path.home() / ".ray" / "auth_token").is_file():
+        import subprocess
+        import sys
+
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], capture_output=True,
+                       timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")})
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    def seconds(item) -> int:
+        module = item.nodeid.split("::")[0]
+        key = module if module in TOGETHER else item.nodeid
+        return max((s for prefix, s in SLOW_S.items() if key.startswith(prefix)), default=0)
+
+    for item in items:
+        if (module := item.nodeid.split("::")[0]) in TOGETHER:
+            item.add_marker(pytest.mark.xdist_group(module))
+    items.sort(key=seconds, reverse=True)  # a stable sort: a module's tests keep their order
+
+
 def sample_lines(n: int) -> list[dict]:
     with (SAMPLE / "train.jsonl").open() as fh:
         return [json.loads(next(fh)) for _ in range(n)]
@@ -51,7 +93,8 @@ def ray_session():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, test-only local instance
     for key, value in SERVE_START_ENV.items():  # Serve's processes read them when they start
         os.environ.setdefault(key, value)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": always a new instance, never a `ray start` cluster that another test (or xdist worker) runs meanwhile
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

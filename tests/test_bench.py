@@ -31,7 +31,7 @@ def test_soak_runs_briefly_and_accounts_for_every_request(tmp_path, minilm_onnx)
     from rayembed.runtime import free_port
 
     proc = subprocess.run([sys.executable, "-m", "bench.soak", "--model-dir", str(minilm_onnx), "--work", str(tmp_path),
-                           "--duration", "12", "--warmup", "4", "--saturation-seconds", "3", "--load", "0.3",
+                           "--duration", "11", "--warmup", "2", "--saturation-seconds", "2", "--load", "0.3",
                            "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=600)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     samples = [json.loads(line) for line in (tmp_path / "soak.jsonl").read_text().splitlines()]

@@ -144,7 +144,7 @@ def test_a_client_that_shares_no_disk_runs_the_story_across_nodes(cluster, tmp_p
           "h = Hold.options(name='hold', lifetime='detached').remote()\nray.get(h.ping.remote())")  # trainer-b busy
     job = c.customization.jobs.create("debian-tuned", config={
         "model": "all-MiniLM-L6-v2", "name": "mn", "dataset": {"name": "debian"},
-        "training": {"max_seq_length": 48}, "schedule": {"max_steps": 80}, "batch": {"global_batch_size": 8},
+        "training": {"max_seq_length": 48}, "schedule": {"max_steps": 30}, "batch": {"global_batch_size": 8},
         "optimizer": {"learning_rate": 2e-5}, "output": {"checkpoint_every_steps": 10, "log_every_steps": 5},
         "resources": {"use_gpu": False, "worker_resources": {"trainer": 1}}})
     registered = storage.join(job.output_dir, "checkpoints", "mn", "checkpoint_manager_snapshot.json")

@@ -589,16 +589,16 @@ def _pids_titled(title: str) -> list[int]:
 
 def _kill_under_load(gateway: str, model: str, want: np.ndarray, title: str, app: str, deployment: str,
                      replicas: int = 2) -> None:
-    """16 clients post 2 texts each for 40 s; at 8 s one of the processes titled `title` is SIGKILLed. At
+    """16 clients post 2 texts each for 24 s; at 6 s one of the processes titled `title` is SIGKILLed. At
     most 1 % of requests may fail (a wrong vector or an answer that is not JSON counts as failed), answers
-    continue 20 s after the kill, and Serve has `replicas` running again within 60 s."""
+    continue 10 to 16 s after the kill, and Serve has `replicas` running again within 60 s."""
     from ray import serve
 
     results: list[tuple[float, int, bool]] = []  # (time, status, vectors correct)
     start = time.monotonic()
 
     def client():
-        while time.monotonic() - start < 40:
+        while time.monotonic() - start < 24:
             try:
                 status, body, _ = call(gateway + "/v1/embeddings", {"model": model, "input": TEXTS[:2]})
             except (OSError, ValueError) as exc:  # a reset connection, a body that is not JSON
@@ -610,7 +610,7 @@ def _kill_under_load(gateway: str, model: str, want: np.ndarray, title: str, app
 
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(client) for _ in range(16)]
-        time.sleep(8)
+        time.sleep(6)
         victims = _pids_titled(title)
         assert len(victims) == replicas, victims
         os.kill(victims[0], signal.SIGKILL)
@@ -618,11 +618,11 @@ def _kill_under_load(gateway: str, model: str, want: np.ndarray, title: str, app
         for f in futures:
             f.result()
     failed = [r for r in results if not r[2]]
-    after = [r for r in results if killed_at + 20 < r[0] <= killed_at + 30 and r[2]]
+    after = [r for r in results if killed_at + 10 < r[0] <= killed_at + 16 and r[2]]
     print(json.dumps({"requests": len(results), "failed": len(failed), "killed_at_s": round(killed_at, 1),
                       "statuses_failed": sorted({r[1] for r in failed}),
                       "ok_per_s_before": round(len([r for r in results if r[0] <= killed_at and r[2]]) / killed_at, 1),
-                      "ok_per_s_20_to_30_s_after": round(len(after) / 10, 1)}))
+                      "ok_per_s_10_to_16_s_after": round(len(after) / 6, 1)}))
     assert len(results) > 100 and len(failed) <= 0.01 * len(results), (len(results), failed[:5])
     assert after, "answers continue after the kill"
     deadline = time.monotonic() + 60
@@ -684,7 +684,7 @@ def test_a_hung_replica_is_bypassed_by_the_request_deadline(gateway, artifacts, 
     results: list[tuple[float, bool]] = []  # (seconds, correct)
     try:
         def client():
-            end = time.monotonic() + 15
+            end = time.monotonic() + 10
             while time.monotonic() < end:
                 t0 = time.monotonic()
                 status, body, _ = call(gateway + "/v1/embeddings", {"model": "hang", "input": TEXTS[:2]})
