@@ -57,8 +57,7 @@ def start_head(s: Settings, num_cpus: int | None, num_gpus: int | None, ingress:
     auth = os.environ.get("RAY_AUTH_MODE", "token")  # Ray 2.60's default for `ray start` clusters
     if auth == "token":  # the token lives in ~/.ray/auth_token; every client on this machine reads it
         subprocess.run([cmd[0], "get-auth-token", "--generate"], capture_output=True, text=True, timeout=120)
-    # Serve reads them once: the head's processes and this one; HAProxy's sockets go in this head's own temp dir
-    os.environ.update(serve_ingress_env(ingress, temp_dir / "haproxy"))
+    os.environ.update(serve_ingress_env(ingress))  # Serve reads them once: the head's processes and this one
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"`ray start --head` failed:\n{(proc.stdout + proc.stderr)[-3000:]}")

@@ -6,7 +6,6 @@ import logging
 import os
 import random
 import socket
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -54,16 +53,14 @@ def free_port() -> int:
     raise RuntimeError(f"no free TCP port in {lo}-{hi - 1} after 200 tries")
 
 
-def serve_ingress_env(ingress: str, run_dir: str | Path | None = None) -> dict[str, str]:
+def serve_ingress_env(ingress: str) -> dict[str, str]:
     """Settings Serve reads once, when its processes start, for a Ray that this process starts.
 
     haproxy: Serve's HAProxy ingress instead of the Python proxy actor: one fewer Python hop per request
     (docs/benchmarks.md §5: 1.4-1.6x the texts/s at one text per request, 11-14 ms less p50). The ingress
     replica runs its own HTTP server on a port in 30000-31000, bound to all interfaces, and HAProxy's
     metrics and stats ports too (chosen free here): firewall them on shared hosts. HAProxy does not
-    terminate TLS. Its admin and log sockets go in `run_dir` (a new private folder when None): Serve's
-    default is one path per host (/tmp/haproxy-serve), so two clusters on one host would reload each
-    other's HAProxy through it. proxy: Ray Serve's Python HTTP proxy.
+    terminate TLS. proxy: Ray Serve's Python HTTP proxy.
     """
     if ingress not in INGRESS:
         raise ValueError(f"ingress must be one of {INGRESS}, not {ingress!r}")
@@ -72,11 +69,9 @@ def serve_ingress_env(ingress: str, run_dir: str | Path | None = None) -> dict[s
     # A replica that goes away (a retired generation, `down`) drains at least this long: Serve's 30 s
     # default leaves time for an external load balancer to deregister it; HAProxy, updated by Serve's
     # controller within a second and retrying refused connections, needs a few seconds.
-    sockets = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="rayembed-haproxy-"))
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
-            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(sockets / "admin.sock"),
-            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(sockets / "metrics.sock"), **SERVE_START_ENV}
+            **SERVE_START_ENV}
 
 
 def reachable(address: str, timeout: float = 1.0) -> bool:

@@ -157,11 +157,8 @@ def test_names_unknowns_and_workspace_isolation(platform):
 
 
 def test_up_puts_serves_haproxy_in_front(platform):
-    ours = [cfg for cfg in haproxy_configs().values() if f"bind 127.0.0.1:{platform.port}" in cfg]
-    record = json.loads((platform.home / "cluster.json").read_text())
-    assert ours and record["ingress"] == "haproxy"
-    # its admin socket is this head's own, not Serve's one-per-host default that another cluster would share
-    assert f"stats socket {record['temp_dir']}/haproxy/admin.sock " in ours[0], ours[0][:2000]
+    assert [cfg for cfg in haproxy_configs().values() if f"bind 127.0.0.1:{platform.port}" in cfg]
+    assert json.loads((platform.home / "cluster.json").read_text())["ingress"] == "haproxy"
 
 
 def test_the_api_process_runs_with_the_gateway_serve_settings(platform):

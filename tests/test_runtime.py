@@ -83,15 +83,3 @@ def test_kill_processes_takes_a_heads_children_that_name_nothing(tmp_path):
     finally:
         for proc in (stranger, head, client, other):
             proc.kill()
-
-
-def test_each_haproxy_ingress_gets_its_own_sockets_and_ports(tmp_path):
-    """Serve's HAProxy admin socket defaults to one path per host; two clusters on one host must not share it."""
-    from rayembed.runtime import serve_ingress_env
-
-    first, second, given = serve_ingress_env("haproxy"), serve_ingress_env("haproxy"), serve_ingress_env("haproxy", tmp_path)
-    paths = [env["RAY_SERVE_HAPROXY_SOCKET_PATH"] for env in (first, second, given)]
-    assert len(set(paths)) == 3 and "/tmp/haproxy-serve/" not in " ".join(paths)
-    assert paths[2] == str(tmp_path / "admin.sock") and given["RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"] == str(tmp_path / "metrics.sock")
-    assert first["RAY_SERVE_HAPROXY_STATS_PORT"] != second["RAY_SERVE_HAPROXY_STATS_PORT"]
-    assert "RAY_SERVE_HAPROXY_SOCKET_PATH" not in serve_ingress_env("proxy")
