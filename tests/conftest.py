@@ -14,10 +14,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "debian-pkgdesc-sample"
 
 
-# The README's test command runs on pytest-xdist workers (pyproject: `-n 2 --dist loadgroup`). A module whose tests
-# share a module-scoped cluster runs on one worker, in its order; other tests go one by one to whichever worker is
-# free. Work starts longest first, so no long test is left to run alone at the end: these are the seconds each slow
-# test (or module, run as one unit) took alone on the 2-core VM. Only the order depends on them.
+# The README's test command runs on two pytest-xdist workers (pyproject's addopts). The tests of a module that share
+# a module-scoped cluster (TOGETHER) go to one worker, in their order; every other test goes on its own to whichever
+# worker is free. (xdist's own `--dist loadgroup` does this by renaming items, which pytest 9 no longer allows.)
+# Work starts longest first, so that no long test is left to run alone at the end: SLOW_S holds the seconds each
+# slow test (or grouped module) took alone on the 2-core VM. Only the order depends on them.
 TOGETHER = ("tests/test_multinode.py", "tests/test_platform.py", "tests/test_serve.py", "tests/test_kuberay.py")
 SLOW_S = {
     "tests/test_multinode.py": 380, "tests/test_platform.py": 375, "tests/test_serve.py": 227, "tests/test_kuberay.py": 63,
@@ -31,29 +32,25 @@ SLOW_S = {
 }
 
 
-def pytest_configure(config):
-    """Once, before any worker starts: Ray's token for `ray start` clusters (~/.ray/auth_token). Every cluster on this
-    machine uses it, and two workers generating it at once could each start a cluster with a token the other
-    then overwrites."""
-    if not hasattr(config, "workerinput") and not (Path.home() / ".ray" / "auth_token").is_file():
-        import subprocess
-        import sys
-
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], capture_output=True,
-                       timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")})
+def unit(nodeid: str) -> str:
+    """What one worker runs as a whole: a TOGETHER module, or one test."""
+    module = nodeid.split("::")[0]
+    return module if module in TOGETHER else nodeid
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
-    def seconds(item) -> int:
-        module = item.nodeid.split("::")[0]
-        key = module if module in TOGETHER else item.nodeid
-        return max((s for prefix, s in SLOW_S.items() if key.startswith(prefix)), default=0)
-
-    for item in items:
-        if (module := item.nodeid.split("::")[0]) in TOGETHER:
-            item.add_marker(pytest.mark.xdist_group(module))
+    seconds = lambda item: max((s for prefix, s in SLOW_S.items() if unit(item.nodeid).startswith(prefix)), default=0)
     items.sort(key=seconds, reverse=True)  # a stable sort: a module's tests keep their order
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit(nodeid)
+
+    return ByUnit(config, log)
 
 
 def sample_lines(n: int) -> list[dict]:
