@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.builders import build_tiny_bert, build_tiny_nemotron
+# Two workers share the cores (pyproject's `-n 2`): an OpenMP thread that waits for work sleeps instead of spinning, or
+# torch in one worker's processes burns the CPU the other worker's processes need. Set before torch loads; every
+# process the tests start (Ray clusters, jobs, servers) inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from tests.builders import build_tiny_bert, build_tiny_nemotron  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "debian-pkgdesc-sample"
@@ -18,17 +23,19 @@ SAMPLE = ROOT / "data" / "debian-pkgdesc-sample"
 # a module-scoped cluster (TOGETHER) go to one worker, in their order; every other test goes on its own to whichever
 # worker is free. (xdist's own `--dist loadgroup` does this by renaming items, which pytest 9 no longer allows.)
 # Work starts longest first, so that no long test is left to run alone at the end: SLOW_S holds the seconds each
-# slow test (or grouped module) took alone on the 2-core VM. Only the order depends on them.
+# slow test (or grouped module) took on the 2-core VM beside the other worker. Only the order depends on them.
 TOGETHER = ("tests/test_multinode.py", "tests/test_platform.py", "tests/test_serve.py", "tests/test_kuberay.py")
 SLOW_S = {
-    "tests/test_multinode.py": 380, "tests/test_platform.py": 375, "tests/test_serve.py": 227, "tests/test_kuberay.py": 63,
-    "tests/test_job.py::test_the_readme_minilm_job": 137, "tests/test_install.py::test_serving_install": 76,
-    "tests/test_tune.py::test_absurd": 68, "tests/test_tune.py::test_failing_trial": 53, "tests/test_bench.py::test_soak": 45,
-    "tests/test_batch.py::test_job_mines": 45, "tests/test_job.py::test_job_console": 38, "tests/test_tune.py::test_loguniform": 33,
-    "tests/test_batch.py::test_corpus_embedding_on_a_two_node": 33, "tests/test_batch.py::test_corpus_embedding_matches": 34,
-    "tests/test_job.py::test_killed_worker": 29, "tests/test_serve_cli.py": 23, "tests/test_export.py::test_int8_graph_passes": 22,
-    "tests/test_job.py::test_full_sft": 22, "tests/test_export.py::test_export_cli": 21, "tests/test_job.py::test_tiny_bert": 17,
-    "tests/test_job.py::test_lora_merged": 17, "tests/test_job.py::test_a_fast_loop": 14, "tests/test_install.py::test_the_built": 12,
+    "tests/test_platform.py": 833, "tests/test_multinode.py": 526, "tests/test_job.py::test_the_readme_minilm_job": 476,
+    "tests/test_serve.py": 260, "tests/test_tune.py::test_absurd": 176, "tests/test_kuberay.py": 117,
+    "tests/test_job.py::test_killed_worker": 94, "tests/test_install.py::test_serving_install": 86,
+    "tests/test_tune.py::test_failing_trial": 79, "tests/test_batch.py::test_job_mines": 69, "tests/test_tune.py::test_loguniform": 60,
+    "tests/test_job.py::test_job_console": 56, "tests/test_bench.py::test_soak": 55, "tests/test_job.py::test_a_fast_loop": 52,
+    "tests/test_job.py::test_lora_merged": 41, "tests/test_job.py::test_tiny_bert": 40, "tests/test_serve_cli.py": 38,
+    "tests/test_job.py::test_full_sft": 37, "tests/test_batch.py::test_corpus_embedding_on_a_two_node": 36,
+    "tests/test_batch.py::test_corpus_embedding_matches": 34, "tests/test_export.py::test_int8_graph_passes": 34,
+    "tests/test_batch.py::test_mining": 32, "tests/test_export.py::test_export_matches": 12, "tests/test_export.py::test_export_cli": 20,
+    "tests/test_install.py::test_the_built": 18,
 }
 
 
