@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-# Two workers share the cores (pyproject's `-n 2`): an OpenMP thread that waits for work sleeps instead of spinning, or
+# With `-n 2`, two workers share the cores: an OpenMP thread that waits for work sleeps instead of spinning, or
 # torch in one worker's processes burns the CPU the other worker's processes need. Set before torch loads; every
 # process the tests start (Ray clusters, jobs, servers) inherits it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "debian-pkgdesc-sample"
 
 
-# The README's test command runs on two pytest-xdist workers (pyproject's addopts). The tests of a module that share
+# `python -m pytest -n 2` runs the suite on two pytest-xdist workers. The tests of a module that share
 # a module-scoped cluster (TOGETHER) go to one worker, in their order; every other test goes on its own to whichever
 # worker is free. (xdist's own `--dist loadgroup` does this by renaming items, which pytest 9 no longer allows.)
 # Work starts longest first, so that no long test is left to run alone at the end: SLOW_S holds the seconds each
@@ -57,6 +57,7 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             return unit(nodeid)
 
+    config.option.loadscopereorder = False  # xdist would order the units by test count, not by SLOW_S
     return ByUnit(config, log)
 
 
