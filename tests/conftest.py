@@ -45,6 +45,18 @@ def unit(nodeid: str) -> str:
     return module if module in TOGETHER else nodeid
 
 
+def pytest_configure(config):
+    """Once, before any xdist worker starts: Ray's token for `ray start` clusters (~/.ray/auth_token). Every cluster on
+    this machine uses it; two workers generating it at once could each start a cluster with a token the other then
+    overwrites."""
+    if not hasattr(config, "workerinput") and not (Path.home() / ".ray" / "auth_token").is_file():
+        import subprocess
+        import sys
+
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], capture_output=True,
+                       timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")})
+
+
 def pytest_collection_modifyitems(config, items):
     seconds = lambda item: max((s for prefix, s in SLOW_S.items() if unit(item.nodeid).startswith(prefix)), default=0)
     items.sort(key=seconds, reverse=True)  # a stable sort: a module's tests keep their order
