@@ -26,8 +26,22 @@ SERVE_START_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
 # Ports this process has handed out, so that two calls never return the same one before either is bound.
 _HANDED_OUT: set[int] = set()
 # Below the kernel's ephemeral range (Linux 32768-60999, macOS 49152-65535), above Ray's worker ports
-# (10002-19999), under the 30000-31000 that Serve's HAProxy ingress replicas bind.
+# (10002-19999), under the 30000-31000 that Serve's HAProxy ingress replicas bind. RAYEMBED_PORT_RANGE="lo-hi"
+# (hi excluded) narrows it: for a firewall, or to keep the clusters of two processes on one machine apart.
 PORT_RANGE = (20000, 30000)
+
+
+def port_range() -> tuple[int, int]:
+    raw = os.environ.get("RAYEMBED_PORT_RANGE", "").strip()
+    if not raw:
+        return PORT_RANGE
+    try:
+        lo, hi = (int(x) for x in raw.split("-"))
+    except ValueError:
+        raise ValueError(f"RAYEMBED_PORT_RANGE={raw!r}: expected two ports as LO-HI, e.g. 20000-30000") from None
+    if not 1024 <= lo < hi <= 65536:
+        raise ValueError(f"RAYEMBED_PORT_RANGE={raw!r}: expected 1024 <= LO < HI <= 65536")
+    return lo, hi
 
 
 def free_port() -> int:
@@ -37,7 +51,7 @@ def free_port() -> int:
     its local port: with the port closed again until our server binds it, one of Ray's many connections
     can take it (CI saw Serve's proxy fail to bind such a port for as long as the connection lived).
     """
-    lo, hi = PORT_RANGE
+    lo, hi = port_range()
     rng = random.SystemRandom()
     for _ in range(200):
         port = rng.randrange(lo, hi)

@@ -13,6 +13,25 @@ import pytest
 # process the tests start (Ray clusters, jobs, servers) inherits it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+
+def _worker_ports() -> dict[str, str]:
+    """Each xdist worker's clusters get ports of their own. Serve hands replica ports out of 30000-31000 lowest
+    first, per cluster: a port freed by a replica killed in one worker's cluster went to a replica of the other's,
+    and the first cluster's HAProxy, not yet told, sent the request there (a 404 from the wrong control plane).
+    free_port()'s range is split too, so two workers never hand out one port before either binds it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return {}
+    i, n = int(worker[2:]), max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    part = lambda lo, hi: (lo + (hi - lo) * i // n, lo + (hi - lo) * (i + 1) // n)
+    (p0, p1), (h0, h1), (g0, g1) = part(20000, 30000), part(30000, 31000), part(40000, 41000)
+    return {"RAYEMBED_PORT_RANGE": f"{p0}-{p1}",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(h0), "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(h1 - 1),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(g0), "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(g1 - 1)}
+
+
+os.environ.update(_worker_ports())  # before any cluster starts: Serve's controller reads them when it starts
+
 from tests.builders import build_tiny_bert, build_tiny_nemotron  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

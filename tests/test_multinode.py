@@ -76,7 +76,8 @@ class Nodes:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3_env, postgres_url):
     root = tmp_path_factory.mktemp("multinode")
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # Ray picks its auth mode itself
+    # Ray picks its auth mode itself; the replica ports an xdist worker was given (tests/conftest.py) stay
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k.startswith("RAY_SERVE_DIRECT_INGRESS_")}
     subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], env=base,
                    capture_output=True, timeout=120)
     env = {**base, **s3_env, **serve_ingress_env("haproxy")}

@@ -39,7 +39,7 @@ def test_free_port_skips_a_port_someone_listens_on(monkeypatch):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        monkeypatch.setattr(runtime, "PORT_RANGE", (port, port + 1))
+        monkeypatch.setenv("RAYEMBED_PORT_RANGE", f"{port}-{port + 1}")
         with pytest.raises(RuntimeError, match="no free TCP port"):
             runtime.free_port()
 
@@ -83,3 +83,12 @@ def test_kill_processes_takes_a_heads_children_that_name_nothing(tmp_path):
     finally:
         for proc in (stranger, head, client, other):
             proc.kill()
+
+
+def test_free_port_keeps_to_rayembed_port_range(monkeypatch):
+    monkeypatch.setenv("RAYEMBED_PORT_RANGE", "23000-23010")
+    ports = {runtime.free_port() for _ in range(5)}
+    assert all(23000 <= p < 23010 for p in ports) and len(ports) == 5
+    monkeypatch.setenv("RAYEMBED_PORT_RANGE", "23010-23000")
+    with pytest.raises(ValueError, match="RAYEMBED_PORT_RANGE='23010-23000': expected 1024 <= LO < HI"):
+        runtime.free_port()

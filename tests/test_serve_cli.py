@@ -57,7 +57,8 @@ def test_standalone_cli_starts_its_own_ray_behind_haproxy(minilm_onnx, tmp_path)
     """Without a cluster to join, `python -m serve` starts Ray with Serve's HAProxy ingress (no Python
     proxy hop), sizes its replica to the machine, answers through it, and takes everything down on SIGTERM."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_SERVE_"))}
+    env = {k: v for k, v in os.environ.items()  # the replica ports an xdist worker was given (tests/conftest.py) stay
+           if not k.startswith(("RAY_ADDRESS", "RAY_SERVE_")) or k.startswith("RAY_SERVE_DIRECT_INGRESS_")}
     log = tmp_path / "serve.log"
     proc = subprocess.Popen([sys.executable, "-m", "serve", "--model-dir", str(minilm_onnx), "--name", "minilm",
                              "--port", str(port)], cwd=ROOT, env=env,
