@@ -1,9 +1,10 @@
 """A cluster of Ray nodes that share no writable folder, on this machine: a head (the API, Serve's proxy), two
 "trainer" nodes (a custom resource that stands for the GPU), and a "server" node with a logical GPU. Storage is an
 S3 endpoint (moto), state is a real PostgreSQL server. Each node has its own scratch and cache folders, and a
-client that only speaks HTTP runs the whole story: upload a dataset, train (the trainer node holding the worker
-and the control plane dies mid-job: the worker resumes on the other trainer node from its checkpoint in storage,
-the control plane restarts on another node with every entity), deploy to the server node, embed.
+client that only speaks HTTP runs the whole story: upload a dataset and a base model, train (the trainer node
+holding the worker and the control plane dies mid-job: the worker resumes on the other trainer node from its
+checkpoint in storage, the control plane restarts on another node with every entity), deploy to the server node,
+embed. The base model is the tests' tiny BERT: what is under test is where files and processes go, not the model.
 """
 
 from __future__ import annotations
@@ -123,8 +124,10 @@ def node_id(up_env: dict, name: str) -> str:
     return where(up_env, f"print(next(n['NodeID'] for n in ray.nodes() if n['Alive'] and {name!r} in n['Resources']))")
 
 
-def test_a_client_that_shares_no_disk_runs_the_story_across_nodes(cluster, tmp_path):
+def test_a_client_that_shares_no_disk_runs_the_story_across_nodes(cluster, tiny_bert, tmp_path):
     nodes, c, up_env, rayembed = cluster
+    base = f"{BUCKET}/workspaces/default/base-models/tiny-bert"  # in the workspace's folder: jobs may read it
+    storage.publish(str(tiny_bert), base)  # each node stages it from storage, as it stages the dataset
     lines = (SAMPLE / "train.jsonl").read_text().splitlines()[:200]
     train = tmp_path / "train.jsonl"
     train.write_text("\n".join(lines) + "\n")
@@ -133,7 +136,7 @@ def test_a_client_that_shares_no_disk_runs_the_story_across_nodes(cluster, tmp_p
 
     # a job asking for the cluster's one GPU gets it (the driver holds none) and stops at the device check
     gpu_job = c.customization.jobs.create("needs-cuda", config={
-        "model": "all-MiniLM-L6-v2", "dataset": {"name": "debian"}, "schedule": {"max_steps": 2},
+        "model": base, "dataset": {"name": "debian"}, "schedule": {"max_steps": 2},
         "training": {"max_seq_length": 32}, "resources": {"use_gpu": True, "max_failures": 0}})
     done = c.customization.jobs.wait(gpu_job.name, timeout_s=600)
     assert done.status == "failed" and "no CUDA device is usable" in done.error, done.error
@@ -143,21 +146,24 @@ def test_a_client_that_shares_no_disk_runs_the_story_across_nodes(cluster, tmp_p
     nodes.start("trainer-b", "--num-cpus", "2", "--resources", json.dumps({"trainer": 1, "controlplane": 1, "trainer-b": 1}))
     where(up_env, "@ray.remote(num_cpus=2, resources={'trainer-b': 1})\nclass Hold:\n    def ping(self):\n        return 1\n"
           "h = Hold.options(name='hold', lifetime='detached').remote()\nray.get(h.ping.remote())")  # trainer-b busy
+    # 200 short steps, a checkpoint every 10: the kill comes within a second of the first one registered, long
+    # before the end, however fast the machine
     job = c.customization.jobs.create("debian-tuned", config={
-        "model": "all-MiniLM-L6-v2", "name": "mn", "dataset": {"name": "debian"},
-        "training": {"max_seq_length": 48}, "schedule": {"max_steps": 30}, "batch": {"global_batch_size": 8},
-        "optimizer": {"learning_rate": 2e-5}, "output": {"checkpoint_every_steps": 10, "log_every_steps": 5},
+        "model": base, "name": "mn", "dataset": {"name": "debian"},
+        "training": {"max_seq_length": 48}, "schedule": {"max_steps": 200}, "batch": {"global_batch_size": 8},
+        "optimizer": {"learning_rate": 1e-4}, "output": {"checkpoint_every_steps": 10, "log_every_steps": 10},
         "resources": {"use_gpu": False, "worker_resources": {"trainer": 1}}})
     registered = storage.join(job.output_dir, "checkpoints", "mn", "checkpoint_manager_snapshot.json")
-    deadline = time.monotonic() + 600
+    deadline, status = time.monotonic() + 600, None
     while not storage.is_file(registered):  # a checkpoint uploaded and registered; the worker runs on trainer-a
-        assert time.monotonic() < deadline and c.customization.jobs.get_status(job.name).status in ("pending", "running")
-        time.sleep(0.5)
-    where(up_env, "ray.kill(ray.get_actor('hold'))")  # trainer-b free for the worker's restart
-    shutil.rmtree(nodes.folder("head", "scratch") / "inputs")  # the driver's copies: the worker must read its own
-    at_kill = c.customization.jobs.get_status(job.name).progress.step
+        assert time.monotonic() < deadline and (status is None or status.status in ("pending", "running")), status
+        status = c.customization.jobs.get_status(job.name)
+        time.sleep(0.2)
     nodes.kill("trainer-a")  # the node holding the control plane, and the training worker with it
+    at_kill = status.progress if status else None
     shutil.rmtree(nodes.folder("trainer-a", "scratch"), ignore_errors=True)
+    shutil.rmtree(nodes.folder("head", "scratch") / "inputs")  # the driver's copies: the worker must read its own
+    where(up_env, "ray.kill(ray.get_actor('hold'))")  # trainer-b free for the worker's restart
     done = c.customization.jobs.wait(job.name, timeout_s=1200)
     assert done.status == "completed", done.error
     assert control_plane_node(up_env) in (node_id(up_env, "trainer-b"), node_id(up_env, "server"))  # state: PostgreSQL
