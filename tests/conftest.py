@@ -12,6 +12,10 @@ import pytest
 # torch in one worker's processes burns the CPU the other worker's processes need. Set before torch loads; every
 # process the tests start (Ray clusters, jobs, servers) inherits it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Ray Train starts a PreemptionWatcher actor (its own process, ~2 s of CPU to start) with every run, to act on
+# the drain notices a cloud autoscaler sends before it takes a spot node away. No test sends one (test_multinode
+# kills its node outright), and the suite starts ~25 runs.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def _worker_ports() -> dict[str, str]:
@@ -167,12 +171,23 @@ def s3_env() -> dict:
 
 
 @pytest.fixture(scope="session")
-def minilm_onnx(tmp_path_factory) -> Path:
-    """The packaged all-MiniLM-L6-v2 exported by our exporter (what `python -m serve` serves)."""
-    from train.export import export_onnx
+def minilm_export(tmp_path_factory):
+    """The packaged all-MiniLM-L6-v2 exported once per session by the export CLI, as a person runs it: (the
+    finished process, the artifact folder). tests/test_export.py checks the CLI on it; others serve it."""
+    import subprocess
+    import sys
 
     out = tmp_path_factory.mktemp("minilm-onnx") / "onnx"
-    export_onnx("all-MiniLM-L6-v2", out)
+    proc = subprocess.run([sys.executable, "-m", "train.export", "--model", "all-MiniLM-L6-v2", "--output", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return proc, out
+
+
+@pytest.fixture(scope="session")
+def minilm_onnx(minilm_export) -> Path:
+    """The packaged all-MiniLM-L6-v2 exported by our exporter (what `python -m serve` serves)."""
+    proc, out = minilm_export
+    assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
 

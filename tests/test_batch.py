@@ -140,15 +140,17 @@ def test_mining_searches_past_the_top_k_when_the_filter_leaves_a_line_short(ray_
         assert (s > ratio * pos).sum() >= 6  # most of this line's first 9 candidates were filtered
 
 
-def test_job_mines_negatives_with_the_base_model_and_caches_them(ray_session, tmp_path):
+def test_job_mines_negatives_with_the_base_model_and_caches_them(ray_session, tiny_bert, tmp_path):
     from tests.test_job import job
     from train.job import run_job
     from train.mining import mine_for_job
 
     training = tmp_path / "train.jsonl"  # no hard negatives at all: only trainable after mining
     training.write_text("".join(json.dumps({**x, "neg_doc": []}) + "\n" for x in sample_lines(48)))
-    cfg = job("all-MiniLM-L6-v2", training, tmp_path / "job", schedule={"max_steps": 1}, optimizer={"learning_rate": 2e-5},
-              dataset={"mining": {"negatives": 2, "cache_dir": str(tmp_path / "cache")}})
+    cfg = job(tiny_bert, training, tmp_path / "job", schedule={"max_steps": 1}, optimizer={"learning_rate": 2e-5},
+              # a random tiny model scores every candidate near its positive: the false-negative filter (tested on
+              # MiniLM above) would drop them all
+              dataset={"mining": {"negatives": 2, "cache_dir": str(tmp_path / "cache"), "max_score_ratio": None}})
     report = run_job(cfg)
     assert report["mining"]["lines_written"] == 48 and report["mining"]["negatives_per_line"] == 2
     mined_file = Path(report["mining"]["output"])
@@ -158,7 +160,7 @@ def test_job_mines_negatives_with_the_base_model_and_caches_them(ray_session, tm
     before = mined_file.stat().st_mtime_ns
     from train.model import inspect_model, resolve_prefixes
 
-    info = inspect_model("all-MiniLM-L6-v2")
+    info = inspect_model(str(tiny_bert))
     again, r2 = mine_for_job(cfg.with_absolute_paths(), info.path, resolve_prefixes(cfg.prefixes, info), ["a text"])
     assert r2["output"] == str(mined_file) and mined_file.stat().st_mtime_ns == before  # from the cache
     assert again.dataset.training == str(mined_file) and again.dataset.mining is None

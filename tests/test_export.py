@@ -61,11 +61,10 @@ def test_failed_parity_gate_keeps_the_previous_artifact(tiny_bert, tmp_path, mon
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".onnx-")], "staging directory left behind"
 
 
-def test_export_cli_on_the_packaged_minilm(tmp_path):
-    out = tmp_path / "minilm"
-    proc = subprocess.run([sys.executable, "-m", "train.export", "--model", "all-MiniLM-L6-v2", "--output", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+def test_export_cli_on_the_packaged_minilm(minilm_export):
+    proc, out = minilm_export  # `python -m train.export --model all-MiniLM-L6-v2 --output DIR`, once per session
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"wrote {out}" in proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["embedding_dim"] == 384 and manifest["max_seq_length"] == 256
     assert manifest["prefixes"] == {"query": "", "passage": ""} and manifest["parity"]["min_cosine"] >= 0.9999

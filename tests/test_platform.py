@@ -405,17 +405,19 @@ def test_swap_under_load_and_delete(platform):
 
 
 def test_sweep_job_and_cancel(platform, tiny_bert, train_file):
-    """A customization job may carry a learning-rate sweep: its winner becomes the output model, and the
-    trial table is part of the result. Cancelling a job stops its Ray job."""
+    """A customization job may carry a learning-rate sweep (here the loguniform mode; tests/test_tune.py runs the
+    grid): its winner becomes the output model, and the trial table is part of the result. Cancelling a job stops
+    its Ray job."""
     c = platform.client()
     job = c.customization.jobs.create("tiny-swept", sweep={
         "job": tiny_job(str(tiny_bert), train_file, 2),
-        "search": {"learning_rates": [1e-4, 1e-3], "extend": False}})
+        "search": {"mode": "loguniform", "num_samples": 2, "min_learning_rate": 1e-5, "max_learning_rate": 1e-3}})
     assert job.kind == "sweep" and job.spec["promote_winner"] is True
     done = c.customization.jobs.wait(job.name, timeout_s=1200)
     assert done.status == "completed", done.error
     trials = done.result["trials"]["trials"]
-    assert sorted(t["lr"] for t in trials) == [1e-4, 1e-3] and all(t["status"] == "ok" for t in trials)
+    assert len(trials) == 2 and all(1e-5 <= t["lr"] <= 1e-3 and t["status"] == "ok" for t in trials), trials
+    assert not any(t["extension"] for t in trials) and len({t["lr"] for t in trials}) == 2
     best = done.result["trials"]["best"]["lr"]
     model = c.models.retrieve("tiny-swept")
     assert model.status == "ready" and model.source_job == job.name and "winner" in model.artifact.uri

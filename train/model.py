@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,8 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed. Skipping ..."
+    # peft asks every model it wraps (LoRA) through transformers' deprecated name: a FutureWarning per job
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     for name in list(logging.root.manager.loggerDict):
         if name.endswith(os.path.join("execution", "context.py")):  # Ray Train V2 logs under its file path
             logging.getLogger(name).setLevel(logging.WARNING)
