@@ -49,16 +49,15 @@ SAMPLE = ROOT / "data" / "debian-pkgdesc-sample"
 # slow test (or grouped module) took on the 2-core VM beside the other worker. Only the order depends on them.
 TOGETHER = ("tests/test_multinode.py", "tests/test_platform.py", "tests/test_serve.py", "tests/test_kuberay.py")
 SLOW_S = {
-    "tests/test_platform.py": 833, "tests/test_multinode.py": 526, "tests/test_job.py::test_the_readme_minilm_job": 476,
-    "tests/test_serve.py": 260, "tests/test_tune.py::test_absurd": 176, "tests/test_kuberay.py": 117,
-    "tests/test_job.py::test_killed_worker": 94, "tests/test_install.py::test_serving_install": 86,
-    "tests/test_tune.py::test_failing_trial": 79, "tests/test_batch.py::test_job_mines": 69, "tests/test_tune.py::test_loguniform": 60,
-    "tests/test_job.py::test_job_console": 56, "tests/test_bench.py::test_soak": 55, "tests/test_job.py::test_a_fast_loop": 52,
-    "tests/test_job.py::test_lora_merged": 41, "tests/test_job.py::test_tiny_bert": 40, "tests/test_serve_cli.py": 38,
-    "tests/test_job.py::test_full_sft": 37, "tests/test_batch.py::test_corpus_embedding_on_a_two_node": 36,
-    "tests/test_batch.py::test_corpus_embedding_matches": 34, "tests/test_export.py::test_int8_graph_passes": 34,
-    "tests/test_batch.py::test_mining": 32, "tests/test_export.py::test_export_matches": 12, "tests/test_export.py::test_export_cli": 20,
-    "tests/test_install.py::test_the_built": 18,
+    "tests/test_platform.py": 693, "tests/test_job.py::test_the_readme_minilm_job": 349, "tests/test_multinode.py": 320,
+    "tests/test_serve.py": 292, "tests/test_kuberay.py": 120, "tests/test_tune.py::test_failing_trial": 108,
+    "tests/test_install.py::test_serving_install": 104, "tests/test_tune.py::test_absurd": 79, "tests/test_bench.py::test_soak": 64,
+    "tests/test_job.py::test_full_sft": 62, "tests/test_serve_cli.py": 58, "tests/test_job.py::test_killed_worker": 50,
+    "tests/test_job.py::test_job_console": 49, "tests/test_batch.py::test_corpus_embedding_matches": 35,
+    "tests/test_export.py::test_int8_graph_passes": 34, "tests/test_job.py::test_a_fast_loop": 33,
+    "tests/test_batch.py::test_corpus_embedding_on_a_two_node": 33, "tests/test_batch.py::test_mining": 32,
+    "tests/test_job.py::test_lora_merged": 30, "tests/test_job.py::test_tiny_bert": 28, "tests/test_batch.py::test_job_mines": 25,
+    "tests/test_install.py::test_the_built": 17,
 }
 
 
