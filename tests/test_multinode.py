@@ -188,7 +188,9 @@ def test_a_client_that_shares_no_disk_runs_the_story_across_nodes(cluster, tiny_
             assert time.monotonic() < deadline, "the API did not come back"
             time.sleep(1)
 
-    c.deployments.create("debian-tuned", model="debian-tuned", num_cpus=1)
+    # a random tiny model's verdict on 100 queries is noise (improved in one run, worse in the next): the promotion
+    # gate is tests/test_platform.py's; this test is about where files and processes go
+    c.deployments.create("debian-tuned", model="debian-tuned", num_cpus=1, allow_worse=True)
     c.deployments.wait_ready("debian-tuned", timeout_s=600)
     texts = ["a fast HTTP server", "an image converter for the command line"]
     got = c.inference.gateway.model.post("v1/embeddings", name="debian-tuned",

@@ -19,18 +19,31 @@ from train.loop import train_loop_per_worker
 TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
+class JobTrainer(TorchTrainer):
+    """Ray Train 2.60 starts a DatasetManager actor (one more process, ~2.5 s of CPU to start) with every run,
+    to hand out Ray Data shards; our loop reads its own files and passes no `datasets`, so none is started."""
+
+    def _create_default_callbacks(self):
+        callbacks = super()._create_default_callbacks()
+        try:
+            from ray.train.v2._internal.callbacks import DatasetsCallback
+        except ImportError:  # another Ray: keep its defaults
+            return callbacks
+        return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+
 def cluster_has_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-def build_trainer(cfg: JobConfig, callbacks: list | None = None, quiet: bool = False) -> TorchTrainer:
+def build_trainer(cfg: JobConfig, callbacks: list | None = None, quiet: bool = False) -> JobTrainer:
     """`quiet`: Ray Train's own console lines (worker group start, every checkpoint) only when they warn."""
     use_gpu = cluster_has_gpu() if cfg.resources.use_gpu == "auto" else cfg.resources.use_gpu
     for key, value in TRAIN_POLL_ENV.items():
         os.environ.setdefault(key, value)
     # a pinned GPU model (the control plane passes RAYEMBED_ACCELERATOR_TYPE on): the worker, not the driver, asks
     accelerator = os.environ.get("RAYEMBED_ACCELERATOR_TYPE") if use_gpu else None
-    return TorchTrainer(
+    return JobTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.model_dump(mode="json"),
         # one worker and no collectives: gloo sets the process group up on any node, so a GPU node whose CUDA is
