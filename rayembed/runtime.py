@@ -75,6 +75,11 @@ def serve_ingress_env(ingress: str) -> dict[str, str]:
     replica runs its own HTTP server on a port in 30000-31000, bound to all interfaces, and HAProxy's
     metrics and stats ports too (chosen free here): firewall them on shared hosts. HAProxy does not
     terminate TLS. proxy: Ray Serve's Python HTTP proxy.
+
+    The head's fallback proxy (where HAProxy sends a request while no replica of its application is up) gets
+    free ports too: Serve's defaults, 8500 and 9500, are bound with SO_REUSEPORT, so two clusters on one host
+    shared them and the kernel handed such a request to either cluster's proxy (a 404 from the other control
+    plane while our API replica restarted; docs/reliability.md).
     """
     if ingress not in INGRESS:
         raise ValueError(f"ingress must be one of {INGRESS}, not {ingress!r}")
@@ -84,7 +89,8 @@ def serve_ingress_env(ingress: str) -> dict[str, str]:
     # default leaves time for an external load balancer to deregister it; HAProxy, updated by Serve's
     # controller within a second and retrying refused connections, needs a few seconds.
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()), "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
             **SERVE_START_ENV}
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from cluster.client import ApiError, Client
 from cluster.local import free_port
-from tests.conftest import ROOT, SAMPLE, haproxy_configs
+from tests.conftest import ROOT, SAMPLE, haproxy_configs, listener_pids
 from tests.hostile_requests import MANAGEMENT, check_envelope, send
 
 pytestmark = pytest.mark.timeout(1500)
@@ -157,8 +157,17 @@ def test_names_unknowns_and_workspace_isolation(platform):
 
 
 def test_up_puts_serves_haproxy_in_front(platform):
-    assert [cfg for cfg in haproxy_configs().values() if f"bind 127.0.0.1:{platform.port}" in cfg]
+    ours = [cfg for cfg in haproxy_configs().values() if f"bind 127.0.0.1:{platform.port}" in cfg]
+    assert ours
     assert json.loads((platform.home / "cluster.json").read_text())["ingress"] == "haproxy"
+    # While no API replica is up, HAProxy sends requests to the head's fallback proxy. It must be this cluster's
+    # own, alone on its port: on Serve's default (8500, bound with SO_REUSEPORT by every cluster on the host) the
+    # kernel gave such a request to another cluster's proxy, and its control plane answered 404.
+    fallback = {int(p) for p in re.findall(r"server SERVE_PROXY_ACTOR-fallback\S* [\d.]+:(\d+) .*backup", ours[0])}
+    assert len(fallback) == 1 and 8500 not in fallback, ours[0]
+    pids = listener_pids(fallback.pop())
+    assert pids and all(b"ProxyActor" in _read(Path(f"/proc/{pid}/cmdline")) for pid in pids), pids
+    assert {pid for pid in pids if _env_of(pid).get("RAYEMBED_HOME") == str(platform.home)} == pids
 
 
 def test_the_api_process_runs_with_the_gateway_serve_settings(platform):
@@ -187,10 +196,15 @@ def _process_envs(cmdline_prefix: bytes, platform) -> list[dict[str, str]]:
     envs = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and _read(proc / "cmdline").startswith(cmdline_prefix):
-            env = dict(x.decode(errors="replace").split("=", 1) for x in _read(proc / "environ").split(b"\0") if b"=" in x)
+            env = _env_of(int(proc.name))
             if env.get("RAYEMBED_HOME") == str(platform.home):
                 envs.append(env)
     return envs
+
+
+def _env_of(pid: int) -> dict[str, str]:
+    raw = _read(Path(f"/proc/{pid}/environ"))
+    return dict(x.decode(errors="replace").split("=", 1) for x in raw.split(b"\0") if b"=" in x)
 
 
 def _read(path: Path) -> bytes:
