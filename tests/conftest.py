@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -169,17 +170,41 @@ def s3_env() -> dict:
         yield env
 
 
+def shared_folder(tmp_path_factory, name: str, build) -> Path:
+    """A folder built once per test run, for every xdist worker: the first to ask builds it (`build(folder)`)
+    while the others wait on a lock, then all read it. Only for artifacts tests never change in place."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # pytest-N/, common to this run's workers
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that died half-way
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def minilm_export(tmp_path_factory):
-    """The packaged all-MiniLM-L6-v2 exported once per session by the export CLI, as a person runs it: (the
-    finished process, the artifact folder). tests/test_export.py checks the CLI on it; others serve it."""
+    """The packaged all-MiniLM-L6-v2 exported once per run (shared by the xdist workers) by the export CLI, as a
+    person runs it: (the finished process, the artifact folder). tests/test_export.py checks the CLI on it; others
+    serve it."""
     import subprocess
     import sys
 
-    out = tmp_path_factory.mktemp("minilm-onnx") / "onnx"
-    proc = subprocess.run([sys.executable, "-m", "train.export", "--model", "all-MiniLM-L6-v2", "--output", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    return proc, out
+    def export(folder: Path) -> None:
+        proc = subprocess.run([sys.executable, "-m", "train.export", "--model", "all-MiniLM-L6-v2", "--output",
+                               str(folder / "onnx")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        (folder / "process.json").write_text(json.dumps({"args": proc.args, "returncode": proc.returncode,
+                                                         "stdout": proc.stdout, "stderr": proc.stderr}))
+
+    folder = shared_folder(tmp_path_factory, "minilm-export", export)
+    proc = subprocess.CompletedProcess(**json.loads((folder / "process.json").read_text()))
+    return proc, folder / "onnx"
 
 
 @pytest.fixture(scope="session")
