@@ -78,7 +78,8 @@ class Nodes:
 def cluster(tmp_path_factory, s3_env, postgres_url):
     root = tmp_path_factory.mktemp("multinode")
     # Ray picks its auth mode itself; the replica ports an xdist worker was given (tests/conftest.py) stay
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k.startswith("RAY_SERVE_DIRECT_INGRESS_")}
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("RAY_") or k.startswith(("RAY_SERVE_DIRECT_INGRESS_", "RAY_LOG_MONITOR_"))}
     subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], env=base,
                    capture_output=True, timeout=120)
     env = {**base, **s3_env, **serve_ingress_env("haproxy")}
