@@ -145,15 +145,17 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def built_wheel(tmp_path_factory) -> Path:
-    """The project's wheel, built once per session as a node image builds it (`pip wheel --no-deps`)."""
+    """The project's wheel, built once per run (shared by the xdist workers) as a node image builds it
+    (`pip wheel --no-deps`)."""
     import subprocess
     import sys
 
-    dist = tmp_path_factory.mktemp("dist")
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(ROOT), "-w", str(dist)],
-                           capture_output=True, text=True, timeout=600)
-    assert built.returncode == 0, built.stderr[-3000:]
-    return next(dist.glob("rayembed-*.whl"))
+    def build(dist: Path) -> None:
+        built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(ROOT), "-w", str(dist)],
+                               capture_output=True, text=True, timeout=600)
+        assert built.returncode == 0, built.stderr[-3000:]
+
+    return next(shared_folder(tmp_path_factory, "dist", build).glob("rayembed-*.whl"))
 
 
 @pytest.fixture(scope="session")

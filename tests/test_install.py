@@ -19,13 +19,14 @@ from tests.conftest import ROOT
 
 
 @pytest.mark.timeout(1200)
-def test_serving_install_without_torch_serves_an_artifact(minilm_onnx, tmp_path):
+def test_serving_install_without_torch_serves_an_artifact(built_wheel, minilm_onnx, tmp_path):
     venv = tmp_path / "serve-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = str(venv / "bin" / "python")
     # --no-compile: the bytecode of Ray's ~3,000 modules is not what this test is about (CPU the suite needs)
-    install = subprocess.run([py, "-m", "pip", "install", "-q", "--no-compile", f"{ROOT}[serve,cpu]"], capture_output=True,
-                             text=True, timeout=900)
+    # the wheel a user installs (built once per run), with the serving extras
+    install = subprocess.run([py, "-m", "pip", "install", "-q", "--no-compile", f"{built_wheel}[serve,cpu]"],
+                             capture_output=True, text=True, timeout=900)
     assert install.returncode == 0, install.stderr[-3000:]
     present = subprocess.run([py, "-c", "import importlib.util as u; print([m for m in ('torch', 'transformers', "
                               "'peft', 'onnx', 'matplotlib', 'onnxruntime', 'ray') if u.find_spec(m)])"],
