@@ -1,4 +1,5 @@
-"""Installs as nodes make them: a serving node's `rayembed[serve,cpu]` (no torch) serves an artifact end to end; the
+"""Installs as nodes make them: a serving node's `rayembed[serve,cpu]` (no torch) serves an artifact end to end behind
+HAProxy, on a Ray it starts itself; the
 built wheel runs every entry point outside the checkout; cluster.yaml is a valid cluster launcher config."""
 
 from __future__ import annotations
@@ -9,22 +10,29 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 
+from rayembed.artifact import TextTokenizer
 from rayembed.runtime import free_port
-from tests.conftest import ROOT
+from tests.conftest import ROOT, haproxy_configs, listener_pids
 
 
 @pytest.mark.timeout(1200)
-def test_serving_install_without_torch_serves_an_artifact(built_wheel, minilm_onnx, tmp_path):
+def test_serving_install_without_torch_serves_an_artifact_behind_haproxy(built_wheel, minilm_onnx, tmp_path):
+    """A serving node's install (`rayembed[serve,cpu]` from the built wheel: no torch) runs `python -m serve` as a
+    person does on a machine without a cluster: it starts its own Ray with Serve's HAProxy ingress (no Python proxy
+    hop), sizes its replica to the machine, answers through HAProxy (the gateway route, the provider route straight
+    to the model's replicas, our error envelope), and takes everything down on SIGTERM."""
     venv = tmp_path / "serve-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = str(venv / "bin" / "python")
     # --no-compile: the bytecode of Ray's ~3,000 modules is not what this test is about (CPU the suite needs)
-    # the wheel a user installs (built once per run), with the serving extras
     install = subprocess.run([py, "-m", "pip", "install", "-q", "--no-compile", f"{built_wheel}[serve,cpu]"],
                              capture_output=True, text=True, timeout=900)
     assert install.returncode == 0, install.stderr[-3000:]
@@ -35,24 +43,57 @@ def test_serving_install_without_torch_serves_an_artifact(built_wheel, minilm_on
 
     port = free_port()
     log = tmp_path / "serve.log"
-    # its own local Ray, so the replicas run in this venv's Python too; cwd away from the source tree
-    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([py, "-m", "serve", "--model-dir", str(minilm_onnx), "--name", "minilm", "--port", str(port),
-                             "--num-cpus", "0.5"], cwd=tmp_path, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    # its own local Ray ("local": never a `ray start` cluster another test runs meanwhile), so the replicas run in
+    # this venv's Python too; cwd away from the source tree. The replica ports an xdist worker was given stay.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_ADDRESS", "RAY_SERVE_")) or k.startswith("RAY_SERVE_DIRECT_INGRESS_")}
+    env.update(RAY_ADDRESS="local", RAY_AUTH_MODE="disabled")
+    proc = subprocess.Popen([py, "-m", "serve", "--model-dir", str(minilm_onnx), "--name", "minilm", "--port", str(port)],
+                            cwd=tmp_path, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while "Ctrl-C stops" not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
-        body = json.dumps({"model": "minilm", "input": ["a fast HTTP server", "an image converter"], "dimensions": 384}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/embeddings", data=body,
-                                     headers={"Content-Type": "application/json"})
-        data = json.loads(urllib.request.urlopen(req, timeout=60).read())["data"]
-        assert [len(d["embedding"]) for d in data] == [384, 384]
+        # its defaults on this machine (no GPU here): one replica holding every core, one ONNX Runtime thread each
+        cores = len(os.sched_getaffinity(0))
+        assert f"replicas: 1 x {cores} CPU, ONNX Runtime on CPU with {cores} thread(s) each" in log.read_text()
+        # The gateway's port is HAProxy's frontend: every process listening on it is an HAProxy whose config binds
+        # it. There may be more than one: a graceful reload (`-sf`) leaves the old process draining for a while.
+        ours = {pid for pid, cfg in haproxy_configs().items() if f"bind 127.0.0.1:{port}" in cfg}
+        listening = listener_pids(port)
+        assert ours and listening and listening <= ours, (ours, listening)
+        texts = ["a fast HTTP server", "an image converter"]
+        manifest = json.loads((minilm_onnx / "manifest.json").read_text())
+        ids, mask = TextTokenizer(minilm_onnx, manifest["max_seq_length"])(texts)
+        want = ort.InferenceSession(str(minilm_onnx / "model.onnx")).run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        body = json.dumps({"model": "minilm", "input": texts, "dimensions": 384}).encode()
+        data = post_json(f"http://127.0.0.1:{port}/v1/embeddings", body)["data"]
+        np.testing.assert_allclose(np.array([d["embedding"] for d in data]), want, atol=1e-5)
+        # The provider route goes from HAProxy straight to the model's replicas (its own application), not the gateway.
+        route = "/v2/workspaces/default/inference/gateway/provider/minilm/-"
+        while not any(f"path_beg {route}" in cfg for cfg in haproxy_configs().values()):
+            assert time.monotonic() < deadline, "HAProxy never got a backend for the provider route"
+            time.sleep(0.5)
+        answer = post_json(f"http://127.0.0.1:{port}{route}/v1/embeddings", body)
+        assert answer["model"] == "minilm"
+        np.testing.assert_allclose(np.array([d["embedding"] for d in answer["data"]]), want, atol=1e-5)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/embeddings", method="GET")
+        with pytest.raises(urllib.error.HTTPError) as err:  # our envelope, through HAProxy
+            urllib.request.urlopen(req, timeout=60)
+        assert err.value.code == 405 and json.loads(err.value.read())["error"]["code"] == "method_not_allowed"
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(120)
     assert code == 0, log.read_text()[-3000:]
+    time.sleep(2)
+    assert not [pid for pid, cfg in haproxy_configs().items() if f"bind 127.0.0.1:{port}" in cfg]
+
+
+def post_json(url: str, body: bytes) -> dict:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
 
 
 @pytest.mark.timeout(900)
