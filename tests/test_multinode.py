@@ -147,11 +147,11 @@ def test_a_client_that_shares_no_disk_runs_the_story_across_nodes(cluster, tiny_
     nodes.start("trainer-b", "--num-cpus", "2", "--resources", json.dumps({"trainer": 1, "controlplane": 1, "trainer-b": 1}))
     where(up_env, "@ray.remote(num_cpus=2, resources={'trainer-b': 1})\nclass Hold:\n    def ping(self):\n        return 1\n"
           "h = Hold.options(name='hold', lifetime='detached').remote()\nray.get(h.ping.remote())")  # trainer-b busy
-    # 200 short steps, a checkpoint every 10: the kill comes within a second of the first one registered, long
+    # 100 short steps, a checkpoint every 10: the kill comes within a second of the first one registered, long
     # before the end, however fast the machine
     job = c.customization.jobs.create("debian-tuned", config={
         "model": base, "name": "mn", "dataset": {"name": "debian"},
-        "training": {"max_seq_length": 48}, "schedule": {"max_steps": 200}, "batch": {"global_batch_size": 8},
+        "training": {"max_seq_length": 48}, "schedule": {"max_steps": 100}, "batch": {"global_batch_size": 8},
         "optimizer": {"learning_rate": 1e-4}, "output": {"checkpoint_every_steps": 10, "log_every_steps": 10},
         "resources": {"use_gpu": False, "worker_resources": {"trainer": 1}}})
     registered = storage.join(job.output_dir, "checkpoints", "mn", "checkpoint_manager_snapshot.json")

@@ -7,10 +7,21 @@ import contextlib
 import numpy as np
 import torch
 
+from train.config import CPU_BUCKET_ROWS
 from train.data import RetrievalSet
 from train.metrics import retrieval_metrics
 from train.pooling import normalize
 from rayembed.artifact import TextTokenizer
+
+
+GPU_EVAL_BATCH = 64
+
+
+def eval_batch_size(device: torch.device) -> int:
+    """Texts per forward when evaluating: wide batches keep a GPU busy; on CPU, 16 texts of like length per forward
+    pad less and run faster (MiniLM, the sample's 700 texts, 1 thread: 17.2-18.5 s at 16, 20.8-21.7 s at 64;
+    `python -m bench.eval_speed`, docs/benchmarks.md section 2)."""
+    return GPU_EVAL_BATCH if device.type == "cuda" else CPU_BUCKET_ROWS
 
 
 def autocast(device: torch.device, precision: str):
@@ -21,11 +32,13 @@ def autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def encode(model: torch.nn.Module, tokenizer: TextTokenizer, texts: list[str], prefix: str, device: torch.device,
-           precision: str = "fp32", batch_size: int = 64) -> torch.Tensor:
+           precision: str = "fp32", batch_size: int | None = None) -> torch.Tensor:
     """L2-normalised embeddings [N, H] (float32, CPU), in the order of `texts`.
 
-    Texts are batched longest-first so each batch pads little.
+    Texts are batched longest-first so each batch pads little; `batch_size` texts per forward (default: the
+    device's, `eval_batch_size`).
     """
+    batch_size = batch_size or eval_batch_size(device)
     was_training = model.training
     model.eval()
     order = np.argsort([-len(t) for t in texts], kind="stable")
@@ -57,7 +70,7 @@ def rank(query_emb: torch.Tensor, doc_emb: torch.Tensor, query_ids: list[str], d
 
 def evaluate_retrieval(model: torch.nn.Module, tokenizer: TextTokenizer, rset: RetrievalSet,
                        prefixes: tuple[str, str], device: torch.device, precision: str = "fp32",
-                       batch_size: int = 64) -> dict[str, float]:
+                       batch_size: int | None = None) -> dict[str, float]:
     query_ids, doc_ids = list(rset.queries), list(rset.corpus)
     q = encode(model, tokenizer, [rset.queries[i] for i in query_ids], prefixes[0], device, precision, batch_size)
     d = encode(model, tokenizer, [rset.corpus[i] for i in doc_ids], prefixes[1], device, precision, batch_size)
