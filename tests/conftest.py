@@ -116,6 +116,17 @@ def tiny_nemotron(tmp_path_factory, corpus) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_nemotron_onnx(tmp_path_factory, tiny_nemotron) -> Path:
+    """tiny_nemotron exported once per worker (max_seq_length 64, Matryoshka 16 and 32): the export tests check it,
+    test_serve serves it. Only for tests that never change it in place."""
+    from train.export import export_onnx
+
+    out = tmp_path_factory.mktemp("tiny-nemotron-onnx") / "onnx"
+    export_onnx(tiny_nemotron, out, max_seq_length=64, matryoshka_dims=[16, 32])
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory, corpus) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), corpus=corpus)
 

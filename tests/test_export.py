@@ -13,24 +13,29 @@ import train.export as export_mod
 from train.export import ExportError, export_onnx
 from train.model import BiEncoder, inspect_model, load_backbone
 from train.pooling import normalize
-from rayembed.artifact import TextTokenizer
+from rayembed.artifact import TextTokenizer, read_manifest
 from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize("fixture", ["tiny_nemotron", "tiny_bert"])
 def test_export_matches_pytorch_for_any_batch_and_length(fixture, request, tmp_path):
     model_dir = request.getfixturevalue(fixture)
-    manifest = export_onnx(model_dir, tmp_path / "onnx", max_seq_length=64)
-    files = {p.name for p in (tmp_path / "onnx").iterdir()}
+    if fixture == "tiny_nemotron":  # the worker's one export of it (tests/conftest.py), which test_serve serves too
+        onnx_dir = request.getfixturevalue("tiny_nemotron_onnx")
+        manifest = read_manifest(onnx_dir)
+    else:
+        onnx_dir = tmp_path / "onnx"
+        manifest = export_onnx(model_dir, onnx_dir, max_seq_length=64)
+    files = {p.name for p in onnx_dir.iterdir()}
     assert {"model.onnx", "tokenizer.json", "manifest.json"} <= files
     assert manifest.parity.min_cosine >= 0.9999 and manifest.pooling == "mean"
     assert manifest.files["model.onnx"] and manifest.max_seq_length == 64
-    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_providers() == ["CPUExecutionProvider"]
     assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
     info = inspect_model(str(model_dir))
     ref_model = BiEncoder(load_backbone(info)).eval()
-    tok = TextTokenizer(tmp_path / "onnx", 64)
+    tok = TextTokenizer(onnx_dir, 64)
     for texts in (["one"], ["perl module for web servers", "x", "a much longer description " * 8]):
         ids, mask = tok(texts)
         got = session.run(["embeddings"], {"input_ids": ids, "attention_mask": mask})[0]
@@ -108,18 +113,18 @@ def test_fused_graph_is_written_parity_checked_and_preferred_on_cpu(minilm_onnx)
         np.testing.assert_allclose(fused.run(one_ids, one_mask)[0], fused.run(ids, mask)[i], atol=1e-5)
 
 
-def test_llama_export_gets_a_fused_bidirectional_graph(tiny_nemotron, tmp_path):
+def test_llama_export_gets_a_fused_bidirectional_graph(tiny_nemotron, tiny_nemotron_onnx):
     """The nemotron architecture: RMSNorm (with the residual Add) and attention fused, and the attention stays
     bidirectional (the parity gate runs PyTorch's bidirectional model on mixed-length batches)."""
     from rayembed.engine import OnnxEmbedder
 
-    manifest = export_onnx(tiny_nemotron, tmp_path / "onnx", max_seq_length=32)
+    manifest = read_manifest(tiny_nemotron_onnx)
     assert manifest.optimized["by"] == "onnxscript" and manifest.parity.optimized_min_cosine >= 0.9999
     assert {"MultiHeadAttention", "SkipSimplifiedLayerNormalization"} <= set(manifest.optimized["fusions"])
-    ops = _op_counts(tmp_path / "onnx" / "model.opt.onnx")
+    ops = _op_counts(tiny_nemotron_onnx / "model.opt.onnx")
     assert "GroupQueryAttention" not in ops and "Softmax" not in ops  # GQA would be causal
-    ids, mask = TextTokenizer(tmp_path / "onnx", 32)(["perl module for web servers", "x", "lint tool for ansible"])
-    fused, plain = OnnxEmbedder(tmp_path / "onnx"), OnnxEmbedder(tmp_path / "onnx", precision="fp32")
+    ids, mask = TextTokenizer(tiny_nemotron_onnx, 32)(["perl module for web servers", "x", "lint tool for ansible"])
+    fused, plain = OnnxEmbedder(tiny_nemotron_onnx), OnnxEmbedder(tiny_nemotron_onnx, precision="fp32")
     assert fused.path.name == "model.opt.onnx"
     info = inspect_model(str(tiny_nemotron))
     with torch.no_grad():  # PyTorch's bidirectional model: a causal attention would miss it by far

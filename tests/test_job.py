@@ -144,11 +144,13 @@ def test_a_fast_loop_logs_every_step_without_waiting_for_ray_train(ray_session, 
     train_seconds = result.metrics["train_seconds"]
     assert len(metrics_only) <= train_seconds / METRICS_REPORT_EVERY_S + 1, (train_seconds, metrics_only)
     # Ray Train's own helpers, not one process more: no DatasetManager for a run given no Ray Data datasets
-    # (train/trainer.py: JobTrainer), in this or any earlier run on this cluster
+    # (train/trainer.py: JobTrainer), in this or any earlier run on this cluster; a driver that outlives its runs
+    # (this one) keeps the PlacementGroupCleaner (a `python -m train` driver starts none: tests/test_platform.py)
     from ray._private.state import actors
 
     started = {a["ActorClassName"] for a in actors().values()}
     assert "TrainController" in started and "DatasetManager" not in started, started
+    assert "PlacementGroupCleaner" in started, started
 
 
 def test_metrics_reports_are_paced_and_the_controller_polls_often(monkeypatch, tiny_bert, train_file, tmp_path):

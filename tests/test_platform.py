@@ -108,6 +108,11 @@ def test_quickstart_story_on_a_tiny_model(platform, tiny_bert):
     assert (record["step"], record["total_steps"]) == (4, 4)
     provider = c.providers.retrieve("tiny-debian")
     assert provider.model == "tiny-debian" and provider.app.startswith("rayembed.default.tiny-debian.g")
+    # the job's driver (`python -m train`) exits with its run: Ray frees the run's placement group with the job, and
+    # no PlacementGroupCleaner process was started for it (train/trainer.py: JobTrainer)
+    started = set(json.loads(platform.ray("import json\nfrom ray._private.state import actors\n"
+                                          "print(json.dumps(sorted({a['ActorClassName'] for a in actors().values()})))")))
+    assert "TrainController" in started and "PlacementGroupCleaner" not in started, started
 
 
 def test_names_unknowns_and_workspace_isolation(platform):

@@ -27,7 +27,6 @@ from tokenizers import Tokenizer
 from rayembed.runtime import free_port
 from rayembed.artifact import TextTokenizer
 from tests.hostile_requests import CASES, VALID, check_envelope, send
-from train.export import export_onnx
 
 APP = "rayembed-test"
 GW = "/v2/workspaces/{ws}/inference/gateway"
@@ -64,10 +63,8 @@ def cos(a: np.ndarray, b: np.ndarray) -> float:
 
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, tiny_nemotron, minilm_onnx) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("serve-artifacts")
-    export_onnx(tiny_nemotron, root / "nemo", max_seq_length=64, matryoshka_dims=[16, 32])
-    return {"minilm": minilm_onnx, "nemo": root / "nemo"}
+def artifacts(tiny_nemotron_onnx, minilm_onnx) -> dict[str, Path]:
+    return {"minilm": minilm_onnx, "nemo": tiny_nemotron_onnx}
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"note: {advice}")
         return 0
     try:
-        run_job(cfg, verbose=args.verbose)
+        run_job(cfg, verbose=args.verbose, exits_with_job=True)
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -125,7 +125,9 @@ def quantize_for_job(cfg: JobConfig, onnx_dir: Path) -> dict:
     return {"written": True, **report}
 
 
-def run_job(cfg: JobConfig, verbose: bool = True) -> dict:
+def run_job(cfg: JobConfig, verbose: bool = True, exits_with_job: bool = False) -> dict:
+    """The whole job: preflight, (mining,) Ray Train, the merged model, ONNX export, the report. `exits_with_job`: this
+    process ends when the job does (`python -m train`), so Ray frees the run's resources with it (train/trainer.py)."""
     from rayembed.runtime import ensure_ray
     from train.export import export_onnx
     from train.report import summary, write_report
@@ -158,7 +160,7 @@ def run_job(cfg: JobConfig, verbose: bool = True) -> dict:
         cfg = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"training": training, "mining": None})})
         pre = preflight(cfg)  # the mined file: every line again, now with its negatives
     mined = time.time()
-    result = build_trainer(cfg, quiet=not verbose).fit()
+    result = build_trainer(cfg, quiet=not verbose, placement_group_cleaner=not exits_with_job).fit()
     final = result.metrics
     model_dir = out / "model"
     if model_dir.exists():
