@@ -508,6 +508,13 @@ def _pids_running(text: str) -> list[int]:
     return pids
 
 
+def _placement_groups(platform, wait_s: int = 0) -> str:
+    """The cluster's placement groups not removed (waiting up to `wait_s` for none), as printed: "[]" for none."""
+    return platform.ray(f"import time\nfor _ in range({wait_s} + 1):\n"
+                        "    held = [k for k, v in ray.util.placement_group_table().items() if v['state'] != 'REMOVED']\n"
+                        "    if not held: break\n    time.sleep(1)\nprint(held)").strip()
+
+
 def test_job_driver_killed_is_reported_failed_and_resumes_from_its_checkpoint(platform, tiny_bert, train_file):
     """The Ray job's driver SIGKILLed mid-training: the job is failed with Ray's reason; `resume` submits it
     again over the same folder and training continues from the last registered checkpoint."""
@@ -521,11 +528,15 @@ def test_job_driver_killed_is_reported_failed_and_resumes_from_its_checkpoint(pl
         time.sleep(0.2)
     drivers = _pids_running(config)
     assert drivers, "the job's driver process was not found"
+    assert _placement_groups(platform) != "[]", "the run's placement group is not in the table"
     for pid in drivers:
         os.kill(pid, signal.SIGKILL)
     failed = c.customization.jobs.wait(job.name, timeout_s=300)
     assert failed.status == "failed", failed.status
     assert "exit code" in failed.status_history[-1].reason, failed.status_history[-1].reason
+    # no PlacementGroupCleaner runs for a `python -m train` driver (train/trainer.py): Ray itself frees the run's
+    # placement group when the killed driver's job ends
+    assert _placement_groups(platform, wait_s=60) == "[]"
     with pytest.raises(ApiError) as err:
         c.customization.jobs.resume("cust-000000000000")
     assert err.value.status == 404
