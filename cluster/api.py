@@ -27,7 +27,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from pydantic import BaseModel
 
-from cluster import datasets, kuberay, schemas
+from cluster import kuberay, schemas, uploads
 from cluster.entities import DATASET_FILES, NAME_PATTERN
 from cluster.settings import CONTROL_PLANE, NAMESPACE
 from serve.auth import Access, BearerAuth, KeyRing, access_of
@@ -224,10 +224,18 @@ for _verb, _path, _method, _answer, _opts in [
 async def upload_dataset_file(request: Request, workspace: str = _path_param("workspace"), name: str = _path_param("name"),
                               path: Literal[tuple(DATASET_FILES)] = Path(description="the dataset file")  # type: ignore[valid-type]
                               ) -> Response:
-    """The request body is the file (any Content-Type), streamed to storage once it validates."""
-    _authorize(access_of(request.scope), "add_dataset_file", workspace)
-    dataset = await _call("get_dataset", workspace, name)
-    stored = await datasets.upload(request, dataset, path)
+    """The request body is the file (any Content-Type), streamed to storage and validated off the serving path
+    (cluster/uploads.py); recorded once it validates."""
+    access = access_of(request.scope)
+    _authorize(access, "add_dataset_file", workspace)
+    declared = request.headers.get("content-length")
+    dataset = await _call("begin_upload", workspace, name, path, int(declared) if declared and declared.isdigit() else None)
+    who = access.key_id or (request.client.host if request.client else "-")
+    try:
+        stored = await uploads.upload(request, dataset, path, who)
+    except BaseException:
+        await _call("end_upload", workspace, name, path)
+        raise
     return json_response(_out(schemas.DatasetOut, await _call("add_dataset_file", workspace, name, path, stored)))
 
 
@@ -282,7 +290,7 @@ class Api:
         routes = ray.get(_control_plane().routes.remote(self._version), timeout=10)
         if routes is not None:
             config = GatewayConfig.model_validate(routes["config"], context={"check_files": False})
-            installed_core().set_table(config, routes["workspaces"], KeyRing(routes["keys"]))
+            installed_core().set_table(config, routes["workspaces"], KeyRing(routes["keys"], routes.get("open", False)))
             self._version = routes["version"]
 
     def _follow_routes(self) -> None:

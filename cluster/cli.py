@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from cluster.client import ApiError, Client
+from cluster.client import ApiError, Client, _wrap
 from cluster.settings import settings
 
 
@@ -79,7 +79,12 @@ def evaluation_table(evaluation) -> str:
 def cmd_up(args) -> int:
     from cluster.local import up
 
-    up(settings(), num_cpus=args.num_cpus, num_gpus=args.num_gpus, ingress=args.ingress, data_roots=args.data_roots)
+    try:
+        up(settings(), num_cpus=args.num_cpus, num_gpus=args.num_gpus, ingress=args.ingress, data_roots=args.data_roots,
+           open_=args.open)
+    except ValueError as exc:  # a setting refused before anything started
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -104,13 +109,32 @@ def _control_plane_call():
     except ValueError:
         raise RuntimeError("the control plane is not running: run `rayembed up` first") from None
 
-    def call(method: str, *a):
+    def call(method: str, *a, **kw):
         try:
-            return ray.get(getattr(plane, method).remote(*a), timeout=60)
+            return ray.get(getattr(plane, method).remote(*a, **kw), timeout=60)
         except ray.exceptions.RayTaskError as exc:
             raise RuntimeError(str(getattr(exc, "cause", exc))) from None
 
     return call
+
+
+def workspaces_grant(args) -> int:
+    ws = _control_plane_call()("grant_data", args.workspace_name, args.prefix)
+    print(f"workspace {ws['name']}: its jobs may read {', '.join(ws['data_grants'])}")
+    return 0
+
+
+def workspaces_revoke_grant(args) -> int:
+    ws = _control_plane_call()("revoke_grant", args.workspace_name, args.prefix)
+    print(f"workspace {ws['name']}: grants {', '.join(ws['data_grants']) or 'none'}")
+    return 0
+
+
+def workspaces_quota(args) -> int:
+    changes = {k: v for k, v in vars(args).items() if k.startswith("max_") and v is not None}
+    ws = _control_plane_call()("set_quota", args.workspace_name, changes)
+    print(f"workspace {ws['name']}: " + ", ".join(f"{k} {v:g}" for k, v in ws["quota"].items()))
+    return 0
 
 
 def keys_create(args) -> int:
@@ -163,7 +187,12 @@ def models_get(args) -> int:
 
 def models_register(args) -> int:
     c = _client(args)
-    m = c.models.create(args.name, base_model=args.base_model, artifact=args.artifact)
+    if args.artifact:  # a folder names a place: the operator's, over Ray (the HTTP API refuses it)
+        folder = args.artifact if "://" in args.artifact else str(Path(args.artifact).expanduser().absolute())
+        m = _control_plane_call()("create_model", args.workspace, {"name": args.name, "artifact": folder}, operator=True)
+        print(f"model {m['name']}: {m['status']} ({m['artifact']['uri']})")
+        return 0
+    m = c.models.create(args.name, base_model=args.base_model)
     print(f"model {m.name}: {m.status}")
     if m.status != "ready" and not args.no_wait:
         m = c.models.wait_ready(args.name)
@@ -213,10 +242,24 @@ def _dataset_summary(d) -> None:
     print(f"use it in a job config as  dataset: {{name: {d.name}}}")
 
 
+def _names_places(raw: dict, sweep: bool) -> bool:
+    """True when a job spec names files or folders (cluster.tenancy: only the operator may), not only entities."""
+    from rayembed.config import places
+    from train.config import JobConfig
+    from tune.config import SweepConfig
+
+    found = places(SweepConfig if sweep else JobConfig, raw)
+    return any(kind != "model" or "/" in str(value) and Path(str(value)).expanduser().exists() for _, kind, value in found)
+
+
 def jobs_create(args) -> int:
     c = _client(args)
     raw = _load_spec(args)
-    job = c.customization.jobs.create(args.output_model, **({"sweep": raw} if args.sweep else {"config": raw}))
+    body = {"output_model": args.output_model, **({"sweep": raw} if args.sweep else {"config": raw})}
+    if _names_places(raw, args.sweep):  # the operator's job, over Ray; a tenant's names only entities (HTTP)
+        job = _wrap(_control_plane_call()("create_job", args.workspace, body, operator=True))
+    else:
+        job = c.customization.jobs.create(args.output_model, **({"sweep": raw} if args.sweep else {"config": raw}))
     print(f"job {job.name} ({job.kind}) -> model {job.output_model}: {job.status}")
     for warning in job.warnings:
         print(f"warning: {warning}")
@@ -374,9 +417,13 @@ def parser() -> argparse.ArgumentParser:
                         "replica ports 30000-31000) or Ray Serve's Python proxy")
     s.add_argument("--num-gpus", type=int, help="GPUs of a local head (default: detected)")
     s.add_argument("--data-root", dest="data_roots", action="append", default=[], metavar="DIR",
-                   help="a folder (or s3:// prefix) jobs submitted through the API may read datasets and models "
-                        "from, besides their workspace's folder (repeatable; default: $RAYEMBED_DATA_ROOTS, else "
-                        "the folder `up` runs in)")
+                   help="single-tenant installs: a folder (or s3:// prefix) every workspace's jobs may read from "
+                        "(repeatable; default: $RAYEMBED_DATA_ROOTS, else none). It may not overlap the storage root "
+                        "or RAYEMBED_HOME. Multi-tenant: `rayembed workspaces grant WS PREFIX` instead")
+    s.add_argument("--open", action="store_true",
+                   help="open mode: no API keys, every request allowed; only on a loopback bind (RAYEMBED_HOST "
+                        "127.0.0.1), and only while no key exists. Without it, the API answers 401 until "
+                        "`rayembed keys create` makes the first key")
     s.set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop only what `up` started (state stays in RAYEMBED_HOME)").set_defaults(fn=cmd_down)
     sub.add_parser("status", help="workspaces, models, jobs, deployments, providers").set_defaults(fn=cmd_status)
@@ -396,6 +443,21 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("id", help="the key's id (`rayembed keys list`)")
     v.set_defaults(fn=keys_revoke)
 
+    wss = verbs("workspaces", "the operator's settings of a workspace (over Ray): data grants and quotas")
+    for verb, fn, help in (("grant", workspaces_grant, "let the workspace's jobs read under PREFIX (a folder or URI)"),
+                           ("revoke-grant", workspaces_revoke_grant, "take a grant back")):
+        v = wss.add_parser(verb, help=help)
+        v.add_argument("workspace_name", metavar="WORKSPACE")
+        v.add_argument("prefix", metavar="PREFIX")
+        v.set_defaults(fn=fn)
+    v = wss.add_parser("quota", help="change the workspace's limits (the others stay)")
+    v.add_argument("workspace_name", metavar="WORKSPACE")
+    from cluster.entities import Quota
+
+    for name, field in Quota.model_fields.items():
+        v.add_argument("--" + name.replace("_", "-"), dest=name, type=field.annotation, help=field.description)
+    v.set_defaults(fn=workspaces_quota)
+
     models = verbs("models", "model entities")
     models.add_parser("list", help="every model with its status, size and verdict").set_defaults(fn=models_list)
     for verb, fn, help in (("get", models_get, "one model as JSON"), ("delete", models_delete, "delete a model")):
@@ -405,8 +467,9 @@ def parser() -> argparse.ArgumentParser:
     v = models.add_parser("register", help="register a base model (exported once) or an ONNX artifact")
     v.add_argument("name")
     source = v.add_mutually_exclusive_group(required=True)
-    source.add_argument("--base-model", help="a local HF folder, a nemotron folder, or all-MiniLM-L6-v2 (exported once)")
-    source.add_argument("--artifact", help="an ONNX folder this project wrote")
+    source.add_argument("--base-model", help="an allowed base model: all-MiniLM-L6-v2 (packaged) or what the operator "
+                                             "lists in RAYEMBED_BASE_MODELS (exported once)")
+    source.add_argument("--artifact", help="an ONNX folder this project wrote (the operator's: over Ray, copied in)")
     v.add_argument("--no-wait", action="store_true")
     v.set_defaults(fn=models_register)
 

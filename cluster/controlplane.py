@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from concurrent import futures
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from cluster.services.jobs import JobService
 from cluster.services.models import ModelService
 from cluster.services.workspaces import WorkspaceService
 from cluster.store import open_store
+from cluster.tenancy import allowed_base_models
 
 log = logging.getLogger(__name__)
 TICK_S = 1.0
@@ -39,10 +41,12 @@ class ControlPlane(WorkspaceService, ModelService, DatasetService, JobService, D
     the reconciler, which runs each entity's own reconcile step on a pool, one task per entity at a time."""
 
     def __init__(self, home: str, dashboard_url: str, base_url: str, state_url: str | None = None,
-                 data_roots: list[str] | None = None, storage_root: str | None = None):
+                 data_roots: list[str] | None = None, storage_root: str | None = None,
+                 base_models: list[str] | None = None):
         self.home = Path(home)
         self.storage = storage_root or str(self.home)  # datasets, jobs' outputs, models: shared by every node
-        self.data_roots = list(data_roots or [])  # besides its own folder, where a workspace's jobs may read
+        self.data_roots = list(data_roots or [])  # single-tenant installs: where every workspace's jobs may read
+        self.base_models = allowed_base_models(base_models)  # what a tenant may name as a job's or a model's base
         self.dashboard_url = dashboard_url
         self.base_url = base_url
         self.state_url = state_url or str(self.home / "state.db")
@@ -53,7 +57,7 @@ class ControlPlane(WorkspaceService, ModelService, DatasetService, JobService, D
         self._started_apps: set[str] = set()  # Serve applications this incarnation deployed
         self._graphs: set[tuple] = set()  # (artifact, digest, graph) found in storage (cluster/services/deployments.py)
         if self.store.get("workspace", "", DEFAULT_WORKSPACE) is None:
-            self._save(Workspace(name=DEFAULT_WORKSPACE, description="always exists"))
+            self._save(Workspace(name=DEFAULT_WORKSPACE, description="always exists", uid=uuid.uuid4().hex[:12]))
         self._pool = futures.ThreadPoolExecutor(max_workers=RECONCILE_WORKERS, thread_name_prefix="reconcile")
         self._tasks_lock = threading.Lock()
         self._running: set[tuple] = set()  # (kind, workspace, name) with a reconcile task in flight

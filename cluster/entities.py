@@ -37,11 +37,28 @@ class Entity(BaseModel):
         return self.model_copy(update={**changes, "updated_at": now()})
 
 
+class Quota(BaseModel):
+    """What one workspace may hold and run at once; the operator sets it (`rayembed workspaces quota`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_active_jobs: int = Field(2, ge=0, description="customization jobs not yet finished (and model exports)")
+    max_replicas: int = Field(8, ge=0, description="replicas over all its deployments (autoscaling: their maximum)")
+    max_cpus_per_deployment: float = Field(8.0, ge=0, description="num_cpus x replicas of one deployment")
+    max_gpus_per_deployment: float = Field(1.0, ge=0, description="num_gpus x replicas of one deployment")
+    max_storage_gib: float = Field(20.0, ge=0, description="its datasets' files")
+
+
 class Workspace(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
     description: str = ""
+    uid: str = Field("", description="its folder's id in the storage root, never reused ('' for a workspace made "
+                     "before ids: its folder is workspaces/<name>)")
+    data_grants: list[str] = Field(default_factory=list, description="locations outside the storage root its jobs "
+                                   "may read (set by the operator)")
+    quota: Quota = Field(default_factory=Quota)
     created_at: float = Field(default_factory=now)
     updated_at: float = Field(default_factory=now)
 
@@ -123,6 +140,8 @@ class Dataset(Entity):
     description: str = ""
     uri: str = Field(description="the dataset's folder in the storage root")
     files: dict[str, DatasetFile] = Field(default_factory=dict, description="upload path -> the stored file")
+    uploading: dict[str, float] = Field(default_factory=dict, description="upload path -> when its upload began "
+                                        "(no job may start on the dataset meanwhile)")
 
     def job_fields(self) -> dict[str, str]:
         """The job config's dataset keys this dataset fills."""

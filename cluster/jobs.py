@@ -37,10 +37,9 @@ def _invalid(exc: ConfigError, what: str) -> InvalidRequest:
     return InvalidRequest(f"invalid {what}: " + "; ".join(exc.problems), what)
 
 
-def prepare(kind: str, spec: dict, job_dir: str, gpu_memory_gib: float | None, confinement=None) -> PreparedJob:
+def prepare(kind: str, spec: dict, job_dir: str, gpu_memory_gib: float | None) -> PreparedJob:
     """Validate the spec as the job itself will, fill in the output folder (`job_dir`: in the storage root, a
-    URI or a local folder), check every path it reads against `confinement` (cluster.paths), write the config
-    file there."""
+    URI or a local folder), write the config file there. A tenant's spec was checked before (cluster.tenancy)."""
     from train.config import validate_config
 
     spec = json.loads(json.dumps(spec))  # a private copy
@@ -56,8 +55,6 @@ def prepare(kind: str, spec: dict, job_dir: str, gpu_memory_gib: float | None, c
         except ConfigError as exc:
             raise _invalid(exc, "config") from None
         cfg = cfg.with_absolute_paths()
-        if confinement is not None:
-            confinement.job(cfg, "config")
         job_cfg, artifact_dir, module = cfg, out, "train"
         resolved = cfg.model_dump(mode="json")
     else:
@@ -75,8 +72,6 @@ def prepare(kind: str, spec: dict, job_dir: str, gpu_memory_gib: float | None, c
         except ConfigError as exc:
             raise _invalid(exc, "sweep") from None
         job_cfg, artifact_dir, module = sweep.job.with_absolute_paths(), storage.join(out, "winner"), "tune"
-        if confinement is not None:
-            confinement.job(job_cfg, "sweep.job")
         resolved = sweep.model_copy(update={"job": job_cfg}).model_dump(mode="json")
     warnings, estimate = check_gpu_memory(job_cfg, gpu_memory_gib)
     config_path = storage.join(job_dir, "job.yaml" if kind == "training" else "sweep.yaml")

@@ -13,7 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from cluster import paths
+import ipaddress
+
+from cluster import tenancy
+from rayembed.locations import LocationError, parse
 from rayembed.polling import poll
 from rayembed.runtime import free_port, reachable, serve_ingress_env, wait_http
 from cluster.settings import API_APP, CONTROL_PLANE, NAMESPACE, Settings
@@ -134,11 +137,37 @@ def _dashboard_of(address: str) -> str:
     return "http://" + ray.worker.get_dashboard_url()
 
 
+def loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_settings(s: Settings, roots: list[str], open_: bool) -> None:
+    """What `up` refuses before it starts anything (ValueError, saying what to change): a storage root the location
+    parser refuses (credentials in it, a query string, an escape), a data root overlapping the storage root or
+    RAYEMBED_HOME, open mode on a bind other than loopback."""
+    try:
+        parse(s.storage, "RAYEMBED_STORAGE")
+    except LocationError as exc:
+        raise ValueError(str(exc)) from None
+    tenancy.check_data_roots(roots, s.storage, str(s.home))
+    if open_ and not loopback(s.host):
+        raise ValueError(f"--open serves the API without keys, so only on a loopback bind; RAYEMBED_HOST is {s.host}: "
+                         "create a key (`rayembed keys create`) instead")
+
+
 def up(s: Settings, num_cpus: int | None = None, num_gpus: int | None = None, log=print,
-       ingress: str = "haproxy", data_roots: list[str] | None = None) -> dict:
+       ingress: str = "haproxy", data_roots: list[str] | None = None, open_: bool = False) -> dict:
     """Idempotent: a running cluster, control plane and API are reused. `ingress` applies to a head this
-    starts (see rayembed.runtime.serve_ingress_env); a running cluster keeps the one it has. `data_roots`:
-    where jobs submitted through the API may read (cluster.paths; default: RAYEMBED_DATA_ROOTS, else here)."""
+    starts (see rayembed.runtime.serve_ingress_env); a running cluster keeps the one it has. `data_roots`: where
+    every workspace's jobs may read (cluster.tenancy; default: RAYEMBED_DATA_ROOTS, else none). `open_`: open mode
+    (no keys; loopback only)."""
+    roots = tenancy.data_roots(data_roots or [])
+    check_settings(s, roots, open_)
     auth_env(s)
     import ray
 
@@ -156,12 +185,20 @@ def up(s: Settings, num_cpus: int | None = None, num_gpus: int | None = None, lo
     actor = ray.remote(ControlPlane).options(
         name=CONTROL_PLANE, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
         max_concurrency=32, num_cpus=0, resources=s.control_plane_resources or None).remote(str(s.home), record["dashboard_url"], s.base_url, s.state_url,
-                                               paths.data_roots(data_roots or []), s.storage)
+                                               roots, s.storage, tenancy.allowed_base_models())
     info = ray.get(actor.ping.remote(), timeout=120)
-    log(f"control plane: state {info['state']} (schema v{info['schema_version']}); storage {info['storage']}; API "
-        f"jobs read from their workspace's folder there, its datasets and {', '.join(info['data_roots'])}")
-    log(f"api keys: {info['api_keys']}, every route but the health probes needs one" if info["api_keys"] else
-        "api keys: none, so the API is open to whoever reaches it (`rayembed keys create` turns keys on)")
+    ray.get(actor.set_open_mode.remote(bool(open_ and not info["api_keys"])), timeout=60)
+    log(f"control plane: state {info['state']} (schema v{info['schema_version']}); storage {info['storage']}; jobs "
+        f"through the API read their workspace's datasets" + (f" and {', '.join(roots)}" if roots else "")
+        + f"; base models: {', '.join(info['base_models'])}")
+    if info["api_keys"]:
+        log(f"api keys: {info['api_keys']}, every route but the health probes needs one")
+    elif open_:
+        log("api keys: none, open mode (--open, loopback only): every request is allowed until the first "
+            "`rayembed keys create`")
+    else:
+        log("api keys: none yet, so the API answers 401 to everything: `rayembed keys create --for WORKSPACE` makes "
+            "the first (or `rayembed up --open` on a loopback-only install)")
     serve.run(build_api_app(), name=API_APP, route_prefix="/")  # unchanged code: Serve keeps the running replica
     wait_http(s.base_url + "/v1/health/live")
     log(f"api: {s.base_url} (OpenAPI docs {s.base_url}/docs)")

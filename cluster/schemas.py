@@ -156,9 +156,21 @@ class StatusChangeOut(Answer):
     at: datetime
 
 
+class QuotaOut(Answer):
+    max_active_jobs: int
+    max_replicas: int
+    max_cpus_per_deployment: float
+    max_gpus_per_deployment: float
+    max_storage_gib: float
+
+
 class WorkspaceOut(Answer):
     name: str
     description: str = ""
+    uid: str = Field("", description="the id of its folder in the storage root")
+    data_grants: list[str] = Field(default_factory=list, description="where its jobs may read besides its datasets "
+                                   "(set by the operator)")
+    quota: QuotaOut | None = Field(None, description="its limits (set by the operator)")
     created_at: datetime
     updated_at: datetime
 
@@ -190,6 +202,7 @@ class DatasetOut(EntityOut):
     description: str = ""
     uri: str
     files: dict[str, DatasetFile] = {}
+    uploading: dict[str, float] = Field(default_factory=dict, description="files being uploaded -> since when")
 
 
 class JobOut(EntityOut):

@@ -27,9 +27,9 @@ DATA = ROOT / "data" / "debian-pkgdesc-sample"
 DATASET = "debian-sample"
 
 
-def job_config(base_model: str, max_steps: int | None) -> dict:
+def job_config(model: str, max_steps: int | None) -> dict:
     return {
-        "model": base_model, "name": "quickstart",
+        "model": model, "name": "quickstart",  # the model entity registered in step 1: a job names entities
         "dataset": {"name": DATASET},  # the uploaded files, wherever the job runs
         "training": {"finetuning_type": "lora_merged", "max_seq_length": 128, "lora": {"rank": 16, "alpha": 32}},
         "schedule": {"max_steps": max_steps} if max_steps else {"epochs": 1},
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if job.output_model == tuned and job.status == "completed":
             break
     else:
-        job = client.customization.jobs.create(output_model=tuned, config=job_config(args.base_model, args.max_steps))
+        job = client.customization.jobs.create(output_model=tuned, config=job_config(args.name, args.max_steps))
         print(f"   job {job.name} (Ray job id {job.ray_job_id}, see the dashboard's Jobs view)")
         job = follow_job(client, job.name)
         if job.status != "completed":

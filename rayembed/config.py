@@ -135,3 +135,46 @@ def field_help(model: type[BaseModel], prefix: str = "") -> list[str]:
             default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
             lines.append(f"  {key} ({default}): {field.description or ''}".rstrip(": "))
     return lines
+
+
+
+def _section_of(annotation) -> type[BaseModel] | None:
+    """The config section class a field holds (`Mining | None` -> Mining), if any."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def places(cls: type[BaseModel], raw: Any, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """Every field marked as a place (`json_schema_extra={"place": kind}`: read, write or model) that the raw input
+    `raw` (a dict, before validation) sets to a non-null value, in `cls` and its sections: (dotted key, kind, value)."""
+    if not isinstance(raw, dict):
+        return []
+    out: list[tuple[str, str, Any]] = []
+    for name, field in cls.model_fields.items():
+        if name not in raw or raw[name] is None:
+            continue
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if "place" in extra:
+            out.append((prefix + name, extra["place"], raw[name]))
+        elif (section := _section_of(field.annotation)) is not None:
+            out += places(section, raw[name], f"{prefix}{name}.")
+    return out
+
+
+def place_fields(cls: type[BaseModel], prefix: str = "") -> dict[str, str]:
+    """Every place field `cls` declares (dotted key -> kind), for the structure test and the docs."""
+    out: dict[str, str] = {}
+    for name, field in cls.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if "place" in extra:
+            out[prefix + name] = extra["place"]
+        elif (section := _section_of(field.annotation)) is not None:
+            out.update(place_fields(section, f"{prefix}{name}."))
+    return out

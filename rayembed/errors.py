@@ -88,6 +88,10 @@ class PermissionDenied(ServeError):
     """The request's API key is valid but may not do this (create or delete a workspace needs an admin key)."""
 
 
+class QuotaExceeded(ServeError):
+    """The workspace is at one of its quotas (jobs, replicas, CPUs, GPUs, storage); the message names which."""
+
+
 # class -> (HTTP status, OpenAI error type). The most specific class wins (checked in MRO order).
 STATUS: dict[type[ServeError], tuple[int, str]] = {
     InvalidRequest: (400, "invalid_request_error"),
@@ -106,6 +110,7 @@ STATUS: dict[type[ServeError], tuple[int, str]] = {
     UpstreamTimeout: (504, "timeout_error"),
     Unauthorized: (401, "invalid_request_error"),
     PermissionDenied: (403, "invalid_request_error"),
+    QuotaExceeded: (429, "insufficient_quota"),
 }
 INTERNAL = (500, "internal_server_error")
 
@@ -127,6 +132,7 @@ CODES: dict[type[ServeError], str] = {
     UpstreamTimeout: "upstream_timeout",
     Unauthorized: "invalid_api_key",
     PermissionDenied: "permission_denied",
+    QuotaExceeded: "quota_exceeded",
 }
 
 

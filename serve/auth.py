@@ -52,18 +52,24 @@ OPEN = Access()
 
 
 class KeyRing:
-    """The keys the control plane holds (id -> digest, workspaces); empty means the API is open."""
+    """The keys the control plane holds (id -> digest, workspaces). With none, every request is refused, unless
+    the operator chose open mode (`open_`: `rayembed up --open`, on a loopback bind only): auth fails closed."""
 
-    def __init__(self, records: list[dict] | tuple = ()):
+    def __init__(self, records: list[dict] | tuple = (), open_: bool = False):
         self.keys = {r["id"]: r for r in records}
+        self.open = bool(open_) and not self.keys
 
     @property
     def enabled(self) -> bool:
-        return bool(self.keys)
+        return not self.open
 
     def authenticate(self, header: str | None) -> Access:
-        if not self.keys:
+        if self.open:
             return OPEN
+        if not self.keys:
+            raise Unauthorized("this API has no keys yet, so it answers nobody: the operator creates one with "
+                               "`rayembed keys create --for WORKSPACE` (or starts a loopback-only install with "
+                               "`rayembed up --open`)")
         if not header:
             raise Unauthorized(f"an API key is required: {HOW}")
         scheme, _, token = header.strip().partition(" ")

@@ -279,14 +279,13 @@ def test_a_submission_ray_refuses_leaves_no_ghost_job_and_answers_503(ray_sessio
     from rayembed.runtime import free_port
     from tests.conftest import ROOT, SAMPLE
 
-    cp = ControlPlane(str(tmp_path / "home"), f"http://127.0.0.1:{free_port()}", "http://127.0.0.1:1",
-                      data_roots=[str(ROOT), str(tiny_bert.parent), str(train_file.parent)])
+    cp = ControlPlane(str(tmp_path / "home"), f"http://127.0.0.1:{free_port()}", "http://127.0.0.1:1")
     cp._stop.set()  # no reconcile loop: this test drives the calls itself
     config = {"model": str(tiny_bert), "name": "tiny", "schedule": {"max_steps": 2},
               "dataset": {"training": str(train_file), "evaluation": str(SAMPLE / "eval")}}
     for attempt in range(2):  # the retry passes the name check (no 409) and meets the same refusal
         with pytest.raises(Unavailable, match="Ray did not accept the submission") as refused:
-            cp.create_job("default", {"output_model": "tuned", "config": config})
+            cp.create_job("default", {"output_model": "tuned", "config": config}, operator=True)
         assert status_of(refused.value)[0] == 503
     jobs = cp.list_jobs("default")
     assert [j["status"] for j in jobs] == ["failed", "failed"]

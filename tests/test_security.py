@@ -16,6 +16,7 @@ import pytest
 from serve.auth import ALL, OPEN, KeyRing, digest, new_key
 from rayembed.errors import NotFound, Unauthorized
 from serve.routing import RoutingTable
+from tests.api_server import ApiServer as _Server, plane  # noqa: F401 - plane: a fixture
 from serve.settings import GatewayConfig
 
 
@@ -35,7 +36,11 @@ def test_key_ring_accepts_only_the_exact_key_and_scopes_it():
                             ("Bearer sk-openai-style", "invalid API key"), ("Bearer rek__", "invalid API key")]:
         with pytest.raises(Unauthorized, match=message):
             ring.authenticate(header)
-    assert KeyRing([]).authenticate(None) is OPEN  # no keys configured: the API is open
+    with pytest.raises(Unauthorized, match="has no keys yet"):  # no keys: closed, not open
+        KeyRing([]).authenticate(f"Bearer {key}")
+    assert KeyRing([], open_=True).authenticate(None) is OPEN  # open mode: the operator's explicit choice
+    with pytest.raises(Unauthorized, match="an API key is required"):  # a key exists: open mode is over
+        KeyRing([{"id": key_id, "sha256": sha, "workspaces": ["team-a"]}], open_=True).authenticate(None)
 
 
 def test_routing_table_hides_other_workspaces():
@@ -58,16 +63,6 @@ def test_routing_table_hides_other_workspaces():
     with pytest.raises(NotFound) as missing:
         t.entity("team-c", "secret-model", access)
     assert hidden.value.message.replace("team-b", "X") == missing.value.message.replace("team-c", "X")
-
-
-@pytest.fixture()
-def plane(tmp_path, monkeypatch):
-    from cluster import controlplane
-
-    monkeypatch.setattr(controlplane, "TICK_S", 3600.0)  # no reconciling (no Serve here)
-    cp = controlplane.ControlPlane(str(tmp_path / "home"), "http://127.0.0.1:9", "http://127.0.0.1:9")
-    yield cp
-    cp._stop.set()
 
 
 def test_keys_are_stored_hashed_scoped_and_revocable(plane, tmp_path):
@@ -96,52 +91,9 @@ def test_keys_are_stored_hashed_scoped_and_revocable(plane, tmp_path):
     assert plane.delete_workspace("team-a")["deleted"] is True
 
 
-class _Server:
-    """cluster.api's FastAPI app on a real port, its management calls going to a ControlPlane object."""
-
-    def __init__(self, plane, monkeypatch):
-        import uvicorn
-
-        from cluster import api
-        from rayembed.runtime import free_port
-        from serve.gateway import GatewayCore, install_core
-
-        async def call(method, *args):
-            return getattr(plane, method)(*args)
-
-        monkeypatch.setattr(api, "_call", call)
-        self.plane = plane
-        install_core(GatewayCore(GatewayConfig(), keys=None))
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(api.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        threading.Thread(target=self.server.run, daemon=True).start()
-        deadline = time.monotonic() + 30
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def sync(self) -> None:
-        """What the Api replica's routes thread does."""
-        from serve.gateway import installed_core
-
-        routes = self.plane.routes()
-        config = GatewayConfig.model_validate(routes["config"], context={"check_files": False})
-        installed_core().set_table(config, routes["workspaces"], KeyRing(routes["keys"]))
-
-    def request(self, method: str, path: str, key: str | None = None, body: dict | None = None):
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method, headers=headers,
-                                     data=None if body is None else json.dumps(body).encode())
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                return resp.status, json.loads(resp.read()), resp.headers
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read()), exc.headers
-
-
 def test_api_with_keys_over_http(plane, monkeypatch):
     from cluster.entities import Artifact, ModelEntity
+    from rayembed.errors import Conflict
 
     srv = _Server(plane, monkeypatch)
     try:
@@ -149,7 +101,11 @@ def test_api_with_keys_over_http(plane, monkeypatch):
         assert status == 503 and "has not loaded its keys" in body["error"]["message"]  # fails closed at start
         assert srv.request("GET", "/v1/health/live")[0] == 200
         srv.sync()
-        assert srv.request("GET", "/v2/workspaces")[0] == 200  # no keys: open, as before
+        status, body, _ = srv.request("GET", "/v2/workspaces")
+        assert status == 401 and "has no keys yet" in body["error"]["message"]  # no keys, no open mode: closed
+        plane.set_open_mode(True)
+        srv.sync()
+        assert srv.request("GET", "/v2/workspaces")[0] == 200  # open mode, chosen by the operator
         for ws in ("team-a", "team-b"):
             plane.create_workspace({"name": ws})
             plane._save(ModelEntity(workspace=ws, name=f"{ws}-model", base_model="b", artifact=Artifact(uri="/x")))
@@ -196,65 +152,20 @@ def test_api_with_keys_over_http(plane, monkeypatch):
         srv.sync()
         assert srv.request("GET", "/v2/workspaces", key=a)[0] == 401  # revoked
         assert srv.request("GET", "/v2/workspaces", key=admin)[0] == 200
+        for k in plane.list_keys():  # a revoke-then-create rotation, stopped halfway: every key gone
+            plane.revoke_key(k["id"])
+        srv.sync()
+        for method, path in [("GET", "/v2/workspaces"), ("GET", "/v2/workspaces/team-a/models"), ("GET", "/v1/models"),
+                             ("POST", "/v1/embeddings"), ("GET", "/docs"), ("GET", "/openapi.json"),
+                             ("POST", "/v2/workspaces"), ("DELETE", "/v2/workspaces/team-b")]:
+            status, body, _ = srv.request(method, path, body={} if method == "POST" else None)
+            assert status == 401 and "has no keys yet" in body["error"]["message"], (method, path, body)
+        assert srv.request("GET", "/v1/health/live")[0] == 200
+        with pytest.raises(Conflict):  # keys existed: open mode is not reached by revoking, only chosen again
+            plane.create_key([ALL]) and plane.set_open_mode(True)
     finally:
         srv.server.should_exit = True
         time.sleep(0.3)
         asyncio.set_event_loop(asyncio.new_event_loop())
 
 
-def test_paths_are_confined_to_the_workspace_folder_and_the_data_roots(tmp_path, monkeypatch):
-    from cluster.paths import Confinement, data_roots
-    from rayembed.errors import InvalidRequest
-
-    home, data, outside = tmp_path / "home", tmp_path / "data", tmp_path / "outside"
-    for d in (home / "workspaces" / "team-a", home / "workspaces" / "team-b", data, outside):
-        d.mkdir(parents=True)
-    (data / "escape").symlink_to(outside)
-    c = Confinement(str(home / "workspaces" / "team-a"), data_roots([str(data), "s3://bucket/shared"]))
-    for ok in (str(data / "train.jsonl"), str(data), str(home / "workspaces/team-a/x.jsonl"), "s3://bucket/shared/t.jsonl"):
-        c.read(ok, "f")
-    for bad in ("/etc/passwd", str(data / ".." / "outside" / "x"), str(data / "escape" / "x"),  # `..` and a symlink
-                str(home / "workspaces/team-b/jobs/j/output/model"), str(home / "state.db"), str(tmp_path / "data2"),
-                "s3://bucket/other/t.jsonl", "s3://bucket/shared-not/t.jsonl", "s3://bucket/shared/../other/t.jsonl", "~/x"):
-        with pytest.raises(InvalidRequest, match="outside the folders this workspace's jobs may read") as err:
-            c.read(bad, "config.dataset.training")
-        assert err.value.param == "config.dataset.training" and "--data-root" in err.value.message
-    c.model("all-MiniLM-L6-v2", "model")  # packaged name and Hub ids read nothing local
-    c.model("nvidia/llama-nemotron-embed-1b-v2", "model")
-    for bad in ("/opt/models/x", "../../etc", str(outside)):
-        with pytest.raises(InvalidRequest):
-            c.model(bad, "model")
-    c.write(str(home / "workspaces/team-a/mining"), "cache")
-    with pytest.raises(InvalidRequest, match="outside this workspace's folder"):
-        c.write(str(data / "cache"), "cache")
-    monkeypatch.delenv("RAYEMBED_DATA_ROOTS", raising=False)
-    assert data_roots([]) == [str(Path(".").resolve())]  # by default: the folder `up` runs in
-    monkeypatch.setenv("RAYEMBED_DATA_ROOTS", f"{data}{__import__('os').pathsep}s3://b/p")
-    assert data_roots([]) == [str(data), "s3://b/p"] and data_roots([str(outside)]) == [str(outside)]
-
-
-def test_jobs_and_models_from_the_api_cannot_read_outside_their_roots(plane, tmp_path):
-    from rayembed.errors import InvalidRequest
-
-    plane.data_roots = [str(tmp_path / "data")]
-    plane._cluster_has_gpu = lambda: False  # no Ray here: a CPU cluster
-    (tmp_path / "data").mkdir()
-    spec = {"model": "all-MiniLM-L6-v2", "dataset": {"training": "/etc/passwd"}}
-    with pytest.raises(InvalidRequest, match="config.dataset.training: '/etc/passwd' is outside"):
-        plane.create_job("default", {"output_model": "mm", "config": spec})
-    spec = {"model": str(tmp_path / "home" / "workspaces" / "other" / "jobs" / "j" / "output" / "model"),
-            "dataset": {"training": str(tmp_path / "data" / "t.jsonl"),
-                        "mining": {"negatives": 1, "cache_dir": "/tmp/anywhere"}}}
-    with pytest.raises(InvalidRequest, match="config.model: .* is outside"):
-        plane.create_job("default", {"output_model": "mm", "config": spec})
-    spec["model"] = "all-MiniLM-L6-v2"
-    with pytest.raises(InvalidRequest, match="config.dataset.mining.cache_dir"):
-        plane.create_job("default", {"output_model": "mm", "config": spec})
-    sweep = {"job": {"model": "all-MiniLM-L6-v2", "dataset": {"training": "/root/.ssh/id_rsa"}}}
-    with pytest.raises(InvalidRequest, match="sweep.job.dataset.training"):
-        plane.create_job("default", {"output_model": "mm", "sweep": sweep})
-    for body in ({"name": "mm", "artifact": "/etc"}, {"name": "mm", "base_model": "/root"}):
-        with pytest.raises(InvalidRequest, match="is outside"):
-            plane.create_model("default", body)
-    assert plane.store.list("job") == [] and plane.store.list("model") == []
-    assert not (tmp_path / "home" / "workspaces" / "default" / "jobs").exists()  # nothing written either

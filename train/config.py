@@ -28,16 +28,16 @@ class Prefixes(Section):
 
 class Mining(Section):
     negatives: int = Field(gt=0, le=64, description="Hard negatives mined per query with the base model; they replace neg_doc, and loss.negatives_per_query follows.")
-    corpus: str | None = Field(None, description="JSONL or Parquet (a `text` field) to mine from; null = the training file's own documents.")
+    corpus: str | None = Field(None, json_schema_extra={"place": "read"}, description="JSONL or Parquet (a `text` field) to mine from; null = the training file's own documents.")
     max_score_ratio: float | None = Field(0.95, gt=0, le=1, description="Candidates scoring above this x the positive's score are dropped as likely false negatives (NV-Retriever's TopK-PercPos); null = no filter.")
     top_k: int | None = Field(None, gt=0, description="Candidates searched per query; null = max(30, 10 x negatives).")
-    cache_dir: str | None = Field(None, description="Where mined files and the base model's ONNX export are cached by input hash; null = $RAYEMBED_HOME/mining (~/.rayembed/mining).")
+    cache_dir: str | None = Field(None, json_schema_extra={"place": "write"}, description="Where mined files and the base model's ONNX export are cached by input hash; null = $RAYEMBED_HOME/mining (~/.rayembed/mining).")
 
 
 class DatasetConfig(Section):
-    training: str = Field(description="Training JSONL: one {query, pos_doc, neg_doc: [...]} per line.")
-    validation: str | None = Field(None, description="Validation JSONL, same format; when absent a split is taken off the training file.")
-    evaluation: str | None = Field(None, description="BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv) for base-vs-tuned evaluation; when absent the validation set is used.")
+    training: str = Field(json_schema_extra={"place": "read"}, description="Training JSONL: one {query, pos_doc, neg_doc: [...]} per line.")
+    validation: str | None = Field(None, json_schema_extra={"place": "read"}, description="Validation JSONL, same format; when absent a split is taken off the training file.")
+    evaluation: str | None = Field(None, json_schema_extra={"place": "read"}, description="BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv) for base-vs-tuned evaluation; when absent the validation set is used.")
     validation_fraction: float = Field(0.05, gt=0, lt=0.5, description="Share of training lines split off for validation when no validation file is given.")
     max_validation_examples: int = Field(500, gt=0, description="Cap on the validation split taken off the training file.")
     max_examples: int | None = Field(None, gt=0, description="Use a seeded subsample of this many training lines (after the validation split).")
@@ -152,10 +152,10 @@ class Loss(Section):
 
 
 class Output(Section):
-    dir: str = Field(description="Job output directory: checkpoints/, model/, onnx/, eval.json, eval.png, config.yaml. "
+    dir: str = Field(json_schema_extra={"place": "write"}, description="Job output directory: checkpoints/, model/, onnx/, eval.json, eval.png, config.yaml. "
                      "A storage URI (s3://bucket/prefix/job) works too: the job writes in node-local scratch and "
                      "publishes there.")
-    storage_path: str | None = Field(None, description="Ray Train storage for checkpoints (local dir or pyarrow.fs URI); null = <dir>/checkpoints.")
+    storage_path: str | None = Field(None, json_schema_extra={"place": "write"}, description="Ray Train storage for checkpoints (local dir or pyarrow.fs URI); null = <dir>/checkpoints.")
     checkpoint_every_steps: int = Field(200, gt=0, description="Save a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept on storage.")
     log_every_steps: int = Field(10, gt=0, description="Print loss, lr, examples/s, tokens/s every N steps (sent to Ray Train at most every 5 s).")
@@ -177,7 +177,7 @@ class Resources(Section):
 
 
 class JobConfig(Section):
-    model: str = Field(description="Base model: a local Hugging Face directory, a Hub id, or all-MiniLM-L6-v2 (packaged).")
+    model: str = Field(json_schema_extra={"place": "model"}, description="Base model: a local Hugging Face directory, a Hub id, or all-MiniLM-L6-v2 (packaged).")
     name: str = Field("rayembed-job", pattern=r"^[A-Za-z0-9_.-]+$", description="Job name (Ray Train run name).")
     prefixes: Prefixes = Prefixes()
     dataset: DatasetConfig

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,13 @@ from train.config import RECOMMENDED_EXAMPLES
 log = logging.getLogger(__name__)
 MAX_REPORTED_ERRORS = 20
 MAX_LINE_BYTES = 8 * 2**20  # one example; a longer line is a broken file (a missing newline, a binary blob)
+# Caps that bound what validating a file holds in memory (24 bytes per example, ~100 per BEIR id): far above what a
+# customization job uses (5,000-10,000 examples), each refused with its line.
+MAX_POSITIVES = 64  # pos_doc entries in one line
+MAX_NEGATIVES = 256  # neg_doc entries in one line
+MAX_TEXT_CHARS = 200_000  # one query or document (8,192 tokens is about 40,000 characters)
+MAX_EXAMPLES = 5_000_000  # examples (positives) in one file
+MAX_BEIR_RECORDS = 2_000_000  # documents or queries in one file
 
 
 class DataError(ValueError):
@@ -60,6 +68,8 @@ def _check_record(obj: object, negatives_needed: int) -> tuple[str | None, int]:
         return "field 'query' must be a non-empty string", 0
     pos = obj.get("pos_doc")
     positives = pos if isinstance(pos, list) else [pos]
+    if len(positives) > MAX_POSITIVES:
+        return f"field 'pos_doc' has {len(positives)} entries; at most {MAX_POSITIVES} per line (split the line)", 0
     if not positives or not all(isinstance(p, str) and p.strip() for p in positives):
         return "field 'pos_doc' must be a non-empty string or a non-empty list of non-empty strings", 0
     if "neg_doc" not in obj:
@@ -67,6 +77,11 @@ def _check_record(obj: object, negatives_needed: int) -> tuple[str | None, int]:
     neg = obj["neg_doc"]
     if not isinstance(neg, list) or not all(isinstance(n, str) and n.strip() for n in neg):
         return "field 'neg_doc' must be a list of non-empty strings", 0
+    if len(neg) > MAX_NEGATIVES:
+        return f"field 'neg_doc' has {len(neg)} entries; at most {MAX_NEGATIVES} per line", 0
+    for name, texts in (("query", [q]), ("pos_doc", positives), ("neg_doc", neg)):
+        if any(len(t) > MAX_TEXT_CHARS for t in texts):
+            return f"field {name!r} holds a text of more than {MAX_TEXT_CHARS} characters; shorten it", 0
     if len(neg) < negatives_needed:
         return (f"field 'neg_doc' has {len(neg)} entries but loss.negatives_per_query is {negatives_needed}; "
                 "add hard negatives, lower loss.negatives_per_query, or mine them with the base model "
@@ -109,8 +124,9 @@ def index_jsonl(path: str | Path, negatives_needed: int) -> ExampleIndex:
     path = str(path)
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found")
-    offsets, positive, lines, errors = [], [], [], []
-    digests, digest_lines = [], []  # 8 bytes per line: duplicates are found without keeping the text
+    # typed arrays, 8 bytes per entry (a list of ints costs 36): what validating holds stays a fraction of the file
+    offsets, positive, lines, errors = array("q"), array("i"), array("q"), []
+    digests, digest_lines = array("Q"), array("q")  # duplicates are found without keeping the text
     n_bad = 0
     with open(path, "rb") as fh:
         for lineno, start, raw in _lines(fh):
@@ -125,20 +141,23 @@ def index_jsonl(path: str | Path, negatives_needed: int) -> ExampleIndex:
                 if len(errors) < MAX_REPORTED_ERRORS:
                     errors.append(f"{path}:{lineno}: {problem}")
                 continue
+            if len(offsets) + n_pos > MAX_EXAMPLES:
+                raise DataError(f"{path}:{lineno}: more than {MAX_EXAMPLES} examples in one file; split it (a job "
+                                "uses a few thousand: dataset.max_examples subsamples)")
             digests.append(int.from_bytes(hashlib.blake2b(raw.strip(), digest_size=8).digest(), "little"))
             digest_lines.append(lineno)
-            for p in range(n_pos):
-                offsets.append(start)
-                positive.append(p)
-                lines.append(lineno)
+            offsets.extend([start] * n_pos)
+            positive.extend(range(n_pos))
+            lines.extend([lineno] * n_pos)
     if not errors:
-        errors, n_bad = _duplicates(path, np.asarray(digests, np.uint64), np.asarray(digest_lines, np.int64))
+        errors, n_bad = _duplicates(path, np.frombuffer(digests, np.uint64), np.frombuffer(digest_lines, np.int64))
     if errors:
         more = f"\n  ... and {n_bad - len(errors)} more bad lines" if n_bad > len(errors) else ""
         raise DataError(f"{n_bad} invalid line(s) in {path}; fix them and resubmit:\n  " + "\n  ".join(errors) + more)
     if not offsets:
         raise DataError(f"{path}: no examples (the file is empty)")
-    return ExampleIndex(path, np.asarray(offsets, np.int64), np.asarray(positive, np.int32), np.asarray(lines, np.int64))
+    return ExampleIndex(path, np.frombuffer(offsets, np.int64).copy(), np.frombuffer(positive, np.int32).copy(),
+                        np.frombuffer(lines, np.int64).copy())
 
 
 def _duplicates(path: str, digests: np.ndarray, lines: np.ndarray) -> tuple[list[str], int]:
@@ -224,10 +243,14 @@ class RetrievalSet:
 def _beir_records(path: Path, titles: bool):
     """(line number, _id, text) of a BEIR corpus.jsonl (title + text) or queries.jsonl; DataError names line and field."""
     with path.open("rb") as fh:
+        count = 0
         for lineno, _, raw in _lines(fh):
             if raw is not None and not raw.strip():
                 continue
             where = f"{path}:{lineno}"
+            count += 1
+            if count > MAX_BEIR_RECORDS:
+                raise DataError(f"{where}: more than {MAX_BEIR_RECORDS} records in one file; evaluate on a sample")
             d, problem = _decode_line(raw)
             if problem is not None:
                 raise DataError(f"{where}: {problem}")
@@ -242,6 +265,35 @@ def _beir_records(path: Path, titles: bool):
                 raise DataError(f"{where}: field 'title' must be a string")
             text = f"{title.strip()} {d['text']}".strip() if title and title.strip() else d["text"]
             yield lineno, str(d["_id"]), text
+
+
+def beir_ids(path: str | Path, titles: bool) -> set[str]:
+    """The ids of a BEIR corpus.jsonl or queries.jsonl, every line checked (the texts are not kept)."""
+    return {doc_id for _, doc_id, _ in _beir_records(Path(path), titles)}
+
+
+def check_qrels(path: str | Path, queries: set[str], corpus: set[str]) -> int:
+    """A qrels TSV checked against the ids of its queries and corpus; the number of judgments."""
+    path, count = Path(path), 0
+    for lineno, line in enumerate(path.open(encoding="utf-8", errors="replace"), 1):
+        parts = line.rstrip("\r\n").split("\t")
+        if (lineno == 1 and parts[0] == "query-id") or not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        if len(parts) < 3:
+            raise DataError(f"{where}: expected query-id<TAB>corpus-id<TAB>score")
+        try:
+            score = int(parts[2])
+        except ValueError:
+            raise DataError(f"{where}: score {parts[2][:40]!r} must be an integer") from None
+        if score > 0 and parts[0] in queries:
+            if parts[1] not in corpus:
+                raise DataError(f"{where}: corpus-id {parts[1][:80]!r} is not in evaluation/corpus.jsonl (a judged "
+                                "document missing from the corpus makes the metrics wrong)")
+            count += 1
+    if not count:
+        raise DataError(f"{path}: no judged queries that appear in queries.jsonl")
+    return count
 
 
 def check_beir_records(path: str | Path, titles: bool) -> int:

@@ -33,7 +33,7 @@ class Search(Section):
 
 
 class SweepOutput(Section):
-    dir: str = Field(description="Sweep directory: trials/, results.json, results.md, sweep.png, best_job.yaml.")
+    dir: str = Field(json_schema_extra={"place": "write"}, description="Sweep directory: trials/, results.json, results.md, sweep.png, best_job.yaml.")
 
 
 class SweepConfig(Section):

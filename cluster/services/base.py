@@ -8,12 +8,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cluster.paths import Confinement
-from cluster.entities import (NAME, CustomizationJob, Dataset, Entity, ModelDeployment, ModelDeploymentConfig,
+from cluster.tenancy import Confinement
+from cluster.entities import (JOB_DONE, NAME, CustomizationJob, Dataset, Entity, ModelDeployment, ModelDeploymentConfig,
                               ModelEntity, ModelProvider, Workspace)
 from cluster.store import redacted
 from rayembed import storage
-from rayembed.errors import InvalidName, InvalidRequest, NotFound, shown
+from rayembed.errors import Conflict, InvalidName, InvalidRequest, NotFound, QuotaExceeded, shown
 
 log = logging.getLogger(__name__)
 NAME_RULE = "2-63 characters of lowercase letters, digits and '-', starting with a letter or digit"
@@ -83,10 +83,49 @@ class Core:
         return workspace
 
     def _confinement(self, workspace: str) -> Confinement:
-        return Confinement(self._workspace_root(workspace), self.data_roots)
+        """Where a tenant's jobs in `workspace` may read besides their own datasets: its grants, the global roots."""
+        ws = Workspace.model_validate(self.store.get("workspace", "", workspace) or {"name": workspace})
+        return Confinement([*ws.data_grants, *self.data_roots])
+
+    def _quota(self, workspace: str):
+        return Workspace.model_validate(self.store.get("workspace", "", workspace) or {"name": workspace}).quota
+
+    def _trainable_model(self, workspace: str, value: Any, field: str) -> str:
+        """What a tenant's `model` names, as the job reads it: a model entity of the workspace (its merged weights,
+        or the allowed base model it was exported from) or an allowed base model. Nothing else: not a path, not a
+        Hub id the operator did not list (it would be downloaded and loaded on the cluster)."""
+        if isinstance(value, str) and NAME.match(value) and (body := self.store.get("model", workspace, value)):
+            model = ModelEntity.model_validate(body)
+            if model.status != "ready":
+                raise Conflict(f"{field}: model {value!r} is {model.status}; wait until it is ready")
+            if model.artifact.hf_uri:
+                return model.artifact.hf_uri
+            if model.base_model in self.base_models:
+                return model.base_model
+            raise InvalidRequest(f"{field}: model {value!r} holds no trainable weights (it was registered from an "
+                                 "ONNX folder); name the base model it came from", field)
+        if isinstance(value, str) and value in self.base_models:
+            return value
+        raise InvalidRequest(f"{field}: {shown(value)} is neither a model of this workspace nor an allowed base model "
+                             f"({', '.join(self.base_models)}); register it first (POST .../models) or ask the operator "
+                             "to allow it (RAYEMBED_BASE_MODELS)", field)
+
+    def _quota_for_job(self, workspace: str) -> None:
+        """The workspace's limit on jobs (and model exports) not yet finished."""
+        quota = self._quota(workspace)
+        active = [j for j in self._all("job", CustomizationJob, workspace) if j.status not in JOB_DONE]
+        active += [m for m in self._all("model", ModelEntity, workspace) if m.status == "exporting"]
+        if len(active) >= quota.max_active_jobs:
+            raise QuotaExceeded(f"workspace {workspace!r} has {len(active)} unfinished jobs and exports, its quota "
+                                f"(max_active_jobs {quota.max_active_jobs}); wait for one to finish or cancel one",
+                                "config")
 
     def _workspace_root(self, workspace: str) -> str:
-        return storage.join(self.storage, "workspaces", workspace)
+        """The workspace's folder in the storage root: by its id, never reused, so a workspace created again under
+        an old name never reaches the old one's files (a workspace from before ids keeps `workspaces/<name>`)."""
+        body = self.store.get("workspace", "", workspace) or {}
+        uid = body.get("uid") or ""
+        return storage.join(self.storage, "workspaces", f"{workspace}-{uid}" if uid else workspace)
 
     def _bump_routes(self) -> None:
         self._routes_version = time.time_ns()
@@ -94,7 +133,8 @@ class Core:
     def ping(self) -> dict:
         return {"ok": True, "schema_version": self.store.schema_version(), "home": str(self.home), "storage": self.storage,
                 "state": redacted(self.state_url),
-                "api_keys": len(self.store.list("apikey")), "data_roots": self.data_roots}
+                "api_keys": len(self.store.list("apikey")), "data_roots": self.data_roots, "base_models": self.base_models,
+                "open": self.open_mode()}
 
     def _fresh(self, entity: Entity, model: type):
         """The stored entity if nobody changed it since `entity` was read, else None (skip this tick)."""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 
 from cluster.entities import DATASET_FILES, JOB_DONE, CustomizationJob, Dataset, DatasetFile
 from cluster.schemas import DatasetCreate
 from rayembed import storage
 from cluster.services.base import Core, check_name, validated
-from rayembed.errors import Conflict, InvalidRequest, shown
+from rayembed.errors import Conflict, InvalidRequest, QuotaExceeded, shown
+from cluster.uploads import deadline_s
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +27,9 @@ class DatasetService(Core):
         with self._lock:
             if self.store.get("dataset", workspace, name) is not None:
                 raise Conflict(f"dataset {name!r} already exists in workspace {workspace!r}")
+            folder = f"{name}-{uuid.uuid4().hex[:12]}"  # never reused: a dataset made again never reaches old files
             ds = validated(Dataset, {"description": body.get("description", "")}, "dataset", workspace=workspace,
-                         name=name, uri=storage.join(self._workspace_root(workspace), "datasets", name))
+                         name=name, uri=storage.join(self._workspace_root(workspace), "datasets", folder))
             self._save(ds)
         return ds.model_dump(mode="json")
 
@@ -37,14 +41,57 @@ class DatasetService(Core):
         self._workspace(workspace)
         return self._load("dataset", workspace, name, Dataset).model_dump(mode="json")
 
+    def begin_upload(self, workspace: str, name: str, path: str, declared_bytes: int | None = None) -> dict:
+        """Before an upload's first byte: refused (409) while an unfinished job reads the dataset or another upload
+        of the same file runs, or (429) when the workspace's datasets would pass its storage quota. Marks the file
+        as uploading, so no job starts on the dataset until `add_dataset_file` or `end_upload`."""
+        if path not in DATASET_FILES:
+            raise InvalidRequest(f"{shown(path)} is not a dataset file: use one of {', '.join(DATASET_FILES)}", "path")
+        with self._lock:
+            self._workspace(workspace)
+            ds = self._load("dataset", workspace, name, Dataset)
+            users = self._jobs_reading(ds)
+            if users:
+                raise Conflict(f"dataset {name!r} is read by job {', '.join(users)}: wait for it to finish or cancel it "
+                               "before uploading its files again (or create another dataset)")
+            if self._uploading(ds).get(path):
+                raise Conflict(f"{path} of dataset {name!r} is being uploaded right now; wait for that upload")
+            quota = self._quota(workspace)
+            used = sum(f.bytes for d in self._all("dataset", Dataset, workspace) for p, f in d.files.items()
+                       if not (d.name == name and p == path))
+            limit = int(quota.max_storage_gib * 2**30)
+            if declared_bytes is None:
+                raise InvalidRequest("send the upload with a Content-Length header (its size is checked against the "
+                                     "workspace's storage quota before it is read)", "body")
+            if used + declared_bytes > limit:
+                raise QuotaExceeded(f"workspace {workspace!r} holds {used} bytes of datasets; {declared_bytes} more would "
+                                    f"pass its quota (max_storage_gib {quota.max_storage_gib:g}); delete a dataset first",
+                                    "body")
+            ds = ds.touched(uploading={**self._uploading(ds), path: time.time()})
+            self._save(ds)
+        return ds.model_dump(mode="json")
+
+    def end_upload(self, workspace: str, name: str, path: str) -> None:
+        """An upload that failed: the file is no longer marked (what was stored before stays)."""
+        with self._lock:
+            body = self.store.get("dataset", workspace, name)
+            if body is not None:
+                ds = Dataset.model_validate(body)
+                self._save(ds.touched(uploading={p: t for p, t in ds.uploading.items() if p != path}))
+
+    def _uploading(self, ds: Dataset) -> dict[str, float]:
+        """The dataset's uploads still running (a mark older than the upload deadline is one that died)."""
+        return {p: t for p, t in ds.uploading.items() if time.time() - t < deadline_s() + 600}
+
     def add_dataset_file(self, workspace: str, name: str, path: str, stored: dict) -> dict:
-        """Record a file the API ingress validated and stored at the dataset's folder (a new upload replaces it)."""
+        """Record a file the upload task validated and stored at the dataset's folder (a new upload replaces it)."""
         with self._lock:
             self._workspace(workspace)
             ds = self._load("dataset", workspace, name, Dataset)
             if path not in DATASET_FILES:
                 raise InvalidRequest(f"{shown(path)} is not a dataset file: use one of {', '.join(DATASET_FILES)}", "path")
-            ds = ds.touched(files={**ds.files, path: DatasetFile.model_validate(stored)})
+            ds = ds.touched(files={**ds.files, path: DatasetFile.model_validate(stored)},
+                            uploading={p: t for p, t in ds.uploading.items() if p != path})
             self._save(ds)
         return ds.model_dump(mode="json")
 
@@ -52,8 +99,9 @@ class DatasetService(Core):
         """Unfinished jobs whose config reads the dataset's files."""
         def reads(job: CustomizationJob) -> bool:
             given = (job.spec.get("job") if job.kind == "sweep" else job.spec).get("dataset") or {}
-            return any(isinstance(given.get(k), str) and given[k].startswith(ds.uri.rstrip("/") + "/")
-                       for k in ("training", "validation", "evaluation"))
+            read = [given.get(k) for k in ("training", "validation", "evaluation")]
+            read.append((given.get("mining") or {}).get("corpus"))
+            return any(isinstance(r, str) and (r == ds.uri or r.startswith(ds.uri.rstrip("/") + "/")) for r in read)
 
         return [j.name for j in self._all("job", CustomizationJob, ds.workspace) if j.status not in JOB_DONE and reads(j)]
 
@@ -64,6 +112,8 @@ class DatasetService(Core):
             users = self._jobs_reading(ds)
             if users:
                 raise Conflict(f"dataset {name!r} is read by job {', '.join(users)}; wait for it to finish or cancel it")
+            if self._uploading(ds):
+                raise Conflict(f"dataset {name!r} has an upload running ({', '.join(self._uploading(ds))}); wait for it")
             self.store.delete("dataset", workspace, name)
         storage.delete_tree(ds.uri)  # outside the lock: the entity is gone, so no new job can name it
         return {"name": name, "deleted": True}
@@ -74,6 +124,9 @@ class DatasetService(Core):
         if not isinstance(given, dict) or "name" not in given:
             return spec
         ds = self._load("dataset", workspace, check_name(given["name"], "dataset", f"{field}.dataset.name"), Dataset)
+        if self._uploading(ds):
+            raise Conflict(f"dataset {ds.name!r} has an upload running ({', '.join(self._uploading(ds))}); start the job "
+                           "when it is done")
         fields = ds.job_fields()
         if "training" not in fields:
             raise InvalidRequest(f"dataset {ds.name!r} has no training.jsonl yet: upload it first "

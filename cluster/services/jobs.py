@@ -36,7 +36,10 @@ class JobService(Core):
 
         return ray.cluster_resources().get("GPU", 0) >= 1
 
-    def create_job(self, workspace: str, body: dict) -> dict:
+    def create_job(self, workspace: str, body: dict, operator: bool = False) -> dict:
+        """A customization job. From a tenant (the HTTP API: `operator` False) the spec names entities only: a
+        dataset by name and a model entity or an allowed base model; every location is the server's choice
+        (cluster.tenancy). The operator (the CLI over Ray) may give paths and URIs."""
         self._workspace(workspace)
         output_model = check_name(body.get("output_model"), "output model", "output_model")
         if ("config" in body) == ("sweep" in body):
@@ -46,19 +49,26 @@ class JobService(Core):
         if not isinstance(spec, dict):
             raise InvalidRequest(f"{'sweep' if kind == 'sweep' else 'config'} must be a JSON object", "config")
         validated(JobCreate, body, "customization job")
+        if not operator:
+            spec = self._tenant_spec(workspace, kind, spec)
+        named = ((spec.get("job") if kind == "sweep" else spec) or {}).get("dataset")
+        dataset_name = named.get("name") if isinstance(named, dict) else None
         if kind == "sweep" and isinstance(spec.get("job"), dict):
             spec = {**spec, "job": self._with_dataset(workspace, spec["job"], "sweep.job")}
         else:
             spec = self._with_dataset(workspace, spec, "config")
+        self._quota_for_job(workspace)
         self._output_model_free(workspace, output_model)  # fails fast, before anything is written
         job_id = jobs.new_job_id()
         job_dir = storage.join(self._workspace_root(workspace), "jobs", job_id)
         # outside the lock: a call to Ray (the cluster's GPUs) and the job's folder written to storage
         gpu_gib = float(os.environ.get("RAYEMBED_GPU_MEMORY_GIB", DEFAULT_GPU_MEMORY_GIB)) if self._cluster_has_gpu() else None
-        prepared = jobs.prepare(kind, spec, job_dir, gpu_gib, self._confinement(workspace))
+        prepared = jobs.prepare(kind, spec, job_dir, gpu_gib)
         try:
             with self._lock:
                 self._output_model_free(workspace, output_model)  # again: another request may have taken it meanwhile
+                if dataset_name is not None:  # and no upload began on its dataset meanwhile
+                    self._with_dataset(workspace, {"dataset": {"name": dataset_name}}, "config")
                 job = self._created_job(workspace, job_id, kind, output_model, prepared)
         except Conflict:
             storage.delete_tree(job_dir)  # the folder prepared for it (outside the lock)
@@ -68,6 +78,27 @@ class JobService(Core):
         with self._lock:
             job = self._job_status(self._fresh(job, CustomizationJob) or job, "pending", "submitted to Ray as job " + job_id)
         return job.model_dump(mode="json")
+
+    def _tenant_spec(self, workspace: str, kind: str, spec: dict) -> dict:
+        """A tenant's spec checked and completed: no place but reads under the workspace's grants, the model an
+        entity of the workspace or an allowed base model, mining's cache in the workspace's own folder."""
+        from train.config import JobConfig
+        from tune.config import SweepConfig
+
+        field = "sweep" if kind == "sweep" else "config"
+        self._confinement(workspace).job(SweepConfig if kind == "sweep" else JobConfig, spec, field)
+        job = spec.get("job") if kind == "sweep" else spec
+        if not isinstance(job, dict):
+            return spec  # refused by validation, naming the key
+        where = f"{field}.job" if kind == "sweep" else field
+        job = dict(job)
+        if "model" in job:
+            job["model"] = self._trainable_model(workspace, job["model"], f"{where}.model")
+        mining = (job.get("dataset") or {}).get("mining") if isinstance(job.get("dataset"), dict) else None
+        if isinstance(mining, dict):
+            cache = storage.join(self._workspace_root(workspace), "mining")
+            job["dataset"] = {**job["dataset"], "mining": {**mining, "cache_dir": cache}}
+        return {**spec, "job": job} if kind == "sweep" else job
 
     def _created_job(self, workspace: str, job_id: str, kind: str, output_model: str, prepared) -> CustomizationJob:
         job = CustomizationJob(workspace=workspace, name=job_id, kind=kind, spec=prepared.spec, output_model=output_model,

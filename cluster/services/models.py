@@ -7,10 +7,10 @@ import logging
 import shlex
 import sys
 import time
-from pathlib import Path
+import uuid
 
 from cluster import jobs
-from cluster.entities import Artifact, Evaluation, ModelDeployment, ModelEntity
+from cluster.entities import JOB_DONE, Artifact, CustomizationJob, Evaluation, ModelDeployment, ModelEntity
 from cluster.schemas import ModelCreate
 from rayembed import storage
 from rayembed.artifact import MANIFEST, REQUIRED_FILES, ArtifactError, parse_manifest
@@ -32,10 +32,12 @@ class ModelService(Core):
         self._workspace(workspace)
         return self._load("model", workspace, name, ModelEntity).model_dump(mode="json")
 
-    def create_model(self, workspace: str, body: dict) -> dict:
-        """Register a base model: `base_model` (a local HF folder, a Hub-layout nemotron folder, or
-        all-MiniLM-L6-v2) is exported and verified once, as a Ray job; `artifact` (an ONNX folder this
-        project wrote) is registered as it is."""
+    def create_model(self, workspace: str, body: dict, operator: bool = False) -> dict:
+        """Register a base model: `base_model` (one the operator allowed: the packaged all-MiniLM-L6-v2, or what
+        RAYEMBED_BASE_MODELS lists) is exported and verified once, as a Ray job; `artifact` (an ONNX folder this
+        project wrote) is copied in as it is, by the operator only (`operator`: a Ray caller, the CLI), since it
+        names a place. Its files go to a folder of its own, never reused, so a name registered again never reaches
+        the old files."""
         self._workspace(workspace)
         name = check_name(body.get("name"), "model")
         base, artifact = body.get("base_model"), body.get("artifact")
@@ -45,10 +47,17 @@ class ModelService(Core):
             if value is not None and not isinstance(value, str):
                 raise InvalidRequest(f"{field} must be a string (a folder path or model name), not {shown(value)}", field)
         validated(ModelCreate, body, "model")
-        confinement = self._confinement(workspace)
-        confinement.model(base, "base_model")
-        confinement.read(artifact, "artifact")
-        out = storage.join(self._workspace_root(workspace), "models", name, "onnx")
+        if not operator:
+            if artifact is not None:
+                raise InvalidRequest("artifact names a folder, which only the operator may register (`rayembed models "
+                                     "register NAME --artifact DIR` over Ray); name a base_model, or train one with a "
+                                     "customization job", "artifact")
+            if base not in self.base_models:
+                raise InvalidRequest(f"base_model {shown(base)} is not an allowed base model ({', '.join(self.base_models)}); "
+                                     "the operator lists more in RAYEMBED_BASE_MODELS", "base_model")
+        if artifact is None:
+            self._quota_for_job(workspace)
+        out = storage.join(self._workspace_root(workspace), "models", f"{name}-{uuid.uuid4().hex[:12]}", "onnx")
         if self.store.get("model", workspace, name) is not None:
             raise Conflict(f"model {name!r} already exists in workspace {workspace!r}")
         if artifact is not None:  # copied into storage and read (outside the lock), so every node reads the same files
@@ -77,8 +86,8 @@ class ModelService(Core):
         return entity.model_dump(mode="json")
 
     def _publish_artifact(self, folder: str, dest: str) -> str:
-        """An ONNX folder a user registers, sealed where every node reads it: a published URI as it is, a folder
-        inside a local storage root sealed in place (its files hashed again), any other folder copied to `dest`."""
+        """An ONNX folder the operator registers, sealed where every node reads it: a published URI as it is, any
+        other folder copied to `dest` (the model's own folder; never sealed in place, which would write into it)."""
         if storage.is_uri(folder) and storage.read_seal(folder) is not None:
             return folder
         files = storage.list_files(folder) if storage.exists(folder) else {}
@@ -86,11 +95,8 @@ class ModelService(Core):
         if missing:
             raise InvalidRequest(f"artifact {shown(folder)} lacks {', '.join(missing)}: give a folder written by "
                                  "`python -m train.export` or a job's onnx/", "artifact")
-        inside = not storage.is_uri(folder) and not storage.is_uri(self.storage) and \
-            Path(folder).resolve().is_relative_to(Path(self.storage).resolve())
-        target = folder if inside else dest
-        storage.publish(folder, target)
-        return target
+        storage.publish(folder, dest)
+        return dest
 
     def _entity_from_artifact(self, workspace: str, name: str, uri: str, base_model: str, hf_uri: str | None,
                               source_job: str | None, evaluation=None, description: str = "") -> ModelEntity:
@@ -125,13 +131,24 @@ class ModelService(Core):
                            description=description)
 
     def delete_model(self, workspace: str, name: str) -> dict:
+        """Refused while a deployment serves it or an unfinished job trains from it; else the entity goes, and so do
+        the files in its own folder (a job's output stays with its job)."""
         with self._lock:
             self._workspace(workspace)
-            self._load("model", workspace, name, ModelEntity)
+            model = self._load("model", workspace, name, ModelEntity)
             users = [d.name for d in self._all("deployment", ModelDeployment, workspace) if name in (d.model, d.pending_model)]
             if users:
                 raise Conflict(f"model {name!r} is deployed by {', '.join(users)}; delete or repoint those deployments first")
+            weights = model.artifact.hf_uri
+            training = [j.name for j in self._all("job", CustomizationJob, workspace) if j.status not in JOB_DONE
+                        and weights and weights in (j.spec.get("model"), (j.spec.get("job") or {}).get("model"))]
+            if training:
+                raise Conflict(f"model {name!r} is the base of job {', '.join(training)}; wait for it or cancel it")
             self.store.delete("model", workspace, name)
+        own = storage.join(self._workspace_root(workspace), "models")
+        folder = storage.parent(model.artifact.uri)
+        if storage.parent(folder) == own:  # outside the lock: the entity is gone, nothing can name these files now
+            storage.delete_tree(folder)
         return {"name": name, "deleted": True}
 
     def _reconcile_export(self, model: ModelEntity) -> None:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
-from cluster.entities import DEFAULT_WORKSPACE, ApiKey, ModelProvider, Workspace
+from cluster.entities import DEFAULT_WORKSPACE, ApiKey, ModelProvider, Quota, Workspace
 from cluster.schemas import WorkspaceCreate
 from serve import auth
 from cluster.services.base import WHAT, Core, check_name, validated
+from rayembed import storage
 from rayembed.errors import Conflict, InvalidRequest, NotFound, shown
+from rayembed.locations import LocationError, parse
+
+AUTH = ("setting", "", "auth")  # the store's record of the auth mode: {"open": bool}
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +33,24 @@ class WorkspaceService(Core):
             key_id, key, sha = auth.new_key()
             record = ApiKey(id=key_id, sha256=sha, workspaces=sorted(set(workspaces)), label=str(label)[:200])
             self.store.put("apikey", "", key_id, record.model_dump(mode="json"))
+            self.store.put(*AUTH, {"open": False})  # from the first key on, for good: revoking the last one keeps it closed
             self._bump_routes()
         return {**record.public(), "key": key}
+
+    def open_mode(self) -> bool:
+        """True only while the operator chose open mode (`rayembed up --open`, loopback only) and no key was made since."""
+        return bool((self.store.get(*AUTH) or {}).get("open"))
+
+    def set_open_mode(self, open_: bool) -> dict:
+        """`rayembed up --open` (True) or plain `up` (False). Open mode needs zero keys: it is never the result of
+        revoking keys, only of the operator's choice (the CLI refuses it on a non-loopback bind)."""
+        with self._lock:
+            if open_ and self.store.list("apikey"):
+                raise Conflict("API keys exist, so the API stays closed: revoke them all first (`rayembed keys list`), "
+                               "then `rayembed up --open` again")
+            self.store.put(*AUTH, {"open": bool(open_)})
+            self._bump_routes()
+        return {"open": bool(open_)}
 
     def list_keys(self) -> list[dict]:
         return [ApiKey.model_validate(b).public() for b in self.store.list("apikey")]
@@ -51,7 +72,7 @@ class WorkspaceService(Core):
         with self._lock:
             if self.store.get("workspace", "", name) is not None:
                 raise Conflict(f"workspace {name!r} already exists")
-            ws = validated(Workspace, body, "workspace")
+            ws = validated(Workspace, body, "workspace", uid=uuid.uuid4().hex[:12])
             self._save(ws)
             self._bump_routes()
         return ws.model_dump(mode="json")
@@ -72,9 +93,50 @@ class WorkspaceService(Core):
             if keys:  # a key would otherwise regain access to a workspace created later under the same name
                 raise Conflict(f"workspace {name!r} is in the scope of API keys {', '.join(keys)}; revoke them first "
                                "(`rayembed keys revoke ID`)")
+            root = self._workspace_root(name)
             self.store.delete("workspace", "", name)
             self._bump_routes()
+        storage.delete_tree(root)  # outside the lock; a workspace made again under this name gets a new folder anyway
         return {"name": name, "deleted": True}
+
+    # ---------------------------------------------------------------- grants and quotas (Ray callers only: the operator)
+    def grant_data(self, workspace: str, prefix: str) -> dict:
+        """Let `workspace`'s jobs read under `prefix` (a folder or a URI such as s3://team-a-data/), parsed by the
+        one location parser; refused where it overlaps the storage root (every workspace's files)."""
+        try:
+            loc = parse(str(prefix), "prefix")
+            if loc.overlaps(parse(self.storage, "the storage root")) or loc.overlaps(parse(str(self.home), "RAYEMBED_HOME")):
+                raise LocationError(f"prefix {prefix} overlaps the storage root or RAYEMBED_HOME, which hold every "
+                                    "workspace's files")
+        except LocationError as exc:
+            raise InvalidRequest(str(exc), "prefix") from None
+        with self._lock:
+            ws = Workspace.model_validate(self.store.get("workspace", "", self._workspace(workspace)))
+            ws = ws.model_copy(update={"data_grants": sorted({*ws.data_grants, str(loc)})})
+            self._save(ws)
+        return ws.model_dump(mode="json")
+
+    def revoke_grant(self, workspace: str, prefix: str) -> dict:
+        with self._lock:
+            ws = Workspace.model_validate(self.store.get("workspace", "", self._workspace(workspace)))
+            try:
+                gone = str(parse(str(prefix), "prefix"))
+            except LocationError as exc:
+                raise InvalidRequest(str(exc), "prefix") from None
+            if gone not in ws.data_grants:
+                raise NotFound(f"workspace {workspace!r} has no grant {shown(prefix)} (grants: {', '.join(ws.data_grants) or 'none'})")
+            ws = ws.model_copy(update={"data_grants": [g for g in ws.data_grants if g != gone]})
+            self._save(ws)
+        return ws.model_dump(mode="json")
+
+    def set_quota(self, workspace: str, changes: dict) -> dict:
+        """Change some of `workspace`'s limits (cluster.entities.Quota); the rest stay."""
+        with self._lock:
+            ws = Workspace.model_validate(self.store.get("workspace", "", self._workspace(workspace)))
+            quota = validated(Quota, {**ws.quota.model_dump(), **changes}, "quota")
+            ws = ws.model_copy(update={"quota": quota})
+            self._save(ws)
+        return ws.model_dump(mode="json")
 
     # ---------------------------------------------------------------- providers and routes
     def list_providers(self, workspace: str) -> list[dict]:
@@ -96,4 +158,5 @@ class WorkspaceService(Core):
         models = [{"workspace": w, "name": m, "providers": ps} for (w, m), ps in sorted(by_model.items())]
         workspaces = [w.name for w in self._all("workspace", Workspace)]
         keys = [{k: b[k] for k in ("id", "sha256", "workspaces")} for b in self.store.list("apikey")]
-        return {"version": version, "workspaces": workspaces, "config": {"models": models}, "keys": keys}
+        return {"version": version, "workspaces": workspaces, "config": {"models": models}, "keys": keys,
+                "open": self.open_mode() and not keys}

@@ -1,0 +1,167 @@
+"""Dataset uploads, off the serving path: the API ingress streams the body into a staging object in storage
+(never more than the size limit, a chunk at a time, within a total deadline), then a Ray task with its own
+CPU and memory reservation validates it as a job will (line-numbered errors) and moves it into the dataset's
+folder; the API replica that answers /v1/embeddings holds one chunk at a time. How many uploads run at once
+is limited per key and overall. The control plane records the stored file (cluster.services.datasets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import resource
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from cluster.entities import DATASET_FILES
+from rayembed import storage
+from rayembed.errors import InvalidRequest, PayloadTooLarge, QuotaExceeded, RequestTimeout, shown
+
+CHUNK_TIMEOUT_S = 60.0  # a client that stalls this long between chunks loses its upload
+MAX_AT_ONCE = 4  # uploads in flight in one API replica
+MAX_PER_KEY = 2  # ... and per API key (or per client, with no keys)
+VALIDATE_MEMORY_BYTES = 2 * 2**30  # the validating task's reservation, and its address-space cap
+_running: dict[str, int] = {}  # key id -> uploads in flight (this replica)
+
+
+def max_upload_bytes() -> int:
+    return int(float(os.environ.get("RAYEMBED_MAX_UPLOAD_GB", "4")) * 2**30)
+
+
+def deadline_s() -> float:
+    """The whole upload, from its first byte to its last (a client trickling a byte a minute still ends)."""
+    return float(os.environ.get("RAYEMBED_UPLOAD_DEADLINE_S", "1800"))
+
+
+class Slot:
+    """One of the replica's upload slots for `who`; QuotaExceeded (429) when all are taken."""
+
+    def __init__(self, who: str):
+        self.who = who
+
+    def __enter__(self) -> "Slot":
+        if sum(_running.values()) >= MAX_AT_ONCE:
+            raise QuotaExceeded(f"{MAX_AT_ONCE} uploads are running on this API replica; retry when one finishes")
+        if _running.get(self.who, 0) >= MAX_PER_KEY:
+            raise QuotaExceeded(f"this key has {MAX_PER_KEY} uploads running; retry when one finishes")
+        _running[self.who] = _running.get(self.who, 0) + 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _running[self.who] -= 1
+        if not _running[self.who]:
+            del _running[self.who]
+
+
+async def receive(request, target: str, limit: int) -> int:
+    """The body, streamed into the storage object `target`: at most `limit` bytes, one chunk in memory at a time,
+    within CHUNK_TIMEOUT_S between chunks and deadline_s() in all. -> its size."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"upload of {int(declared)} bytes; the limit is {limit} (RAYEMBED_MAX_UPLOAD_GB)")
+    f, path = storage.filesystem(target)
+    f.create_dir(path.rpartition("/")[0], recursive=True)
+    size, ends = 0, time.monotonic() + deadline_s()
+    out = await asyncio.to_thread(f.open_output_stream, path)
+    try:
+        stream = request.stream().__aiter__()
+        while True:
+            left = ends - time.monotonic()
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, min(CHUNK_TIMEOUT_S, left)))
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                why = f"stalled for {CHUNK_TIMEOUT_S:g} s" if left > CHUNK_TIMEOUT_S else f"took longer than {deadline_s():g} s in all"
+                raise RequestTimeout(f"the upload {why} after {size} bytes (RAYEMBED_UPLOAD_DEADLINE_S)") from None
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"upload larger than the limit of {limit} bytes (RAYEMBED_MAX_UPLOAD_GB)")
+            await asyncio.to_thread(out.write, chunk)
+    finally:
+        await asyncio.to_thread(out.close)
+    if size == 0:
+        raise InvalidRequest("the upload is empty: send the file as the request body", "body")
+    return size
+
+
+def _cap_memory(limit: int) -> None:
+    """This process may map at most `limit` bytes more than it holds now (a validation gone wild fails with
+    MemoryError here instead of taking the node's memory)."""
+    with open("/proc/self/statm") as fh:
+        now = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    resource.setrlimit(resource.RLIMIT_AS, (now + limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
+def validate_and_store(path: str, staged: str, final: str, others: dict[str, str]) -> dict:
+    """In its own Ray task: the staged upload checked as the job will (errors name the upload path and line), then
+    copied to `final`; -> the DatasetFile fields. `others`: the dataset's evaluation files by path (a qrels file is
+    checked against their ids). The staged object is removed either way."""
+    from train.data import DataError, beir_ids, check_beir_records, check_qrels, index_jsonl
+
+    _cap_memory(VALIDATE_MEMORY_BYTES)
+    try:
+        with tempfile.TemporaryDirectory(prefix="rayembed-upload-") as tmp:
+            local = Path(staged) if not storage.is_uri(staged) else Path(tmp) / "upload"
+            if storage.is_uri(staged):
+                storage.copy_file(staged, str(local))
+            try:
+                if DATASET_FILES[path] in ("training", "validation"):
+                    records = len(index_jsonl(local, 0))
+                elif path.endswith("corpus.jsonl") or path.endswith("queries.jsonl"):
+                    records = check_beir_records(local, titles=path.endswith("corpus.jsonl"))
+                else:
+                    if len(others) < 2:
+                        raise InvalidRequest("upload evaluation/corpus.jsonl and evaluation/queries.jsonl before "
+                                             "evaluation/qrels/test.tsv (each judgment is checked against them)", "path")
+                    ids = {}
+                    for p, uri in others.items():
+                        source = uri if not storage.is_uri(uri) else str(Path(tmp) / p.replace("/", "_"))
+                        if storage.is_uri(uri):
+                            storage.copy_file(uri, source)
+                        ids[p] = beir_ids(source, titles=p.endswith("corpus.jsonl"))
+                    records = check_qrels(local, ids["evaluation/queries.jsonl"], ids["evaluation/corpus.jsonl"])
+            except DataError as exc:
+                raise InvalidRequest(str(exc).replace(str(local), path), "body") from None
+            except MemoryError:
+                raise PayloadTooLarge(f"{path} needs more than {VALIDATE_MEMORY_BYTES // 2**30} GiB to validate: "
+                                      "split it into smaller files") from None
+            h = hashlib.sha256()
+            with local.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(2**20), b""):
+                    h.update(chunk)
+            storage.copy_file(str(local), final)
+            return {"uri": final, "bytes": local.stat().st_size, "sha256": h.hexdigest(), "records": records}
+    finally:
+        storage.delete_tree(staged)
+
+
+async def upload(request, dataset: dict, path: str, who: str) -> dict:
+    """Receive one file of `dataset` into staging, validate and store it in a Ray task; -> the DatasetFile fields
+    to record. `who`: the key (or client) its slot counts against."""
+    import ray
+
+    if path not in DATASET_FILES:
+        raise InvalidRequest(f"{shown(path)} is not a dataset file: use one of {', '.join(DATASET_FILES)}", "path")
+    with Slot(who):
+        upload_id = uuid.uuid4().hex[:12]
+        staged = storage.join(dataset["uri"], ".staging", upload_id)
+        try:
+            await receive(request, staged, max_upload_bytes())
+        except BaseException:
+            await asyncio.to_thread(storage.delete_tree, staged)
+            raise
+        final = storage.join(dataset["uri"], path)  # no job reads the dataset meanwhile (begin_upload said so)
+        others = {p: f["uri"] for p, f in dataset["files"].items() if p.startswith("evaluation/") and p != path
+                  and not p.endswith("test.tsv")}
+        task = ray.remote(validate_and_store).options(num_cpus=0.5, memory=VALIDATE_MEMORY_BYTES, max_retries=0,
+                                                      max_calls=1, name="rayembed-validate-upload")
+        try:
+            return await task.remote(path, staged, final, others)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, (InvalidRequest, PayloadTooLarge)):
+                raise exc.cause from None
+            raise
