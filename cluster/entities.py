@@ -215,7 +215,8 @@ class ModelDeploymentConfig(Entity):
     model: str = Field(description="model entity name in the same workspace")
     num_replicas: int = Field(1, ge=1)
     autoscaling: Autoscaling | None = None
-    num_cpus: float = Field(1.0, ge=0)
+    num_cpus: float = Field(1.0, gt=0, description="CPUs each replica reserves (never 0: a replica holds a core of the "
+                            "node, and unreserved ones would pack onto nodes without limit)")
     num_gpus: float = Field(0.0, ge=0)
     batching: Batching = Batching()
     default_input_type: Literal["query", "passage"] | None = None

@@ -55,7 +55,8 @@ def materialize(folder: str, sha256: str | None = None, root: Path | None = None
     if sha256 is not None and seal["sha256"] != sha256:
         raise storage.StorageError(f"{folder} holds artifact {seal['sha256'][:12]}, not the registered "
                                    f"{sha256[:12]}: it was overwritten after registration; register it again")
-    if not storage.is_uri(folder):
+    if not storage.is_uri(folder):  # used where it is, once every file matches the seal (hashed, not trusted)
+        storage.verify(folder, seal)
         return Path(folder)
     root = root or cache_dir()
     root.mkdir(parents=True, exist_ok=True)
@@ -94,16 +95,23 @@ def evict(root: Path, limit: int) -> list[str]:
     for entry in entries:
         if total <= limit:
             break
-        fd = os.open(root / f"{entry.name}.use", os.O_RDWR | os.O_CREAT, 0o644)
+        # the digest's lock first (the one `materialize` holds from its seal check to its hold), then its use lock:
+        # an entry is never removed between a reader's check and its hold
+        fds = []
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # a replica has it loaded
-            os.close(fd)
+            for suffix in (".lock", ".use"):
+                fd = os.open(root / f"{entry.name}{suffix}", os.O_RDWR | os.O_CREAT, 0o644)
+                fds.append(fd)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # being materialized, or a replica has it loaded
+            for fd in fds:
+                os.close(fd)
             continue
         try:
             shutil.rmtree(entry)
             total -= sizes[entry.name]
             removed.append(entry.name)
         finally:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
     return removed

@@ -214,6 +214,30 @@ def read_seal(folder: str) -> dict | None:
         return None
 
 
+def verify(folder: str, seal: dict) -> None:
+    """Every file the seal lists, hashed where it is: StorageError names the first that differs. A graph file the
+    seal does not list is never loaded (rayembed.engine picks graphs from the seal's files)."""
+    src_fs, src_path = filesystem(folder)
+
+    def one(rel: str) -> None:
+        meta = seal["files"][rel]
+        try:
+            size, sha = _copy_hashing(src_fs, posixpath.join(src_path, rel), src_fs, None)
+        except FileNotFoundError:
+            raise StorageError(f"{join(folder, rel)} is missing: the artifact was changed after it was published; "
+                               "publish it again") from None
+        if (size, sha) != (meta["size"], meta["sha256"]):
+            raise StorageError(f"{join(folder, rel)} does not match its seal ({size} bytes, sha256 {sha[:12]}; the seal "
+                               f"says {meta['size']} bytes, {meta['sha256'][:12]}): the artifact was changed after it "
+                               "was published; publish it again")
+
+    _each_file(one, list(seal["files"]))
+    stray = sorted(f for f in list_files(folder) if f not in seal["files"] and f != SEAL and f.endswith((".onnx", ".data")))
+    if stray:
+        raise StorageError(f"{folder} holds {', '.join(stray)}, which its seal does not list: a graph left from "
+                           "another artifact; publish the folder again")
+
+
 def download(folder: str, local: Path, seal: dict) -> None:
     """Every file the seal lists, into `local`, each one's size and SHA-256 checked: a mismatch raises."""
     src_fs, src_path = filesystem(folder)

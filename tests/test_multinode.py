@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import re
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from tests.manifests import crd_errors, serve_config
 
 pytestmark = pytest.mark.timeout(2400)
 BUCKET = "s3://rayembed-test/multinode"
+TINY_BASE = f"{BUCKET}/base-models/tiny-bert"
 
 
 class Nodes:
@@ -87,14 +89,15 @@ def cluster(tmp_path_factory, s3_env, postgres_url):
     port = free_port()
     up_env = {**env, "RAYEMBED_HOME": str(root / "head" / "home"), "RAYEMBED_PORT": str(port),
               "RAYEMBED_STORAGE": BUCKET, "RAYEMBED_DATABASE_URL": postgres_url, "RAYEMBED_PROXY_LOCATION": "HeadOnly",
-              "RAYEMBED_CONTROL_PLANE_RESOURCES": json.dumps({"controlplane": 0.01})}
+              "RAYEMBED_CONTROL_PLANE_RESOURCES": json.dumps({"controlplane": 0.01}),
+              "RAYEMBED_BASE_MODELS": TINY_BASE}  # the operator allows the tiny BERT, published in storage
     try:
         nodes.start("head", "--num-cpus", "0")
         nodes.start("trainer-a", "--num-cpus", "2", "--resources", json.dumps({"trainer": 1, "controlplane": 1, "trainer-a": 1}))
         up_env["RAY_ADDRESS"] = nodes.address
         rayembed = lambda *a: subprocess.run([str(Path(sys.executable).parent / "rayembed"), *a], env=up_env,
                                              cwd=root, capture_output=True, text=True, timeout=600)
-        proc = rayembed("up")  # from a folder that is not the checkout: jobs must still import every package
+        proc = rayembed("up", "--open")  # from a folder that is not the checkout: jobs must still import every package
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert f"storage {BUCKET}" in proc.stdout and "postgresql+psycopg://postgres:***@" in proc.stdout
         nodes.start("server", "--num-cpus", "2", "--num-gpus", "1", "--resources", json.dumps({"controlplane": 1, "server": 1}))
@@ -127,13 +130,14 @@ def node_id(up_env: dict, name: str) -> str:
 
 def test_a_client_that_shares_no_disk_runs_the_story_across_nodes(cluster, tiny_bert, tmp_path):
     nodes, c, up_env, rayembed = cluster
-    base = f"{BUCKET}/workspaces/default/base-models/tiny-bert"  # in the workspace's folder: jobs may read it
+    base = TINY_BASE  # an allowed base model (RAYEMBED_BASE_MODELS), as tenants must name it
     storage.publish(str(tiny_bert), base)  # each node stages it from storage, as it stages the dataset
     lines = (SAMPLE / "train.jsonl").read_text().splitlines()[:200]
     train = tmp_path / "train.jsonl"
     train.write_text("\n".join(lines) + "\n")
     ds = c.datasets.create("debian", training=str(train), evaluation=str(SAMPLE / "eval"))
-    assert ds.uri == f"{BUCKET}/workspaces/default/datasets/debian" and ds.files["training.jsonl"].records == 200
+    assert re.fullmatch(f"{BUCKET}/workspaces/default-[0-9a-f]{{12}}/datasets/debian-[0-9a-f]{{12}}", ds.uri), ds.uri
+    assert ds.files["training.jsonl"].records == 200
 
     # a job asking for the cluster's one GPU gets it (the driver holds none) and stops at the device check
     gpu_job = c.customization.jobs.create("needs-cuda", config={

@@ -86,6 +86,44 @@ def test_eviction_takes_the_least_recently_used_artifact_that_no_process_holds(s
     assert cache.evict(root, 0) == [digests[1], digests[2]]  # nothing held: oldest first
 
 
+def test_a_local_artifact_is_hashed_against_its_seal_before_it_is_used(tmp_path):
+    """A local folder is not copied to the cache, so its files are hashed where they are: a changed graph, or a
+    graph the seal does not list (model.int8.onnx left from an earlier artifact), is refused, never loaded."""
+    folder = _artifact(tmp_path / "a")
+    seal = storage.publish(str(folder), str(folder))
+    assert cache.materialize(str(folder), seal["sha256"]) == folder
+    (folder / "model.int8.onnx").write_bytes(b"an old graph")
+    with pytest.raises(storage.StorageError, match="model.int8.onnx, which its seal does not list"):
+        cache.materialize(str(folder), seal["sha256"])
+    (folder / "model.int8.onnx").unlink()
+    graph = bytearray((folder / "model.onnx").read_bytes())
+    graph[1000] ^= 0xFF  # one flipped byte, same size
+    (folder / "model.onnx").write_bytes(bytes(graph))
+    with pytest.raises(storage.StorageError, match="model.onnx does not match its seal"):
+        cache.materialize(str(folder), seal["sha256"])
+
+
+def test_eviction_skips_an_entry_whose_lock_a_reader_holds(tmp_path):
+    """`materialize` holds the digest's lock from its seal check to its hold: evict never removes it in between."""
+    import fcntl
+
+    root = tmp_path / "cache"
+    (root / "d1").mkdir(parents=True)
+    (root / "d1" / "f").write_bytes(b"x" * 100)
+    fd = os.open(root / "d1.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a reader between its check and its hold
+
+    def evict_in_another_process(q):
+        q.put(cache.evict(root, 0))
+
+    q = multiprocessing.get_context("fork").Queue()
+    p = multiprocessing.get_context("fork").Process(target=evict_in_another_process, args=(q,))
+    p.start(), p.join(30)
+    assert q.get(timeout=5) == [] and (root / "d1" / "f").is_file()
+    os.close(fd)
+    assert cache.evict(root, 0) == ["d1"] and not (root / "d1").exists()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request, tmp_path):
     if request.param == "sqlite":

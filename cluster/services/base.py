@@ -120,6 +120,28 @@ class Core:
                                 f"(max_active_jobs {quota.max_active_jobs}); wait for one to finish or cancel one",
                                 "config")
 
+    def _quota_for_deployment(self, workspace: str, cfg, name: str) -> None:
+        """The workspace's limits on replicas (over all its deployments but `name`, plus this one at its most) and on
+        the CPUs and GPUs of one deployment."""
+        quota = self._quota(workspace)
+        most = lambda c: c.autoscaling.max_replicas if c.autoscaling else c.num_replicas  # noqa: E731
+        replicas = most(cfg)
+        cpus, gpus = cfg.num_cpus * replicas, cfg.num_gpus * replicas
+        limits = [(cpus, quota.max_cpus_per_deployment, "max_cpus_per_deployment", "CPUs"),
+                  (gpus, quota.max_gpus_per_deployment, "max_gpus_per_deployment", "GPUs")]
+        for used, limit, key, what in limits:
+            if used > limit:
+                raise QuotaExceeded(f"deployment {name!r} would reserve {used:g} {what} ({replicas} replicas); the "
+                                    f"workspace's quota is {limit:g} ({key}): use fewer replicas or smaller ones")
+        others = 0
+        for dep in self._all("deployment", ModelDeployment, workspace):
+            body = self.store.get("deployment_config", workspace, dep.config) if dep.name != name else None
+            if body is not None:
+                others += most(ModelDeploymentConfig.model_validate(body))
+        if others + replicas > quota.max_replicas:
+            raise QuotaExceeded(f"workspace {workspace!r} runs up to {others} replicas in its other deployments; "
+                                f"{replicas} more pass its quota (max_replicas {quota.max_replicas})")
+
     def _workspace_root(self, workspace: str) -> str:
         """The workspace's folder in the storage root: by its id, never reused, so a workspace created again under
         an old name never reaches the old one's files (a workspace from before ids keeps `workspaces/<name>`)."""

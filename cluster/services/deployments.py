@@ -132,6 +132,7 @@ class DeploymentService(Core):
                               workspace=workspace, version=1)
             model = self._model_for(workspace, cfg.model)
             self._gate(model, allow_worse, cfg)  # before anything is stored
+            self._quota_for_deployment(workspace, cfg, name)
             if inline:
                 self._save(cfg)
                 self.store.add_version("deployment_config", workspace, name, 1, cfg.model_dump(mode="json"))
@@ -158,6 +159,8 @@ class DeploymentService(Core):
             cfg_name = check_name(body.get("config", dep.config), "deployment config")
             cfg = self._load("deployment_config", workspace, cfg_name, ModelDeploymentConfig)
             if changes:
+                merged = {**cfg.model_dump(mode="json", exclude={"created_at", "updated_at"}), **changes}
+                self._quota_for_deployment(workspace, validated(ModelDeploymentConfig, merged, "deployment config"), name)
                 cfg = ModelDeploymentConfig.model_validate(self.update_deployment_config(workspace, cfg_name, changes))
             model = self._model_for(workspace, cfg.model)
             self._gate(model, allow_worse, cfg)

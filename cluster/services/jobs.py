@@ -13,6 +13,9 @@ from cluster.schemas import JobCreate
 from rayembed import storage
 from rayembed.progress import PROGRESS_ENV
 from cluster.services.base import DEFAULT_GPU_MEMORY_GIB, JOB_ENV, Core, check_name, validated
+
+DRIVER_CPUS = 0.25  # a job's driver mostly waits on its Ray Train worker, which reserves its own CPUs (or GPU)
+DRIVER_MEMORY_BYTES = 1 * 2**30
 from rayembed.errors import Conflict, InvalidRequest, Unavailable
 
 log = logging.getLogger(__name__)
@@ -29,7 +32,9 @@ class JobService(Core):
         env = {k: os.environ[k] for k in JOB_ENV if os.environ.get(k)}
         if progress_uri:
             env[PROGRESS_ENV] = progress_uri
-        return {"runtime_env": {"env_vars": env}} if env else {}
+        # the driver reserves a share of a CPU and some memory, so drivers do not pile onto the head unaccounted
+        reserve = {"entrypoint_num_cpus": DRIVER_CPUS, "entrypoint_memory": DRIVER_MEMORY_BYTES}
+        return {**reserve, **({"runtime_env": {"env_vars": env}} if env else {})}
 
     def _cluster_has_gpu(self) -> bool:
         import ray
