@@ -187,10 +187,15 @@ def models_get(args) -> int:
 
 def models_register(args) -> int:
     c = _client(args)
-    if args.artifact:  # a folder names a place: the operator's, over Ray (the HTTP API refuses it)
-        folder = args.artifact if "://" in args.artifact else str(Path(args.artifact).expanduser().absolute())
-        m = _control_plane_call()("create_model", args.workspace, {"name": args.name, "artifact": folder}, operator=True)
+    local = args.base_model and Path(args.base_model).expanduser().is_dir()
+    if args.artifact or local:  # a folder names a place: the operator's, over Ray (the HTTP API refuses it)
+        field, given = ("artifact", args.artifact) if args.artifact else ("base_model", args.base_model)
+        folder = given if "://" in given else str(Path(given).expanduser().absolute())
+        m = _control_plane_call()("create_model", args.workspace, {"name": args.name, field: folder}, operator=True)
         print(f"model {m['name']}: {m['status']} ({m['artifact']['uri']})")
+        if m["status"] != "ready" and not args.no_wait:
+            m = c.models.wait_ready(args.name)
+            print(f"model {m.name}: {m.status} ({m.embedding_dim}-d, max {m.max_seq_length} tokens)")
         return 0
     m = c.models.create(args.name, base_model=args.base_model)
     print(f"model {m.name}: {m.status}")

@@ -13,12 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-import ipaddress
-
 from cluster import tenancy
 from rayembed.locations import LocationError, parse
 from rayembed.polling import poll
-from rayembed.runtime import free_port, reachable, serve_ingress_env, wait_http
+from rayembed.runtime import free_port, loopback, reachable, serve_ingress_env, wait_http
 from cluster.settings import API_APP, CONTROL_PLANE, NAMESPACE, Settings
 
 RECORD = "cluster.json"
@@ -135,15 +133,6 @@ def _dashboard_of(address: str) -> str:
     if not ray.is_initialized():
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
     return "http://" + ray.worker.get_dashboard_url()
-
-
-def loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_settings(s: Settings, roots: list[str], open_: bool) -> None:

@@ -157,8 +157,8 @@ async def upload(request, dataset: dict, path: str, who: str) -> dict:
         final = storage.join(dataset["uri"], path)  # no job reads the dataset meanwhile (begin_upload said so)
         others = {p: f["uri"] for p, f in dataset["files"].items() if p.startswith("evaluation/") and p != path
                   and not p.endswith("test.tsv")}
-        task = ray.remote(validate_and_store).options(num_cpus=0.5, memory=VALIDATE_MEMORY_BYTES, max_retries=0,
-                                                      max_calls=1, name="rayembed-validate-upload")
+        # max_calls=1: the worker exits after the task, taking its address-space cap (_cap_memory) with it
+        task = ray.remote(num_cpus=0.5, memory=VALIDATE_MEMORY_BYTES, max_retries=0, max_calls=1)(validate_and_store)
         try:
             return await task.remote(path, staged, final, others)
         except ray.exceptions.RayTaskError as exc:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rayembed.artifact import ArtifactError
 from rayembed.config import ConfigError
-from serve.settings import ProviderSettings, load_gateway_config, single_model_config
+from serve.settings import GatewayAuth, ProviderSettings, load_gateway_config, single_model_config
 
 APP_NAME = "rayembed-gateway"
 
@@ -28,6 +28,26 @@ def default_name(model_dir: Path) -> str:
 
     manifest = read_manifest(model_dir)
     return manifest.job or Path(manifest.base_model or str(model_dir)).name
+
+
+def gateway_auth(args, given: GatewayAuth) -> GatewayAuth:
+    """The gateway's keys: --api-keys-file (hashed here), the config's own and $RAYEMBED_API_KEYS (read by each
+    replica). Without any, only --open serves, and only on a loopback --host; ValueError says what to give."""
+    from rayembed.runtime import loopback
+    from serve.auth import records_of
+
+    records = list(given.keys)
+    if args.api_keys_file is not None:
+        records += records_of(args.api_keys_file.read_text(), str(args.api_keys_file))
+    has_keys = bool(records) or bool(given.keys_env and os.environ.get(given.keys_env))
+    open_ = args.open or given.open
+    if open_ and not loopback(args.host):
+        raise ValueError(f"--open answers without keys, so only on a loopback --host, not {args.host}: give "
+                         "--api-keys-file FILE (or $RAYEMBED_API_KEYS)")
+    if not has_keys and not open_:
+        raise ValueError("the gateway needs API keys (--api-keys-file FILE, or $RAYEMBED_API_KEYS) or, on a loopback "
+                         "--host, --open to answer without them")
+    return given.model_copy(update={"keys": records, "open": open_ and not has_keys})
 
 
 def _interrupt(signum, frame):
@@ -74,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="model name clients send (default: the training job's name)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--api-keys-file", type=Path, help="API keys the gateway accepts, one per line (rek_<id>_<secret>, "
+                                                           "as `rayembed keys create` prints them); only their SHA-256 "
+                                                           "is kept. Also: $RAYEMBED_API_KEYS")
+    parser.add_argument("--open", action="store_true", help="no API keys: answer every request; only on a loopback "
+                                                            "--host")
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--num-cpus", type=float, default=None,
                         help="CPUs per replica (= its ONNX Runtime threads on CPU); default: this machine's cores / "
@@ -100,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.precision == "int8" and not (args.model_dir / "model.int8.onnx").is_file():
                 raise FileNotFoundError(f"--precision int8 needs {args.model_dir / 'model.int8.onnx'}: write it with "
                                         f"`python -m train.quantize --model-dir {args.model_dir} --eval BEIR_DIR`")
-    except (ConfigError, ArtifactError, FileNotFoundError) as exc:
+        config = config.model_copy(update={"auth": gateway_auth(args, config.auth)})
+    except (ConfigError, ArtifactError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -130,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             CUDA in ort.get_available_providers(), args.num_cpus, args.num_gpus, args.precision)
         if note:
             print(f"note: {note}", flush=True)
+        auth = config.auth
         config = single_model_config(str(args.model_dir), name, replicas=args.replicas, num_cpus=num_cpus,
                                      num_gpus=num_gpus, precision=args.precision)
+        config = config.model_copy(update={"auth": auth})
         print(describe(next(iter(config.providers().values()))), flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)

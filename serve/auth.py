@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Callable
@@ -84,6 +85,21 @@ class KeyRing:
             raise Unauthorized("invalid API key (unknown, mistyped or revoked); `rayembed keys list` shows the keys")
         scope = record["workspaces"]
         return Access(record["id"], None if ALL in scope else frozenset(scope))
+
+
+def records_of(text: str, what: str = "RAYEMBED_API_KEYS") -> list[dict]:
+    """Keys as the operator hands them out (`rek_<id>_<secret>`, one per line or comma-separated; `#` comments) ->
+    key records for every workspace, holding only each secret's SHA-256. ValueError names a malformed entry."""
+    records = []
+    for n, raw in enumerate(re.split(r"[\s,]+", re.sub(r"#[^\n]*", "", text)), 1):
+        if not raw:
+            continue
+        parts = raw.split("_", 2)
+        if len(parts) != 3 or parts[0] != PREFIX or not parts[1] or len(parts[2]) < 16:
+            raise ValueError(f"{what}: entry {n} is not an API key (rek_<id>_<secret>, as `rayembed keys create` "
+                             "prints them)")
+        records.append({"id": parts[1], "sha256": digest(parts[2]), "workspaces": [ALL]})
+    return records
 
 
 def access_of(scope: dict) -> Access:

@@ -14,12 +14,14 @@ from fastapi.responses import Response
 from ray import serve
 from ray.serve import Application
 
-from rayembed.errors import ServeError
-from serve.gateway import GATEWAY, RequestMetrics, api_route, install_error_handlers, json_response, read_body
+from rayembed.errors import NotFound, ServeError
+from serve.auth import BearerAuth, access_of
+from serve.gateway import (GATEWAY, RequestMetrics, api_route, error_response, install_error_handlers, json_response,
+                           read_body)
 from serve.replica import EmbeddingReplica
 from serve.routing import RoutingTable
 from serve.schemas import parse_request, render
-from serve.settings import GatewayConfig, Limits, ProviderSettings
+from serve.settings import GatewayAuth, GatewayConfig, Limits, ProviderSettings
 
 
 def provider_prefix(workspace: str, provider: str) -> str:
@@ -49,6 +51,8 @@ def _metrics() -> RequestMetrics:
 @api_route("provider_direct", _metrics)
 async def embeddings(request: Request) -> Response:
     replica = installed()
+    if not access_of(request.scope).allows(replica.workspace):  # as the gateway answers another workspace's provider
+        raise NotFound(f"no provider here for workspace {replica.workspace!r}")
     limits = replica.limits
     body = parse_request(await read_body(request, limits.max_body_bytes, limits.body_timeout_s))
     result = await replica.embed(body.texts(limits), body.input_type, body.truncate, body.dimensions)
@@ -65,6 +69,7 @@ async def models() -> Response:
 
 
 install_error_handlers(app)
+app.add_middleware(BearerAuth, ring=lambda: installed().keys, on_error=error_response)  # the gateway's keys, here too
 
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 1}, logging_config={"enable_access_log": False})
@@ -73,11 +78,13 @@ class ProviderIngress(EmbeddingReplica.func_or_class):
     """An EmbeddingReplica that also answers HTTP under its application's route prefix. Its handle methods
     (`embed`, `info`) are the plain replica's, so the gateway calls it like any provider application."""
 
-    def __init__(self, settings: dict, listing: dict, limits: dict):
-        """`listing`: the model entity as the gateway's /v1/models lists it (its id names the responses)."""
+    def __init__(self, settings: dict, listing: dict, limits: dict, auth: dict | None = None, workspace: str = "default"):
+        """`listing`: the model entity as the gateway's /v1/models lists it (its id names the responses); `auth`: the
+        gateway's key settings (serve.settings.GatewayAuth), checked on this route as on the gateway's."""
         super().__init__(settings)
-        self.listing, self.model = listing, listing["id"]
+        self.listing, self.model, self.workspace = listing, listing["id"], workspace
         self.limits = Limits.model_validate(limits)
+        self.keys = GatewayAuth.model_validate(auth or {}).ring()
         self.request_metrics = RequestMetrics()
         install(self)  # a module function: the class travels by value, its globals would be a copy
 
@@ -96,7 +103,8 @@ def standalone_apps(config: GatewayConfig, gateway_name: str) -> list[tuple[str,
                 continue
             name = f"{gateway_name}.{route.workspace}.{p.name}"
             listing = table.listing([route])["data"][0]
-            target = ProviderIngress.options(**p.deployment_options()).bind(p.model_dump(), listing, config.limits.model_dump())
+            target = ProviderIngress.options(**p.deployment_options()).bind(
+                p.model_dump(), listing, config.limits.model_dump(), config.auth.model_dump(), route.workspace)
             apps.append((name, target, provider_prefix(route.workspace, p.name)))
             providers.append(ProviderSettings.model_validate({**p.model_dump(), "model_dir": None, "app": name}))
         models.append(route.model_copy(update={"providers": providers}))

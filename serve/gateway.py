@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
-from serve.auth import OPEN, Access, KeyRing, access_of
+from serve.auth import OPEN, Access, BearerAuth, KeyRing, access_of
 from rayembed.errors import (ClientGone, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, QueueFull,
                           RequestTimeout, ServeError, Unauthorized, Unavailable, UnsupportedMediaType, UpstreamTimeout,
                           envelope, status_of)
@@ -362,6 +362,7 @@ def install_core(core: GatewayCore) -> None:
 
 inference_routes(app, installed_core)
 install_error_handlers(app)
+app.add_middleware(BearerAuth, ring=lambda: installed_core().keys, on_error=error_response)  # the config's keys
 install_openapi(app, [EmbeddingRequest])
 
 
@@ -371,4 +372,5 @@ class Gateway:
     """The standalone gateway over a fixed routing table (`python -m serve`, `serve run`)."""
 
     def __init__(self, config: dict, handles: dict[str, DeploymentHandle]):
-        install_core(GatewayCore(GatewayConfig.model_validate(config, context={"check_files": False}), handles))
+        config = GatewayConfig.model_validate(config, context={"check_files": False})
+        install_core(GatewayCore(config, handles, keys=config.auth.ring()))  # no keys and not open: every call 401

@@ -6,6 +6,7 @@ workspace/model entity -> provider(s) -> an EmbeddingReplica deployment (built h
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -133,8 +134,28 @@ class Limits(Section):
     body_timeout_s: float = Field(30.0, gt=0, description="a request body not fully received within it: 408 (a stalled client)")
 
 
+class GatewayAuth(Section):
+    """API keys of a gateway outside the platform (`python -m serve`, a RayService). With none, it answers 401 to
+    everything but the health probes, unless `open` (which `python -m serve` allows only on a loopback bind)."""
+
+    open: bool = Field(False, description="no keys, every request answered (python -m serve --open, loopback only)")
+    keys: list[dict] = Field(default_factory=list, description="key records {id, sha256, workspaces}: only the "
+                             "SHA-256 of each key (python -m serve --api-keys-file hashes a file of keys into these)")
+    keys_env: str | None = Field("RAYEMBED_API_KEYS", description="an environment variable of the gateway's processes "
+                                 "holding keys (rek_<id>_<secret>, one per line or comma-separated), hashed when a "
+                                 "replica starts: on Kubernetes, a key of the `rayembed` Secret")
+
+    def ring(self):
+        """The KeyRing of these settings, in the process that serves (the environment is read here)."""
+        from serve.auth import KeyRing, records_of
+
+        extra = records_of(os.environ.get(self.keys_env, ""), self.keys_env) if self.keys_env else []
+        return KeyRing([*self.keys, *extra], open_=self.open)
+
+
 class GatewayConfig(Section):
     models: list[ModelRoute] = Field(default_factory=list, description="model entities and their providers")
+    auth: GatewayAuth = GatewayAuth()
     limits: Limits = Limits()
     gateway_replicas: int = Field(1, ge=1, description="replicas of the gateway deployment (HTTP parsing, routing, "
                                                        "rendering); more pay off on nodes with spare cores")

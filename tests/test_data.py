@@ -181,3 +181,38 @@ def test_malformed_beir_folder_is_refused_naming_file_line_and_field(tmp_path, n
 def test_a_wellformed_beir_folder_loads(tmp_path):
     rset = load_beir(_beir(tmp_path))
     assert rset.corpus == {"d1": "t doc one", "d2": "doc two"} and rset.qrels == {"q1": {"d1": 1}}
+
+
+def test_caps_per_line_and_per_file_name_the_line(tmp_path, monkeypatch):
+    from train import data
+
+    path = write(tmp_path, [GOOD, {"query": "q2", "pos_doc": ["p"] * 1_500_000, "neg_doc": []},
+                            {"query": "q3", "pos_doc": "p", "neg_doc": ["n"] * 300},
+                            {"query": "q" * 200_001, "pos_doc": "p", "neg_doc": []}])
+    with pytest.raises(DataError) as err:
+        index_jsonl(path, 0)
+    msg = str(err.value)
+    assert f"{path}:2: field 'pos_doc' has 1500000 entries; at most 64" in msg
+    assert f"{path}:3: field 'neg_doc' has 300 entries; at most 256" in msg
+    assert f"{path}:4: field 'query' holds a text of more than 200000 characters" in msg
+    monkeypatch.setattr(data, "MAX_EXAMPLES", 3)
+    path = write(tmp_path, [{"query": f"q{i}", "pos_doc": ["a", "b"], "neg_doc": []} for i in range(3)])
+    with pytest.raises(DataError, match=r":2: more than 3 examples in one file"):
+        index_jsonl(path, 0)
+
+
+def test_validating_a_file_holds_about_24_bytes_per_example(tmp_path):
+    """What an upload's validation keeps grows with the examples, at typed-array cost (a list of ints costs 36
+    bytes an entry, three per example: 4 GiB of short positives would have needed about 80 GiB)."""
+    import tracemalloc
+
+    path = tmp_path / "many.jsonl"
+    with path.open("w") as fh:
+        for i in range(8_000):
+            fh.write(json.dumps({"query": f"q{i}", "pos_doc": [f"p{j}" for j in range(64)], "neg_doc": []}) + "\n")
+    tracemalloc.start()
+    index = index_jsonl(path, 0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(index) == 512_000
+    assert peak < 40 * len(index) + 4 * 2**20, f"{peak / len(index):.0f} bytes per example"

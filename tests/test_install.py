@@ -48,7 +48,8 @@ def test_serving_install_without_torch_serves_an_artifact_behind_haproxy(built_w
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_ADDRESS", "RAY_SERVE_")) or k.startswith("RAY_SERVE_DIRECT_INGRESS_")}
     env.update(RAY_ADDRESS="local", RAY_AUTH_MODE="disabled")
-    proc = subprocess.Popen([py, "-m", "serve", "--model-dir", str(minilm_onnx), "--name", "minilm", "--port", str(port)],
+    proc = subprocess.Popen([py, "-m", "serve", "--model-dir", str(minilm_onnx), "--name", "minilm", "--port", str(port),
+                             "--open"],
                             cwd=tmp_path, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300

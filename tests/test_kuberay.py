@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import tomllib
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -201,13 +202,23 @@ def test_the_sample_and_an_exported_serve_config_answer_an_embedding(serve_url, 
     expected = TextEmbedder(str(minilm_onnx), device="cpu")(texts, "query")
     from ray import serve
 
+    from serve.auth import new_key, records_of
+
+    key = new_key()[1]
     for name, config in configs.items():
         assert config.applications[0].import_path == "serve.app:build_app"
+        assert "auth" not in config.applications[0].args  # no keys in the manifest: they come from the Secret
+        # what the replicas would hash from $RAYEMBED_API_KEYS (the `rayembed` Secret), given here as records
+        config.applications[0].args["auth"] = {"keys": records_of(key)}
         run_applications(config, name=name, route_prefix=f"/{name}")
         try:
             body = json.dumps({"model": "nemotron-debian", "input": texts}).encode()  # default_input_type: query
             req = urllib.request.Request(f"{serve_url}/{name}/v1/embeddings", data=body,
                                          headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused:  # the exported gateway checks keys too
+                urllib.request.urlopen(req, timeout=120)
+            assert refused.value.code == 401
+            req.add_header("Authorization", f"Bearer {key}")
             got = json.loads(urllib.request.urlopen(req, timeout=120).read())
             served = np.array([d["embedding"] for d in sorted(got["data"], key=lambda d: d["index"])], np.float32)
             assert served.shape == (2, 384) and np.allclose(served, expected, atol=1e-4), name

@@ -4,6 +4,7 @@ known tricks, and property tests that no location the parser accepts under a roo
 from __future__ import annotations
 
 import os
+import re
 import string
 from pathlib import Path
 
@@ -121,3 +122,40 @@ def test_no_accepted_path_leaves_its_root(tmp_path_factory, parts):
         return
     if loc.within(parse(str(root))):
         assert Path(str(loc)).resolve().is_relative_to(root.resolve())
+
+
+def test_up_refuses_a_secret_in_the_storage_uri_an_overlapping_root_and_open_mode_off_loopback(tmp_path):
+    from cluster.local import check_settings
+    from cluster.settings import Settings
+
+    def settings(storage: str, host: str = "127.0.0.1") -> Settings:
+        return Settings(home=tmp_path / "home", host=host, port=8080, state_url=None, storage=storage,
+                        proxy_location="EveryNode", control_plane_resources={})
+
+    check_settings(settings("s3://bucket/rayembed"), [str(tmp_path / "data")], open_=True)
+    for s, roots, open_, message in [
+            (settings("s3://AKIA:secret@bucket/rayembed"), [], False, "credentials"),
+            (settings("s3://bucket/rayembed?endpoint_override=evil:1"), [], False, "query string"),
+            (settings(str(tmp_path / "store")), [str(tmp_path)], False, "overlaps the storage root"),
+            (settings("s3://bucket/rayembed", host="0.0.0.0"), [], True, "only on a loopback bind")]:
+        with pytest.raises(ValueError, match=message):
+            check_settings(s, roots, open_)
+
+
+def test_an_install_from_before_ids_keeps_its_folders(tmp_path):
+    """A workspace stored before ids (no uid) keeps workspaces/<name>, so its entities' URIs stay valid; a workspace
+    made now gets workspaces/<name>-<id>."""
+    from cluster import controlplane
+    from cluster.store import open_store
+
+    home = tmp_path / "home"
+    home.mkdir()
+    open_store(str(home / "state.db")).put("workspace", "", "default", {"name": "default", "description": "",
+                                                                        "created_at": 1.0, "updated_at": 1.0})
+    cp = controlplane.ControlPlane(str(home), "http://127.0.0.1:9", "http://127.0.0.1:9")
+    try:
+        assert cp._workspace_root("default") == str(home / "workspaces" / "default")
+        cp.create_workspace({"name": "team-a"})
+        assert re.fullmatch(str(home / "workspaces") + r"/team-a-[0-9a-f]{12}", cp._workspace_root("team-a"))
+    finally:
+        cp._stop.set()

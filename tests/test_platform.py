@@ -622,6 +622,51 @@ def test_datasets_uploaded_over_http_feed_a_job(platform, tiny_bert, tmp_path):
     assert err.value.status == 404 and "dataset 'debian' does not exist" in err.value.message
 
 
+def _rss(pid: int) -> int:
+    for line in _read(Path(f"/proc/{pid}/status")).decode(errors="replace").splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_an_upload_runs_off_the_serving_path(platform, tmp_path):
+    """A large upload streams through the API replica a chunk at a time and is validated in a Ray task of its own:
+    the replica's memory stays flat, and /v1/embeddings answers every request meanwhile."""
+    c = platform.client()
+    big = tmp_path / "big.jsonl"
+    with big.open("w") as fh:  # about 60 MiB, 2 positives a line (the old in-replica index grew ~20x the file)
+        for i in range(200_000):
+            fh.write(json.dumps({"query": f"query {i} " + "x" * 100, "pos_doc": [f"doc {i} " + "y" * 100, f"alt {i}"],
+                                 "neg_doc": [f"neg {i} " + "z" * 60]}) + "\n")
+    api = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+           and _read(p / "cmdline").startswith(b"ray::ServeReplica:rayembed-api:Api")
+           and _env_of(int(p.name)).get("RAYEMBED_HOME") == str(platform.home)]
+    assert len(api) == 1, api
+    c.datasets.create("big")
+    before, peak, answers, done = _rss(api[0]), 0, [], threading.Event()
+
+    def embed_meanwhile():
+        while not done.is_set():
+            answers.append(post(f"{platform.base_url}/v1/embeddings", {"model": "tiny-debian", "input": ["a tool"]})[0])
+            time.sleep(0.05)
+
+    t = threading.Thread(target=embed_meanwhile)
+    t.start()
+    try:
+        uploading = threading.Thread(target=lambda: c.datasets.upload("big", training=str(big)))
+        uploading.start()
+        while uploading.is_alive():
+            peak = max(peak, _rss(api[0]))
+            time.sleep(0.1)
+    finally:
+        done.set()
+        t.join(60)
+    assert c.datasets.retrieve("big").files["training.jsonl"].records == 400_000
+    assert len(answers) >= 10 and set(answers) == {200}, answers
+    assert peak - before < 64 * 2**20, f"the API replica grew {(peak - before) / 2**20:.0f} MiB during the upload"
+    c.datasets.delete("big")
+
+
 def test_api_keys_scope_every_route_to_workspaces(platform):
     """`rayembed keys`: once a key exists every route but the health probes needs one, through HAProxy and
     the real gateway; a key sees only its workspaces (another's deployment is a 404); revoking works; the

@@ -128,3 +128,31 @@ def test_the_readme_job_config_example_is_a_valid_config():
     block = text[start:text.index("```", start)]
     cfg = validate_config(yaml.safe_load(block))
     assert cfg.dataset.mining is not None and cfg.loss.matryoshka_dims == [384, 768, 2048]
+
+
+def test_every_text_field_of_a_job_config_is_a_place_or_plain_text():
+    """A tenant's job may set no place (cluster/tenancy.py finds them by their `place` mark). A new `str` field of a
+    job or sweep config must be marked as a place (read, write, model) or listed here as text that names nothing."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from rayembed.config import place_fields
+    from tune.config import SweepConfig
+
+    plain = {"job.name", "job.prefixes.query", "job.prefixes.passage", "job.training.lora.target_modules",
+             "job.resources.worker_resources"}
+
+    def texts(cls, prefix=""):
+        for name, field in cls.model_fields.items():
+            args = set(typing.get_args(field.annotation)) | {field.annotation}
+            nested = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            if nested:
+                yield from texts(nested[0], f"{prefix}{name}.")
+            elif str in args or any(str in typing.get_args(a) for a in args):
+                yield prefix + name
+
+    places = place_fields(SweepConfig)
+    unmarked = sorted(set(texts(SweepConfig)) - set(places) - plain)
+    assert unmarked == [], f"mark these as places (json_schema_extra={{'place': ...}}) or list them as plain: {unmarked}"
+    assert places["job.output.storage_path"] == "write" and places["job.dataset.mining.corpus"] == "read"

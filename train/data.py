@@ -272,9 +272,9 @@ def beir_ids(path: str | Path, titles: bool) -> set[str]:
     return {doc_id for _, doc_id, _ in _beir_records(Path(path), titles)}
 
 
-def check_qrels(path: str | Path, queries: set[str], corpus: set[str]) -> int:
-    """A qrels TSV checked against the ids of its queries and corpus; the number of judgments."""
-    path, count = Path(path), 0
+def _judgments(path: Path, queries, corpus, corpus_name: str):
+    """(query-id, corpus-id, score) of each positive judgment of a qrels TSV whose query is in `queries`, every line
+    checked; a judged document missing from `corpus` is a DataError naming the line."""
     for lineno, line in enumerate(path.open(encoding="utf-8", errors="replace"), 1):
         parts = line.rstrip("\r\n").split("\t")
         if (lineno == 1 and parts[0] == "query-id") or not line.strip():
@@ -282,15 +282,21 @@ def check_qrels(path: str | Path, queries: set[str], corpus: set[str]) -> int:
         where = f"{path}:{lineno}"
         if len(parts) < 3:
             raise DataError(f"{where}: expected query-id<TAB>corpus-id<TAB>score")
+        qid, did = parts[0], parts[1]
         try:
             score = int(parts[2])
         except ValueError:
             raise DataError(f"{where}: score {parts[2][:40]!r} must be an integer") from None
-        if score > 0 and parts[0] in queries:
-            if parts[1] not in corpus:
-                raise DataError(f"{where}: corpus-id {parts[1][:80]!r} is not in evaluation/corpus.jsonl (a judged "
-                                "document missing from the corpus makes the metrics wrong)")
-            count += 1
+        if score > 0 and qid in queries:
+            if did not in corpus:
+                raise DataError(f"{where}: corpus-id {did[:80]!r} is not in {corpus_name} (a judged document "
+                                "missing from the corpus makes the metrics wrong)")
+            yield qid, did, score
+
+
+def check_qrels(path: str | Path, queries: set[str], corpus: set[str]) -> int:
+    """A qrels TSV checked against the ids of its queries and corpus (only ids are held); the number of judgments."""
+    count = sum(1 for _ in _judgments(Path(path), queries, corpus, "evaluation/corpus.jsonl"))
     if not count:
         raise DataError(f"{path}: no judged queries that appear in queries.jsonl")
     return count
@@ -311,23 +317,8 @@ def load_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
     corpus = {doc_id: text for _, doc_id, text in _beir_records(paths["corpus"], titles=True)}
     queries = {qid: text for _, qid, text in _beir_records(paths["queries"], titles=False)}
     qrels: dict[str, dict[str, int]] = {}
-    for lineno, line in enumerate(paths["qrels"].open(encoding="utf-8", errors="replace"), 1):
-        parts = line.rstrip("\r\n").split("\t")
-        if (lineno == 1 and parts[0] == "query-id") or not line.strip():
-            continue
-        where = f"{paths['qrels']}:{lineno}"
-        if len(parts) < 3:
-            raise DataError(f"{where}: expected query-id<TAB>corpus-id<TAB>score")
-        qid, did = parts[0], parts[1]
-        try:
-            score = int(parts[2])
-        except ValueError:
-            raise DataError(f"{where}: score {parts[2][:40]!r} must be an integer") from None
-        if score > 0 and qid in queries:
-            if did not in corpus:
-                raise DataError(f"{where}: corpus-id {did[:80]!r} is not in {paths['corpus']} (a judged document "
-                                "missing from the corpus makes the metrics wrong)")
-            qrels.setdefault(qid, {})[did] = score
+    for qid, did, score in _judgments(paths["qrels"], queries, corpus, str(paths["corpus"])):
+        qrels.setdefault(qid, {})[did] = score
     if not qrels:
         raise DataError(f"{paths['qrels']}: no judged queries that appear in queries.jsonl")
     return RetrievalSet({q: queries[q] for q in qrels}, corpus, qrels)
