@@ -275,8 +275,9 @@ def test_standalone_apps_give_each_model_its_own_application_on_its_provider_rou
     bound = provider_app._bound_deployment
     assert bound.func_or_class.__name__ == ProviderIngress.func_or_class.__name__ and bound.name == "replica-p"
     assert bound.ray_actor_options["num_cpus"] == 2
-    settings, listing, limits = bound.init_args
+    settings, listing, limits, auth, workspace = bound.init_args
     assert settings["name"] == "p" and limits["max_inputs_per_request"] == 7
+    assert auth == config.auth.model_dump() and workspace == "default"  # its route checks the gateway's keys
     assert listing == {"id": "m", "object": "model", "created": 0, "owned_by": "default", "providers": ["p"]}
     table = GatewayConfig.model_validate(gw_app._bound_deployment.init_args[0], context={"check_files": False})
     assert [(p.name, p.app, p.model_dir) for m in table.models for p in m.providers] == [
