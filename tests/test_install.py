@@ -118,7 +118,7 @@ def test_the_built_wheel_runs_every_entry_point_outside_the_checkout(built_wheel
     run = lambda *args: subprocess.run(list(args), cwd=tmp_path, capture_output=True, text=True, timeout=300,
                                        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     probe = run(py, "-c", "import batch.corpus, batch.__main__, train.job, train.loop, tune.sweep, serve.app, "
-                "cluster.controlplane, cluster.datasets, rayembed.storage; print(batch.__file__, train.__file__)")
+                "cluster.controlplane, cluster.uploads, cluster.tenancy, rayembed.locations, rayembed.storage; print(batch.__file__, train.__file__)")
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert all(p.startswith(site) for p in probe.stdout.split()), probe.stdout
     for module in ("train", "batch", "serve", "tune"):

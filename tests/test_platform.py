@@ -176,6 +176,37 @@ def test_names_unknowns_and_workspace_isolation(platform):
     assert "/v2/workspaces/{workspace}/customization/jobs" in spec["paths"]
 
 
+def test_a_tenant_naming_a_place_is_refused_on_the_live_platform(platform):
+    """tests/test_tenancy.py's attack classes against this platform, started the careless way (its home inside the
+    folder `up` ran in): team-b names default's files, folders and URIs; each is a 400 naming the field, and no job
+    row or file is made."""
+    c, b = platform.client(), platform.client("team-b")
+    own = c.datasets.retrieve(TINY_DATA).files["training.jsonl"].uri
+    weights = c.models.retrieve("tiny-debian").artifact.hf_uri
+    assert Path(own).is_relative_to(platform.home) and Path(weights).is_dir()
+    job = {"model": "all-MiniLM-L6-v2", "schedule": {"max_steps": 1}}
+    attacks = [({**job, "dataset": {"training": own}}, "config.dataset.training"),
+               ({**job, "dataset": {"training": "file://" + own.replace("/datasets/", "/datasets/%2e%2e/datasets/")}},
+                "config.dataset.training"),
+               ({**job, "model": weights, "dataset": {"name": TINY_DATA}}, "config.model"),
+               ({**job, "model": "tiny-debian", "dataset": {"name": TINY_DATA}}, "config.model"),
+               ({**job, "dataset": {"name": TINY_DATA}, "output": {"storage_path": str(platform.home)}},
+                "config.output.storage_path")]
+    for cfg, field in attacks:
+        with pytest.raises(ApiError) as err:
+            b.customization.jobs.create("stolen", config=cfg)
+        assert err.value.status == 400 and err.value.body["param"] == field, (cfg, err.value.message)
+    with pytest.raises(ApiError) as err:
+        b.customization.jobs.create("stolen", sweep={"job": {**job, "dataset": {"training": own},
+                                                             "output": {"storage_path": "/tmp/anywhere"}}})
+    assert err.value.status == 400 and err.value.body["param"].startswith("sweep.job.")
+    with pytest.raises(ApiError) as err:
+        b.models.create("stolen", artifact=c.models.retrieve("tiny").artifact.uri)
+    assert err.value.status == 400
+    assert b.customization.jobs.list() == [] and b.models.list() == []
+    assert not list(platform.home.glob("workspaces/team-b-*/jobs"))
+
+
 def test_up_puts_serves_haproxy_in_front(platform):
     ours = [cfg for cfg in haproxy_configs().values() if f"bind 127.0.0.1:{platform.port}" in cfg]
     assert ours

@@ -196,3 +196,31 @@ def test_delete_then_create_again_never_reaches_the_old_files(plane, tenants, tm
     onnx = Path(plane.get_model("team-b", "b-model")["artifact"]["uri"])
     assert srv.request("DELETE", f"{WS}/team-b/models/b-model", key=admin)[0] == 200
     assert not onnx.parent.exists()  # its own folder went with it
+
+
+def test_each_deployment_quota_refuses_with_429(plane, tenants, tmp_path):
+    """Replicas over the workspace (autoscaling counts its maximum), CPUs and GPUs of one deployment; a replica
+    always reserves some CPU."""
+    from cluster.entities import Artifact, ModelEntity
+
+    srv, keys, b_root, train, fake = tenants
+    a = keys["team-a"]
+    plane._save(ModelEntity(workspace="team-a", name="tiny", base_model="all-MiniLM-L6-v2", status="ready",
+                            artifact=Artifact(uri=str(tmp_path / "onnx")), embedding_dim=8))
+    plane.set_quota("team-a", {"max_replicas": 3, "max_cpus_per_deployment": 2, "max_gpus_per_deployment": 0})
+    url = f"{WS}/team-a/deployments"
+    assert srv.request("POST", url, key=a, body={"name": "one", "model": "tiny", "num_replicas": 2, "num_cpus": 1})[0] == 201
+    for body, limit in [({"name": "two", "model": "tiny", "num_replicas": 2, "num_cpus": 0.5}, "max_replicas 3"),
+                        ({"name": "two", "model": "tiny", "autoscaling": {"min_replicas": 1, "max_replicas": 2},
+                          "num_cpus": 0.5}, "max_replicas 3"),
+                        ({"name": "two", "model": "tiny", "num_replicas": 1, "num_cpus": 3}, "max_cpus_per_deployment"),
+                        ({"name": "two", "model": "tiny", "num_replicas": 1, "num_cpus": 1, "num_gpus": 1},
+                         "max_gpus_per_deployment")]:
+        status, answer, _ = srv.request("POST", url, key=a, body=body)
+        assert status == 429 and limit in answer["error"]["message"], (body, answer)
+    status, answer, _ = srv.request("PATCH", f"{url}/one", key=a, body={"num_replicas": 4, "num_cpus": 0.5})
+    assert status == 429 and "max_replicas 3" in answer["error"]["message"]
+    status, answer, _ = srv.request("POST", url, key=a, body={"name": "zero", "model": "tiny", "num_cpus": 0})
+    assert status == 400 and "num_cpus" in answer["error"]["message"]
+    assert [d["name"] for d in plane.store.list("deployment", "team-a")] == ["one"]
+    assert plane.get_deployment_config("team-a", "one")["num_replicas"] == 2  # the refused change changed nothing
