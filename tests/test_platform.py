@@ -692,6 +692,8 @@ def test_an_upload_runs_off_the_serving_path(platform, tmp_path):
     finally:
         done.set()
         t.join(60)
+    print(f"\nupload of {big.stat().st_size / 2**20:.0f} MiB: the API replica grew {(peak - before) / 2**20:.1f} MiB; "
+          f"{len(answers)} embeddings meanwhile, statuses {sorted(set(answers))}")
     assert c.datasets.retrieve("big").files["training.jsonl"].records == 400_000
     assert len(answers) >= 10 and set(answers) == {200}, answers
     assert peak - before < 64 * 2**20, f"the API replica grew {(peak - before) / 2**20:.0f} MiB during the upload"
