@@ -27,7 +27,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from pydantic import BaseModel
 
-from cluster import kuberay, schemas, uploads
+from cluster import kuberay, schemas, upload_ingress
 from cluster.entities import DATASET_FILES, NAME_PATTERN
 from cluster.settings import CONTROL_PLANE, NAMESPACE
 from serve.auth import Access, BearerAuth, KeyRing, access_of
@@ -224,28 +224,28 @@ for _verb, _path, _method, _answer, _opts in [
 async def upload_dataset_file(request: Request, workspace: str = _path_param("workspace"), name: str = _path_param("name"),
                               path: Literal[tuple(DATASET_FILES)] = Path(description="the dataset file")  # type: ignore[valid-type]
                               ) -> Response:
-    """The request body is the file (any Content-Type), streamed to storage and validated off the serving path
-    (cluster/uploads.py); recorded once it validates."""
-    access = access_of(request.scope)
-    _authorize(access, "add_dataset_file", workspace)
-    declared = request.headers.get("content-length")
-    dataset = await _call("begin_upload", workspace, name, path, int(declared) if declared and declared.isdigit() else None)
-    who = access.key_id or (request.client.host if request.client else "-")
-    try:
-        stored = await uploads.upload(request, dataset, path, who)
-    except BaseException:
-        await _call("end_upload", workspace, name, path)
-        raise
-    return json_response(_out(schemas.DatasetOut, await _call("add_dataset_file", workspace, name, path, stored)))
+    """Uploads have their own ingress (cluster/upload_ingress.py), so a body never passes through the replica that
+    serves inference: this answers 308 to its URL before reading the body."""
+    _authorize(access_of(request.scope), "add_dataset_file", workspace)
+    target = upload_ingress.PREFIX + f"/workspaces/{workspace}/datasets/{name}/files/{path}"
+    return json_response({"error": {"message": f"upload the file to {target} (PUT, the file as the body)",
+                                    "type": "invalid_request_error", "param": "path", "code": "moved"}},
+                         308, headers={"Location": target})
 
 
+_FILE_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
+    "schema": {"type": "string", "format": "binary"}}}}}
 app.add_api_route(WS + "/datasets/{name}/files/{path:path}", upload_dataset_file, methods=["PUT"],
-                  operation_id="upload_dataset_file", response_model=None,
+                  operation_id="upload_dataset_file_moved", response_model=None, openapi_extra=_FILE_BODY,
+                  responses=answers(308, None, "moved: the upload ingress's route (Location) takes the file"),
+                  summary="moved to PUT /v2/uploads/workspaces/{workspace}/datasets/{name}/files/{path}")
+# Served by the upload ingress's own Serve application (route prefix /v2/uploads: Serve sends these requests there,
+# never to this replica); listed here so /openapi.json documents every route of the base URL.
+app.add_api_route(upload_ingress.PREFIX + upload_ingress.ROUTE, upload_ingress.upload_dataset_file, methods=["PUT"],
+                  operation_id="upload_dataset_file", response_model=None, openapi_extra=_FILE_BODY,
                   responses=answers(200, schemas.DatasetOut, "the dataset with the file recorded"),
-                  openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
-                      "schema": {"type": "string", "format": "binary"}}}}},
                   summary="upload a dataset file (training.jsonl, validation.jsonl, evaluation/corpus.jsonl, "
-                          "evaluation/queries.jsonl, evaluation/qrels/test.tsv)")
+                          "evaluation/queries.jsonl, evaluation/qrels/test.tsv), validated off the serving path")
 
 
 @api_route("management", _metrics)

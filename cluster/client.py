@@ -202,8 +202,8 @@ class Datasets(_Resource):
         dataset = None
         for path, local in files.items():
             if local is not None:
-                dataset = self._http.request("PUT", self._url(name, "files", path, workspace=workspace), file=local,
-                                             model=DatasetOut)
+                url = "/v2/uploads" + self._url(name, "files", path, workspace=workspace).removeprefix("/v2")
+                dataset = self._http.request("PUT", url, file=local, model=DatasetOut)  # the upload ingress
         return dataset if dataset is not None else self.retrieve(name, workspace)
 
 

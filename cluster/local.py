@@ -17,7 +17,7 @@ from cluster import tenancy
 from rayembed.locations import LocationError, parse
 from rayembed.polling import poll
 from rayembed.runtime import free_port, loopback, reachable, serve_ingress_env, wait_http
-from cluster.settings import API_APP, CONTROL_PLANE, NAMESPACE, Settings
+from cluster.settings import API_APP, CONTROL_PLANE, NAMESPACE, UPLOAD_APP, Settings
 
 RECORD = "cluster.json"
 
@@ -188,7 +188,10 @@ def up(s: Settings, num_cpus: int | None = None, num_gpus: int | None = None, lo
     else:
         log("api keys: none yet, so the API answers 401 to everything: `rayembed keys create --for WORKSPACE` makes "
             "the first (or `rayembed up --open` on a loopback-only install)")
+    from cluster.upload_ingress import PREFIX, build_upload_app
+
     serve.run(build_api_app(), name=API_APP, route_prefix="/")  # unchanged code: Serve keeps the running replica
+    serve.run(build_upload_app(), name=UPLOAD_APP, route_prefix=PREFIX)  # uploads: never through the API's replica
     wait_http(s.base_url + "/v1/health/live")
     log(f"api: {s.base_url} (OpenAPI docs {s.base_url}/docs)")
     return record
@@ -212,7 +215,7 @@ def down(s: Settings, log=print) -> None:
         ray.kill(ray.get_actor(CONTROL_PLANE, namespace=NAMESPACE), no_restart=True)
     except ValueError:
         pass
-    ours = [n for n in serve.status().applications if n == API_APP or n.startswith("rayembed.")]
+    ours = [n for n in serve.status().applications if n in (API_APP, UPLOAD_APP) or n.startswith("rayembed.")]
     if joined or not (record and record.get("started_by_up")):  # a shared cluster: take our applications down
         for name in ours:
             serve.delete(name, _blocking=False)

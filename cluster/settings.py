@@ -10,6 +10,7 @@ from pathlib import Path
 CONTROL_PLANE = "rayembed-control-plane"  # the detached actor's name
 NAMESPACE = "rayembed"
 API_APP = "rayembed-api"  # the Serve application of the API ingress
+UPLOAD_APP = "rayembed-uploads"  # the upload ingress (cluster/upload_ingress.py), apart from the API's replica
 DEFAULT_PORT = 8080
 
 

@@ -31,7 +31,7 @@ class ApiServer:
     def __init__(self, plane, monkeypatch):
         import uvicorn
 
-        from cluster import api
+        from cluster import api, upload_ingress
         from rayembed.runtime import free_port
         from serve.gateway import GatewayCore, install_core
 
@@ -39,6 +39,7 @@ class ApiServer:
             return getattr(plane, method)(*args)
 
         monkeypatch.setattr(api, "_call", call)
+        monkeypatch.setattr(upload_ingress, "call_plane", call)  # the upload route, mounted on the API app here
         self.plane = plane
         install_core(GatewayCore(GatewayConfig(), keys=None))
         self.port = free_port()

@@ -118,8 +118,11 @@ def test_a_tenant_names_entities_never_places(plane, tenants):
                                ("DELETE", f"{WS}/team-b/models/b-model", None)]:
         assert srv.request(method, path, key=a, body=body)[0] == 404
     _nothing_happened(plane, before, b_root, fake)
-    status, answer, _ = srv.request("PUT", f"{WS}/team-b/datasets/secret/files/training.jsonl", key=a, raw=b"{}\n")
-    assert status == 404 and snapshot(b_root) == before
+    for url in (f"{WS}/team-b/datasets/secret/files/training.jsonl",  # the old route (308 to the upload ingress)
+                "/v2/uploads/workspaces/team-b/datasets/secret/files/training.jsonl"):
+        status, answer, _ = srv.request("PUT", url, key=a, raw=b"{}\n")
+        assert status == 404, (url, answer)
+    assert snapshot(b_root) == before
 
 
 def test_what_a_tenant_may_name_still_runs(plane, tenants, tmp_path):
@@ -167,7 +170,9 @@ def test_quotas_refuse_with_429_naming_the_limit(plane, tenants):
     status, answer, _ = srv.request("POST", f"{WS}/team-a/models", key=a,
                                     body={"name": "mm", "base_model": "all-MiniLM-L6-v2"})
     assert status == 429 and answer["error"]["code"] == "quota_exceeded" and "max_active_jobs 0" in answer["error"]["message"]
-    status, answer, _ = srv.request("PUT", f"{WS}/team-a/datasets/mine/files/training.jsonl", key=a, raw=b"x" * 100)
+    status, answer, headers = srv.request("PUT", f"{WS}/team-a/datasets/mine/files/training.jsonl", key=a, raw=b"x" * 100)
+    assert status == 308 and headers["Location"] == "/v2/uploads/workspaces/team-a/datasets/mine/files/training.jsonl"
+    status, answer, _ = srv.request("PUT", headers["Location"], key=a, raw=b"x" * 100)
     assert status == 429 and "max_storage_gib 0" in answer["error"]["message"]
     assert plane.get_dataset("team-a", "mine")["files"] == {} and plane.store.list("model", "team-a") == []
     from rayembed.errors import InvalidRequest
