@@ -236,7 +236,7 @@ async def upload_dataset_file(request: Request, workspace: str = _path_param("wo
 _FILE_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary"}}}}}
 app.add_api_route(WS + "/datasets/{name}/files/{path:path}", upload_dataset_file, methods=["PUT"],
-                  operation_id="upload_dataset_file_moved", response_model=None, openapi_extra=_FILE_BODY,
+                  operation_id="upload_dataset_file_moved", response_model=None,  # the body is never read here
                   responses=answers(308, None, "moved: the upload ingress's route (Location) takes the file"),
                   summary="moved to PUT /v2/uploads/workspaces/{workspace}/datasets/{name}/files/{path}")
 # Served by the upload ingress's own Serve application (route prefix /v2/uploads: Serve sends these requests there,
