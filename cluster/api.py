@@ -237,8 +237,7 @@ _FILE_BODY = {"requestBody": {"required": True, "content": {"application/octet-s
     "schema": {"type": "string", "format": "binary"}}}}}
 app.add_api_route(WS + "/datasets/{name}/files/{path:path}", upload_dataset_file, methods=["PUT"],
                   operation_id="upload_dataset_file_moved", response_model=None,  # the body is never read here
-                  responses=answers(308, None, "moved: the upload ingress's route (Location) takes the file"),
-                  summary="moved to PUT /v2/uploads/workspaces/{workspace}/datasets/{name}/files/{path}")
+                  include_in_schema=False)  # the route before the upload ingress: a 308 to it, not the contract
 # Served by the upload ingress's own Serve application (route prefix /v2/uploads: Serve sends these requests there,
 # never to this replica); listed here so /openapi.json documents every route of the base URL.
 app.add_api_route(upload_ingress.PREFIX + upload_ingress.ROUTE, upload_ingress.upload_dataset_file, methods=["PUT"],
