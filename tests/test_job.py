@@ -108,9 +108,9 @@ def test_full_sft_on_nemotron_layout_with_matryoshka(ray_session, tiny_nemotron,
 
 
 @pytest.mark.timeout(1200)
-def test_the_readme_minilm_job_improves_on_the_shipped_sample(ray_session, tmp_path, monkeypatch):
-    """The README's job (examples/minilm-debian.yaml: all-MiniLM-L6-v2, the 600-line sample, 1 epoch) must beat the
-    base model on the sample's 100 BEIR queries: measured 0.9242 -> 0.9413 (+0.017); the margin asserted is 0.010."""
+def test_the_readme_minilm_job_on_the_shipped_sample_gives_its_verdict_with_an_interval(ray_session, tmp_path, monkeypatch):
+    """The README's job (examples/minilm-debian.yaml: all-MiniLM-L6-v2, the 600-line sample, 1 epoch) on the sample's
+    100 BEIR queries: measured 0.9242 -> 0.9413 (+0.017); the margin asserted is 0.010."""
     from train.config import load_config
     from tests.conftest import ROOT
 
@@ -119,11 +119,15 @@ def test_the_readme_minilm_job_improves_on_the_shipped_sample(ray_session, tmp_p
     report = json.loads((tmp_path / "demo" / "eval.json").read_text())
     assert (report["queries"], report["documents"]) == (100, 600)
     assert report["tuned"]["ndcg@10"] >= report["base"]["ndcg@10"] + 0.010, (report["base"], report["tuned"])
-    # the verdict with its interval (paired bootstrap, 10k resamples, seed 0): measured +0.017 (95% CI ... )
-    ci = report["verdict"]["interval"]
+    # the verdict with its interval (paired bootstrap, 10k resamples, seed 0): measured +0.017 (95% CI -0.003 to
+    # +0.039, 100 queries), 8 queries better, 4 worse, 88 unchanged. The point verdict called this improved; 100
+    # queries do not settle it (about 159 would, at this spread)
+    v = report["verdict"]
+    ci = v["interval"]
     assert (ci["resamples"], ci["seed"], ci["queries"]) == (10_000, 0, 100)
-    assert ci["low"] >= -0.005 and ci["high"] >= 0.025 and ci["high"] - ci["low"] <= 0.06, ci
-    assert report["verdict"]["outcome"] == ("improved" if ci["low"] > 0 else "inconclusive"), report["verdict"]
+    assert -0.008 <= ci["low"] < 0 and 0.03 <= ci["high"] <= 0.045, ci
+    assert (ci["better"], ci["worse"], ci["unchanged"]) == (8, 4, 88), ci
+    assert v["outcome"] == "inconclusive" and 120 <= ci["queries_to_settle"] <= 200, v
 
 
 def test_a_job_at_learning_rate_0_is_inconclusive_with_an_interval_of_exactly_0(ray_session, tiny_bert, train_file, tmp_path):

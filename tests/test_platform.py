@@ -341,14 +341,18 @@ def test_promotion_gate_refuses_a_worse_model_unless_overridden(platform, tmp_pa
     worse = tmp_path / "worse-onnx"
     shutil.copytree(c.models.retrieve("tiny-debian").artifact.uri, worse)
     report = json.loads((worse / "eval.json").read_text())
+    from train.report import verdict
+
     report["tuned"] = {k: v - 0.2 for k, v in report["base"].items()}
-    report["verdict"] = {"outcome": "worse", "delta_ndcg@10": -0.2, "warning": "overfitting: ..."}
+    per_query = report["per_query"]
+    per_query["tuned"] = {m: [x - 0.2 for x in xs] for m, xs in per_query["base"].items()}
+    report["verdict"] = verdict(report["base"], report["tuned"], per_query)  # every query 0.2 worse: the interval too
     (worse / "eval.json").write_text(json.dumps(report))
     c.models.create("tiny-worse", artifact=str(worse))
     with pytest.raises(ApiError) as err:
         c.deployments.create("worse", model="tiny-worse")
     assert err.value.status == 409 and err.value.code == "promotion_refused"
-    assert "worse than its base model" in err.value.message and "(-0.2000)" in err.value.message
+    assert "worse than its base model" in err.value.message and "(-0.200 (95% CI -0.200 to -0.200, 100 queries))" in err.value.message
     assert "allow_worse" in err.value.message
     with pytest.raises(ApiError):
         c.deployments.retrieve("worse")  # nothing was stored

@@ -192,3 +192,17 @@ def test_the_card_chart_is_written(tmp_path):
     card = report_card({"base": (q, d), "tuned": (q, d)}, qids, dids, qrels, [8, 16])
     plot_card(tmp_path / "card.png", card, "planted")
     assert (tmp_path / "card.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_sweep_table_shows_the_winner_against_the_base_with_its_interval(tmp_path):
+    from tune.report import write_outputs
+
+    ci = paired_bootstrap(np.full(50, 0.5), np.r_[np.full(48, 0.5), np.full(2, 0.7)])
+    summary = {"trials": [{"lr": 1e-5, "status": "ok", "ndcg": 0.9, "recall": 0.9, "loss": 0.1, "val_loss": 0.2,
+                           "seconds": 10, "error": None, "extension": False}],
+               "best": {"lr": 1e-5, "ndcg": 0.9},
+               "winner_report": {"verdict": {"outcome": verdict_of(ci), "delta_ndcg@10": ci["delta"], "interval": ci}}}
+    write_outputs(tmp_path, summary)
+    text = (tmp_path / "results.md").read_text()
+    assert f"winner against the base model: inconclusive, nDCG@10 {format_interval(ci)}; 2 queries better" in text
+    assert ci["low"] == 0.0 and ci["delta"] == pytest.approx(0.008)
