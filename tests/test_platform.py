@@ -108,6 +108,10 @@ def test_quickstart_story_on_a_tiny_model(platform, tiny_bert):
     assert (record["step"], record["total_steps"]) == (4, 4)
     provider = c.providers.retrieve("tiny-debian")
     assert provider.model == "tiny-debian" and provider.app.startswith("rayembed.default.tiny-debian.g")
+    # the verdict with its interval and the report card, printed; the served model verified through its replicas
+    assert "95% CI" in out and "report card" in out and model.evaluation.interval.queries == 100
+    v = c.deployments.retrieve("tiny-debian").verification
+    assert v.passed and (v.queries, v.documents, v.dims) == (100, 600, 32) and abs(v.delta) <= v.tolerance, v
     # the job's driver (`python -m train`) exits with its run: Ray frees the run's placement group with the job, and
     # no PlacementGroupCleaner process was started for it (train/trainer.py: JobTrainer)
     started = set(json.loads(platform.ray("import json\nfrom ray._private.state import actors\n"
@@ -326,6 +330,10 @@ def test_cli_verbs(platform):
     status = json.loads(platform.cli("status").stdout)
     assert status["deployments"]["cli-dep"] == "READY (tiny-cli)" and "cli-dep" in status["providers"]
     assert "cli-dep" in platform.cli("deployments", "list").stdout
+    out = platform.cli("deployments", "verify", "cli-dep").stdout
+    assert "verification: passed" in out and "100 queries" in out, out
+    out = platform.cli("models", "get", "tiny-cli").stdout
+    assert "verdict: " in out and "95% CI" in out and "report card" in out and "suggested: dimensions 32" in out, out
     assert json.loads(platform.cli("deployments", "get", "cli-dep").stdout)["model"] == "tiny-cli"
     # a model in this machine's own folder cannot be served by another cluster: the export says what to change
     export = platform.cli("deployments", "export", "cli-dep", check=False)
