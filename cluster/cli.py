@@ -358,8 +358,8 @@ def deployments_get(args) -> int:
 
 
 def verification_line(v) -> str:
-    where = f"{v.graph or '?'}" + (f", {v.dims}-d" if v.dims else "") + (f", {v.queries} queries" if v.queries else "")
-    return f"verification: {'passed' if v.passed else 'FAILED'} ({where}): {v.reason}"
+    where = ", ".join(x for x in (v.graph, f"{v.dims}-d" if v.dims else None, f"{v.queries} queries" if v.queries else None) if x)
+    return f"verification: {'passed' if v.passed else 'FAILED'}{f' ({where})' if where else ''}: {v.reason}"
 
 
 def deployments_verify(args) -> int:

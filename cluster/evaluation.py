@@ -83,13 +83,15 @@ class Evaluation(BaseModel):
         """`+0.016 (95% CI 0.000 to +0.036, 100 queries)`, or the bare delta of a report that has no interval."""
         return self.interval.text() if self.interval else f"{self.delta_ndcg_at_10:+.4f}, no interval"
 
-    def served_figure(self, dims: int | None) -> float:
-        """The job's tuned nDCG@10 at `dims` (float32, from the card), or at the full size."""
-        if dims is not None and self.card is not None:
-            for cell in self.card.rows:
-                if cell.dims == dims and cell.precision == "float32" and cell.tuned:
-                    return cell.tuned["ndcg@10"]
-        return self.tuned["ndcg@10"]
+    def served_figure(self, dims: int | None, full: int | None = None) -> float | None:
+        """The job's tuned nDCG@10 at `dims` (float32: the card's row, or the headline at the full size `full`);
+        None when the report has no figure at that size."""
+        if dims is None or dims == full:
+            return self.tuned["ndcg@10"]
+        for cell in self.card.rows if self.card else []:
+            if cell.dims == dims and cell.precision == "float32" and cell.tuned:
+                return cell.tuned["ndcg@10"]
+        return None
 
     def summary(self) -> str:
         return (f"nDCG@10 base {self.base['ndcg@10']:.4f} -> tuned {self.tuned['ndcg@10']:.4f} "

@@ -272,7 +272,7 @@ def test_the_api_is_typed_paged_and_fuzzed(platform, tmp_path):
         for status in ("400", "404", "409", "422", "503"):
             schema = op["responses"][status]["content"]["application/json"]["schema"]
             assert schema == {"$ref": "#/components/schemas/ErrorEnvelope"}, (verb, path, status)
-        if verb in ("post", "put", "patch") and not path.endswith(("/cancel", "/resume")):
+        if verb in ("post", "put", "patch") and not path.endswith(("/cancel", "/resume", "/verify")):
             assert op["requestBody"]["content"], (verb, path)
     for ref in re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(spec)):
         assert ref in components, ref
@@ -330,9 +330,11 @@ def test_cli_verbs(platform):
     status = json.loads(platform.cli("status").stdout)
     assert status["deployments"]["cli-dep"] == "READY (tiny-cli)" and "cli-dep" in status["providers"]
     assert "cli-dep" in platform.cli("deployments", "list").stdout
-    out = platform.cli("deployments", "verify", "cli-dep").stdout
-    assert "verification: passed" in out and "100 queries" in out, out
-    out = platform.cli("models", "get", "tiny-cli").stdout
+    out = platform.cli("deployments", "verify", "cli-dep").stdout  # a base model: nothing to compare with
+    assert "verification: passed: no evaluation to compare with" in out, out
+    out = platform.cli("deployments", "verify", "tiny-debian").stdout  # the quickstart's, against its job's figure
+    assert "verification: passed (" in out and "32-d, 100 queries): served nDCG@10" in out, out
+    out = platform.cli("models", "get", "tiny-debian").stdout
     assert "verdict: " in out and "95% CI" in out and "report card" in out and "suggested: dimensions 32" in out, out
     assert json.loads(platform.cli("deployments", "get", "cli-dep").stdout)["model"] == "tiny-cli"
     # a model in this machine's own folder cannot be served by another cluster: the export says what to change

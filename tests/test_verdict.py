@@ -206,3 +206,24 @@ def test_the_sweep_table_shows_the_winner_against_the_base_with_its_interval(tmp
     text = (tmp_path / "results.md").read_text()
     assert f"winner against the base model: inconclusive, nDCG@10 {format_interval(ci)}; 2 queries better" in text
     assert ci["low"] == 0.0 and ci["delta"] == pytest.approx(0.008)
+
+
+def test_verification_judges_the_served_figure_against_the_jobs_at_the_same_size():
+    from cluster.entities import Evaluation
+    from cluster.verify import judge
+
+    q, d, qids, dids, qrels = planted(dim=32)
+    from train.report_card import report_card
+
+    card = report_card({"base": (q, d), "tuned": (q, d)}, qids, dids, qrels, [16, 32])
+    at = {r["dims"]: r["tuned"]["ndcg@10"] for r in card["rows"] if r["precision"] == "float32"}
+    ev = Evaluation(dataset="d", queries=60, documents=300, base={"ndcg@10": at[32]}, tuned={"ndcg@10": at[32]},
+                    verdict="inconclusive", delta_ndcg_at_10=0.0, card=card)
+    ok = judge(ev, at[16] - 0.004, "fp32", 16, False, full=32)
+    assert ok.passed and ok.expected == pytest.approx(at[16], abs=1e-6) and ok.tolerance == 0.005
+    bad = judge(ev, at[16] - 0.02, "int8", 16, False, full=32)
+    assert not bad.passed and "tolerance 0.015 for int8" in bad.reason and bad.delta == pytest.approx(-0.02, abs=1e-6)
+    assert judge(ev, at[32] - 0.02, "int8", 32, True, full=32).reason.endswith("served anyway (allow_worse)")
+    old = ev.model_copy(update={"card": None})  # a report written before the card: no figure at 16
+    skipped = judge(old, 0.5, "fp32", 16, False, full=32)
+    assert skipped.passed and "no figure at 16 dimensions" in skipped.reason

@@ -128,6 +128,18 @@ def test_a_corrupted_served_graph_fails_verification_and_gets_no_provider_an_int
     assert again["verification"]["passed"] is True and again["verification"]["at"] > good["verification"]["at"]
     assert again["status_history"][-1]["reason"].startswith("verified again: served nDCG@10")
 
+    # a repointed deployment moves its routes only once its new generation passes: swapped to the noisy graph, it
+    # keeps serving the intact one
+    routed = cp.store.get("provider", "default", "intact")["app"]
+    cp.update_deployment("default", "intact", {"model": "minilm-noisy"})
+    swapped = settle(cp, "intact")
+    assert swapped["status"] == "READY" and swapped["model"] == "minilm-intact" and swapped["app"] == routed
+    assert swapped["verification"]["passed"] is True and swapped["verification"]["model"] == "minilm-intact"  # served
+    assert swapped["error"].startswith("verification failed: served nDCG@10")
+    assert "swap to model minilm-noisy failed, still serving minilm-intact: verification failed" in \
+        swapped["status_history"][-1]["reason"]
+    assert cp.store.get("provider", "default", "intact")["app"] == routed
+
 
 @pytest.mark.timeout(900)
 def test_default_dimensions_apply_when_a_request_omits_dimensions(control_plane, tiny_nemotron_onnx, tmp_path):

@@ -314,9 +314,10 @@ class DeploymentService(Core):
             if failure is not None:
                 swapping = dep.status == "READY"
                 reason = (f"swap to model {dep.pending_model} failed, still serving {dep.model}: " if swapping else "") + failure
+                # the deployment's verification stays the serving generation's; a failed swap's is in its reason
                 self._deployment_status(dep, "READY" if swapping else "FAILED", reason, pending_app=None,
                                         pending_model=None, error=failure,
-                                        **({"verification": verification} if verification else {}))
+                                        **({"verification": verification} if verification and not swapping else {}))
                 return
             old = dep.app
             retiring = dict(dep.retiring)
