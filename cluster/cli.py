@@ -310,8 +310,9 @@ def _finish(c: Client, job_id: str) -> int:
 
 def cmd_deploy(args) -> int:
     c = _client(args)
-    settings_ = {k: v for k, v in {"num_replicas": args.replicas, "num_cpus": args.num_cpus, "num_gpus": args.num_gpus}.items()
-                 if v is not None}
+    settings_ = {k: v for k, v in {"num_replicas": args.replicas, "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
+                                   "default_dimensions": args.default_dimensions,
+                                   "require_improved": args.require_improved}.items() if v is not None}
     try:
         c.deployments.retrieve(args.name)
         exists = True
@@ -508,7 +509,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--replicas", type=int)
     s.add_argument("--num-cpus", type=float)
     s.add_argument("--num-gpus", type=float)
-    s.add_argument("--allow-worse", action="store_true", help="deploy even if the job's evaluation says worse than base")
+    s.add_argument("--default-dimensions", type=int, help="the size served when a request omits dimensions (the "
+                                                          "model's report card suggests one: rayembed models get)")
+    s.add_argument("--require-improved", action="store_true", default=None,
+                   help="serve the model only if its job's 95%% interval lies above zero")
+    s.add_argument("--allow-worse", action="store_true", help="deploy even if the job's evaluation says worse than base "
+                                                              "(or not improved, with --require-improved)")
     s.add_argument("--no-wait", action="store_true")
     s.set_defaults(fn=cmd_deploy)
 

@@ -64,19 +64,23 @@ def corrupt(artifact: Path, graph: str, scale: float = 0.3, seed: int = 0) -> No
     onnx.save(model, str(artifact / graph))
 
 
-@pytest.fixture
-def control_plane(ray_session, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def control_plane(ray_session, tmp_path_factory):
+    """One control plane over a real Serve for the module's tests (Serve starts once)."""
     from ray import serve
 
     from cluster import controlplane
     from rayembed.runtime import free_port
 
-    monkeypatch.setattr(controlplane, "TICK_S", 3600.0)  # reconcile only when the test says so
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    cp = controlplane.ControlPlane(str(tmp_path / "home"), "http://127.0.0.1:9", "http://127.0.0.1:9")
-    yield cp
-    cp._stop.set()
-    serve.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(controlplane, "TICK_S", 3600.0)  # reconcile only when the test says so
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        cp = controlplane.ControlPlane(str(tmp_path_factory.mktemp("home")), "http://127.0.0.1:9", "http://127.0.0.1:9")
+        yield cp
+        cp._stop.set()
+        for name in [d["name"] for d in cp.list_deployments("default")]:
+            cp.delete_deployment("default", name)
+        serve.shutdown()
 
 
 def settle(cp, name: str, timeout_s: float = 300) -> dict:
