@@ -214,6 +214,7 @@ for _verb, _path, _method, _answer, _opts in [
     ("GET", WS + "/deployments/{name}", "get_deployment", Out.DeploymentOut, {}),
     ("PATCH", WS + "/deployments/{name}", "update_deployment", Out.DeploymentOut, {"body": S.DeploymentUpdate}),
     ("DELETE", WS + "/deployments/{name}", "delete_deployment", Out.DeploymentOut, {}),
+    ("POST", WS + "/deployments/{name}/verify", "verify_deployment", Out.DeploymentOut, {}),
     ("GET", WS + "/providers", "list_providers", Out.ProviderOut, {"listing": True}),
     ("GET", WS + "/providers/{name}", "get_provider", Out.ProviderOut, {}),
 ]:

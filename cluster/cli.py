@@ -67,12 +67,22 @@ def follow_job(client: Client, job_id: str, stream=sys.stdout) -> dict:
 
 
 def evaluation_table(evaluation) -> str:
+    """Base against tuned, the verdict with its interval, and the report card where the job wrote one."""
+    from rayembed.stats import verdict_line
+
     rows = [f"evaluation on {evaluation.dataset} ({evaluation.queries} queries, {evaluation.documents} documents)",
             f"{'metric':<12} {'base':>8} {'tuned':>8} {'delta':>8}"]
     for metric in ("ndcg@10", "recall@1", "recall@10", "mrr@10"):
         b, t = evaluation.base[metric], evaluation.tuned[metric]
         rows.append(f"{metric:<12} {b:8.4f} {t:8.4f} {t - b:+8.4f}")
-    rows.append(f"verdict: {evaluation.verdict}")
+    interval = evaluation.interval.model_dump() if evaluation.interval else None
+    rows.append(verdict_line(evaluation.verdict, evaluation.delta_ndcg_at_10, interval))
+    rows += [f"note: {evaluation.note}"] if evaluation.note else []
+    rows += [f"WARNING: {evaluation.warning}"] if evaluation.warning else []
+    if evaluation.card is not None:
+        from train.report_card import card_table
+
+        rows.append(card_table(evaluation.card.model_dump()))
     return "\n".join(rows)
 
 
@@ -175,13 +185,23 @@ def cmd_status(args) -> int:
 
 def models_list(args) -> int:
     for m in _client(args).models.list():
-        ev = f"  {m.evaluation.verdict}" if m.evaluation else ""
+        ev = f"  {m.evaluation.verdict} {m.evaluation.figure()}" if m.evaluation else ""
         print(f"{m.name:<32} {m.status:<10} {m.embedding_dim or '?':>5}-d  {m.base_model}{ev}")
     return 0
 
 
 def models_get(args) -> int:
-    _print(_client(args).models.retrieve(args.name))
+    model = _client(args).models.retrieve(args.name)
+    if args.json:
+        _print(model)
+        return 0
+    print(f"model {model.name}: {model.status}, {model.embedding_dim or '?'}-d"
+          + (f" (Matryoshka {', '.join(map(str, model.matryoshka_dims))})" if model.matryoshka_dims else "")
+          + f", base {model.base_model}" + (f", from job {model.source_job}" if model.source_job else ""))
+    if model.artifact:
+        print(f"artifact: {model.artifact.uri}")
+    print(evaluation_table(model.evaluation) if model.evaluation else "no evaluation (a base model, or an artifact "
+          "registered without its job's eval.json)")
     return 0
 
 
@@ -338,8 +358,9 @@ def _finish(c: Client, job_id: str) -> int:
 
 def cmd_deploy(args) -> int:
     c = _client(args)
-    settings_ = {k: v for k, v in {"num_replicas": args.replicas, "num_cpus": args.num_cpus, "num_gpus": args.num_gpus}.items()
-                 if v is not None}
+    settings_ = {k: v for k, v in {"num_replicas": args.replicas, "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
+                                   "default_dimensions": args.default_dimensions,
+                                   "require_improved": args.require_improved}.items() if v is not None}
     try:
         c.deployments.retrieve(args.name)
         exists = True
@@ -357,6 +378,8 @@ def cmd_deploy(args) -> int:
     if not args.no_wait:
         dep = c.deployments.wait_ready(args.name)
         print(f"deployment {args.name}: {dep.status} in {time.monotonic() - start:.1f} s")
+        if dep.verification:
+            print(verification_line(dep.verification))
         p = c.providers.retrieve(args.name)
         for route, url in p.routes.items():
             print(f"  {route:<9} {url}")
@@ -381,6 +404,18 @@ def deployments_list(args) -> int:
 def deployments_get(args) -> int:
     _print(_client(args).deployments.retrieve(args.name))
     return 0
+
+
+def verification_line(v) -> str:
+    where = ", ".join(x for x in (v.graph, f"{v.dims}-d" if v.dims else None, f"{v.queries} queries" if v.queries else None) if x)
+    return f"verification: {'passed' if v.passed else 'FAILED'}{f' ({where})' if where else ''}: {v.reason}"
+
+
+def deployments_verify(args) -> int:
+    dep = _client(args).deployments.verify(args.name)
+    print(f"deployment {args.name} (model {dep.model}, generation {dep.generation})")
+    print(verification_line(dep.verification))
+    return 0 if dep.verification.passed else 1
 
 
 def deployments_export(args) -> int:
@@ -465,9 +500,12 @@ def parser() -> argparse.ArgumentParser:
 
     models = verbs("models", "model entities")
     models.add_parser("list", help="every model with its status, size and verdict").set_defaults(fn=models_list)
-    for verb, fn, help in (("get", models_get, "one model as JSON"), ("delete", models_delete, "delete a model")):
+    for verb, fn, help in (("get", models_get, "one model: its evaluation, verdict with interval and report card "
+                                               "(--json: the whole entity)"), ("delete", models_delete, "delete a model")):
         v = models.add_parser(verb, help=help)
         v.add_argument("name")
+        if verb == "get":
+            v.add_argument("--json", action="store_true", help="the model entity as JSON")
         v.set_defaults(fn=fn)
     v = models.add_parser("register", help="register a base model (exported once) or an ONNX artifact")
     v.add_argument("name")
@@ -514,11 +552,15 @@ def parser() -> argparse.ArgumentParser:
             v.add_argument("--wait", action="store_true", help="follow the job with a progress bar")
         v.set_defaults(fn=fn)
 
-    deps = verbs("deployments", "model deployments: list, get, export to another cluster")
+    deps = verbs("deployments", "model deployments: list, get, verify, export to another cluster")
     deps.add_parser("list", help="every deployment with its status and model").set_defaults(fn=deployments_list)
     v = deps.add_parser("get", help="one deployment as JSON")
     v.add_argument("name")
     v.set_defaults(fn=deployments_get)
+    v = deps.add_parser("verify", help="score the model's evaluation set through the deployment's replicas again "
+                                       "(exit 1 when it falls short of the job's figure)")
+    v.add_argument("name")
+    v.set_defaults(fn=deployments_verify)
     v = deps.add_parser("export", help="a manifest that serves the deployment's model on another cluster (KubeRay "
                                        "RayService: a serving-only cluster; the model must be in shared storage)")
     v.add_argument("name")
@@ -535,7 +577,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--replicas", type=int)
     s.add_argument("--num-cpus", type=float)
     s.add_argument("--num-gpus", type=float)
-    s.add_argument("--allow-worse", action="store_true", help="deploy even if the job's evaluation says worse than base")
+    s.add_argument("--default-dimensions", type=int, help="the size served when a request omits dimensions (the "
+                                                          "model's report card suggests one: rayembed models get)")
+    s.add_argument("--require-improved", action="store_true", default=None,
+                   help="serve the model only if its job's 95%% interval lies above zero")
+    s.add_argument("--allow-worse", action="store_true", help="deploy even if the job's evaluation says worse than base "
+                                                              "(or not improved, with --require-improved)")
     s.add_argument("--no-wait", action="store_true")
     s.set_defaults(fn=cmd_deploy)
 

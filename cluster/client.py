@@ -281,6 +281,11 @@ class Deployments(_Resource):
         """Starts the deletion (DELETING); `wait_deleted` waits until it is gone."""
         return self._http.request("DELETE", self._url(name, workspace=workspace), model=DeploymentOut)
 
+    def verify(self, name: str, workspace: str | None = None) -> DeploymentOut:
+        """Score the model's evaluation set through the deployment's replicas again; the answer's `verification`
+        holds the served nDCG@10 against the job's, and whether it passed."""
+        return self._http.request("POST", self._url(name, "verify", workspace=workspace), model=DeploymentOut)
+
     def export(self, name: str, format: str = "rayservice", image: str | None = None, k8s_name: str | None = None,
                workspace: str | None = None) -> str:
         """A manifest (YAML) that serves the deployment's model elsewhere: `rayservice`, a KubeRay RayService whose

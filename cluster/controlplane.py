@@ -26,6 +26,7 @@ from cluster.services.base import SUBMIT_TIMEOUT_S, check_name  # noqa: F401 - c
 from cluster.services.datasets import DatasetService
 from cluster.services.deployments import DeploymentService
 from cluster.services.jobs import JobService
+from cluster.services.verification import VerificationService
 from cluster.services.models import ModelService
 from cluster.services.workspaces import WorkspaceService
 from cluster.store import open_store
@@ -36,7 +37,7 @@ TICK_S = 1.0
 RECONCILE_WORKERS = 16  # entities reconciled at once (each task is mostly waiting on Ray or a probe)
 
 
-class ControlPlane(WorkspaceService, ModelService, DatasetService, JobService, DeploymentService):
+class ControlPlane(WorkspaceService, ModelService, DatasetService, JobService, DeploymentService, VerificationService):
     """The one actor: every service's routes (its methods, called by the API ingress and the CLI through Ray), and
     the reconciler, which runs each entity's own reconcile step on a pool, one task per entity at a time."""
 

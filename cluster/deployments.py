@@ -1,9 +1,11 @@
 """One Serve application per model deployment (generation): start it without blocking, read its
-status, probe it with a real embedding, delete it. Called from the ControlPlane actor."""
+status, probe it with a real embedding, embed an evaluation set through it, delete it. Called from the ControlPlane actor."""
 
 from __future__ import annotations
 
 import logging
+
+import numpy as np
 
 from ray import serve
 from ray.serve.api import RunTarget
@@ -27,6 +29,7 @@ def provider_settings(dep: ModelDeployment, cfg: ModelDeploymentConfig, model: M
         "model_sha256": model.artifact.sha256,
         "num_replicas": cfg.num_replicas, "autoscaling": cfg.autoscaling.model_dump() if cfg.autoscaling else None,
         "num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "default_input_type": cfg.default_input_type,
+        "default_dimensions": cfg.default_dimensions,
         "precision": cfg.precision, **cfg.batching.model_dump()})
 
 
@@ -54,6 +57,31 @@ def probe(app: str, expected_dim: int | None, timeout_s: float = 30) -> str | No
     if expected_dim is not None and embeddings.shape != (1, expected_dim):
         return f"probe returned shape {embeddings.shape}, expected (1, {expected_dim})"
     return None
+
+
+class _Answer:
+    """A replica's answer to one `embed` call: `.result()` is the embeddings, or raises what went wrong."""
+
+    def __init__(self, response, timeout_s: float):
+        self.response, self.timeout_s = response, timeout_s
+
+    def result(self) -> np.ndarray:
+        out = self.response.result(timeout_s=self.timeout_s)
+        if isinstance(out, ServeError):
+            raise out
+        return out[0]
+
+
+def embedder(app: str, timeout_s: float = 120):
+    """`embed(texts, input_type, dims)` -> an answer, through the application's replicas, truncating as a client
+    that sends truncate=END (the job's evaluation truncates at max_seq_length too)."""
+    handle = serve.get_app_handle(app)
+    return lambda texts, input_type, dims: _Answer(handle.embed.remote(texts, input_type, "END", dims), timeout_s)
+
+
+def replica_info(app: str, timeout_s: float = 30) -> dict:
+    """What one of the application's replicas loaded (its graph, sizes, threads)."""
+    return serve.get_app_handle(app).info.remote().result(timeout_s=timeout_s)
 
 
 def delete(app: str) -> None:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cluster.evaluation import CardCell, Evaluation, Interval, ReportCard, Verification  # noqa: F401 - entities
 from rayembed import storage
 from serve.settings import Autoscaling  # the provider's own section: one definition, one min <= max check
 
@@ -76,30 +77,6 @@ class ApiKey(BaseModel):
 
     def public(self) -> dict:
         return self.model_dump(mode="json", exclude={"sha256"})
-
-
-class Evaluation(BaseModel):
-    """Base vs tuned on the job's evaluation set, as the job's eval.json reports it."""
-
-    dataset: str
-    queries: int
-    documents: int
-    base: dict[str, float]
-    tuned: dict[str, float]
-    verdict: Literal["improved", "unchanged", "worse"]
-    delta_ndcg_at_10: float
-    warning: str | None = None
-
-    @classmethod
-    def from_report(cls, report: dict) -> "Evaluation":
-        v = report["verdict"]
-        return cls(dataset=str(report["dataset"]), queries=report["queries"], documents=report["documents"],
-                   base=report["base"], tuned=report["tuned"], verdict=v["outcome"],
-                   delta_ndcg_at_10=v["delta_ndcg@10"], warning=v.get("warning"))
-
-    def summary(self) -> str:
-        return (f"nDCG@10 base {self.base['ndcg@10']:.4f} -> tuned {self.tuned['ndcg@10']:.4f} "
-                f"({self.delta_ndcg_at_10:+.4f}) on {self.dataset}: {self.verdict}")
 
 
 class Artifact(BaseModel):
@@ -222,6 +199,9 @@ class ModelDeploymentConfig(Entity):
     default_input_type: Literal["query", "passage"] | None = None
     precision: Literal["auto", "fp32", "fp16", "optimized", "int8"] = Field(
         "auto", description="which of the artifact's graphs replicas load (serve.settings.ProviderSettings.precision)")
+    default_dimensions: int | None = Field(None, ge=1, description="dimensions when a request omits them")
+    require_improved: bool = Field(False, description="serve only a model whose job's interval lies above zero")
+    verify: bool = Field(True, description="score the job's evaluation set through the replicas before routing to them")
 
 
 class ModelDeployment(Entity):
@@ -239,6 +219,7 @@ class ModelDeployment(Entity):
     allow_worse: bool = False
     owns_config: bool = Field(False, description="its config was created inline with it and goes with it")
     error: str | None = None
+    verification: Verification | None = Field(None, description="the last verification of the served model")
 
 
 class ModelProvider(Entity):

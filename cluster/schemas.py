@@ -15,7 +15,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.entities import (NAME_PATTERN, Artifact, Batching, DatasetFile, DeploymentStatus, Evaluation, JobProgress,
-                              JobStatus)
+                              JobStatus, Verification)
 from serve.settings import Autoscaling
 
 NAME_DOC = "2-63 characters of lowercase letters, digits and '-', starting with a letter or digit"
@@ -101,6 +101,11 @@ class DeploymentSettings(Wire):
     batching: Batching = Batching()
     default_input_type: Literal["query", "passage"] | None = None
     precision: Precision = "auto"
+    default_dimensions: int | None = Field(None, ge=1, description="dimensions when a request omits them: one of the "
+                                           "model's sizes (its report card suggests one)")
+    require_improved: bool = Field(False, description="refuse a model unless its job's 95% interval lies above zero "
+                                   "(allow_worse overrides)")
+    verify: bool = Field(True, description="score the job's evaluation set through the new replicas before routing")
 
 
 class DeploymentConfigCreate(DeploymentSettings):
@@ -124,6 +129,9 @@ class DeploymentConfigUpdate(Wire):
     batching: Batching | None = None
     default_input_type: Literal["query", "passage"] | None = None
     precision: Precision | None = None
+    default_dimensions: int | None = Field(None, ge=1)
+    require_improved: bool | None = None
+    verify: bool | None = None
 
 
 class DeploymentCreate(DeploymentConfigUpdate):
@@ -244,6 +252,9 @@ class DeploymentConfigOut(EntityOut):
     batching: Batching
     default_input_type: Literal["query", "passage"] | None = None
     precision: Precision
+    default_dimensions: int | None = None
+    require_improved: bool = False
+    verify: bool = True
 
 
 class DeploymentConfigDetail(DeploymentConfigOut):
@@ -265,6 +276,7 @@ class DeploymentOut(EntityOut):
     allow_worse: bool = False
     owns_config: bool = False
     error: str | None = None
+    verification: Verification | None = None
 
 
 class ProviderOut(EntityOut):

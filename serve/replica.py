@@ -37,6 +37,8 @@ class EmbeddingReplica:
                                    has_gpu=bool(ray.get_gpu_ids()), spin=s.spin)
         self.tokenizer = ServingTokenizer(model_dir, self.engine.manifest)
         self.dims = self.engine.manifest.dims
+        if s.default_dimensions is not None and s.default_dimensions not in self.dims:
+            raise ValueError(f"default_dimensions {s.default_dimensions} is not one of the model's sizes {self.dims}")
         self.call_tokens = s.call_tokens or self.engine.call_tokens()
         if s.max_batch_tokens < self.tokenizer.max_length:
             raise ValueError(f"max_batch_tokens ({s.max_batch_tokens}) must be >= the model's max_seq_length "
@@ -63,6 +65,7 @@ class EmbeddingReplica:
         return {
             "provider": self.settings.name,
             "embedding_dim": m.embedding_dim,
+            "default_dimensions": self.settings.default_dimensions,
             "matryoshka_dims": self.dims,
             "max_seq_length": self.tokenizer.max_length,
             "prefixes": self.tokenizer.prefixes,
@@ -104,6 +107,8 @@ class EmbeddingReplica:
         if input_type is None and self.tokenizer.needs_input_type:
             raise InvalidRequest("input_type is required for this model: 'query' for search queries, 'passage' "
                                  "for documents (it selects the prefix the model was trained with)", "input_type")
+        if dimensions is None:
+            dimensions = self.settings.default_dimensions
         if dimensions is not None and dimensions not in self.dims:
             raise InvalidRequest(f"dimensions must be one of {self.dims} for this model, not {dimensions}", "dimensions")
         ids = self.tokenizer.encode(texts, input_type, truncate)

@@ -73,6 +73,9 @@ class ProviderSettings(Section):
                                       "stopped): the gateway retries on another replica, then answers 504")
     default_input_type: Literal["query", "passage"] | None = Field(
         None, description="input_type when a request has none (a model with prefixes otherwise requires it)")
+    default_dimensions: int | None = Field(
+        None, ge=1, description="dimensions when a request has none: one of the model's Matryoshka sizes (the report "
+                                "card suggests the smallest within 0.01 nDCG@10 of the best); default: the full size")
 
     @field_validator("model_dir")
     @classmethod

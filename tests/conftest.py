@@ -63,6 +63,8 @@ SLOW_S = {
     "tests/test_batch.py::test_corpus_embedding_on_a_two_node": 33, "tests/test_batch.py::test_mining": 32,
     "tests/test_batch.py::test_job_mines": 25,
     "tests/test_install.py::test_the_built": 17,
+    "tests/test_verification.py::test_a_corrupted": 60, "tests/test_verification.py::test_default_dimensions": 25,
+    "tests/test_job.py::test_a_job_at_learning_rate_0": 25,
 }
 
 

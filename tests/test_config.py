@@ -21,7 +21,7 @@ def test_all_problems_reported_at_once_each_naming_its_key():
     with pytest.raises(ConfigError) as err:
         validate_config(raw)
     text = str(err.value)
-    assert "optimizer.learning_rate: Input should be greater than 0" in text
+    assert "optimizer.learning_rate: Input should be greater than or equal to 0" in text
     assert "optimizer.lr_decay: unknown key" in text
     assert "trainig: unknown key" in text
     assert "schedule.epochs and schedule.max_steps are both set; keep one" in text

@@ -118,6 +118,10 @@ def test_quickstart_story_on_a_tiny_model(platform, tiny_bert):
     assert (record["step"], record["total_steps"]) == (4, 4)
     provider = c.providers.retrieve("tiny-debian")
     assert provider.model == "tiny-debian" and provider.app.startswith("rayembed.default.tiny-debian.g")
+    # the verdict with its interval and the report card, printed; the served model verified through its replicas
+    assert "95% CI" in out and "report card" in out and model.evaluation.interval.queries == 100
+    v = c.deployments.retrieve("tiny-debian").verification
+    assert v.passed and (v.queries, v.documents, v.dims) == (100, 600, 32) and abs(v.delta) <= v.tolerance, v
     # the job's driver (`python -m train`) exits with its run: Ray frees the run's placement group with the job, and
     # no PlacementGroupCleaner process was started for it (train/trainer.py: JobTrainer)
     started = set(json.loads(platform.ray("import json\nfrom ray._private.state import actors\n"
@@ -314,7 +318,7 @@ def test_the_api_is_typed_paged_and_fuzzed(platform, tmp_path):
         for status in ("400", "404", "409", "422", "503"):
             schema = op["responses"][status]["content"]["application/json"]["schema"]
             assert schema == {"$ref": "#/components/schemas/ErrorEnvelope"}, (verb, path, status)
-        if verb in ("post", "put", "patch") and not path.endswith(("/cancel", "/resume")):
+        if verb in ("post", "put", "patch") and not path.endswith(("/cancel", "/resume", "/verify")):
             assert op["requestBody"]["content"], (verb, path)
     for ref in re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(spec)):
         assert ref in components, ref
@@ -372,6 +376,12 @@ def test_cli_verbs(platform):
     status = json.loads(platform.cli("status").stdout)
     assert status["deployments"]["cli-dep"] == "READY (tiny-cli)" and "cli-dep" in status["providers"]
     assert "cli-dep" in platform.cli("deployments", "list").stdout
+    out = platform.cli("deployments", "verify", "cli-dep").stdout  # a base model: nothing to compare with
+    assert "verification: passed: no evaluation to compare with" in out, out
+    out = platform.cli("deployments", "verify", "tiny-debian").stdout  # the quickstart's, against its job's figure
+    assert "verification: passed (" in out and "32-d, 100 queries): served nDCG@10" in out, out
+    out = platform.cli("models", "get", "tiny-debian").stdout
+    assert "verdict: " in out and "95% CI" in out and "report card" in out and "suggested: dimensions 32" in out, out
     assert json.loads(platform.cli("deployments", "get", "cli-dep").stdout)["model"] == "tiny-cli"
     # a model in this machine's own folder cannot be served by another cluster: the export says what to change
     export = platform.cli("deployments", "export", "cli-dep", check=False)
@@ -387,14 +397,18 @@ def test_promotion_gate_refuses_a_worse_model_unless_overridden(platform, tmp_pa
     worse = tmp_path / "worse-onnx"
     shutil.copytree(c.models.retrieve("tiny-debian").artifact.uri, worse)
     report = json.loads((worse / "eval.json").read_text())
+    from train.report import verdict
+
     report["tuned"] = {k: v - 0.2 for k, v in report["base"].items()}
-    report["verdict"] = {"outcome": "worse", "delta_ndcg@10": -0.2, "warning": "overfitting: ..."}
+    per_query = report["per_query"]
+    per_query["tuned"] = {m: [x - 0.2 for x in xs] for m, xs in per_query["base"].items()}
+    report["verdict"] = verdict(report["base"], report["tuned"], per_query)  # every query 0.2 worse: the interval too
     (worse / "eval.json").write_text(json.dumps(report))
     platform.cli("models", "register", "tiny-worse", "--artifact", str(worse))  # the operator's, over Ray
     with pytest.raises(ApiError) as err:
         c.deployments.create("worse", model="tiny-worse")
     assert err.value.status == 409 and err.value.code == "promotion_refused"
-    assert "worse than its base model" in err.value.message and "(-0.2000)" in err.value.message
+    assert "worse than its base model" in err.value.message and "(-0.200 (95% CI -0.200 to -0.200, 100 queries))" in err.value.message
     assert "allow_worse" in err.value.message
     with pytest.raises(ApiError):
         c.deployments.retrieve("worse")  # nothing was stored

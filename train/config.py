@@ -122,7 +122,7 @@ class Batch(Section):
 
 
 class Optimizer(Section):
-    learning_rate: float = Field(DEFAULT_LEARNING_RATE, gt=0, lt=1, description="Peak AdamW learning rate.")
+    learning_rate: float = Field(DEFAULT_LEARNING_RATE, ge=0, lt=1, description="Peak AdamW learning rate. 0: a control run that leaves the weights as they are.")
     weight_decay: float = Field(DEFAULT_WEIGHT_DECAY, ge=0, lt=1, description="AdamW weight decay (matrices only).")
     warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps; null = 10% of the steps. Linear decay after.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")

@@ -9,7 +9,7 @@ import torch
 
 from train.config import CPU_BUCKET_ROWS
 from train.data import RetrievalSet
-from train.metrics import retrieval_metrics
+from train.metrics import mean_metrics
 from train.pooling import normalize
 from rayembed.artifact import TextTokenizer
 
@@ -68,10 +68,45 @@ def rank(query_emb: torch.Tensor, doc_emb: torch.Tensor, query_ids: list[str], d
     return rankings
 
 
+def embed_set(model: torch.nn.Module, tokenizer: TextTokenizer, rset: RetrievalSet, prefixes: tuple[str, str],
+              device: torch.device, precision: str = "fp32", batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries [Q, H] and documents [D, H], full size, in the order of `rset.queries` and `rset.corpus`: encoded once,
+    then scored at the full size and, sliced, at every Matryoshka size (train.report_card)."""
+    q = encode(model, tokenizer, list(rset.queries.values()), prefixes[0], device, precision, batch_size)
+    d = encode(model, tokenizer, list(rset.corpus.values()), prefixes[1], device, precision, batch_size)
+    return q, d
+
+
+def per_query_scores(q: torch.Tensor, d: torch.Tensor, rset: RetrievalSet) -> dict[str, dict[str, float]]:
+    """Each judged query's metrics at the full size, ranked to depth 100 by the report card's own ranking (so its
+    full-size float32 row is these figures, ties broken alike)."""
+    from train.report_card import score
+
+    return score(q.numpy(), d.numpy(), list(rset.queries), list(rset.corpus), rset.qrels, "float32", k=100)
+
+
 def evaluate_retrieval(model: torch.nn.Module, tokenizer: TextTokenizer, rset: RetrievalSet,
                        prefixes: tuple[str, str], device: torch.device, precision: str = "fp32",
                        batch_size: int | None = None) -> dict[str, float]:
-    query_ids, doc_ids = list(rset.queries), list(rset.corpus)
-    q = encode(model, tokenizer, [rset.queries[i] for i in query_ids], prefixes[0], device, precision, batch_size)
-    d = encode(model, tokenizer, [rset.corpus[i] for i in doc_ids], prefixes[1], device, precision, batch_size)
-    return retrieval_metrics(rank(q, d, query_ids, doc_ids), rset.qrels)
+    q, d = embed_set(model, tokenizer, rset, prefixes, device, precision, batch_size)
+    return mean_metrics(per_query_scores(q, d, rset))
+
+
+def card_sizes(hidden: int, *known: list[int] | tuple[int, ...] | None) -> list[int]:
+    """The sizes the model serves: its Matryoshka sizes (the model's own and the job's) and its full size."""
+    return sorted({hidden, *(d for dims in known for d in (dims or []) if d <= hidden)})
+
+
+def paired_evaluation(rset: RetrievalSet, embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                      sizes: list[int]) -> dict:
+    """Base and tuned from one full-size encoding each: their mean metrics, each query's nDCG@10 and Recall@10 (for
+    the paired verdict), and the report card over `sizes` x precisions."""
+    from train.report_card import report_card
+
+    scores = {side: per_query_scores(q, d, rset) for side, (q, d) in embeddings.items()}
+    ids = list(scores["tuned"])
+    per_query = {"ids": ids, **{side: {m: [s[i][m] for i in ids] for m in ("ndcg@10", "recall@10")}
+                                for side, s in scores.items()}}
+    card = report_card({side: (q.numpy(), d.numpy()) for side, (q, d) in embeddings.items()},
+                       list(rset.queries), list(rset.corpus), rset.qrels, sizes)
+    return {**{side: mean_metrics(s) for side, s in scores.items()}, "per_query": per_query, "card": card}

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from train.config import JobConfig, validate_config
 from train.data import ExampleReader, prepare_splits, retrieval_set_from_examples
-from train.evaluate import evaluate_retrieval
+from train.evaluate import card_sizes, embed_set, paired_evaluation, per_query_scores
+from train.metrics import mean_metrics
 from train.step import compile_encoder, make_optimizer, micro_batch_loss, tokenize, train_step, uncompile_encoder
 from train.model import build_bi_encoder, inspect_model, merge_lora, quiet_libraries, resolve_prefixes, save_hf_directory
 from train.staging import stage_inputs
@@ -191,15 +192,16 @@ def train_loop_per_worker(config: dict) -> None:
     val_loss = validation_loss(model, tokenizer, val_reader, prefixes, cfg, device, dims)
     model = merge_lora(model).eval()
     val_set = retrieval_set_from_examples(ExampleReader(val_idx, EVAL_NEGATIVES))
-    val_metrics = evaluate_retrieval(model, tokenizer, val_set, prefixes, device, cfg.precision)
-    eval_set, eval_name = val_set, "validation split"
+    val_emb = embed_set(model, tokenizer, val_set, prefixes, device, cfg.precision)
+    val_metrics = mean_metrics(per_query_scores(*val_emb, val_set))
+    eval_set, eval_name, tuned_emb = val_set, "validation split", val_emb
     if cfg.dataset.evaluation:
         from train.data import load_beir
 
         eval_set, eval_name = load_beir(cfg.dataset.evaluation), given.dataset.evaluation  # named as given, not staged
-    tuned = val_metrics if eval_set is val_set else evaluate_retrieval(model, tokenizer, eval_set, prefixes, device, cfg.precision)
+        tuned_emb = embed_set(model, tokenizer, eval_set, prefixes, device, cfg.precision)
     base_model = build_bi_encoder(info, "all_weights").to(device).eval()
-    base = evaluate_retrieval(base_model, tokenizer, eval_set, prefixes, device, cfg.precision)
+    base_emb = embed_set(base_model, tokenizer, eval_set, prefixes, device, cfg.precision)
     del base_model
 
     final = {"step": total, "total_steps": total, "loss": loss_value, "val_loss": val_loss, "compile_seconds": compile_seconds,
@@ -207,7 +209,9 @@ def train_loop_per_worker(config: dict) -> None:
              "first_step_at": train_start, "worker_setup_seconds": train_start - worker_start, "train_seconds": train_seconds,
              "train_examples_per_s": trained_examples / max(train_seconds, 1e-9), "resumed_from_step": resumed_from,
              "eval": {"dataset": eval_name, "queries": len(eval_set.queries), "documents": len(eval_set.corpus),
-                      "base": base, "tuned": tuned, "validation": val_metrics},
+                      **paired_evaluation(eval_set, {"base": base_emb, "tuned": tuned_emb},
+                                          card_sizes(info.hidden_size, info.matryoshka_dims, cfg.loss.matryoshka_dims)),
+                      "validation": val_metrics},
              "train_examples": len(train_idx), "validation_examples": len(val_idx), "device": str(device)}
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_directory(model.backbone, info, Path(tmp) / "model")

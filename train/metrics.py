@@ -27,16 +27,25 @@ def mrr_at_k(ranked: list[str], relevant: dict[str, int], k: int) -> float:
     return 0.0
 
 
-def retrieval_metrics(rankings: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dict[str, float]:
-    """Mean over judged queries of nDCG@10, Recall@1/5/10/100 and MRR@10."""
+def per_query_metrics(rankings: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dict[str, dict[str, float]]:
+    """Each judged, ranked query -> its nDCG@10, Recall@1/5/10/100 and MRR@10 (the paired verdict needs them apart)."""
     queries = [q for q in qrels if q in rankings]
     if not queries:
         raise ValueError("no ranked query has relevance judgments")
-    out = {"ndcg@10": 0.0, "mrr@10": 0.0, **{f"recall@{k}": 0.0 for k in CUTOFFS}}
+    out = {}
     for q in queries:
         ranked, rel = rankings[q], qrels[q]
-        out["ndcg@10"] += ndcg_at_k(ranked, rel, 10)
-        out["mrr@10"] += mrr_at_k(ranked, rel, 10)
-        for k in CUTOFFS:
-            out[f"recall@{k}"] += recall_at_k(ranked, rel, k)
-    return {name: value / len(queries) for name, value in out.items()}
+        out[q] = {"ndcg@10": ndcg_at_k(ranked, rel, 10), "mrr@10": mrr_at_k(ranked, rel, 10),
+                  **{f"recall@{k}": recall_at_k(ranked, rel, k) for k in CUTOFFS}}
+    return out
+
+
+def mean_metrics(per_query: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The mean of each metric over the queries."""
+    rows = list(per_query.values())
+    return {name: sum(r[name] for r in rows) / len(rows) for name in rows[0]}
+
+
+def retrieval_metrics(rankings: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dict[str, float]:
+    """Mean over judged queries of nDCG@10, Recall@1/5/10/100 and MRR@10."""
+    return mean_metrics(per_query_metrics(rankings, qrels))

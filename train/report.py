@@ -1,32 +1,43 @@
-"""The job's evaluation report: base vs tuned metrics, a verdict with an overfitting warning, a PNG chart."""
+"""The job's evaluation report: base vs tuned metrics, the paired verdict with its interval, the report card, and
+their charts (eval.png, card.png)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from rayembed.stats import RESAMPLES, SEED, format_interval, paired_bootstrap, signed, verdict_line, verdict_of
+from train.report_card import card_table, plot_card
+
 SHOWN = ("ndcg@10", "recall@1", "recall@5", "recall@10", "recall@100", "mrr@10")
-UNCHANGED_BAND = 0.005  # |delta nDCG@10| below this is noise at the eval sizes we use
 
 
-def verdict(base: dict, tuned: dict) -> dict:
-    delta = tuned["ndcg@10"] - base["ndcg@10"]
-    if abs(delta) < UNCHANGED_BAND:
-        outcome, warning = "unchanged", None
-    elif delta > 0:
-        outcome, warning = "improved", None
-    else:
-        outcome = "worse"
+def verdict(base: dict, tuned: dict, per_query: dict | None = None, resamples: int = RESAMPLES, seed: int = SEED) -> dict:
+    """`improved`, `worse` or `inconclusive`, from a paired bootstrap of the per-query delta nDCG@10
+    (`per_query`: {"base": {"ndcg@10": [...]}, "tuned": {...}}, aligned by query); the interval beside it."""
+    if per_query is None:
+        raise ValueError("the verdict needs each query's nDCG@10 for base and tuned (per_query)")
+    ci = paired_bootstrap(per_query["base"]["ndcg@10"], per_query["tuned"]["ndcg@10"], resamples=resamples, seed=seed)
+    outcome = verdict_of(ci)
+    warning = note = None
+    if outcome == "worse":
         warning = ("overfitting: the tuned model ranks held-out data worse than the base model "
-                   f"(nDCG@10 {base['ndcg@10']:.4f} -> {tuned['ndcg@10']:.4f}); lower optimizer.learning_rate, "
-                   "train fewer steps, or add data before serving it")
-    return {"outcome": outcome, "delta_ndcg@10": delta, "warning": warning}
+                   f"(nDCG@10 {base['ndcg@10']:.4f} -> {tuned['ndcg@10']:.4f}, {format_interval(ci)}); lower "
+                   "optimizer.learning_rate, train fewer steps, or add data before serving it")
+    elif outcome == "inconclusive":
+        n = ci["queries_to_settle"]
+        note = ("the interval includes 0: this evaluation set cannot tell the two models apart"
+                + (f"; about {n} queries (n * (1.96 * se / |delta|)^2, at this per-query spread) would settle a delta "
+                   f"of {signed(ci['delta'])}" if n else "; the two rank every query alike"))
+    return {"outcome": outcome, "delta_ndcg@10": tuned["ndcg@10"] - base["ndcg@10"], "interval": ci,
+            "warning": warning, "note": note}
 
 
 def write_report(out_dir: Path, final: dict, extra: dict) -> dict:
     ev = final["eval"]
     report = {"dataset": ev["dataset"], "queries": ev["queries"], "documents": ev["documents"],
-              "base": ev["base"], "tuned": ev["tuned"], "verdict": verdict(ev["base"], ev["tuned"]),
+              "base": ev["base"], "tuned": ev["tuned"], "verdict": verdict(ev["base"], ev["tuned"], ev["per_query"]),
+              "per_query": ev["per_query"], **({"card": ev["card"]} if ev.get("card") else {}),
               "validation": {"loss": final["val_loss"], **ev["validation"]},
               "training": {"final_loss": final["loss"], "steps": final["step"], "train_examples": final["train_examples"],
                            "validation_examples": final["validation_examples"], "device": final["device"],
@@ -35,6 +46,8 @@ def write_report(out_dir: Path, final: dict, extra: dict) -> dict:
               **extra}
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
     plot(out_dir / "eval.png", ev["base"], ev["tuned"], ev["dataset"])
+    if report.get("card"):
+        plot_card(out_dir / "card.png", report["card"], "/".join(Path(str(ev["dataset"])).parts[-2:]))
     return report
 
 
@@ -66,5 +79,11 @@ def summary(report: dict) -> str:
         b, t = report["base"][m], report["tuned"][m]
         lines.append(f"{m:<12}{b:>9.4f}{t:>9.4f}{t - b:>+9.4f}")
     v = report["verdict"]
-    lines.append(f"verdict: {v['outcome']}" + (f"\nWARNING: {v['warning']}" if v["warning"] else ""))
+    lines.append(verdict_line(v["outcome"], v["delta_ndcg@10"], v.get("interval")))
+    if v.get("note"):
+        lines.append(f"note: {v['note']}")
+    if v.get("warning"):
+        lines.append(f"WARNING: {v['warning']}")
+    if report.get("card"):
+        lines.append(card_table(report["card"]))
     return "\n".join(lines)

@@ -1,9 +1,12 @@
-"""Sweep outputs: the table (printed, results.md, results.json) and a plot of nDCG@10 against lr."""
+"""Sweep outputs: the table (printed, results.md, results.json), the winner against the base with its interval, and a
+plot of nDCG@10 against lr."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from rayembed.stats import verdict_line
 
 
 def table(summary: dict) -> str:
@@ -42,9 +45,21 @@ def plot(path: Path, summary: dict) -> None:
     plt.close(fig)
 
 
+def winner_line(summary: dict) -> str | None:
+    """The promoted winner against the base model on the job's evaluation set, with its interval (validation nDCG@10
+    picks the winner; this says whether the winner beats the base)."""
+    report = summary.get("winner_report")
+    if not report:
+        return None
+    v = report["verdict"]
+    return "winner against the base model: " + verdict_line(v["outcome"], v["delta_ndcg@10"], v.get("interval")).removeprefix("verdict: ")
+
+
 def write_outputs(out: Path, summary: dict) -> None:
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     text = table(summary)
+    if winner_line(summary):
+        text += "\n\n" + winner_line(summary)
     (out / "results.md").write_text(text + "\n")
     plot(out / "sweep.png", summary)
     print(text)

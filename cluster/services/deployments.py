@@ -75,14 +75,26 @@ class DeploymentService(Core):
         return model
 
     def _gate(self, model: ModelEntity, allow_worse: bool, cfg: ModelDeploymentConfig) -> None:
-        """Promotion gate: a model its own job found worse than its base is not deployed without an override;
-        and the graph the config asks for must be in the model's artifact (checked by `_graph_in_artifact` before the
-        lock was taken: a storage read)."""
+        """Promotion gate, on the job's interval: a model whose interval lies below zero (`worse`) is not deployed, nor,
+        where the config requires `improved`, one whose interval does not lie above it, without `allow_worse`. And the
+        graph the config asks for must be in the model's artifact (checked by `_graph_in_artifact` before the lock was
+        taken: a storage read), and its default size one the model serves."""
         self._graph_in_artifact(model, cfg.precision)
+        sizes = sorted(set(model.matryoshka_dims) | ({model.embedding_dim} if model.embedding_dim else set()))
+        if cfg.default_dimensions is not None and sizes and cfg.default_dimensions not in sizes:
+            raise InvalidRequest(f"default_dimensions {cfg.default_dimensions} is not one of model {model.name!r}'s "
+                                 f"sizes {sizes}", "default_dimensions")
         ev = model.evaluation
-        if ev is not None and ev.verdict == "worse" and not allow_worse:
+        if allow_worse:
+            return
+        if ev is not None and ev.verdict == "worse":
             raise PromotionRefused(f"model {model.name!r} is worse than its base model: {ev.summary()}. "
                                    "Deploy it anyway with allow_worse: true, or train again", "model")
+        if cfg.require_improved and (ev is None or ev.verdict != "improved"):
+            why = (f"is {ev.verdict}: {ev.summary()}" + (f"; {ev.note}" if ev.note else "")) if ev else "has no evaluation"
+            raise PromotionRefused(f"deployment config {cfg.name!r} requires an improved model (a 95% interval above "
+                                   f"zero); model {model.name!r} {why}. Evaluate on more queries or train again, or "
+                                   "deploy it anyway with allow_worse: true", "model")
 
     def _graph_in_artifact(self, model: ModelEntity, precision: str) -> None:
         """The graph `precision` names is in the model's artifact (a storage read; a sealed artifact never changes)."""
@@ -285,10 +297,17 @@ class DeploymentService(Core):
             else:
                 return
         model = self.store.get("model", dep.workspace, dep.pending_model)
+        cfg = self._load("deployment_config", dep.workspace, dep.config, ModelDeploymentConfig)
+        verification = None
         if failure is None:
-            failure = deployments.probe(dep.pending_app, (model or {}).get("embedding_dim"))
+            failure = deployments.probe(dep.pending_app, cfg.default_dimensions or (model or {}).get("embedding_dim"))
             if failure is not None and time.time() - (dep.pending_since or dep.updated_at) < PENDING_TIMEOUT_S:
                 return  # replicas may still be warming up; probe again next tick
+        if failure is None and model is not None:  # outside the lock: the evaluation set through the replicas
+            verification = self._verify(dep.pending_app, ModelEntity.model_validate(model), cfg, dep.allow_worse,
+                                        dep.generation)
+            if not verification.passed and not dep.allow_worse:
+                failure = f"verification failed: {verification.reason}"
         if failure is not None:  # outside the lock: a call to Serve's controller
             deployments.delete(dep.pending_app)
         with self._lock:
@@ -298,16 +317,19 @@ class DeploymentService(Core):
             if failure is not None:
                 swapping = dep.status == "READY"
                 reason = (f"swap to model {dep.pending_model} failed, still serving {dep.model}: " if swapping else "") + failure
+                # the deployment's verification stays the serving generation's; a failed swap's is in its reason
                 self._deployment_status(dep, "READY" if swapping else "FAILED", reason, pending_app=None,
-                                        pending_model=None, error=failure)
+                                        pending_model=None, error=failure,
+                                        **({"verification": verification} if verification and not swapping else {}))
                 return
             old = dep.app
             retiring = dict(dep.retiring)
             if old and old != dep.pending_app:
                 retiring[old] = time.time() + RETIRE_AFTER_S
-            dep = self._deployment_status(dep, "READY", f"model {dep.pending_model} answered a probe embedding",
+            said = f"; {verification.reason}" if verification else ""
+            dep = self._deployment_status(dep, "READY", f"model {dep.pending_model} answered a probe embedding{said}"[:1000],
                                           app=dep.pending_app, model=dep.pending_model, pending_app=None,
-                                          pending_model=None, retiring=retiring, error=None)
+                                          pending_model=None, retiring=retiring, error=None, verification=verification)
             base = f"{self.base_url}/v2/workspaces/{dep.workspace}/inference/gateway"
             self._save(ModelProvider(workspace=dep.workspace, name=dep.name, deployment=dep.name, model=dep.model,
                                      app=dep.app, embedding_dim=(model or {}).get("embedding_dim"),
