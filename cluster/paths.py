@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from rayembed.errors import InvalidRequest, shown
+from rayembed.regression import SHIPPED as SHIPPED_REGRESSION_SETS
 
 # A Hub model id (owner/name) or a packaged name: not a path, nothing local is read.
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
@@ -67,6 +68,8 @@ class Confinement:
         self.model(cfg.model, f"{field}.model")
         for key in ("training", "validation", "evaluation"):
             self.read(getattr(cfg.dataset, key), f"{field}.dataset.{key}")
+        if cfg.dataset.regression not in SHIPPED_REGRESSION_SETS:  # a shipped set's name reads no tenant-chosen place
+            self.read(cfg.dataset.regression, f"{field}.dataset.regression")
         if cfg.dataset.mining is not None:
             self.read(cfg.dataset.mining.corpus, f"{field}.dataset.mining.corpus")
             self.write(cfg.dataset.mining.cache_dir, f"{field}.dataset.mining.cache_dir")

@@ -9,6 +9,7 @@ from cluster.schemas import DatasetCreate
 from rayembed import storage
 from cluster.services.base import Core, check_name, validated
 from rayembed.errors import Conflict, InvalidRequest, shown
+from rayembed.regression import SHIPPED as SHIPPED_REGRESSION_SETS
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class DatasetService(Core):
         def reads(job: CustomizationJob) -> bool:
             given = (job.spec.get("job") if job.kind == "sweep" else job.spec).get("dataset") or {}
             return any(isinstance(given.get(k), str) and given[k].startswith(ds.uri.rstrip("/") + "/")
-                       for k in ("training", "validation", "evaluation"))
+                       for k in ("training", "validation", "evaluation", "regression"))
 
         return [j.name for j in self._all("job", CustomizationJob, ds.workspace) if j.status not in JOB_DONE and reads(j)]
 
@@ -69,7 +70,9 @@ class DatasetService(Core):
         return {"name": name, "deleted": True}
 
     def _with_dataset(self, workspace: str, spec: dict, field: str) -> dict:
-        """`dataset: {name: ...}` in a job config -> the dataset's files as the config's paths (in storage)."""
+        """`dataset: {name: ...}` in a job config -> the dataset's files as the config's paths (in storage);
+        `regression_dataset: OTHER` -> that dataset's evaluation folder as the regression set."""
+        spec = self._with_regression_dataset(workspace, spec, field)
         given = spec.get("dataset")
         if not isinstance(given, dict) or "name" not in given:
             return spec
@@ -83,3 +86,21 @@ class DatasetService(Core):
             raise InvalidRequest(f"{field}.dataset: give either name (dataset {ds.name!r}) or {', '.join(clash)}, not "
                                  "both", f"{field}.dataset")
         return {**spec, "dataset": {**{k: v for k, v in given.items() if k != "name"}, **fields}}
+
+    def _with_regression_dataset(self, workspace: str, spec: dict, field: str) -> dict:
+        """`dataset.regression_dataset: NAME` (a dataset of the workspace with evaluation files) -> `regression`: its
+        evaluation folder, chosen by the server like every other place of the job."""
+        given = spec.get("dataset")
+        if not isinstance(given, dict) or "regression_dataset" not in given:
+            return spec
+        key = f"{field}.dataset.regression_dataset"
+        if given.get("regression") is not None:
+            raise InvalidRequest(f"{field}.dataset: give either regression (a shipped set: "
+                                 f"{', '.join(SHIPPED_REGRESSION_SETS)}) or regression_dataset, not both", key)
+        other = self._load("dataset", workspace, check_name(given["regression_dataset"], "dataset", key), Dataset)
+        folder = other.job_fields().get("evaluation")
+        if folder is None:
+            raise InvalidRequest(f"dataset {other.name!r} has no evaluation files to use as a regression set: upload "
+                                 f"its corpus.jsonl, queries.jsonl and qrels/test.tsv first", key)
+        rest = {k: v for k, v in given.items() if k != "regression_dataset"}
+        return {**spec, "dataset": {**rest, "regression": folder}}

@@ -23,3 +23,13 @@ def resolve(value: str | None) -> str | None:
     """A shipped set's reserved name -> its packaged folder; a path or URI as it is (a local folder called like a
     shipped set is written ./general)."""
     return str(shipped_folder(value)) if value in SHIPPED else value
+
+
+def name_of(value: str | None) -> str | None:
+    """How a report names a regression set: a shipped set by its reserved name, any other folder as given."""
+    if value is None:
+        return None
+    for name in SHIPPED:
+        if value == name or ("://" not in value and Path(value).resolve() == shipped_folder(name).resolve()):
+            return name
+    return value
