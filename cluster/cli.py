@@ -77,6 +77,7 @@ def evaluation_table(evaluation) -> str:
         rows.append(f"{metric:<12} {b:8.4f} {t:8.4f} {t - b:+8.4f}")
     interval = evaluation.interval.model_dump() if evaluation.interval else None
     rows.append(verdict_line(evaluation.verdict, evaluation.delta_ndcg_at_10, interval))
+    rows += [evaluation.regression.text()] if evaluation.regression else []
     rows += [f"note: {evaluation.note}"] if evaluation.note else []
     rows += [f"WARNING: {evaluation.warning}"] if evaluation.warning else []
     if evaluation.card is not None:

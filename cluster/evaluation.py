@@ -54,6 +54,24 @@ class ReportCard(BaseModel):
     seconds: float | None = None
 
 
+class RegressionCheck(BaseModel):
+    """Base vs tuned on the job's regression set (text outside its domain): a drop there, its interval below zero,
+    makes the job's verdict `worse`."""
+
+    dataset: str
+    queries: int
+    documents: int | None = None
+    base: dict[str, float]
+    tuned: dict[str, float]
+    outcome: Literal["improved", "inconclusive", "worse"]
+    interval: Interval
+
+    def text(self) -> str:
+        from rayembed.stats import regression_line
+
+        return regression_line(self.model_dump())
+
+
 class Evaluation(BaseModel):
     """Base vs tuned on the job's evaluation set, as the job's eval.json reports it: the verdict comes from the
     interval (`improved` above zero, `worse` below, else `inconclusive`); reports written before it carry a point
@@ -70,6 +88,9 @@ class Evaluation(BaseModel):
     warning: str | None = None
     note: str | None = None
     card: ReportCard | None = None
+    regression: RegressionCheck | None = Field(None, description="the regression set's own figure, when the job named one")
+    evaluation_outcome: str | None = Field(None, description="the evaluation set's verdict, where the regression set "
+                                           "turned the job's verdict to worse")
 
     @classmethod
     def from_report(cls, report: dict) -> "Evaluation":
@@ -77,7 +98,8 @@ class Evaluation(BaseModel):
         return cls(dataset=str(report["dataset"]), queries=report["queries"], documents=report["documents"],
                    base=report["base"], tuned=report["tuned"], verdict=v["outcome"],
                    delta_ndcg_at_10=v["delta_ndcg@10"], interval=v.get("interval"), warning=v.get("warning"),
-                   note=v.get("note"), card=report.get("card"))
+                   note=v.get("note"), card=report.get("card"), regression=v.get("regression"),
+                   evaluation_outcome=v.get("evaluation_outcome"))
 
     def figure(self) -> str:
         """`+0.016 (95% CI 0.000 to +0.036, 100 queries)`, or the bare delta of a report that has no interval."""
@@ -94,8 +116,9 @@ class Evaluation(BaseModel):
         return None
 
     def summary(self) -> str:
-        return (f"nDCG@10 base {self.base['ndcg@10']:.4f} -> tuned {self.tuned['ndcg@10']:.4f} "
+        line = (f"nDCG@10 base {self.base['ndcg@10']:.4f} -> tuned {self.tuned['ndcg@10']:.4f} "
                 f"({self.figure()}) on {self.dataset}: {self.verdict}")
+        return line + (f"; {self.regression.text()}" if self.regression else "")
 
 
 class Verification(BaseModel):

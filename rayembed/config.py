@@ -153,7 +153,8 @@ def _section_of(annotation) -> type[BaseModel] | None:
 
 def places(cls: type[BaseModel], raw: Any, prefix: str = "") -> list[tuple[str, str, Any]]:
     """Every field marked as a place (`json_schema_extra={"place": kind}`: read, write or model) that the raw input
-    `raw` (a dict, before validation) sets to a non-null value, in `cls` and its sections: (dotted key, kind, value)."""
+    `raw` (a dict, before validation) sets to a non-null value other than one of the field's `names` (values that
+    name a packaged thing, not a place), in `cls` and its sections: (dotted key, kind, value)."""
     if not isinstance(raw, dict):
         return []
     out: list[tuple[str, str, Any]] = []
@@ -162,7 +163,8 @@ def places(cls: type[BaseModel], raw: Any, prefix: str = "") -> list[tuple[str, 
             continue
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         if "place" in extra:
-            out.append((prefix + name, extra["place"], raw[name]))
+            if raw[name] not in extra.get("names", ()):  # a name the field also takes (a shipped set) is no place
+                out.append((prefix + name, extra["place"], raw[name]))
         elif (section := _section_of(field.annotation)) is not None:
             out += places(section, raw[name], f"{prefix}{name}.")
     return out

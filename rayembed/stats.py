@@ -96,3 +96,11 @@ def verdict_line(outcome: str, delta: float, interval: dict | None) -> str:
         return f"verdict: {outcome} (nDCG@10 {signed(delta, 4)}; no interval in this report)"
     return (f"verdict: {outcome}, nDCG@10 {format_interval(interval)}; {format_counts(interval)} "
             f"(paired bootstrap, {interval['resamples']} resamples, seed {interval['seed']})")
+
+
+def regression_line(check: dict) -> str:
+    """`regression set general: nDCG@10 0.4120 -> 0.4150, +0.003 (95% CI -0.010 to +0.013, 200 queries): no
+    significant drop` (`check`: the verdict's `regression`, train.report.regression_check)."""
+    said = "a significant drop" if check["outcome"] == "worse" else "no significant drop"
+    return (f"regression set {check['dataset']}: nDCG@10 "
+            f"{check['base']['ndcg@10']:.4f} -> {check['tuned']['ndcg@10']:.4f}, {format_interval(check['interval'])}: {said}")

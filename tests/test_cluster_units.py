@@ -367,3 +367,37 @@ def test_every_stored_field_is_in_its_answer_and_times_go_out_as_iso_8601(entity
     body = stored.model_validate({**required, **{t: 1796232146.941 for t in times}}).model_dump(mode="json")
     shown = out.model_validate(body).model_dump(mode="json")
     assert times and all(shown[t] == "2026-12-02T17:22:26.941000Z" for t in times), shown
+
+
+def test_a_tenant_names_its_regression_set_by_dataset_or_by_the_shipped_name(tmp_path, monkeypatch):
+    """`regression_dataset: OTHER` becomes OTHER's evaluation folder (a place the server chose), `regression: general`
+    stays a name that each node resolves to its packaged copy; neither is a path the tenant wrote."""
+    from cluster import controlplane
+    from cluster.paths import Confinement
+    from rayembed.errors import InvalidRequest
+    from train.config import validate_config
+
+    monkeypatch.setattr(controlplane, "TICK_S", 3600.0)
+    cp = controlplane.ControlPlane(str(tmp_path / "home"), "http://127.0.0.1:9", "http://127.0.0.1:9")
+    cp.create_dataset("default", {"name": "web"})
+    cp.create_dataset("default", {"name": "bare"})
+    stored = {"uri": "x", "bytes": 1, "sha256": "0" * 64, "records": 1}
+    for path in ("evaluation/corpus.jsonl", "evaluation/queries.jsonl", "evaluation/qrels/test.tsv"):
+        cp.add_dataset_file("default", "web", path, {**stored, "uri": f"{tmp_path}/{path}"})
+    web = cp.get_dataset("default", "web")["uri"]
+    spec = cp._with_dataset("default", {"dataset": {"training": "t.jsonl", "regression_dataset": "web"}}, "config")
+    assert spec["dataset"] == {"training": "t.jsonl", "regression": f"{web}/evaluation"}
+    with pytest.raises(InvalidRequest, match="dataset 'bare' has no evaluation files to use as a regression set"):
+        cp._with_dataset("default", {"dataset": {"training": "t.jsonl", "regression_dataset": "bare"}}, "config")
+    with pytest.raises(InvalidRequest, match="either regression .* or regression_dataset, not both"):
+        cp._with_dataset("default", {"dataset": {"training": "t.jsonl", "regression": "general",
+                                                 "regression_dataset": "web"}}, "config")
+    confinement = Confinement(str(tmp_path / "home" / "workspaces" / "default"), [str(tmp_path / "data")])
+    named = validate_config({"model": "all-MiniLM-L6-v2", "dataset": {"training": str(tmp_path / "data" / "t.jsonl"),
+                             "regression": "general"}, "output": {"dir": str(tmp_path / "out")}}).with_absolute_paths()
+    assert named.dataset.regression == "general"  # not turned into a path on the server
+    confinement.job(named, "config")  # a shipped set's name reads nothing the tenant chose
+    elsewhere = named.model_copy(update={"dataset": named.dataset.model_copy(update={"regression": "/etc"})})
+    with pytest.raises(InvalidRequest, match="config.dataset.regression: .* is outside the folders"):
+        confinement.job(elsewhere, "config")
+    cp._stop.set()

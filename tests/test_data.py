@@ -216,3 +216,36 @@ def test_validating_a_file_holds_about_24_bytes_per_example(tmp_path):
     tracemalloc.stop()
     assert len(index) == 512_000
     assert peak < 40 * len(index) + 4 * 2**20, f"{peak / len(index):.0f} bytes per example"
+
+
+def test_the_shipped_regression_set_loads_as_beir_with_its_source_and_license():
+    from rayembed.regression import resolve, shipped_folder
+
+    folder = shipped_folder("general")
+    assert resolve("general") == str(folder) and resolve("./general") == "./general"
+    rset = load_beir(folder)
+    assert (len(rset.queries), len(rset.corpus)) == (200, 1000)
+    assert all(len(judged) == 1 for judged in rset.qrels.values())  # one relevant passage per query
+    assert len({text.lower() for text in rset.queries.values()}) == 200  # no query text with two right answers
+    source = json.loads((folder / "source.json").read_text())
+    assert (source["package"], source["license"], source["queries"], source["documents"]) == ("botocore", "Apache-2.0", 200, 1000)
+    assert "Apache License" in (folder / "LICENSE.txt").read_text() and "Amazon" in (folder / "NOTICE").read_text()
+
+
+def test_the_regression_set_build_reproduces_the_shipped_files_byte_for_byte(tmp_path):
+    """From the installed botocore: the same version gives the same bytes (another version gives other operations,
+    so it is compared only when the versions match)."""
+    import importlib.metadata
+
+    from rayembed.regression import shipped_folder
+    from rayembed.regression.build import build
+
+    folder = shipped_folder("general")
+    shipped = json.loads((folder / "source.json").read_text())["version"]
+    if importlib.metadata.version("botocore") != shipped:
+        pytest.skip(f"the shipped set is built from botocore {shipped}; {importlib.metadata.version('botocore')} is installed")
+    build(tmp_path)
+    names = ["corpus.jsonl", "queries.jsonl", "qrels/test.tsv", "source.json", "LICENSE.txt", "NOTICE"]
+    for name in names:
+        assert (tmp_path / name).read_bytes() == (folder / name).read_bytes(), name
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == sorted(names)

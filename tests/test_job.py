@@ -130,11 +130,21 @@ def test_the_readme_minilm_job_on_the_shipped_sample_gives_its_verdict_with_an_i
     assert v["outcome"] == "inconclusive" and 120 <= ci["queries_to_settle"] <= 200, v
 
 
-def test_a_job_at_learning_rate_0_is_inconclusive_with_an_interval_of_exactly_0(ray_session, tiny_bert, train_file, tmp_path):
+def test_a_job_at_learning_rate_0_is_inconclusive_with_an_interval_of_exactly_0(ray_session, tiny_bert, train_file, tmp_path,
+                                                                                 capsys):
     """The weights do not move, so each query ranks as it did: every per-query delta is 0, and so is the interval;
-    the point verdict this replaced would have called any float noise past its band a result."""
-    run_job(job(tiny_bert, train_file, tmp_path / "lr0", schedule={"max_steps": 2}, optimizer={"learning_rate": 0.0}))
+    the point verdict this replaced would have called any float noise past its band a result. The job names the
+    shipped regression set too: its own figure, with its own interval (also exactly 0), in eval.json and the console."""
+    run_job(job(tiny_bert, train_file, tmp_path / "lr0", schedule={"max_steps": 2}, optimizer={"learning_rate": 0.0},
+                dataset={"regression": "general"}))
     report = json.loads((tmp_path / "lr0" / "eval.json").read_text())
+    check = report["verdict"]["regression"]
+    assert (check["dataset"], check["queries"], check["documents"]) == ("general", 200, 1000)
+    assert check["outcome"] == "inconclusive" and check["base"] == check["tuned"]
+    rci = check["interval"]
+    assert (rci["delta"], rci["low"], rci["high"], rci["queries"], rci["unchanged"]) == (0.0, 0.0, 0.0, 200, 200)
+    assert len(report["regression"]["per_query"]["ids"]) == 200  # each query's scores kept, as for the evaluation set
+    assert "regression set general: nDCG@10" in capsys.readouterr().out
     assert changed_weights(tiny_bert, tmp_path / "lr0" / "model") == 0.0
     v = report["verdict"]
     assert v["outcome"] == "inconclusive" and v["warning"] is None

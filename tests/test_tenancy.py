@@ -101,6 +101,7 @@ def test_a_tenant_names_entities_never_places(plane, tenants):
         ({"config": job(model="b-model")}, "config.model"),  # b's model by name: not a model of team-a
         ({"config": job(model="some-org/any-hub-model")}, "config.model"),  # would be downloaded on the cluster
         ({"sweep": {"job": job(model="/etc")}}, "sweep.job.model"),
+        ({"config": job(dataset={"name": "mine", "regression": str(train.parent)})}, "config.dataset.regression"),
     ]
     for body, field in attacks:
         status, answer, _ = srv.request("POST", url, key=a, body={"output_model": "stolen", **body})
@@ -131,6 +132,7 @@ def test_what_a_tenant_may_name_still_runs(plane, tenants, tmp_path):
 
     srv, keys, b_root, train, fake = tenants
     a = keys["team-a"]
+    plane.set_quota("team-a", {"max_active_jobs": 10})  # the fake Ray never finishes a job
     plane.create_dataset("team-a", {"name": "mine"})
     ds = plane.get_dataset("team-a", "mine")
     own = Path(ds["uri"]) / "training.jsonl"
@@ -147,6 +149,12 @@ def test_what_a_tenant_may_name_still_runs(plane, tenants, tmp_path):
     a_root = plane._workspace_root("team-a")
     assert spec["output"]["dir"].startswith(a_root) and spec["dataset"]["mining"]["cache_dir"].startswith(a_root)
     assert len(fake.submitted) == 1
+    status, answer, _ = srv.request("POST", f"{WS}/team-a/customization/jobs", key=a, body={  # the shipped set by name
+        "output_model": "tuned-general", "config": job(dataset={"name": "mine", "regression": "general"})})
+    assert status == 201 and answer["spec"]["dataset"]["regression"] == "general", answer
+    status, answer, _ = srv.request("POST", f"{WS}/team-a/customization/jobs", key=a, body={  # b's dataset: unknown
+        "output_model": "tuned-stolen", "config": job(dataset={"name": "mine", "regression_dataset": "secret"})})
+    assert status == 404 and "secret" in answer["error"]["message"], answer
     shared = tmp_path / "team-a-data"
     shared.mkdir()
     (shared / "t.jsonl").write_text((SAMPLE / "train.jsonl").read_text())

@@ -105,6 +105,67 @@ def test_an_old_report_without_per_query_scores_still_reads_as_an_evaluation():
     assert verdict_line("unchanged", 0.002, None) == "verdict: unchanged (nDCG@10 +0.0020; no interval in this report)"
 
 
+def regression_report(main_shift: float, regression_shift: float) -> dict:
+    """A hand-made eval.json: 40 evaluation queries moved by `main_shift`, 60 regression queries by `regression_shift`."""
+    from train.report import verdict
+
+    metrics = ("ndcg@10", "recall@1", "recall@5", "recall@10", "recall@100", "mrr@10")
+    base, rbase = list(np.linspace(0.2, 0.8, 40)), list(np.linspace(0.1, 0.7, 60))
+    tuned, rtuned = [b + main_shift for b in base], [b + regression_shift for b in rbase]
+    regression = {"dataset": "general", "documents": 1000, "base": {"ndcg@10": float(np.mean(rbase))},
+                  "tuned": {"ndcg@10": float(np.mean(rtuned))},
+                  "per_query": {"base": {"ndcg@10": rbase}, "tuned": {"ndcg@10": rtuned}}}
+    v = verdict({"ndcg@10": float(np.mean(base))}, {"ndcg@10": float(np.mean(tuned))},
+                {"base": {"ndcg@10": base}, "tuned": {"ndcg@10": tuned}}, regression=regression)
+    return {"dataset": "d", "queries": 40, "documents": 9, "base": dict.fromkeys(metrics, 0.5),
+            "tuned": dict.fromkeys(metrics, 0.5 + main_shift), "verdict": v}
+
+
+def test_a_drop_on_the_regression_set_makes_an_improved_job_worse_and_says_why():
+    from cluster.cli import evaluation_table
+    from cluster.entities import Evaluation
+    from train.report import summary
+
+    report = regression_report(0.1, -0.02)  # better on its own data, 0.02 worse on every regression query
+    v = report["verdict"]
+    assert v["outcome"] == "worse" and v["evaluation_outcome"] == "improved"
+    check = v["regression"]
+    assert check["outcome"] == "worse" and check["interval"]["high"] == pytest.approx(-0.02)
+    assert v["warning"].startswith("regression: the tuned model ranks the regression set general worse than the base")
+    assert "-0.020 (95% CI -0.020 to -0.020, 60 queries)" in v["warning"]
+    text = summary(report)
+    assert "verdict: worse" in text and "regression set general: nDCG@10 0.4000 -> 0.3800, -0.020 (95% CI -0.020 to " \
+        "-0.020, 60 queries): a significant drop" in text
+    ev = Evaluation.from_report(json.loads(json.dumps(report)))
+    assert ev.verdict == "worse" and ev.evaluation_outcome == "improved" and ev.regression.queries == 60
+    assert ev.regression.interval.high == pytest.approx(-0.02)
+    assert "regression set general" in ev.summary() and "a significant drop" in evaluation_table(ev)
+
+
+@pytest.mark.parametrize("regression_shift", [0.0, 0.02])
+def test_no_significant_drop_on_the_regression_set_keeps_the_verdict_and_shows_its_figure(regression_shift):
+    from cluster.entities import Evaluation
+    from train.report import summary
+
+    report = regression_report(0.1, regression_shift)
+    v = report["verdict"]
+    assert v["outcome"] == "improved" and "evaluation_outcome" not in v and v["warning"] is None
+    assert v["regression"]["outcome"] == ("inconclusive" if regression_shift == 0 else "improved")
+    line = f"{format_interval(v['regression']['interval'])}: no significant drop"
+    assert line in summary(report) and line in Evaluation.from_report(report).regression.text()
+
+
+def test_a_regression_set_with_a_noisy_drop_that_holds_zero_is_no_drop():
+    """Half the regression queries 0.05 worse, half 0.04 better: a mean of -0.005, an interval that holds zero."""
+    from train.report import regression_check
+
+    rbase = list(np.linspace(0.2, 0.7, 100))
+    rtuned = [b - 0.05 if i % 2 else b + 0.04 for i, b in enumerate(rbase)]
+    check = regression_check({"dataset": "r", "base": {"ndcg@10": 0.45}, "tuned": {"ndcg@10": 0.445},
+                              "per_query": {"base": {"ndcg@10": rbase}, "tuned": {"ndcg@10": rtuned}}})
+    assert check["interval"]["low"] < 0 < check["interval"]["high"] and check["outcome"] == "inconclusive"
+
+
 def planted(n_docs=300, n_queries=60, dim=64, noise=0.9, seed=5):
     """Queries that are noisy copies of their one relevant document; normalized."""
     rng = np.random.default_rng(seed)

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from rayembed import storage
+from rayembed.regression import SHIPPED as SHIPPED_REGRESSION_SETS
 from rayembed.config import ConfigError, Section, dump, load, validate  # noqa: F401 - ConfigError re-exported for callers
 
 # The model card's conservative defaults.
@@ -38,6 +39,7 @@ class DatasetConfig(Section):
     training: str = Field(json_schema_extra={"place": "read"}, description="Training JSONL: one {query, pos_doc, neg_doc: [...]} per line.")
     validation: str | None = Field(None, json_schema_extra={"place": "read"}, description="Validation JSONL, same format; when absent a split is taken off the training file.")
     evaluation: str | None = Field(None, json_schema_extra={"place": "read"}, description="BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv) for base-vs-tuned evaluation; when absent the validation set is used.")
+    regression: str | None = Field(None, json_schema_extra={"place": "read", "names": list(SHIPPED_REGRESSION_SETS)}, description="A second BEIR folder, text outside the job's domain, scored for base and tuned like the evaluation set; a drop there (its interval below zero) makes the verdict worse. `general` names the shipped set (rayembed/regression: cloud API documentation), resolved on each node that reads it; a folder of that name is ./general; null = none.")
     validation_fraction: float = Field(0.05, gt=0, lt=0.5, description="Share of training lines split off for validation when no validation file is given.")
     max_validation_examples: int = Field(500, gt=0, description="Cap on the validation split taken off the training file.")
     max_examples: int | None = Field(None, gt=0, description="Use a seeded subsample of this many training lines (after the validation split).")
@@ -211,7 +213,9 @@ class JobConfig(Section):
         def absolute(p: str | None) -> str | None:
             return p if p is None or "://" in p else str(Path(p).expanduser().absolute())
 
-        ds = self.dataset.model_copy(update={k: absolute(getattr(self.dataset, k)) for k in ("training", "validation", "evaluation")})
+        regression = self.dataset.regression  # a shipped set's name stays a name: each node resolves it to its own copy
+        ds = self.dataset.model_copy(update={k: absolute(getattr(self.dataset, k)) for k in ("training", "validation", "evaluation")}
+                                     | {"regression": regression if regression in SHIPPED_REGRESSION_SETS else absolute(regression)})
         if ds.mining is not None:
             ds = ds.model_copy(update={"mining": ds.mining.model_copy(update={k: absolute(getattr(ds.mining, k))
                                                                                for k in ("corpus", "cache_dir")})})

@@ -103,10 +103,16 @@ def paired_evaluation(rset: RetrievalSet, embeddings: dict[str, tuple[torch.Tens
     the paired verdict), and the report card over `sizes` x precisions."""
     from train.report_card import report_card
 
+    card = report_card({side: (q.numpy(), d.numpy()) for side, (q, d) in embeddings.items()},
+                       list(rset.queries), list(rset.corpus), rset.qrels, sizes)
+    return {**paired_scores(rset, embeddings), "card": card}
+
+
+def paired_scores(rset: RetrievalSet, embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Base and tuned at the full size: their mean metrics and each query's nDCG@10 and Recall@10, aligned by query
+    (what the paired verdict resamples; the regression set gets this without a card)."""
     scores = {side: per_query_scores(q, d, rset) for side, (q, d) in embeddings.items()}
     ids = list(scores["tuned"])
     per_query = {"ids": ids, **{side: {m: [s[i][m] for i in ids] for m in ("ndcg@10", "recall@10")}
                                 for side, s in scores.items()}}
-    card = report_card({side: (q.numpy(), d.numpy()) for side, (q, d) in embeddings.items()},
-                       list(rset.queries), list(rset.corpus), rset.qrels, sizes)
-    return {**{side: mean_metrics(s) for side, s in scores.items()}, "per_query": per_query, "card": card}
+    return {**{side: mean_metrics(s) for side, s in scores.items()}, "per_query": per_query}

@@ -61,8 +61,9 @@ def preflight(cfg: JobConfig) -> Preflight:
     if problems:
         raise ConfigError(problems)
     train_idx, val_idx = prepare_splits(cfg.dataset, cfg.loss.negatives_per_query, cfg.training.seed)
-    if cfg.dataset.evaluation:
-        load_beir(cfg.dataset.evaluation)
+    for folder in (cfg.dataset.evaluation, cfg.dataset.regression):
+        if folder:
+            load_beir(folder)
     warnings = [w for w in [warn_on_size(len(train_idx))] if w]
     prefixes = resolve_prefixes(cfg.prefixes, info)
     reader = ExampleReader(val_idx, 0 if cfg.dataset.mining else cfg.loss.negatives_per_query)

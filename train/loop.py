@@ -21,9 +21,10 @@ import ray.train.torch
 import torch
 from safetensors.torch import load_file, save_file
 
+from rayembed.regression import name_of as regression_name
 from train.config import JobConfig, validate_config
 from train.data import ExampleReader, prepare_splits, retrieval_set_from_examples
-from train.evaluate import card_sizes, embed_set, paired_evaluation, per_query_scores
+from train.evaluate import card_sizes, embed_set, paired_evaluation, paired_scores, per_query_scores
 from train.metrics import mean_metrics
 from train.step import compile_encoder, make_optimizer, micro_batch_loss, tokenize, train_step, uncompile_encoder
 from train.model import build_bi_encoder, inspect_model, merge_lora, quiet_libraries, resolve_prefixes, save_hf_directory
@@ -200,8 +201,16 @@ def train_loop_per_worker(config: dict) -> None:
 
         eval_set, eval_name = load_beir(cfg.dataset.evaluation), given.dataset.evaluation  # named as given, not staged
         tuned_emb = embed_set(model, tokenizer, eval_set, prefixes, device, cfg.precision)
+    regression = None
+    if cfg.dataset.regression:
+        from train.data import load_beir
+
+        regression = load_beir(cfg.dataset.regression)
+        regression_emb = {"tuned": embed_set(model, tokenizer, regression, prefixes, device, cfg.precision)}
     base_model = build_bi_encoder(info, "all_weights").to(device).eval()
     base_emb = embed_set(base_model, tokenizer, eval_set, prefixes, device, cfg.precision)
+    if regression is not None:
+        regression_emb["base"] = embed_set(base_model, tokenizer, regression, prefixes, device, cfg.precision)
     del base_model
 
     final = {"step": total, "total_steps": total, "loss": loss_value, "val_loss": val_loss, "compile_seconds": compile_seconds,
@@ -213,6 +222,10 @@ def train_loop_per_worker(config: dict) -> None:
                                           card_sizes(info.hidden_size, info.matryoshka_dims, cfg.loss.matryoshka_dims)),
                       "validation": val_metrics},
              "train_examples": len(train_idx), "validation_examples": len(val_idx), "device": str(device)}
+    if regression is not None:  # its own paired scores, no card: the verdict only asks whether it dropped
+        final["eval"]["regression"] = {"dataset": regression_name(given.dataset.regression),
+                                       "queries": len(regression.queries), "documents": len(regression.corpus),
+                                       **paired_scores(regression, regression_emb)}
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_directory(model.backbone, info, Path(tmp) / "model")
         (Path(tmp) / STATE_FILE).write_text(json.dumps({"final": True, "step": total, "metrics": final}))

@@ -1,20 +1,48 @@
-"""The job's evaluation report: base vs tuned metrics, the paired verdict with its interval, the report card, and
-their charts (eval.png, card.png)."""
+"""The job's evaluation report: base vs tuned metrics, the paired verdict with its interval (and the regression set's,
+when the job names one), the report card, and their charts (eval.png, card.png)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from rayembed.stats import RESAMPLES, SEED, format_interval, paired_bootstrap, signed, verdict_line, verdict_of
+from rayembed.stats import RESAMPLES, SEED, format_interval, paired_bootstrap, regression_line, signed, verdict_line, verdict_of
 from train.report_card import card_table, plot_card
 
 SHOWN = ("ndcg@10", "recall@1", "recall@5", "recall@10", "recall@100", "mrr@10")
 
 
-def verdict(base: dict, tuned: dict, per_query: dict | None = None, resamples: int = RESAMPLES, seed: int = SEED) -> dict:
+def verdict(base: dict, tuned: dict, per_query: dict | None = None, resamples: int = RESAMPLES, seed: int = SEED,
+            regression: dict | None = None) -> dict:
     """`improved`, `worse` or `inconclusive`, from a paired bootstrap of the per-query delta nDCG@10
-    (`per_query`: {"base": {"ndcg@10": [...]}, "tuned": {...}}, aligned by query); the interval beside it."""
+    (`per_query`: {"base": {"ndcg@10": [...]}, "tuned": {...}}, aligned by query); the interval beside it.
+
+    `regression` (the regression set's {dataset, base, tuned, per_query}): no significant drop there is part of the
+    verdict, so an interval below zero on it makes the job `worse` whatever the evaluation set says."""
+    main = _main_verdict(base, tuned, per_query, resamples, seed)
+    if regression is None:
+        return main
+    check = regression_check(regression, resamples, seed)
+    if check["outcome"] != "worse":
+        return {**main, "regression": check}
+    reason = (f"regression: the tuned model ranks the regression set {check['dataset']} worse than the base model "
+              f"(nDCG@10 {check['base']['ndcg@10']:.4f} -> {check['tuned']['ndcg@10']:.4f}, "
+              f"{format_interval(check['interval'])}); it lost general retrieval ability: lower "
+              "optimizer.learning_rate, train fewer steps, or mix general data in")
+    warning = "; ".join(w for w in (main["warning"], reason) if w)
+    return {**main, "outcome": "worse", "evaluation_outcome": main["outcome"], "warning": warning, "regression": check}
+
+
+def regression_check(regression: dict, resamples: int = RESAMPLES, seed: int = SEED) -> dict:
+    """The regression set's own paired bootstrap: its interval and whether it shows a drop (`worse`)."""
+    pq = regression["per_query"]
+    ci = paired_bootstrap(pq["base"]["ndcg@10"], pq["tuned"]["ndcg@10"], resamples=resamples, seed=seed)
+    return {"dataset": regression["dataset"], "queries": len(pq["base"]["ndcg@10"]),
+            "documents": regression.get("documents"), "base": regression["base"], "tuned": regression["tuned"],
+            "outcome": verdict_of(ci), "interval": ci}
+
+
+def _main_verdict(base: dict, tuned: dict, per_query: dict | None, resamples: int, seed: int) -> dict:
     if per_query is None:
         raise ValueError("the verdict needs each query's nDCG@10 for base and tuned (per_query)")
     ci = paired_bootstrap(per_query["base"]["ndcg@10"], per_query["tuned"]["ndcg@10"], resamples=resamples, seed=seed)
@@ -36,8 +64,8 @@ def verdict(base: dict, tuned: dict, per_query: dict | None = None, resamples: i
 def write_report(out_dir: Path, final: dict, extra: dict) -> dict:
     ev = final["eval"]
     report = {"dataset": ev["dataset"], "queries": ev["queries"], "documents": ev["documents"],
-              "base": ev["base"], "tuned": ev["tuned"], "verdict": verdict(ev["base"], ev["tuned"], ev["per_query"]),
-              "per_query": ev["per_query"], **({"card": ev["card"]} if ev.get("card") else {}),
+              "base": ev["base"], "tuned": ev["tuned"], "verdict": verdict(ev["base"], ev["tuned"], ev["per_query"], regression=ev.get("regression")),
+              "per_query": ev["per_query"], **({"regression": ev["regression"]} if ev.get("regression") else {}), **({"card": ev["card"]} if ev.get("card") else {}),
               "validation": {"loss": final["val_loss"], **ev["validation"]},
               "training": {"final_loss": final["loss"], "steps": final["step"], "train_examples": final["train_examples"],
                            "validation_examples": final["validation_examples"], "device": final["device"],
@@ -80,6 +108,8 @@ def summary(report: dict) -> str:
         lines.append(f"{m:<12}{b:>9.4f}{t:>9.4f}{t - b:>+9.4f}")
     v = report["verdict"]
     lines.append(verdict_line(v["outcome"], v["delta_ndcg@10"], v.get("interval")))
+    if v.get("regression"):
+        lines.append(regression_line(v["regression"]))
     if v.get("note"):
         lines.append(f"note: {v['note']}")
     if v.get("warning"):
@@ -87,3 +117,4 @@ def summary(report: dict) -> str:
     if report.get("card"):
         lines.append(card_table(report["card"]))
     return "\n".join(lines)
+

@@ -9,7 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from rayembed import storage
+from rayembed import regression, storage
 from train.config import JobConfig
 
 
@@ -41,10 +41,12 @@ def stage(value: str | None, folder: bool = False) -> str | None:
 
 
 def stage_inputs(cfg: JobConfig) -> JobConfig:
-    """The config with every input URI replaced by its copy in this node's scratch."""
+    """The config with every input URI replaced by its copy in this node's scratch (and a shipped regression set's
+    name by this node's packaged folder)."""
     ds = cfg.dataset
     ds = ds.model_copy(update={"training": stage(ds.training), "validation": stage(ds.validation),
-                               "evaluation": stage(ds.evaluation, folder=True)})
+                               "evaluation": stage(ds.evaluation, folder=True),
+                               "regression": stage(regression.resolve(ds.regression), folder=True)})
     if ds.mining is not None and ds.mining.corpus is not None:
         ds = ds.model_copy(update={"mining": ds.mining.model_copy(update={"corpus": stage(ds.mining.corpus)})})
     model = stage(cfg.model, folder=True) if storage.is_uri(cfg.model) else cfg.model

@@ -67,4 +67,5 @@ def trial_job(sweep: SweepConfig, lr: float) -> JobConfig:
     raw["output"]["storage_path"] = None
     if sweep.trial_evaluation == "validation":
         raw["dataset"]["evaluation"] = None
+        raw["dataset"]["regression"] = None  # the promoted winner's own job scores it (tune/report.py)
     return validate_config(raw)

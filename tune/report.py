@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rayembed.stats import verdict_line
+from rayembed.stats import regression_line, verdict_line
 
 
 def table(summary: dict) -> str:
@@ -52,7 +52,8 @@ def winner_line(summary: dict) -> str | None:
     if not report:
         return None
     v = report["verdict"]
-    return "winner against the base model: " + verdict_line(v["outcome"], v["delta_ndcg@10"], v.get("interval")).removeprefix("verdict: ")
+    line = "winner against the base model: " + verdict_line(v["outcome"], v["delta_ndcg@10"], v.get("interval")).removeprefix("verdict: ")
+    return line + (f"\n{regression_line(v['regression'])}" if v.get("regression") else "")
 
 
 def write_outputs(out: Path, summary: dict) -> None:

@@ -12,6 +12,7 @@ from rayembed import storage
 from cluster.services.base import Core, check_name, validated
 from rayembed.errors import Conflict, InvalidRequest, QuotaExceeded, shown
 from cluster.uploads import deadline_s
+from rayembed.regression import SHIPPED as SHIPPED_REGRESSION_SETS
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class DatasetService(Core):
         """Unfinished jobs whose config reads the dataset's files."""
         def reads(job: CustomizationJob) -> bool:
             given = (job.spec.get("job") if job.kind == "sweep" else job.spec).get("dataset") or {}
-            read = [given.get(k) for k in ("training", "validation", "evaluation")]
+            read = [given.get(k) for k in ("training", "validation", "evaluation", "regression")]
             read.append((given.get("mining") or {}).get("corpus"))
             return any(isinstance(r, str) and (r == ds.uri or r.startswith(ds.uri.rstrip("/") + "/")) for r in read)
 
@@ -119,7 +120,9 @@ class DatasetService(Core):
         return {"name": name, "deleted": True}
 
     def _with_dataset(self, workspace: str, spec: dict, field: str) -> dict:
-        """`dataset: {name: ...}` in a job config -> the dataset's files as the config's paths (in storage)."""
+        """`dataset: {name: ...}` in a job config -> the dataset's files as the config's paths (in storage);
+        `regression_dataset: OTHER` -> that dataset's evaluation folder as the regression set."""
+        spec = self._with_regression_dataset(workspace, spec, field)
         given = spec.get("dataset")
         if not isinstance(given, dict) or "name" not in given:
             return spec
@@ -136,3 +139,21 @@ class DatasetService(Core):
             raise InvalidRequest(f"{field}.dataset: give either name (dataset {ds.name!r}) or {', '.join(clash)}, not "
                                  "both", f"{field}.dataset")
         return {**spec, "dataset": {**{k: v for k, v in given.items() if k != "name"}, **fields}}
+
+    def _with_regression_dataset(self, workspace: str, spec: dict, field: str) -> dict:
+        """`dataset.regression_dataset: NAME` (a dataset of the workspace with evaluation files) -> `regression`: its
+        evaluation folder, chosen by the server like every other place of the job."""
+        given = spec.get("dataset")
+        if not isinstance(given, dict) or "regression_dataset" not in given:
+            return spec
+        key = f"{field}.dataset.regression_dataset"
+        if given.get("regression") is not None:
+            raise InvalidRequest(f"{field}.dataset: give either regression (a shipped set: "
+                                 f"{', '.join(SHIPPED_REGRESSION_SETS)}) or regression_dataset, not both", key)
+        other = self._load("dataset", workspace, check_name(given["regression_dataset"], "dataset", key), Dataset)
+        folder = other.job_fields().get("evaluation")
+        if folder is None:
+            raise InvalidRequest(f"dataset {other.name!r} has no evaluation files to use as a regression set: upload "
+                                 f"its corpus.jsonl, queries.jsonl and qrels/test.tsv first", key)
+        rest = {k: v for k, v in given.items() if k != "regression_dataset"}
+        return {**spec, "dataset": {**rest, "regression": folder}}
