@@ -241,7 +241,7 @@ def start_server(model_dir: Path, port: int, provider: dict, log: Path, gateway_
         {"name": "bench", "model_dir": str(model_dir.resolve()), **provider}]}]}))
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([PY, "-m", "serve", "--config", str(config), "--port", str(port)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([PY, "-m", "serve", "--config", str(config), "--port", str(port), "--open"], cwd=ROOT, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -54,7 +54,9 @@ def check_data_roots(roots: list[str], storage_root: str, home: str) -> None:
 def allowed_base_models(listed: list[str] | tuple[str, ...] | None = None) -> list[str]:
     """The packaged base models plus the ones the operator lists (RAYEMBED_BASE_MODELS, os.pathsep-separated:
     Hub ids, or local folders given exactly as tenants must name them)."""
-    extra = list(listed) if listed is not None else [m for m in os.environ.get(BASE_MODELS_ENV, "").split(os.pathsep) if m]
+    # os.pathsep-separated, as RAYEMBED_DATA_ROOTS: the ':' of a URI's '://' does not separate
+    env = re.split(re.escape(os.pathsep) + r"(?!//)", os.environ.get(BASE_MODELS_ENV, ""))
+    extra = list(listed) if listed is not None else [m for m in env if m]
     return list(dict.fromkeys([*PACKAGED_BASE_MODELS, *extra]))
 
 

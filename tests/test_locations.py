@@ -159,3 +159,10 @@ def test_an_install_from_before_ids_keeps_its_folders(tmp_path):
         assert re.fullmatch(str(home / "workspaces") + r"/team-a-[0-9a-f]{12}", cp._workspace_root("team-a"))
     finally:
         cp._stop.set()
+
+
+def test_the_allowed_base_models_split_like_the_data_roots(monkeypatch):
+    from cluster.tenancy import allowed_base_models
+
+    monkeypatch.setenv("RAYEMBED_BASE_MODELS", f"s3://b/models/tiny{os.pathsep}/opt/models/m{os.pathsep}org/name")
+    assert allowed_base_models() == ["all-MiniLM-L6-v2", "s3://b/models/tiny", "/opt/models/m", "org/name"]
