@@ -25,7 +25,7 @@ from cluster import deployments
 from cluster.services.base import SUBMIT_TIMEOUT_S, check_name  # noqa: F401 - check_name: imported from here by tests
 from cluster.services.datasets import DatasetService
 from cluster.services.deployments import DeploymentService
-from cluster.services.jobs import JobService
+from cluster.services.jobs import JobService, driver_reservation
 from cluster.services.verification import VerificationService
 from cluster.services.models import ModelService
 from cluster.services.workspaces import WorkspaceService
@@ -43,11 +43,12 @@ class ControlPlane(WorkspaceService, ModelService, DatasetService, JobService, D
 
     def __init__(self, home: str, dashboard_url: str, base_url: str, state_url: str | None = None,
                  data_roots: list[str] | None = None, storage_root: str | None = None,
-                 base_models: list[str] | None = None):
+                 base_models: list[str] | None = None, driver: dict | None = None):
         self.home = Path(home)
         self.storage = storage_root or str(self.home)  # datasets, jobs' outputs, models: shared by every node
         self.data_roots = list(data_roots or [])  # single-tenant installs: where every workspace's jobs may read
         self.base_models = allowed_base_models(base_models)  # what a tenant may name as a job's or a model's base
+        self.driver = driver if driver is not None else driver_reservation()  # what each job's driver reserves
         self.dashboard_url = dashboard_url
         self.base_url = base_url
         self.state_url = state_url or str(self.home / "state.db")

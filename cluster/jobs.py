@@ -115,6 +115,15 @@ def last_lines(log: str, n: int = 30) -> str:
     return "\n".join(log.rstrip().splitlines()[-n:])
 
 
+def failure(log: str | None, message: str | None) -> str:
+    """A failed Ray job's error: its log's last lines, and Ray's own message when the log lacks it (a driver on another
+    node: its log may not have reached the dashboard yet when the job's status says FAILED)."""
+    tail, message = last_lines(log or ""), (message or "").strip()
+    if message and message not in tail:
+        return f"{tail}\n{message}".strip()
+    return tail or message
+
+
 def read_results(kind: str, artifact_dir: str, output_dir: str) -> tuple[dict, Evaluation | None]:
     """-> (the job's result for the API, the evaluation of the output model), read from storage."""
     report = json.loads(storage.read_text(storage.join(artifact_dir, "eval.json")))

@@ -165,6 +165,7 @@ def up(s: Settings, num_cpus: int | None = None, num_gpus: int | None = None, lo
 
     from cluster.api import build_api_app
     from cluster.controlplane import ControlPlane
+    from cluster.services.jobs import driver_reservation
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one line per step below is what a person reads
     log(f"ray: {record['gcs_address']} (dashboard {record['dashboard_url']}; Serve ingress: "
@@ -174,7 +175,7 @@ def up(s: Settings, num_cpus: int | None = None, num_gpus: int | None = None, lo
     actor = ray.remote(ControlPlane).options(
         name=CONTROL_PLANE, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
         max_concurrency=32, num_cpus=0, resources=s.control_plane_resources or None).remote(str(s.home), record["dashboard_url"], s.base_url, s.state_url,
-                                               roots, s.storage, tenancy.allowed_base_models())
+                                               roots, s.storage, tenancy.allowed_base_models(), driver_reservation())
     info = ray.get(actor.ping.remote(), timeout=120)
     ray.get(actor.set_open_mode.remote(bool(open_ and not info["api_keys"])), timeout=60)
     log(f"control plane: state {info['state']} (schema v{info['schema_version']}); storage {info['storage']}; jobs "

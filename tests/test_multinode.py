@@ -90,9 +90,11 @@ def cluster(tmp_path_factory, s3_env, postgres_url):
     up_env = {**env, "RAYEMBED_HOME": str(root / "head" / "home"), "RAYEMBED_PORT": str(port),
               "RAYEMBED_STORAGE": BUCKET, "RAYEMBED_DATABASE_URL": postgres_url, "RAYEMBED_PROXY_LOCATION": "HeadOnly",
               "RAYEMBED_CONTROL_PLANE_RESOURCES": json.dumps({"controlplane": 0.01}),
-              "RAYEMBED_BASE_MODELS": TINY_BASE}  # the operator allows the tiny BERT, published in storage
+              "RAYEMBED_BASE_MODELS": TINY_BASE,  # the operator allows the tiny BERT, published in storage
+              # the head has no CPUs: job drivers reserve its custom resource instead, which keeps them there
+              "RAYEMBED_DRIVER_CPUS": "0", "RAYEMBED_DRIVER_RESOURCES": json.dumps({"driver": 1})}
     try:
-        nodes.start("head", "--num-cpus", "0")
+        nodes.start("head", "--num-cpus", "0", "--resources", json.dumps({"driver": 4}))
         nodes.start("trainer-a", "--num-cpus", "2", "--resources", json.dumps({"trainer": 1, "controlplane": 1, "trainer-a": 1}))
         up_env["RAY_ADDRESS"] = nodes.address
         rayembed = lambda *a: subprocess.run([str(Path(sys.executable).parent / "rayembed"), *a], env=up_env,
@@ -144,7 +146,7 @@ def test_a_client_that_shares_no_disk_runs_the_story_across_nodes(cluster, tiny_
         "model": base, "dataset": {"name": "debian"}, "schedule": {"max_steps": 2},
         "training": {"max_seq_length": 32}, "resources": {"use_gpu": True, "max_failures": 0}})
     done = c.customization.jobs.wait(gpu_job.name, timeout_s=600)
-    assert done.status == "failed" and "no CUDA device is usable" in done.error, done.error
+    assert done.status == "failed" and "no CUDA device is usable" in done.error, (done.error, done.status_history)
 
     cp_before = control_plane_node(up_env)
     assert cp_before == node_id(up_env, "trainer-a")  # the only node with the resource it is pinned to when `up` ran
@@ -227,12 +229,16 @@ def test_a_client_that_shares_no_disk_runs_the_story_across_nodes(cluster, tiny_
     provider = serve_config(manifest).applications[0].args["models"][0]["providers"][0]
     assert (provider["model_dir"], provider["model_sha256"]) == (model.artifact.uri, model.artifact.sha256)
     assert (provider["num_replicas"], provider["num_cpus"], provider["num_gpus"]) == (1, 1, 0)
+    from serve.auth import new_key, records_of
+
+    key = new_key()[1]  # what the replicas would hash from $RAYEMBED_API_KEYS (the `rayembed` Secret)
     where(up_env, f"import yaml\nfrom tests.manifests import run_applications, serve_config\n"
-          f"run_applications(serve_config(yaml.safe_load(open({str(out)!r}).read())), name='exported', "
-          f"route_prefix='/exported')")
+          f"config = serve_config(yaml.safe_load(open({str(out)!r}).read()))\n"
+          f"config.applications[0].args['auth'] = {{'keys': {records_of(key)!r}}}\n"
+          f"run_applications(config, name='exported', route_prefix='/exported')")
     body = json.dumps({"model": "debian-tuned", "input": texts, "input_type": "query"}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{up_env['RAYEMBED_PORT']}/exported/v1/embeddings", data=body,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
     got = json.loads(urllib.request.urlopen(req, timeout=120).read())
     assert np.allclose(np.array([d["embedding"] for d in got["data"]], np.float32), served, atol=1e-5)
     where(up_env, "from ray import serve\nserve.delete('exported')")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -16,6 +17,17 @@ from cluster.services.base import DEFAULT_GPU_MEMORY_GIB, JOB_ENV, Core, check_n
 
 DRIVER_CPUS = 0.25  # a job's driver mostly waits on its Ray Train worker, which reserves its own CPUs (or GPU)
 DRIVER_MEMORY_BYTES = 1 * 2**30
+
+
+def driver_reservation() -> dict:
+    """What each job's driver reserves, so drivers never pile up unaccounted: RAYEMBED_DRIVER_CPUS (default 0.25) and
+    1 GiB, plus RAYEMBED_DRIVER_RESOURCES (JSON custom resources). A head started with no CPUs (KubeRay's advice) keeps
+    the drivers with `RAYEMBED_DRIVER_CPUS=0` and a custom resource it alone has, e.g. `ray start --head --resources
+    '{"driver": 8}'` and RAYEMBED_DRIVER_RESOURCES='{"driver": 1}': at most 8 drivers at once, all on the head."""
+    cpus = float(os.environ.get("RAYEMBED_DRIVER_CPUS", DRIVER_CPUS))
+    extra = json.loads(os.environ.get("RAYEMBED_DRIVER_RESOURCES") or "{}")
+    return {"entrypoint_num_cpus": cpus, "entrypoint_memory": DRIVER_MEMORY_BYTES,
+            **({"entrypoint_resources": extra} if extra else {})}
 from rayembed.errors import Conflict, InvalidRequest, Unavailable
 
 log = logging.getLogger(__name__)
@@ -32,9 +44,7 @@ class JobService(Core):
         env = {k: os.environ[k] for k in JOB_ENV if os.environ.get(k)}
         if progress_uri:
             env[PROGRESS_ENV] = progress_uri
-        # the driver reserves a share of a CPU and some memory, so drivers do not pile onto the head unaccounted
-        reserve = {"entrypoint_num_cpus": DRIVER_CPUS, "entrypoint_memory": DRIVER_MEMORY_BYTES}
-        return {**reserve, **({"runtime_env": {"env_vars": env}} if env else {})}
+        return {**self.driver, **({"runtime_env": {"env_vars": env}} if env else {})}
 
     def _cluster_has_gpu(self) -> bool:
         import ray
@@ -263,7 +273,7 @@ class JobService(Core):
                 self._complete_job(job, update, outcome)
             elif status == "FAILED":
                 self._job_status(job, "failed", info.message or "the Ray job failed", finished_at=now(),
-                                 error=jobs.last_lines(log_text or info.message or ""), **update)
+                                 error=jobs.failure(log_text, info.message), **update)
             elif status == "STOPPED":
                 self._job_status(job, "cancelled", "the Ray job was stopped", finished_at=now(), **update)
 
