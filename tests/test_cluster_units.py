@@ -373,9 +373,9 @@ def test_a_tenant_names_its_regression_set_by_dataset_or_by_the_shipped_name(tmp
     """`regression_dataset: OTHER` becomes OTHER's evaluation folder (a place the server chose), `regression: general`
     stays a name that each node resolves to its packaged copy; neither is a path the tenant wrote."""
     from cluster import controlplane
-    from cluster.paths import Confinement
+    from cluster.tenancy import Confinement
     from rayembed.errors import InvalidRequest
-    from train.config import validate_config
+    from train.config import JobConfig, validate_config
 
     monkeypatch.setattr(controlplane, "TICK_S", 3600.0)
     cp = controlplane.ControlPlane(str(tmp_path / "home"), "http://127.0.0.1:9", "http://127.0.0.1:9")
@@ -392,12 +392,11 @@ def test_a_tenant_names_its_regression_set_by_dataset_or_by_the_shipped_name(tmp
     with pytest.raises(InvalidRequest, match="either regression .* or regression_dataset, not both"):
         cp._with_dataset("default", {"dataset": {"training": "t.jsonl", "regression": "general",
                                                  "regression_dataset": "web"}}, "config")
-    confinement = Confinement(str(tmp_path / "home" / "workspaces" / "default"), [str(tmp_path / "data")])
-    named = validate_config({"model": "all-MiniLM-L6-v2", "dataset": {"training": str(tmp_path / "data" / "t.jsonl"),
-                             "regression": "general"}, "output": {"dir": str(tmp_path / "out")}}).with_absolute_paths()
+    raw = {"model": "all-MiniLM-L6-v2", "dataset": {"training": str(tmp_path / "data" / "t.jsonl"), "regression": "general"}}
+    confinement = Confinement([str(tmp_path / "data")])  # a grant holding the training file
+    confinement.job(JobConfig, raw, "config")  # a shipped set's name reads nothing the tenant chose
+    named = validate_config({**raw, "output": {"dir": str(tmp_path / "out")}}).with_absolute_paths()
     assert named.dataset.regression == "general"  # not turned into a path on the server
-    confinement.job(named, "config")  # a shipped set's name reads nothing the tenant chose
-    elsewhere = named.model_copy(update={"dataset": named.dataset.model_copy(update={"regression": "/etc"})})
-    with pytest.raises(InvalidRequest, match="config.dataset.regression: .* is outside the folders"):
-        confinement.job(elsewhere, "config")
+    with pytest.raises(InvalidRequest, match="config.dataset.regression: .* is outside the locations"):
+        confinement.job(JobConfig, {**raw, "dataset": {**raw["dataset"], "regression": "/etc"}}, "config")
     cp._stop.set()
