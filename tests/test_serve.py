@@ -423,11 +423,12 @@ def test_bench_ceiling_runs_the_replica_code(artifacts):
 
 
 def assert_rates_match_latencies(rows: list[dict]) -> None:
-    """A loop that runs calls back to back embeds about `batch` texts per median call time: the rate and the latency
-    it reports are two views of the same calls (a rate from the wrong count or clock would not match)."""
+    """A loop that runs calls back to back embeds about `batch` texts per mean call time: the rate and the latency
+    it reports are two views of the same calls (a rate from the wrong count or clock would not match). The mean, not
+    the median: sorted batches range from the shortest texts to the longest, so their median call is not typical."""
     for r in rows:
-        texts_per_call = r["texts_per_s"] * r["p50_ms"] / 1000
-        assert 0.5 * r["batch"] <= texts_per_call <= 1.5 * r["batch"], r
+        texts_per_call = r["texts_per_s"] * r["mean_ms"] / 1000
+        assert 0.5 * r["batch"] <= texts_per_call <= 1.05 * r["batch"], r
 
 
 def test_bench_compares_the_fused_graph_with_onnx_runtimes_optimizer(artifacts, tmp_path, capsys):
