@@ -32,6 +32,8 @@ if not __package__:  # `python bench/hops.py`: put the repository root (which ho
 
 from bench.serving import ROOT, ROUTES, ensure_artifact, start_server, stop_server
 
+from rayembed.runtime import init_ray
+
 TEXT = "a small command-line tool that converts images between formats and resizes them"
 
 
@@ -48,7 +50,7 @@ def ray_rounds(requests: int, rounds: int) -> list[dict]:
     from serve.gateway import GATEWAY_SERVE_ENV
     from serve.settings import REPLICA_SERVE_ENV
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 
     async def timed(call, n: int) -> list[float]:
         """Seconds per awaited `call()`, one at a time (defined here so it travels with the actors by value)."""

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rayembed.runtime import init_ray
+
 
 def timed(fn) -> float:
     start = time.perf_counter()
@@ -64,7 +66,7 @@ def deploy_to_ready(model_dir: Path, scratch: Path) -> None:
 
     seal = storage.publish(str(model_dir), "s3://rayembed-bench/deploy/onnx")
     os.environ["RAYEMBED_CACHE"] = str(scratch / "node-cache")  # the replica's node cache (inherited by Ray)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for state in ("cold", "warm"):
             start = time.perf_counter()
@@ -85,7 +87,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
 
-    from tests.services import s3_server
+    from bench.services import s3_server
 
     with s3_server("rayembed-bench"), tempfile.TemporaryDirectory(prefix="rayembed-bench-") as tmp:
         scratch = Path(tmp)

@@ -2,7 +2,7 @@
 
     python -m bench.train_reports [--steps 200] [--log-every 10] [--rounds 2]
 
-Runs the real training job (`train.job.run_job` on a local Ray) on a tiny BERT built offline (tests/builders.py,
+Runs the real training job (`train.job.run_job` on a local Ray) on a tiny BERT built offline (bench/builders.py,
 no downloads) and 64 lines of the packaged sample data, whose steps take tens of milliseconds here: `--steps`
 steps logging every `--log-every` steps (the default is 10) against the same job logging only at its end,
 alternated `--rounds` times, no checkpoint before the end. Prints each job's training seconds and examples/s and
@@ -17,6 +17,8 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+
+from rayembed.runtime import init_ray
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/train_reports.py` as well as `python -m bench.train_reports`
@@ -39,14 +41,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from tests.builders import build_tiny_bert
-    from tests.conftest import sample_lines
+    from bench.builders import build_tiny_bert
     from train.config import validate_config
     from train.job import run_job
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     work = Path(tempfile.mkdtemp(prefix="train-reports-"))
-    lines = sample_lines(200)
+    with (Path(__file__).resolve().parent.parent / "data" / "debian-pkgdesc-sample" / "train.jsonl").open() as fh:
+        lines = [json.loads(next(fh)) for _ in range(200)]  # the sample the tests train on
     model = build_tiny_bert(work / "tiny-bert", corpus=[t for ex in lines for t in (ex["query"], ex["pos_doc"], *ex["neg_doc"])])
     train = work / "train.jsonl"
     train.write_text("".join(json.dumps(ex) + "\n" for ex in lines[:64]))

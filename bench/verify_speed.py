@@ -11,6 +11,8 @@ import json
 import time
 from pathlib import Path
 
+from rayembed.runtime import init_ray
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.verify_speed", description=__doc__.splitlines()[0])
@@ -23,14 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from cluster import deployments, verify
+    from cluster import serve_apps, verify
     from cluster.entities import Evaluation
     from rayembed.runtime import free_port
     from serve.app import build_provider_app
 
     model_dir = Path(args.model_dir).absolute()
     evaluation = Evaluation.from_report(json.loads((model_dir / "eval.json").read_text()))
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    init_ray(address="local", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     app = "bench-verify"
     start = time.perf_counter()
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for r in range(args.rounds):
             start = time.perf_counter()
-            v = verify.verify(deployments.embedder(app), deployments.replica_info(app), evaluation, None, False)
+            v = verify.verify(serve_apps.embedder(app), serve_apps.replica_info(app), evaluation, None, False)
             print(json.dumps({"round": r + 1, "seconds": round(time.perf_counter() - start, 2), "graph": v.graph,
                               "ndcg@10": v.ndcg_at_10, "expected": v.expected, "delta": v.delta, "passed": v.passed}),
                   flush=True)

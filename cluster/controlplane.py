@@ -1,70 +1,89 @@
 """The ControlPlane: a detached, named Ray actor that owns the state and every lifecycle.
 
-It validates and stores entities (cluster.store), submits customization jobs and base-model exports
-as Ray jobs, and reconciles once a second: job status and progress from Ray, deployments from Serve
-(PENDING -> READY once the application runs and a probe embedding comes back; then its provider
-exists and the gateway's routes change), model swaps as a new generation beside the old one, and
-deletions. Killed, Ray restarts it; it reloads the store and picks every lifecycle up where it was.
+It is built from one service per resource (cluster/services/): workspaces and keys, datasets, models, jobs,
+deployment configs and deployments, and the verification of what is served. Each service is an object made with
+what it needs, the Context (the store, storage, the Ray jobs and Serve adapters, the operator's settings) and the
+services it calls, passed in explicitly. The ControlPlane routes each public call (the API ingress and the CLI call
+them through Ray) to its service, and reconciles once a second: each unfinished job, exporting model and deployment
+goes to its service's `reconcile(entity)`, one task per entity at a time. Killed, Ray restarts it; it reloads the
+store and picks every lifecycle up where it was.
 
-The parts: one service per resource in cluster/services/ (workspaces and keys, models, datasets, jobs, deployment
-configs and deployments), each with its routes and its entity's reconcile step; this module composes them into the
-one actor and runs the reconciler. No network call is made under the store lock.
+No lock is held across any I/O: every write is a compare-and-set in the store (cluster/services/base.py).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-import time
 import uuid
 from concurrent import futures
 from pathlib import Path
 
+from cluster import serve_apps
 from cluster.entities import DEFAULT_WORKSPACE, JOB_DONE, CustomizationJob, ModelDeployment, ModelEntity, Workspace
-from cluster import deployments
-from cluster.services.base import SUBMIT_TIMEOUT_S, check_name  # noqa: F401 - check_name: imported from here by tests
+from cluster.ray_jobs import RayJobs
+from cluster.services.base import Context
 from cluster.services.datasets import DatasetService
 from cluster.services.deployments import DeploymentService
-from cluster.services.jobs import JobService, driver_reservation
-from cluster.services.verification import VerificationService
+from cluster.services.jobs import JobService
 from cluster.services.models import ModelService
+from cluster.services.verification import VerificationService
 from cluster.services.workspaces import WorkspaceService
-from cluster.store import open_store
+from cluster.store import open_store, redacted
 from cluster.tenancy import allowed_base_models
 
 log = logging.getLogger(__name__)
 TICK_S = 1.0
 RECONCILE_WORKERS = 16  # entities reconciled at once (each task is mostly waiting on Ray or a probe)
+# the public calls, by the service that answers them (the API ingress and the CLI call these names through Ray)
+ROUTES: dict[str, tuple[str, ...]] = {
+    "workspaces": ("create_key", "open_mode", "set_open_mode", "list_keys", "revoke_key", "list_workspaces",
+                   "create_workspace", "get_workspace", "delete_workspace", "grant_data", "revoke_grant", "set_quota",
+                   "list_providers", "get_provider", "routes"),
+    "datasets": ("create_dataset", "list_datasets", "get_dataset", "begin_upload", "end_upload", "add_dataset_file",
+                 "delete_dataset"),
+    "models": ("list_models", "get_model", "create_model", "delete_model"),
+    "jobs": ("create_job", "list_jobs", "get_job", "job_status", "cancel_job", "resume_job", "job_logs"),
+    "deployments": ("create_deployment_config", "update_deployment_config", "get_deployment_config",
+                    "list_deployment_configs", "delete_deployment_config", "create_deployment", "update_deployment",
+                    "get_deployment", "export_deployment", "list_deployments", "delete_deployment", "verify_deployment"),
+}
 
 
-class ControlPlane(WorkspaceService, ModelService, DatasetService, JobService, DeploymentService, VerificationService):
-    """The one actor: every service's routes (its methods, called by the API ingress and the CLI through Ray), and
-    the reconciler, which runs each entity's own reconcile step on a pool, one task per entity at a time."""
+class ControlPlane:
+    """The one actor: the services, every public call routed to one of them (ROUTES), and the reconciler."""
 
     def __init__(self, home: str, dashboard_url: str, base_url: str, state_url: str | None = None,
                  data_roots: list[str] | None = None, storage_root: str | None = None,
-                 base_models: list[str] | None = None, driver: dict | None = None):
+                 base_models: list[str] | None = None, driver: dict | None = None, serve=serve_apps):
         self.home = Path(home)
-        self.storage = storage_root or str(self.home)  # datasets, jobs' outputs, models: shared by every node
-        self.data_roots = list(data_roots or [])  # single-tenant installs: where every workspace's jobs may read
-        self.base_models = allowed_base_models(base_models)  # what a tenant may name as a job's or a model's base
-        self.driver = driver if driver is not None else driver_reservation()  # what each job's driver reserves
-        self.dashboard_url = dashboard_url
-        self.base_url = base_url
         self.state_url = state_url or str(self.home / "state.db")
         self.store = open_store(self.state_url)
-        self._lock = threading.RLock()
-        self._routes_version = time.time_ns()  # a restart changes it, so every gateway re-reads the routes
-        self._client = None
-        self._started_apps: set[str] = set()  # Serve applications this incarnation deployed
-        self._graphs: set[tuple] = set()  # (artifact, digest, graph) found in storage (cluster/services/deployments.py)
+        self.ctx = Context(store=self.store, storage=storage_root or str(self.home), home=self.home,
+                           ray_jobs=RayJobs(dashboard_url, driver), serve=serve, base_url=base_url,
+                           data_roots=list(data_roots or []), base_models=allowed_base_models(base_models))
+        self.workspaces = WorkspaceService(self.ctx)
+        self.datasets = DatasetService(self.ctx)
+        self.models = ModelService(self.ctx)
+        self.jobs = JobService(self.ctx, datasets=self.datasets, models=self.models)
+        self.verification = VerificationService(self.ctx)
+        self.deployments = DeploymentService(self.ctx, verification=self.verification)
         if self.store.get("workspace", "", DEFAULT_WORKSPACE) is None:
-            self._save(Workspace(name=DEFAULT_WORKSPACE, description="always exists", uid=uuid.uuid4().hex[:12]))
+            self.store.put("workspace", "", DEFAULT_WORKSPACE, Workspace(
+                name=DEFAULT_WORKSPACE, description="always exists", uid=uuid.uuid4().hex[:12]).model_dump(mode="json"),
+                expect=None)
         self._pool = futures.ThreadPoolExecutor(max_workers=RECONCILE_WORKERS, thread_name_prefix="reconcile")
         self._tasks_lock = threading.Lock()
         self._running: set[tuple] = set()  # (kind, workspace, name) with a reconcile task in flight
         self._stop = threading.Event()
         threading.Thread(target=self._loop, name="reconcile", daemon=True).start()
+
+    def ping(self) -> dict:
+        return {"ok": True, "schema_version": self.store.schema_version(), "home": str(self.home),
+                "storage": self.ctx.storage, "state": redacted(self.state_url), "api_keys": len(self.store.list("apikey")),
+                "data_roots": self.ctx.data_roots, "base_models": self.ctx.base_models,
+                "open": self.workspaces.open_mode()}
 
     # ---------------------------------------------------------------- the reconciler
     def _loop(self) -> None:
@@ -75,22 +94,19 @@ class ControlPlane(WorkspaceService, ModelService, DatasetService, JobService, D
                 log.exception("reconcile failed")
 
     def reconcile(self, wait: bool = True) -> None:
-        """One pass over every job, exporting model and deployment. Each is reconciled in its own task, concurrently,
-        and one still running from an earlier pass is skipped: a slow probe or Ray call holds up only its own
+        """One pass over every unfinished job, exporting model and deployment, each in its own task, concurrently;
+        one still running from an earlier pass is skipped, so a slow probe or Ray call holds up only its own
         entity. `wait`: return when this pass's tasks are done (the loop does not wait)."""
         tasks = []
-        for job in self._all("job", CustomizationJob):
-            if job.status == "created":  # being submitted right now, unless this actor died in between
-                if time.time() - job.updated_at > SUBMIT_TIMEOUT_S:
-                    tasks.append(self._spawn(("job", job.workspace, job.name), self._settle_submission, job))
-            elif job.status not in JOB_DONE:
-                tasks.append(self._spawn(("job", job.workspace, job.name), self._reconcile_job, job))
-        for model in self._all("model", ModelEntity):
+        for job in self.ctx.all("job", CustomizationJob):
+            if job.status not in JOB_DONE:
+                tasks.append(self._spawn(("job", job.workspace, job.name), self.jobs.reconcile, job))
+        for model in self.ctx.all("model", ModelEntity):
             if model.status == "exporting":
-                tasks.append(self._spawn(("model", model.workspace, model.name), self._reconcile_export, model))
-        apps = deployments.statuses()
-        for dep in self._all("deployment", ModelDeployment):
-            tasks.append(self._spawn(("deployment", dep.workspace, dep.name), self._reconcile_deployment, dep, apps))
+                tasks.append(self._spawn(("model", model.workspace, model.name), self.models.reconcile, model))
+        apps = self.ctx.serve.statuses()
+        for dep in self.ctx.all("deployment", ModelDeployment):
+            tasks.append(self._spawn(("deployment", dep.workspace, dep.name), self.deployments.reconcile, dep, apps))
         if wait:
             futures.wait([t for t in tasks if t is not None])
 
@@ -112,3 +128,18 @@ class ControlPlane(WorkspaceService, ModelService, DatasetService, JobService, D
 
         return self._pool.submit(run)
 
+
+def _route(service: str, method: str):
+    target = getattr({"workspaces": WorkspaceService, "datasets": DatasetService, "models": ModelService,
+                      "jobs": JobService, "deployments": DeploymentService}[service], method)
+
+    @functools.wraps(target)
+    def call(self, *args, **kwargs):
+        return getattr(getattr(self, service), method)(*args, **kwargs)
+
+    return call
+
+
+for _service, _methods in ROUTES.items():
+    for _method in _methods:
+        setattr(ControlPlane, _method, _route(_service, _method))

@@ -230,9 +230,3 @@ class ModelProvider(Entity):
     app: str
     embedding_dim: int | None = None
     routes: dict[str, str] = Field(default_factory=dict)
-
-
-KINDS: dict[str, type[BaseModel]] = {
-    "workspace": Workspace, "model": ModelEntity, "job": CustomizationJob, "dataset": Dataset,
-    "deployment_config": ModelDeploymentConfig, "deployment": ModelDeployment, "provider": ModelProvider,
-}

@@ -11,7 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import yaml
 
-from cluster.deployments import provider_settings
+from cluster.serve_apps import provider_settings
 from cluster.entities import ModelDeployment, ModelDeploymentConfig, ModelEntity
 from rayembed import storage
 from rayembed.errors import Conflict, InvalidRequest

@@ -16,7 +16,7 @@ from pathlib import Path
 from cluster import tenancy
 from rayembed.locations import LocationError, parse
 from rayembed.polling import poll
-from rayembed.runtime import free_port, loopback, reachable, serve_ingress_env, wait_http
+from rayembed.runtime import free_port, init_ray, loopback, reachable, serve_ingress_env, wait_http
 from cluster.settings import API_APP, CONTROL_PLANE, NAMESPACE, UPLOAD_APP, Settings
 
 RECORD = "cluster.json"
@@ -90,8 +90,6 @@ def connect(s: Settings, start: bool = False, num_cpus: int | None = None, num_g
             ingress: str = "haproxy") -> dict:
     """ray.init against RAY_ADDRESS, else the head `up` recorded (started when `start` and none answers)."""
     auth_env(s)
-    import ray
-
     address = os.environ.get("RAY_ADDRESS")
     if address and start:
         wait_for_head(address)
@@ -104,8 +102,7 @@ def connect(s: Settings, start: bool = False, num_cpus: int | None = None, num_g
             if not start:
                 raise RuntimeError(f"no rayembed cluster is running for RAYEMBED_HOME={s.home}: run `rayembed up`")
             record = start_head(s, num_cpus, num_gpus, ingress)
-    if not ray.is_initialized():
-        ray.init(address=record["gcs_address"], namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+    init_ray(record["gcs_address"], namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
     return record
 
 
@@ -130,8 +127,7 @@ def _dashboard_of(address: str) -> str:
         return address
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+    init_ray(address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
     return "http://" + ray.worker.get_dashboard_url()
 
 

@@ -3,6 +3,11 @@ through SQLAlchemy (RAYEMBED_DATABASE_URL=postgresql+psycopg://...), the state t
 
 Entities are JSON documents keyed by (kind, workspace, name); the schema carries a version and is
 migrated forward on open. Writes are transactions, so a crash never leaves half an entity behind.
+
+Concurrency is optimistic, per entity: a row's `updated_at` column is its body's `updated_at`, and `put` and `delete`
+take what the caller read (`expect`): a compare-and-set (`UPDATE ... WHERE updated_at = ?`) that reports whether it
+won, so two writers never overwrite each other and nobody holds a lock across a round trip. `expect=None` creates
+(insert only if absent); `expect=ANY` writes whatever is there (settings, keys).
 """
 
 from __future__ import annotations
@@ -17,7 +22,20 @@ from typing import Protocol
 
 from rayembed.errors import Unavailable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+ANY = object()  # `expect` for a write that replaces whatever is stored
+
+
+def _stamp_from_body(execute, fetch) -> None:
+    """Schema 3: the `updated_at` column becomes the body's own `updated_at` (it was the store's clock), so a
+    compare-and-set can name the version a caller read. In Python: both databases get the very same floats."""
+    for kind, workspace, name, body in fetch("SELECT kind, workspace, name, body FROM objects", {}):
+        stamp = json.loads(body).get("updated_at")
+        if isinstance(stamp, (int, float)):
+            execute("UPDATE objects SET updated_at = :t WHERE kind = :k AND workspace = :w AND name = :n",
+                    {"t": float(stamp), "k": kind, "w": workspace, "n": name})
+
+
 # version -> statements that bring the schema from version-1 to version
 MIGRATIONS: dict[int, list[str]] = {
     1: ["CREATE TABLE objects (kind TEXT NOT NULL, workspace TEXT NOT NULL, name TEXT NOT NULL, body TEXT NOT NULL, "
@@ -25,7 +43,13 @@ MIGRATIONS: dict[int, list[str]] = {
     2: ["CREATE TABLE history (kind TEXT NOT NULL, workspace TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, "
         "body TEXT NOT NULL, PRIMARY KEY (kind, workspace, name, version))",
         "CREATE INDEX objects_by_workspace ON objects (kind, workspace)"],
+    3: [_stamp_from_body],
 }
+
+
+def _stamp(body: dict) -> float:
+    stamp = body.get("updated_at")
+    return float(stamp) if isinstance(stamp, (int, float)) else time.time()
 
 
 class StoreError(RuntimeError):
@@ -41,8 +65,8 @@ class Store(Protocol):
 
     def get(self, kind: str, workspace: str, name: str) -> dict | None: ...
     def list(self, kind: str, workspace: str | None = None) -> list[dict]: ...
-    def put(self, kind: str, workspace: str, name: str, body: dict) -> None: ...
-    def delete(self, kind: str, workspace: str, name: str) -> bool: ...
+    def put(self, kind: str, workspace: str, name: str, body: dict, expect=ANY) -> bool: ...
+    def delete(self, kind: str, workspace: str, name: str, expect=ANY) -> bool: ...
     def add_version(self, kind: str, workspace: str, name: str, version: int, body: dict) -> None: ...
     def versions(self, kind: str, workspace: str, name: str) -> list[dict]: ...
 
@@ -70,7 +94,10 @@ class SQLiteStore:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     for statement in MIGRATIONS[version]:
-                        self._db.execute(statement)
+                        if callable(statement):
+                            statement(self._db.execute, lambda sql, args: self._db.execute(sql, args).fetchall())
+                        else:
+                            self._db.execute(statement)
                     self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(version),))
                     self._db.execute("COMMIT")
                 except BaseException:
@@ -107,13 +134,24 @@ class SQLiteStore:
                                       "the file and its folder are writable and the disk has free space (nothing "
                                       "was changed)") from None
 
-    def put(self, kind: str, workspace: str, name: str, body: dict) -> None:
-        self._write("INSERT OR REPLACE INTO objects (kind, workspace, name, body, updated_at) "
-                    "VALUES (?, ?, ?, ?, julianday('now'))", (kind, workspace, name, json.dumps(body)))
+    def put(self, kind: str, workspace: str, name: str, body: dict, expect=ANY) -> bool:
+        """Write `body`; False when `expect` did not hold (the row exists, for None; it changed or is gone, for a stamp)."""
+        args = (kind, workspace, name, json.dumps(body), _stamp(body))
+        if expect is ANY:
+            sql = "INSERT OR REPLACE INTO objects (kind, workspace, name, body, updated_at) VALUES (?, ?, ?, ?, ?)"
+        elif expect is None:
+            sql = "INSERT OR IGNORE INTO objects (kind, workspace, name, body, updated_at) VALUES (?, ?, ?, ?, ?)"
+        else:
+            sql = ("UPDATE objects SET body = ?4, updated_at = ?5 WHERE kind = ?1 AND workspace = ?2 AND name = ?3 "
+                   "AND updated_at = ?6")
+            args = (*args, float(expect))
+        return self._write(sql, args).rowcount > 0
 
-    def delete(self, kind: str, workspace: str, name: str) -> bool:
-        cur = self._write("DELETE FROM objects WHERE kind = ? AND workspace = ? AND name = ?", (kind, workspace, name))
-        return cur.rowcount > 0
+    def delete(self, kind: str, workspace: str, name: str, expect=ANY) -> bool:
+        sql, args = "DELETE FROM objects WHERE kind = ? AND workspace = ? AND name = ?", (kind, workspace, name)
+        if expect is not ANY:
+            sql, args = sql + " AND updated_at = ?", (*args, float(expect))
+        return self._write(sql, args).rowcount > 0
 
     def add_version(self, kind: str, workspace: str, name: str, version: int, body: dict) -> None:
         self._write("INSERT OR REPLACE INTO history (kind, workspace, name, version, body) VALUES (?, ?, ?, ?, ?)",
@@ -175,7 +213,11 @@ class SQLAlchemyStore:
                                      f"{SCHEMA_VERSION}: upgrade rayembed, or point RAYEMBED_DATABASE_URL elsewhere")
                 for version in range(current + 1, SCHEMA_VERSION + 1):
                     for statement in MIGRATIONS[version]:
-                        conn.execute(sa.text(statement))
+                        if callable(statement):
+                            statement(lambda sql, args: conn.execute(sa.text(sql), args),
+                                      lambda sql, args: conn.execute(sa.text(sql), args).fetchall())
+                        else:
+                            conn.execute(sa.text(statement))
                     conn.execute(sa.text("DELETE FROM meta WHERE key = 'schema_version'"))
                     conn.execute(sa.text("INSERT INTO meta (key, value) VALUES ('schema_version', :v)"), {"v": str(version)})
         except sa.exc.OperationalError as exc:
@@ -198,14 +240,24 @@ class SQLAlchemyStore:
                                       {"k": kind, "w": workspace})])
         return [json.loads(r[0]) for r in rows]
 
-    def put(self, kind: str, workspace: str, name: str, body: dict) -> None:
-        self._run(True, [("INSERT INTO objects (kind, workspace, name, body, updated_at) VALUES (:k, :w, :n, :b, :t) "
-                          "ON CONFLICT (kind, workspace, name) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at",
-                          {"k": kind, "w": workspace, "n": name, "b": json.dumps(body), "t": time.time()})])
+    def put(self, kind: str, workspace: str, name: str, body: dict, expect=ANY) -> bool:
+        args = {"k": kind, "w": workspace, "n": name, "b": json.dumps(body), "t": _stamp(body)}
+        insert = "INSERT INTO objects (kind, workspace, name, body, updated_at) VALUES (:k, :w, :n, :b, :t) "
+        if expect is ANY:
+            sql = insert + "ON CONFLICT (kind, workspace, name) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at"
+        elif expect is None:
+            sql = insert + "ON CONFLICT (kind, workspace, name) DO NOTHING"
+        else:
+            sql = ("UPDATE objects SET body = :b, updated_at = :t WHERE kind = :k AND workspace = :w AND name = :n "
+                   "AND updated_at = :e")
+            args["e"] = float(expect)
+        return self._run(True, [(sql, args)]) > 0
 
-    def delete(self, kind: str, workspace: str, name: str) -> bool:
-        return self._run(True, [("DELETE FROM objects WHERE kind = :k AND workspace = :w AND name = :n",
-                                 {"k": kind, "w": workspace, "n": name})]) > 0
+    def delete(self, kind: str, workspace: str, name: str, expect=ANY) -> bool:
+        sql, args = "DELETE FROM objects WHERE kind = :k AND workspace = :w AND name = :n", {"k": kind, "w": workspace, "n": name}
+        if expect is not ANY:
+            sql, args = sql + " AND updated_at = :e", {**args, "e": float(expect)}
+        return self._run(True, [(sql, args)]) > 0
 
     def add_version(self, kind: str, workspace: str, name: str, version: int, body: dict) -> None:
         self._run(True, [("INSERT INTO history (kind, workspace, name, version, body) VALUES (:k, :w, :n, :v, :b) "

@@ -1,4 +1,4 @@
-"""Connecting to Ray: the one function in rayembed that calls `ray.init`."""
+"""Connecting to Ray: `init_ray`, the one function in the tree that calls `ray.init`."""
 
 from __future__ import annotations
 
@@ -130,23 +130,32 @@ def wait_http(url: str, timeout_s: float = 300) -> None:
          what=f"{url} did not answer; see the Serve logs (ray dashboard, Serve tab)")
 
 
+def init_ray(address: str | None = None, **options) -> None:
+    """The tree's one `ray.init` (tests/test_structure.py checks it): join `address` ("local": start a Ray here;
+    None: Ray's own default) with Ray's `options`, unless this process joined already."""
+    import ray  # here, not at import: `rayembed up` sets RAY_AUTH_MODE before Ray is first imported
+
+    if not ray.is_initialized():
+        ray.init(address=address, **options)
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join RAY_ADDRESS (as under `ray job submit`) or a running local `ray start` cluster, else start one.
 
     A fresh local Ray gets the dashboard on 127.0.0.1 so training progress is visible.
     """
-    import ray  # here, not at import: `rayembed up` sets RAY_AUTH_MODE before Ray is first imported
+    import ray
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or local_cluster_address()
     if address:
-        ray.init(address=address, log_to_driver=True)
+        init_ray(address, log_to_driver=True)
     else:
         # One machine has no preemptible nodes for Ray Train to watch: no watcher process per training run (jobs
         # and Tune trials, which inherit this environment), and none of the ERROR line Ray logs about its restarts.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        init_ray("local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def loopback(host: str) -> bool:

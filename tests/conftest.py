@@ -41,7 +41,7 @@ def _worker_ports() -> dict[str, str]:
 
 os.environ.update(_worker_ports())  # before any cluster starts: Serve's controller reads them when it starts
 
-from tests.builders import build_tiny_bert, build_tiny_nemotron  # noqa: E402
+from bench.builders import build_tiny_bert, build_tiny_nemotron  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "debian-pkgdesc-sample"
@@ -173,8 +173,8 @@ def built_wheel(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
-    """A real PostgreSQL server for the session (tests/services.py)."""
-    from tests.services import postgres_server
+    """A real PostgreSQL server for the session (bench/services.py)."""
+    from bench.services import postgres_server
 
     with postgres_server() as (url, _):
         yield url
@@ -183,7 +183,7 @@ def postgres_url() -> str:
 @pytest.fixture(scope="session")
 def s3_env() -> dict:
     """An S3 endpoint on loopback (moto) with the bucket `rayembed-test`; its settings are in os.environ meanwhile."""
-    from tests.services import s3_server
+    from bench.services import s3_server
 
     with s3_server() as env:
         yield env

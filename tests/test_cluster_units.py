@@ -8,8 +8,8 @@ import sqlite3
 
 import pytest
 
-from cluster.controlplane import check_name
-from cluster.jobs import check_gpu_memory
+from cluster.services.base import check_name
+from cluster.job_files import check_gpu_memory
 from cluster.store import SCHEMA_VERSION, SQLiteStore, StoreError, open_store
 from rayembed.progress import progress_line
 from rayembed.errors import InvalidName, InvalidRequest
@@ -39,10 +39,14 @@ def test_store_roundtrip_survives_reopen_and_migrates_an_old_schema(tmp_path):
     db.execute("CREATE TABLE objects (kind TEXT NOT NULL, workspace TEXT NOT NULL, name TEXT NOT NULL, body TEXT NOT NULL, "
                "updated_at REAL NOT NULL, PRIMARY KEY (kind, workspace, name))")
     db.execute("INSERT INTO objects VALUES ('workspace', '', 'kept', ?, 0)", (json.dumps({"name": "kept"}),))
+    stamped = {"name": "m", "updated_at": 1796232146.941}  # schema 3: the column becomes the body's own stamp
+    db.execute("INSERT INTO objects VALUES ('model', 'default', 'm', ?, 2461012.5)", (json.dumps(stamped),))
     db.commit()
     db.close()
     migrated = SQLiteStore(old)
-    assert migrated.schema_version() == 2 and migrated.get("workspace", "", "kept") == {"name": "kept"}
+    assert migrated.schema_version() == 3 and migrated.get("workspace", "", "kept") == {"name": "kept"}
+    assert not migrated.put("model", "default", "m", {**stamped, "n": 1}, expect=2461012.5)  # the old clock: no match
+    assert migrated.put("model", "default", "m", {**stamped, "n": 1}, expect=1796232146.941)
     migrated.add_version("deployment_config", "default", "x", 1, {})
     migrated.close()
 
@@ -50,7 +54,7 @@ def test_store_roundtrip_survives_reopen_and_migrates_an_old_schema(tmp_path):
     db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     db.commit()
     db.close()
-    with pytest.raises(StoreError, match="schema version 99, newer than this rayembed's 2"):
+    with pytest.raises(StoreError, match="schema version 99, newer than this rayembed's 3"):
         SQLiteStore(old)
     with pytest.raises(StoreError, match=r"cannot open the database postgresql\+psycopg://rayembed:\*\*\*@127.0.0.1:9/x"):
         open_store("postgresql://rayembed:secret@127.0.0.1:9/x")  # nothing listens there; the password is not shown
@@ -70,7 +74,7 @@ def test_names(name, ok):
 def test_progress_record_reaches_the_control_plane_through_storage(tmp_path, monkeypatch):
     """The loop's record goes to storage beside the job's output (at most every 2 s, always at the last step); the
     control plane reads that small file, never the job's whole log. The log keeps a line a person reads."""
-    from cluster.jobs import progress_uri, read_job_progress
+    from cluster.job_files import progress_uri, read_job_progress
     from rayembed import progress
 
     out = str(tmp_path / "job" / "output")
@@ -162,7 +166,7 @@ def fake_artifact(tmp_path):
 def test_a_generation_deployed_before_the_cluster_went_down_is_deployed_again(tmp_path, monkeypatch):
     """CI saw a deployment stuck PENDING for 15 min after `down` + `up`: its pending application had been
     deployed into the old cluster. A new control plane over the same store must deploy it again."""
-    from cluster import controlplane, deployments
+    from cluster import controlplane, serve_apps as deployments
     from cluster.entities import Artifact, ModelEntity
 
     monkeypatch.setattr(controlplane, "TICK_S", 3600.0)  # reconcile only when the test says so
@@ -181,7 +185,7 @@ def test_a_generation_deployed_before_the_cluster_went_down_is_deployed_again(tm
     home = tmp_path / "home"
 
     cp = controlplane.ControlPlane(str(home), "http://127.0.0.1:9", "http://127.0.0.1:9")
-    cp._save(ModelEntity(name="mini", base_model="b", artifact=Artifact(uri=str(onnx)), embedding_dim=8))
+    cp.ctx.save(ModelEntity(name="mini", base_model="b", artifact=Artifact(uri=str(onnx)), embedding_dim=8))
     cp.create_deployment("default", {"name": "keep", "model": "mini"})
     cp.reconcile()
     assert started == ["rayembed.default.keep.g1"]
@@ -246,7 +250,7 @@ def test_rayembed_runs_from_a_plain_shell(tmp_path):
 def test_a_deployment_asking_for_the_int8_graph_needs_it_in_the_artifact(tmp_path, monkeypatch):
     """precision: int8 is refused (400, naming the command that writes it, nothing stored) when the model's
     artifact has no model.int8.onnx, and reaches the replica's settings when it has one."""
-    from cluster import controlplane, deployments
+    from cluster import controlplane, serve_apps as deployments
     from cluster.entities import Artifact, ModelEntity
     from rayembed.artifact import GRAPH_INT8
 
@@ -257,7 +261,7 @@ def test_a_deployment_asking_for_the_int8_graph_needs_it_in_the_artifact(tmp_pat
     onnx = fake_artifact(tmp_path)
     cp = controlplane.ControlPlane(str(tmp_path / "home"), "http://127.0.0.1:9", "http://127.0.0.1:9")
     try:
-        cp._save(ModelEntity(name="mini", base_model="b", artifact=Artifact(uri=str(onnx)), embedding_dim=8))
+        cp.ctx.save(ModelEntity(name="mini", base_model="b", artifact=Artifact(uri=str(onnx)), embedding_dim=8))
         with pytest.raises(InvalidRequest, match="precision int8 needs model.int8.onnx .*python -m train.quantize"):
             cp.create_deployment("default", {"name": "q8", "model": "mini", "precision": "int8"})
         assert cp.store.get("deployment", "default", "q8") is None
@@ -302,7 +306,7 @@ def test_a_slow_probe_holds_up_no_other_deployment(tmp_path, monkeypatch):
     import threading
     import time
 
-    from cluster import controlplane, deployments
+    from cluster import controlplane, serve_apps as deployments
     from cluster.entities import Artifact, ModelEntity
 
     monkeypatch.setattr(controlplane, "TICK_S", 3600.0)  # reconcile only when the test says so
@@ -321,7 +325,7 @@ def test_a_slow_probe_holds_up_no_other_deployment(tmp_path, monkeypatch):
     onnx = fake_artifact(tmp_path)
     cp = controlplane.ControlPlane(str(tmp_path / "home"), "http://127.0.0.1:9", "http://127.0.0.1:9")
     try:
-        cp._save(ModelEntity(name="mini", base_model="b", artifact=Artifact(uri=str(onnx)), embedding_dim=8))
+        cp.ctx.save(ModelEntity(name="mini", base_model="b", artifact=Artifact(uri=str(onnx)), embedding_dim=8))
         for name in ("slow", "fast"):
             cp.create_deployment("default", {"name": name, "model": "mini"})
         cp.reconcile()  # both generations started
@@ -385,12 +389,12 @@ def test_a_tenant_names_its_regression_set_by_dataset_or_by_the_shipped_name(tmp
     for path in ("evaluation/corpus.jsonl", "evaluation/queries.jsonl", "evaluation/qrels/test.tsv"):
         cp.add_dataset_file("default", "web", path, {**stored, "uri": f"{tmp_path}/{path}"})
     web = cp.get_dataset("default", "web")["uri"]
-    spec = cp._with_dataset("default", {"dataset": {"training": "t.jsonl", "regression_dataset": "web"}}, "config")
+    spec = cp.datasets.resolve_spec("default", {"dataset": {"training": "t.jsonl", "regression_dataset": "web"}}, "config")
     assert spec["dataset"] == {"training": "t.jsonl", "regression": f"{web}/evaluation"}
     with pytest.raises(InvalidRequest, match="dataset 'bare' has no evaluation files to use as a regression set"):
-        cp._with_dataset("default", {"dataset": {"training": "t.jsonl", "regression_dataset": "bare"}}, "config")
+        cp.datasets.resolve_spec("default", {"dataset": {"training": "t.jsonl", "regression_dataset": "bare"}}, "config")
     with pytest.raises(InvalidRequest, match="either regression .* or regression_dataset, not both"):
-        cp._with_dataset("default", {"dataset": {"training": "t.jsonl", "regression": "general",
+        cp.datasets.resolve_spec("default", {"dataset": {"training": "t.jsonl", "regression": "general",
                                                  "regression_dataset": "web"}}, "config")
     raw = {"model": "all-MiniLM-L6-v2", "dataset": {"training": str(tmp_path / "data" / "t.jsonl"), "regression": "general"}}
     confinement = Confinement([str(tmp_path / "data")])  # a grant holding the training file

@@ -154,9 +154,9 @@ def test_an_install_from_before_ids_keeps_its_folders(tmp_path):
                                                                         "created_at": 1.0, "updated_at": 1.0})
     cp = controlplane.ControlPlane(str(home), "http://127.0.0.1:9", "http://127.0.0.1:9")
     try:
-        assert cp._workspace_root("default") == str(home / "workspaces" / "default")
+        assert cp.ctx.workspace_root("default") == str(home / "workspaces" / "default")
         cp.create_workspace({"name": "team-a"})
-        assert re.fullmatch(str(home / "workspaces") + r"/team-a-[0-9a-f]{12}", cp._workspace_root("team-a"))
+        assert re.fullmatch(str(home / "workspaces") + r"/team-a-[0-9a-f]{12}", cp.ctx.workspace_root("team-a"))
     finally:
         cp._stop.set()
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tests.builders import build_tiny_nemotron
+from bench.builders import build_tiny_nemotron
 from train.model import BiEncoder, inspect_model, load_backbone
 from rayembed.artifact import TextTokenizer
 

@@ -108,7 +108,7 @@ def test_api_with_keys_over_http(plane, monkeypatch):
         assert srv.request("GET", "/v2/workspaces")[0] == 200  # open mode, chosen by the operator
         for ws in ("team-a", "team-b"):
             plane.create_workspace({"name": ws})
-            plane._save(ModelEntity(workspace=ws, name=f"{ws}-model", base_model="b", artifact=Artifact(uri="/x")))
+            plane.ctx.save(ModelEntity(workspace=ws, name=f"{ws}-model", base_model="b", artifact=Artifact(uri="/x")))
         a_record = plane.create_key(["team-a"], "a")
         a = a_record["key"]
         admin = plane.create_key([ALL], "admin")["key"]

@@ -154,6 +154,14 @@ def test_the_same_store_checks_pass_on_sqlite_and_postgresql(store_url):
     assert [v["v"] for v in store.versions("deployment_config", "default", "c")] == [1, 2]
     assert store.delete("model", "default", "a") and not store.delete("model", "default", "a")
     assert store.get("model", "default", "a") is None
+    # compare-and-set: a create loses to an existing row, an update to one changed since it was read
+    assert store.put("job", "default", "j", {"name": "j", "updated_at": 10.5}, expect=None)
+    assert not store.put("job", "default", "j", {"name": "j", "updated_at": 11.0, "who": "second"}, expect=None)
+    assert store.put("job", "default", "j", {"name": "j", "updated_at": 11.0, "who": "a"}, expect=10.5)
+    assert not store.put("job", "default", "j", {"name": "j", "updated_at": 12.0, "who": "b"}, expect=10.5)  # b read 10.5
+    assert store.get("job", "default", "j")["who"] == "a"
+    assert not store.delete("job", "default", "j", expect=10.5) and store.delete("job", "default", "j", expect=11.0)
+    assert not store.put("job", "default", "j", {"name": "j", "updated_at": 13.0}, expect=11.0)  # gone: no update
     store.close()
     if store_url.startswith("postgresql"):
         import sqlalchemy as sa
@@ -168,7 +176,7 @@ def test_postgresql_going_away_is_a_clear_503_and_nothing_is_lost():
     """A write while the server is down answers 503 naming the database, its password hidden."""
     from cluster.store import StoreWriteError, open_store
     from rayembed.errors import status_of
-    from tests.services import postgres_server
+    from bench.services import postgres_server
 
     with postgres_server() as (url, stop):
         store = open_store(url)

@@ -156,3 +156,86 @@ def test_every_text_field_of_a_job_config_is_a_place_or_plain_text():
     unmarked = sorted(set(texts(SweepConfig)) - set(places) - plain)
     assert unmarked == [], f"mark these as places (json_schema_extra={{'place': ...}}) or list them as plain: {unmarked}"
     assert places["job.output.storage_path"] == "write" and places["job.dataset.mining.corpus"] == "read"
+
+
+IO_ROOTS = ("storage", "store", "ray", "serve", "requests", "httpx", "urllib", "socket", "subprocess")
+
+
+def _dotted(node: ast.AST) -> str:
+    """`self.ctx.store.put` for the callee of a call (what can be named; '' for anything else)."""
+    if isinstance(node, ast.Attribute):
+        inner = _dotted(node.value)
+        return f"{inner}.{node.attr}" if inner else node.attr
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Call):
+        return _dotted(node.func)
+    return ""
+
+
+def io_under_locks(source: str) -> list[str]:
+    """Calls made inside a `with ...lock...:` block that may do I/O: anything reached through storage, a store, the
+    services' Context (every one of its helpers reads or writes the store), Ray, Serve, HTTP or a subprocess."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.With, ast.AsyncWith)):
+            continue
+        if not any("lock" in _dotted(item.context_expr).lower() for item in node.items):
+            continue
+        for inner in (n for stmt in node.body for n in ast.walk(stmt)):
+            if isinstance(inner, ast.Call):
+                parts = _dotted(inner.func).split(".")
+                if any(p in IO_ROOTS or p in ("ctx", "_client", "remote") for p in parts):
+                    found.append(f"line {inner.lineno}: {'.'.join(parts)}")
+    return found
+
+
+def test_no_io_is_done_under_a_lock_in_the_control_plane():
+    """The services hold no lock (each write is a compare-and-set); what locks remain (the reconciler's task set)
+    guard memory only. cluster/store.py is exempt: the SQLite store serializes its one connection itself."""
+    assert io_under_locks("with self._lock:\n    self.store.put('a', '', 'b', {})\n    x = {1}\n")  # the check bites
+    assert io_under_locks("with self._tasks_lock:\n    self.ctx.load('job', 'w', 'n', M)\n")
+    assert not io_under_locks("with self._tasks_lock:\n    self._running.add(key)\n")
+    bad = {str(p.relative_to(ROOT)): found for p in sorted((ROOT / "cluster").rglob("*.py")) if p.name != "store.py"
+           if (found := io_under_locks(p.read_text()))}
+    assert bad == {}
+
+
+def test_ray_init_lives_in_one_function():
+    """`rayembed.runtime.init_ray` is the only caller of `ray.init` in the shipped packages and the benchmarks."""
+    calls = [f"{p.relative_to(ROOT)}:{n.lineno}" for pkg in (*PACKAGES, "bench") for p in sorted((ROOT / pkg).rglob("*.py"))
+             for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.Call) and _dotted(n.func) == "ray.init"]
+    assert calls == ["rayembed/runtime.py:" + str(next(
+        n.lineno for n in ast.walk(ast.parse((ROOT / "rayembed/runtime.py").read_text()))
+        if isinstance(n, ast.Call) and _dotted(n.func) == "ray.init"))]
+
+
+def test_benchmarks_import_nothing_from_the_tests():
+    bad = [(f, m) for f, m, _ in imports_of("bench") if m.split(".")[0] == "tests"]
+    assert bad == []
+
+
+def test_every_control_plane_call_is_routed_to_one_service():
+    """Each public method of a service is a route of the ControlPlane (ROUTES) or used by another service; every name
+    the API ingress, the upload ingress and the CLI call through Ray exists on the actor."""
+    from cluster import controlplane
+    from cluster.services.base import Service
+
+    services = {"workspaces": controlplane.WorkspaceService, "datasets": controlplane.DatasetService,
+                "models": controlplane.ModelService, "jobs": controlplane.JobService,
+                "deployments": controlplane.DeploymentService}
+    internal = {"reconcile", "resolve_spec", "entity_from_artifact", "verify"}  # called by the reconciler or a service
+    routed = [m for methods in controlplane.ROUTES.values() for m in methods]
+    assert len(routed) == len(set(routed))
+    for name, cls in services.items():
+        public = {m for m in vars(cls) if not m.startswith("_") and callable(getattr(cls, m))} - internal
+        assert public == set(controlplane.ROUTES[name]), name
+        assert issubclass(cls, Service)
+    called = set()
+    for path in ("cluster/api.py", "cluster/upload_ingress.py", "cluster/cli.py", "cluster/local.py"):
+        text = (ROOT / path).read_text()
+        called |= set(re.findall(r'(?:_call|call_plane|_control_plane_call\(\))\(\s*"([a-z_]+)"', text))
+        called |= set(re.findall(r'\("(?:GET|POST|PUT|PATCH|DELETE)", [^,]+, "([a-z_]+)"', text))  # the API's routes
+        called |= set(re.findall(r"\.([a-z_]+)\.remote\(", text))
+    missing = sorted(c for c in called if c not in ("embed", "info") and not hasattr(controlplane.ControlPlane, c))
+    assert len(called) > 30 and missing == [], missing

@@ -40,15 +40,15 @@ def tenants(plane, monkeypatch, tmp_path):
     from cluster.entities import Artifact, ModelEntity
 
     monkeypatch.chdir(tmp_path)  # `up` ran in the folder that holds its home: that is no data root any more
-    plane._cluster_has_gpu = lambda: False
     fake = FakeJobs()
-    plane._client = fake
+    plane.ctx.ray_jobs._client = fake  # Ray's job client inside the real adapter (cluster.ray_jobs.RayJobs)
+    plane.ctx.ray_jobs.has_gpu = lambda: False
     srv = ApiServer(plane, monkeypatch)
     for ws in ("team-a", "team-b"):
         plane.create_workspace({"name": ws})
     keys = {ws: plane.create_key([ws], ws)["key"] for ws in ("team-a", "team-b")}
     srv.sync()
-    b_root = Path(plane._workspace_root("team-b"))
+    b_root = Path(plane.ctx.workspace_root("team-b"))
     plane.create_dataset("team-b", {"name": "secret"})
     ds = plane.get_dataset("team-b", "secret")
     train = Path(ds["uri"]) / "training.jsonl"
@@ -57,7 +57,7 @@ def tenants(plane, monkeypatch, tmp_path):
     weights = b_root / "models" / "b-model-x" / "model"
     weights.mkdir(parents=True)
     (weights / "config.json").write_text("{}")
-    plane._save(ModelEntity(workspace="team-b", name="b-model", base_model="all-MiniLM-L6-v2",
+    plane.ctx.save(ModelEntity(workspace="team-b", name="b-model", base_model="all-MiniLM-L6-v2",
                             artifact=Artifact(uri=str(b_root / "models" / "b-model-x" / "onnx"), hf_uri=str(weights))))
     try:
         yield srv, keys, b_root, train, fake
@@ -69,7 +69,7 @@ def _nothing_happened(plane, srv_b_before: dict, b_root: Path, fake: FakeJobs) -
     assert plane.store.list("job") == [] and fake.submitted == []
     assert [m["name"] for m in plane.store.list("model")] == ["b-model"]
     assert snapshot(b_root) == srv_b_before
-    assert not (Path(plane._workspace_root("team-a")) / "jobs").exists()
+    assert not (Path(plane.ctx.workspace_root("team-a")) / "jobs").exists()
 
 
 def job(**over) -> dict:
@@ -146,7 +146,7 @@ def test_what_a_tenant_may_name_still_runs(plane, tenants, tmp_path):
     assert status == 201, answer
     spec = answer["spec"]
     assert spec["dataset"]["training"] == str(own) and spec["model"] == "all-MiniLM-L6-v2"
-    a_root = plane._workspace_root("team-a")
+    a_root = plane.ctx.workspace_root("team-a")
     assert spec["output"]["dir"].startswith(a_root) and spec["dataset"]["mining"]["cache_dir"].startswith(a_root)
     assert len(fake.submitted) == 1
     status, answer, _ = srv.request("POST", f"{WS}/team-a/customization/jobs", key=a, body={  # the shipped set by name
@@ -167,7 +167,7 @@ def test_what_a_tenant_may_name_still_runs(plane, tenants, tmp_path):
         "output_model": "stolen", "config": job(dataset={"training": str(shared / "t.jsonl")})})
     assert status == 400  # team-a's grant is team-a's
     with pytest.raises(Exception, match="overlaps the storage root"):
-        plane.grant_data("team-a", str(Path(plane.storage)))
+        plane.grant_data("team-a", str(Path(plane.ctx.storage)))
 
 
 def test_quotas_refuse_with_429_naming_the_limit(plane, tenants):
@@ -195,7 +195,7 @@ def test_delete_then_create_again_never_reaches_the_old_files(plane, tenants, tm
     srv, keys, b_root, train, fake = tenants
     admin = plane.create_key([ALL], "admin")["key"]
     srv.sync()
-    old_root = Path(plane._workspace_root("team-a"))
+    old_root = Path(plane.ctx.workspace_root("team-a"))
     old_root.mkdir(parents=True, exist_ok=True)
     (old_root / "left-behind").write_text("the previous tenant's")
     for k in plane.list_keys():
@@ -204,7 +204,7 @@ def test_delete_then_create_again_never_reaches_the_old_files(plane, tenants, tm
     assert srv.request("DELETE", f"{WS}/team-a", key=admin)[0] == 200
     assert not old_root.exists()
     assert srv.request("POST", WS, key=admin, body={"name": "team-a"})[0] == 201
-    new_root = Path(plane._workspace_root("team-a"))
+    new_root = Path(plane.ctx.workspace_root("team-a"))
     assert new_root != old_root and not new_root.exists()
     onnx = Path(plane.get_model("team-b", "b-model")["artifact"]["uri"])
     assert srv.request("DELETE", f"{WS}/team-b/models/b-model", key=admin)[0] == 200
@@ -218,7 +218,7 @@ def test_each_deployment_quota_refuses_with_429(plane, tenants, tmp_path):
 
     srv, keys, b_root, train, fake = tenants
     a = keys["team-a"]
-    plane._save(ModelEntity(workspace="team-a", name="tiny", base_model="all-MiniLM-L6-v2", status="ready",
+    plane.ctx.save(ModelEntity(workspace="team-a", name="tiny", base_model="all-MiniLM-L6-v2", status="ready",
                             artifact=Artifact(uri=str(tmp_path / "onnx")), embedding_dim=8))
     plane.set_quota("team-a", {"max_replicas": 3, "max_cpus_per_deployment": 2, "max_gpus_per_deployment": 0})
     url = f"{WS}/team-a/deployments"

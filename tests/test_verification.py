@@ -109,7 +109,7 @@ def test_a_corrupted_served_graph_fails_verification_and_gets_no_provider_an_int
         shutil.copytree(minilm_onnx, art)
         if name == "noisy":
             corrupt(art, served_graph)
-        cp._save(ModelEntity(name=f"minilm-{name}", base_model="all-MiniLM-L6-v2", artifact=Artifact(uri=str(art)),
+        cp.ctx.save(ModelEntity(name=f"minilm-{name}", base_model="all-MiniLM-L6-v2", artifact=Artifact(uri=str(art)),
                              embedding_dim=384, evaluation=evaluation))
         cp.create_deployment("default", {"name": name, "model": f"minilm-{name}", "num_cpus": 0.25})
 
@@ -149,12 +149,12 @@ def test_a_corrupted_served_graph_fails_verification_and_gets_no_provider_an_int
 def test_default_dimensions_apply_when_a_request_omits_dimensions(control_plane, tiny_nemotron_onnx, tmp_path):
     from ray import serve
 
-    from cluster import deployments
+    from cluster import serve_apps as deployments
     from cluster.entities import Artifact, ModelEntity
     from rayembed.errors import InvalidRequest
 
     cp = control_plane
-    cp._save(ModelEntity(name="nemo", base_model="tiny", artifact=Artifact(uri=str(tiny_nemotron_onnx)),
+    cp.ctx.save(ModelEntity(name="nemo", base_model="tiny", artifact=Artifact(uri=str(tiny_nemotron_onnx)),
                          embedding_dim=64, matryoshka_dims=[16, 32]))
     with pytest.raises(InvalidRequest, match=r"default_dimensions 24 is not one of model 'nemo''s sizes \[16, 32, 64\]"):
         cp.create_deployment("default", {"name": "nemo16", "model": "nemo", "default_dimensions": 24})
@@ -174,7 +174,7 @@ def test_default_dimensions_apply_when_a_request_omits_dimensions(control_plane,
 def test_the_promotion_gate_acts_on_the_interval(tmp_path, monkeypatch):
     """`worse` (the interval below zero) is refused; a config with require_improved also refuses `inconclusive`;
     allow_worse overrides both; an `improved` model passes both."""
-    from cluster import controlplane, deployments
+    from cluster import controlplane, serve_apps as deployments
     from cluster.entities import Artifact, Evaluation, ModelEntity
     from rayembed.errors import PromotionRefused
     from tests.test_cluster_units import fake_artifact
@@ -192,7 +192,7 @@ def test_the_promotion_gate_acts_on_the_interval(tmp_path, monkeypatch):
             b, t = {"ndcg@10": float(base.mean())}, {"ndcg@10": float((base + shift).mean())}
             v = verdict(b, t, {"base": {"ndcg@10": list(base)}, "tuned": {"ndcg@10": list(base + shift)}})
             ev = Evaluation.from_report({"dataset": "d", "queries": 100, "documents": 600, "base": b, "tuned": t, "verdict": v})
-            cp._save(ModelEntity(name=name, base_model="b", artifact=Artifact(uri=str(onnx)), embedding_dim=8, evaluation=ev))
+            cp.ctx.save(ModelEntity(name=name, base_model="b", artifact=Artifact(uri=str(onnx)), embedding_dim=8, evaluation=ev))
         assert [cp.get_model("default", n)["evaluation"]["verdict"] for n in shifts] == ["improved", "inconclusive", "worse"]
         cp.create_deployment_config("default", {"name": "strict", "model": "better", "require_improved": True})
         cp.create_deployment("default", {"name": "b1", "config": "strict"})

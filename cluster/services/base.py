@@ -1,28 +1,35 @@
-"""What every service of the control plane shares: the store, its lock, names, body validation, the Ray jobs client."""
+"""What every service of the control plane shares: the Context (the store, storage, the Ray adapters, the
+operator's settings) and its record plumbing (load, create, compare-and-set, admission), names, body validation.
+
+No service holds a lock: each write is a compare-and-set on the entity it read (cluster.store), and the checks that
+span entities of a workspace (quotas, a name not yet taken, a dataset no job reads) are admissions, which end with a
+compare-and-set on the workspace's record: of two concurrent admissions one wins and the other checks again."""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 from pydantic import ValidationError
 
 from cluster.tenancy import Confinement
 from cluster.entities import (JOB_DONE, NAME, CustomizationJob, Dataset, Entity, ModelDeployment, ModelDeploymentConfig,
                               ModelEntity, ModelProvider, Workspace)
-from cluster.store import redacted
+from cluster.schemas import NAME_DOC as NAME_RULE
+from cluster.store import Store
 from rayembed import storage
-from rayembed.errors import Conflict, InvalidName, InvalidRequest, NotFound, QuotaExceeded, shown
+from rayembed.errors import Conflict, InvalidName, InvalidRequest, NotFound, QuotaExceeded, Unavailable, shown
 
 log = logging.getLogger(__name__)
-NAME_RULE = "2-63 characters of lowercase letters, digits and '-', starting with a letter or digit"
+T = TypeVar("T")
+TRIES = 8  # a compare-and-set lost this many times in a row: the caller gets a 503 to retry
 PENDING_TIMEOUT_S = 900.0
 SUBMIT_TIMEOUT_S = 120.0  # a job still `created` this long after its row was written was never submitted
 RETIRE_AFTER_S = 5.0  # an old generation keeps serving this long after the routes moved (gateways poll at 0.5 s)
 DEFAULT_GPU_MEMORY_GIB = 80.0
-# what the control plane passes on to its jobs (storage credentials and node-local folders come from each node)
-JOB_ENV = ("RAYEMBED_ACCELERATOR_TYPE",)
 KIND_OF = {Workspace: "workspace", ModelEntity: "model", CustomizationJob: "job", Dataset: "dataset",
            ModelDeploymentConfig: "deployment_config", ModelDeployment: "deployment", ModelProvider: "provider"}
 WHAT = {"model": "model", "job": "customization job", "dataset": "dataset", "deployment_config": "deployment config",
@@ -51,46 +58,124 @@ def validated(model: type, body: dict, what: str, **fixed: Any):
         raise InvalidRequest(f"invalid {what}: {problems}", where(errors[0])) from None
 
 
-class Core:
-    """The state the services share (set up by ControlPlane.__init__) and the plumbing over it."""
+class Routes:
+    """The version of the gateway's routing table: a change to keys, workspaces or providers bumps it."""
 
-    def _jobs_client(self):
-        if self._client is None:
-            from ray.job_submission import JobSubmissionClient
+    def __init__(self) -> None:
+        self.version = time.time_ns()  # a restart changes it, so every gateway re-reads the routes
 
-            self._client = JobSubmissionClient(self.dashboard_url)
-        return self._client
+    def bump(self) -> None:
+        self.version = max(time.time_ns(), self.version + 1)
 
-    def _save(self, entity) -> None:
+
+@dataclass
+class Context:
+    """What the services are built with: the store, the storage root and the operator's settings, and the adapters
+    to Ray's job API (cluster.ray_jobs.RayJobs) and to Serve (the cluster.serve_apps module, or a fake in a test)."""
+
+    store: Store
+    storage: str  # datasets, jobs' outputs, models: shared by every node
+    home: Path
+    ray_jobs: Any
+    serve: Any
+    base_url: str = ""
+    data_roots: list[str] = field(default_factory=list)  # single-tenant installs: where every workspace's jobs may read
+    base_models: list[str] = field(default_factory=list)  # what a tenant may name as a job's or a model's base
+    routes: Routes = field(default_factory=Routes)
+
+    # ---------------------------------------------------------------- records
+    def save(self, entity) -> None:
+        """Write `entity` whatever is stored (a test's fixture, a setting); services compare-and-set instead."""
+        kind = KIND_OF[type(entity)]
+        self.store.put(kind, "" if kind == "workspace" else entity.workspace, entity.name, entity.model_dump(mode="json"))
+
+    def create(self, entity, what: str | None = None) -> None:
+        """Store a new entity, or 409 when its name is taken (an insert only if absent: no race between two creates)."""
         kind = KIND_OF[type(entity)]
         workspace = "" if kind == "workspace" else entity.workspace
-        self.store.put(kind, workspace, entity.name, entity.model_dump(mode="json"))
+        if not self.store.put(kind, workspace, entity.name, entity.model_dump(mode="json"), expect=None):
+            where = "" if kind == "workspace" else f" in workspace {workspace!r}"
+            raise Conflict(f"{what or WHAT.get(kind, kind)} {entity.name!r} already exists{where}")
 
-    def _load(self, kind: str, workspace: str, name: str, model: type):
+    def replace(self, old, new):
+        """`new` in place of `old` if nobody changed it since `old` was read (compare-and-set): `new` stamped later
+        than `old`, or None when the race was lost."""
+        kind = KIND_OF[type(old)]
+        new = new.model_copy(update={"updated_at": max(round(time.time(), 3), round(old.updated_at + 0.001, 3))})
+        workspace = "" if kind == "workspace" else old.workspace
+        if self.store.put(kind, workspace, old.name, new.model_dump(mode="json"), expect=old.updated_at):
+            return new
+        return None
+
+    def remove(self, entity) -> bool:
+        """Delete `entity` if it is still the version read."""
+        kind = KIND_OF[type(entity)]
+        return self.store.delete(kind, "" if kind == "workspace" else entity.workspace, entity.name, expect=entity.updated_at)
+
+    def modify(self, load: Callable[[], T], change: Callable[[T], T]) -> T:
+        """Read, change, compare-and-set; read again while another writer wins. `change` raises to refuse, and
+        returns what it got to change nothing."""
+        for _ in range(TRIES):
+            current = load()
+            new = change(current)
+            if new is current:
+                return current
+            if (done := self.replace(current, new)) is not None:
+                return done
+        raise Unavailable("the entity kept changing while this request ran; retry")
+
+    def admitted(self, workspace: str, attempt: Callable[[], T], undo: Callable[[T], None]) -> T:
+        """Checks that span a workspace's entities, made safe against concurrent requests: `attempt` reads, checks
+        and writes, then the workspace's record is compare-and-set. Another admission in the workspace meanwhile
+        makes that fail: `undo` this attempt's writes, then check again against what the other one wrote."""
+        for _ in range(TRIES):
+            ws = Workspace.model_validate(self.store.get("workspace", "", self.workspace(workspace)))
+            result = attempt()
+            if self.replace(ws, ws) is not None:
+                return result
+            undo(result)
+        raise Unavailable(f"workspace {workspace!r} kept changing while this request ran; retry")
+
+    def load(self, kind: str, workspace: str, name: str, model: type):
         check_name(name, WHAT.get(kind, kind))
         body = self.store.get(kind, workspace, name)
         if body is None:
             raise NotFound(f"{WHAT.get(kind, kind)} {name!r} does not exist in workspace {workspace!r}")
         return model.model_validate(body)
 
-    def _all(self, kind: str, model: type, workspace: str | None = None) -> list:
+    def all(self, kind: str, model: type, workspace: str | None = None) -> list:
         return [model.model_validate(b) for b in self.store.list(kind, workspace)]
 
-    def _workspace(self, workspace: str) -> str:
+    def fresh(self, entity: Entity, model: type):
+        """The stored entity if nobody changed it since `entity` was read, else None (skip this tick)."""
+        body = self.store.get(KIND_OF[model], entity.workspace, entity.name)
+        if body is None or body["updated_at"] != entity.updated_at:
+            return None
+        return model.model_validate(body)
+
+    # ---------------------------------------------------------------- workspaces: existence, folder, limits
+    def workspace(self, workspace: str) -> str:
         check_name(workspace, "workspace")
         if self.store.get("workspace", "", workspace) is None:
             raise NotFound(f"workspace {workspace!r} does not exist; create it with POST /v2/workspaces")
         return workspace
 
-    def _confinement(self, workspace: str) -> Confinement:
+    def workspace_root(self, workspace: str) -> str:
+        """The workspace's folder in the storage root: by its id, never reused, so a workspace created again under
+        an old name never reaches the old one's files (a workspace from before ids keeps `workspaces/<name>`)."""
+        body = self.store.get("workspace", "", workspace) or {}
+        uid = body.get("uid") or ""
+        return storage.join(self.storage, "workspaces", f"{workspace}-{uid}" if uid else workspace)
+
+    def confinement(self, workspace: str) -> Confinement:
         """Where a tenant's jobs in `workspace` may read besides their own datasets: its grants, the global roots."""
         ws = Workspace.model_validate(self.store.get("workspace", "", workspace) or {"name": workspace})
         return Confinement([*ws.data_grants, *self.data_roots])
 
-    def _quota(self, workspace: str):
+    def quota(self, workspace: str):
         return Workspace.model_validate(self.store.get("workspace", "", workspace) or {"name": workspace}).quota
 
-    def _trainable_model(self, workspace: str, value: Any, field: str) -> str:
+    def trainable_model(self, workspace: str, value: Any, field: str) -> str:
         """What a tenant's `model` names, as the job reads it: a model entity of the workspace (its merged weights,
         or the allowed base model it was exported from) or an allowed base model. Nothing else: not a path, not a
         Hub id the operator did not list (it would be downloaded and loaded on the cluster)."""
@@ -110,20 +195,20 @@ class Core:
                              f"({', '.join(self.base_models)}); register it first (POST .../models) or ask the operator "
                              "to allow it (RAYEMBED_BASE_MODELS)", field)
 
-    def _quota_for_job(self, workspace: str) -> None:
+    def quota_for_job(self, workspace: str) -> None:
         """The workspace's limit on jobs (and model exports) not yet finished."""
-        quota = self._quota(workspace)
-        active = [j for j in self._all("job", CustomizationJob, workspace) if j.status not in JOB_DONE]
-        active += [m for m in self._all("model", ModelEntity, workspace) if m.status == "exporting"]
+        quota = self.quota(workspace)
+        active = [j for j in self.all("job", CustomizationJob, workspace) if j.status not in JOB_DONE]
+        active += [m for m in self.all("model", ModelEntity, workspace) if m.status == "exporting"]
         if len(active) >= quota.max_active_jobs:
             raise QuotaExceeded(f"workspace {workspace!r} has {len(active)} unfinished jobs and exports, its quota "
                                 f"(max_active_jobs {quota.max_active_jobs}); wait for one to finish or cancel one",
                                 "config")
 
-    def _quota_for_deployment(self, workspace: str, cfg, name: str) -> None:
+    def quota_for_deployment(self, workspace: str, cfg, name: str) -> None:
         """The workspace's limits on replicas (over all its deployments but `name`, plus this one at its most) and on
         the CPUs and GPUs of one deployment."""
-        quota = self._quota(workspace)
+        quota = self.quota(workspace)
         most = lambda c: c.autoscaling.max_replicas if c.autoscaling else c.num_replicas  # noqa: E731
         replicas = most(cfg)
         cpus, gpus = cfg.num_cpus * replicas, cfg.num_gpus * replicas
@@ -134,7 +219,7 @@ class Core:
                 raise QuotaExceeded(f"deployment {name!r} would reserve {used:g} {what} ({replicas} replicas); the "
                                     f"workspace's quota is {limit:g} ({key}): use fewer replicas or smaller ones")
         others = 0
-        for dep in self._all("deployment", ModelDeployment, workspace):
+        for dep in self.all("deployment", ModelDeployment, workspace):
             body = self.store.get("deployment_config", workspace, dep.config) if dep.name != name else None
             if body is not None:
                 others += most(ModelDeploymentConfig.model_validate(body))
@@ -142,26 +227,11 @@ class Core:
             raise QuotaExceeded(f"workspace {workspace!r} runs up to {others} replicas in its other deployments; "
                                 f"{replicas} more pass its quota (max_replicas {quota.max_replicas})")
 
-    def _workspace_root(self, workspace: str) -> str:
-        """The workspace's folder in the storage root: by its id, never reused, so a workspace created again under
-        an old name never reaches the old one's files (a workspace from before ids keeps `workspaces/<name>`)."""
-        body = self.store.get("workspace", "", workspace) or {}
-        uid = body.get("uid") or ""
-        return storage.join(self.storage, "workspaces", f"{workspace}-{uid}" if uid else workspace)
 
-    def _bump_routes(self) -> None:
-        self._routes_version = time.time_ns()
+class Service:
+    """A service of the control plane: its routes (public methods, which ControlPlane routes to) and, where its
+    entities have a lifecycle, `reconcile(entity)`. Built with the Context and the services it calls."""
 
-    def ping(self) -> dict:
-        return {"ok": True, "schema_version": self.store.schema_version(), "home": str(self.home), "storage": self.storage,
-                "state": redacted(self.state_url),
-                "api_keys": len(self.store.list("apikey")), "data_roots": self.data_roots, "base_models": self.base_models,
-                "open": self.open_mode()}
-
-    def _fresh(self, entity: Entity, model: type):
-        """The stored entity if nobody changed it since `entity` was read, else None (skip this tick)."""
-        body = self.store.get(KIND_OF[model], entity.workspace, entity.name)
-        if body is None or body["updated_at"] != entity.updated_at:
-            return None
-        return model.model_validate(body)
-
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.store = ctx.store

@@ -9,7 +9,7 @@ import uuid
 from cluster.entities import DATASET_FILES, JOB_DONE, CustomizationJob, Dataset, DatasetFile
 from cluster.schemas import DatasetCreate
 from rayembed import storage
-from cluster.services.base import Core, check_name, validated
+from cluster.services.base import Service, check_name, validated
 from rayembed.errors import Conflict, InvalidRequest, QuotaExceeded, shown
 from cluster.uploads import deadline_s
 from rayembed.regression import SHIPPED as SHIPPED_REGRESSION_SETS
@@ -17,30 +17,27 @@ from rayembed.regression import SHIPPED as SHIPPED_REGRESSION_SETS
 log = logging.getLogger(__name__)
 
 
-class DatasetService(Core):
-    """Dataset entities (the files are validated and stored by the API ingress, cluster/datasets.py)."""
+class DatasetService(Service):
+    """Dataset entities (the files are validated and stored by the upload ingress: cluster/uploads.py)."""
 
     # ---------------------------------------------------------------- datasets (the files go through the API ingress)
     def create_dataset(self, workspace: str, body: dict) -> dict:
-        self._workspace(workspace)
+        self.ctx.workspace(workspace)
         name = check_name(body.get("name"), "dataset")
         validated(DatasetCreate, body, "dataset")
-        with self._lock:
-            if self.store.get("dataset", workspace, name) is not None:
-                raise Conflict(f"dataset {name!r} already exists in workspace {workspace!r}")
-            folder = f"{name}-{uuid.uuid4().hex[:12]}"  # never reused: a dataset made again never reaches old files
-            ds = validated(Dataset, {"description": body.get("description", "")}, "dataset", workspace=workspace,
-                         name=name, uri=storage.join(self._workspace_root(workspace), "datasets", folder))
-            self._save(ds)
+        folder = f"{name}-{uuid.uuid4().hex[:12]}"  # never reused: a dataset made again never reaches old files
+        ds = validated(Dataset, {"description": body.get("description", "")}, "dataset", workspace=workspace,
+                       name=name, uri=storage.join(self.ctx.workspace_root(workspace), "datasets", folder))
+        self.ctx.admitted(workspace, lambda: self.ctx.create(ds), lambda _: self.ctx.remove(ds))
         return ds.model_dump(mode="json")
 
     def list_datasets(self, workspace: str) -> list[dict]:
-        self._workspace(workspace)
-        return [d.model_dump(mode="json") for d in self._all("dataset", Dataset, workspace)]
+        self.ctx.workspace(workspace)
+        return [d.model_dump(mode="json") for d in self.ctx.all("dataset", Dataset, workspace)]
 
     def get_dataset(self, workspace: str, name: str) -> dict:
-        self._workspace(workspace)
-        return self._load("dataset", workspace, name, Dataset).model_dump(mode="json")
+        self.ctx.workspace(workspace)
+        return self.ctx.load("dataset", workspace, name, Dataset).model_dump(mode="json")
 
     def begin_upload(self, workspace: str, name: str, path: str, declared_bytes: int | None = None) -> dict:
         """Before an upload's first byte: refused (409) while an unfinished job reads the dataset or another upload
@@ -48,37 +45,43 @@ class DatasetService(Core):
         as uploading, so no job starts on the dataset until `add_dataset_file` or `end_upload`."""
         if path not in DATASET_FILES:
             raise InvalidRequest(f"{shown(path)} is not a dataset file: use one of {', '.join(DATASET_FILES)}", "path")
-        with self._lock:
-            self._workspace(workspace)
-            ds = self._load("dataset", workspace, name, Dataset)
+        if declared_bytes is None:
+            raise InvalidRequest("send the upload with a Content-Length header (its size is checked against the "
+                                 "workspace's storage quota before it is read)", "body")
+
+        def attempt() -> Dataset:
+            ds = self.ctx.load("dataset", self.ctx.workspace(workspace), name, Dataset)
             users = self._jobs_reading(ds)
             if users:
                 raise Conflict(f"dataset {name!r} is read by job {', '.join(users)}: wait for it to finish or cancel it "
                                "before uploading its files again (or create another dataset)")
             if self._uploading(ds).get(path):
                 raise Conflict(f"{path} of dataset {name!r} is being uploaded right now; wait for that upload")
-            quota = self._quota(workspace)
-            used = sum(f.bytes for d in self._all("dataset", Dataset, workspace) for p, f in d.files.items()
+            quota = self.ctx.quota(workspace)
+            used = sum(f.bytes for d in self.ctx.all("dataset", Dataset, workspace) for p, f in d.files.items()
                        if not (d.name == name and p == path))
-            limit = int(quota.max_storage_gib * 2**30)
-            if declared_bytes is None:
-                raise InvalidRequest("send the upload with a Content-Length header (its size is checked against the "
-                                     "workspace's storage quota before it is read)", "body")
-            if used + declared_bytes > limit:
+            if used + declared_bytes > int(quota.max_storage_gib * 2**30):
                 raise QuotaExceeded(f"workspace {workspace!r} holds {used} bytes of datasets; {declared_bytes} more would "
                                     f"pass its quota (max_storage_gib {quota.max_storage_gib:g}); delete a dataset first",
                                     "body")
-            ds = ds.touched(uploading={**self._uploading(ds), path: time.time()})
-            self._save(ds)
+            marked = self.ctx.replace(ds, ds.model_copy(update={"uploading": {**self._uploading(ds), path: time.time()}}))
+            if marked is None:
+                raise Conflict(f"dataset {name!r} changed while the upload began; try again")
+            return marked
+
+        ds = self.ctx.admitted(workspace, attempt, self._unmark(path))
         return ds.model_dump(mode="json")
+
+    def _unmark(self, path: str):
+        def undo(ds: Dataset) -> None:
+            self.ctx.modify(lambda: self.ctx.load("dataset", ds.workspace, ds.name, Dataset),
+                            lambda d: d.model_copy(update={"uploading": {p: t for p, t in d.uploading.items() if p != path}}))
+        return undo
 
     def end_upload(self, workspace: str, name: str, path: str) -> None:
         """An upload that failed: the file is no longer marked (what was stored before stays)."""
-        with self._lock:
-            body = self.store.get("dataset", workspace, name)
-            if body is not None:
-                ds = Dataset.model_validate(body)
-                self._save(ds.touched(uploading={p: t for p, t in ds.uploading.items() if p != path}))
+        if self.store.get("dataset", workspace, name) is not None:
+            self._unmark(path)(Dataset.model_validate(self.store.get("dataset", workspace, name)))
 
     def _uploading(self, ds: Dataset) -> dict[str, float]:
         """The dataset's uploads still running (a mark older than the upload deadline is one that died)."""
@@ -86,14 +89,12 @@ class DatasetService(Core):
 
     def add_dataset_file(self, workspace: str, name: str, path: str, stored: dict) -> dict:
         """Record a file the upload task validated and stored at the dataset's folder (a new upload replaces it)."""
-        with self._lock:
-            self._workspace(workspace)
-            ds = self._load("dataset", workspace, name, Dataset)
-            if path not in DATASET_FILES:
-                raise InvalidRequest(f"{shown(path)} is not a dataset file: use one of {', '.join(DATASET_FILES)}", "path")
-            ds = ds.touched(files={**ds.files, path: DatasetFile.model_validate(stored)},
-                            uploading={p: t for p, t in ds.uploading.items() if p != path})
-            self._save(ds)
+        if path not in DATASET_FILES:
+            raise InvalidRequest(f"{shown(path)} is not a dataset file: use one of {', '.join(DATASET_FILES)}", "path")
+        file = DatasetFile.model_validate(stored)
+        ds = self.ctx.modify(lambda: self.ctx.load("dataset", self.ctx.workspace(workspace), name, Dataset),
+                             lambda d: d.model_copy(update={"files": {**d.files, path: file},
+                                                            "uploading": {p: t for p, t in d.uploading.items() if p != path}}))
         return ds.model_dump(mode="json")
 
     def _jobs_reading(self, ds: Dataset) -> list[str]:
@@ -104,29 +105,32 @@ class DatasetService(Core):
             read.append((given.get("mining") or {}).get("corpus"))
             return any(isinstance(r, str) and (r == ds.uri or r.startswith(ds.uri.rstrip("/") + "/")) for r in read)
 
-        return [j.name for j in self._all("job", CustomizationJob, ds.workspace) if j.status not in JOB_DONE and reads(j)]
+        return [j.name for j in self.ctx.all("job", CustomizationJob, ds.workspace) if j.status not in JOB_DONE and reads(j)]
 
     def delete_dataset(self, workspace: str, name: str) -> dict:
-        with self._lock:
-            self._workspace(workspace)
-            ds = self._load("dataset", workspace, name, Dataset)
+        def attempt() -> Dataset:
+            ds = self.ctx.load("dataset", self.ctx.workspace(workspace), name, Dataset)
             users = self._jobs_reading(ds)
             if users:
                 raise Conflict(f"dataset {name!r} is read by job {', '.join(users)}; wait for it to finish or cancel it")
             if self._uploading(ds):
                 raise Conflict(f"dataset {name!r} has an upload running ({', '.join(self._uploading(ds))}); wait for it")
-            self.store.delete("dataset", workspace, name)
-        storage.delete_tree(ds.uri)  # outside the lock: the entity is gone, so no new job can name it
+            if not self.ctx.remove(ds):
+                raise Conflict(f"dataset {name!r} changed while it was being deleted; try again")
+            return ds
+
+        ds = self.ctx.admitted(workspace, attempt, lambda ds: self.ctx.create(ds))
+        storage.delete_tree(ds.uri)  # the entity is gone, so no new job can name it
         return {"name": name, "deleted": True}
 
-    def _with_dataset(self, workspace: str, spec: dict, field: str) -> dict:
+    def resolve_spec(self, workspace: str, spec: dict, field: str) -> dict:
         """`dataset: {name: ...}` in a job config -> the dataset's files as the config's paths (in storage);
         `regression_dataset: OTHER` -> that dataset's evaluation folder as the regression set."""
         spec = self._with_regression_dataset(workspace, spec, field)
         given = spec.get("dataset")
         if not isinstance(given, dict) or "name" not in given:
             return spec
-        ds = self._load("dataset", workspace, check_name(given["name"], "dataset", f"{field}.dataset.name"), Dataset)
+        ds = self.ctx.load("dataset", workspace, check_name(given["name"], "dataset", f"{field}.dataset.name"), Dataset)
         if self._uploading(ds):
             raise Conflict(f"dataset {ds.name!r} has an upload running ({', '.join(self._uploading(ds))}); start the job "
                            "when it is done")
@@ -150,7 +154,7 @@ class DatasetService(Core):
         if given.get("regression") is not None:
             raise InvalidRequest(f"{field}.dataset: give either regression (a shipped set: "
                                  f"{', '.join(SHIPPED_REGRESSION_SETS)}) or regression_dataset, not both", key)
-        other = self._load("dataset", workspace, check_name(given["regression_dataset"], "dataset", key), Dataset)
+        other = self.ctx.load("dataset", workspace, check_name(given["regression_dataset"], "dataset", key), Dataset)
         folder = other.job_fields().get("evaluation")
         if folder is None:
             raise InvalidRequest(f"dataset {other.name!r} has no evaluation files to use as a regression set: upload "

@@ -6,70 +6,80 @@ import logging
 import os
 import time
 
-from cluster import deployments, kuberay
+from cluster import kuberay
 from cluster.entities import ModelDeployment, ModelDeploymentConfig, ModelEntity, ModelProvider, StatusChange, now
 from cluster.schemas import DeploymentConfigCreate, DeploymentConfigUpdate, DeploymentCreate, DeploymentUpdate
 from rayembed import storage
 from rayembed.artifact import GRAPH_FP16, GRAPH_INT8
-from cluster.services.base import PENDING_TIMEOUT_S, RETIRE_AFTER_S, Core, check_name, validated
-from rayembed.errors import Conflict, InvalidName, InvalidRequest, NotFound, PromotionRefused, shown
+from cluster.services.base import PENDING_TIMEOUT_S, RETIRE_AFTER_S, Context, Service, check_name, validated
+from cluster.services.verification import VerificationService
+from rayembed.errors import Conflict, InvalidRequest, PromotionRefused, shown
 
 log = logging.getLogger(__name__)
 
 
-class DeploymentService(Core):
-    """Deployment configs and deployments, and reconciling each deployment against Serve."""
+class DeploymentService(Service):
+    """Deployment configs and deployments, and reconciling each deployment against Serve (ctx.serve); a READY
+    generation is scored by the verification service before its routes move."""
+
+    def __init__(self, ctx: Context, verification: VerificationService):
+        super().__init__(ctx)
+        self.verification = verification
+        self._graphs: set[tuple] = set()  # (artifact, digest, graph) found in storage: a sealed artifact never changes
+        self._started_apps: set[str] = set()  # Serve applications this incarnation deployed
 
     # ---------------------------------------------------------------- deployment configs
     def create_deployment_config(self, workspace: str, body: dict) -> dict:
-        self._workspace(workspace)
+        self.ctx.workspace(workspace)
         name = check_name(body.get("name"), "deployment config")
         validated(DeploymentConfigCreate, body, "deployment config")
-        with self._lock:
-            if self.store.get("deployment_config", workspace, name) is not None:
-                raise Conflict(f"deployment config {name!r} already exists in workspace {workspace!r}")
-            cfg = validated(ModelDeploymentConfig, body, "deployment config", workspace=workspace, version=1)
-            self._model_for(workspace, cfg.model)
-            self._save(cfg)
-            self.store.add_version("deployment_config", workspace, name, 1, cfg.model_dump(mode="json"))
+        cfg = validated(ModelDeploymentConfig, body, "deployment config", workspace=workspace, version=1)
+        self._model_for(workspace, cfg.model)
+        self.ctx.admitted(workspace, lambda: self.ctx.create(cfg), lambda _: self.ctx.remove(cfg))
+        self.store.add_version("deployment_config", workspace, name, 1, cfg.model_dump(mode="json"))
         return cfg.model_dump(mode="json")
 
     def update_deployment_config(self, workspace: str, name: str, body: dict) -> dict:
         validated(DeploymentConfigUpdate, body, "deployment config change")
-        with self._lock:
-            self._workspace(workspace)
-            old = self._load("deployment_config", workspace, name, ModelDeploymentConfig)
+
+        def change(old: ModelDeploymentConfig) -> ModelDeploymentConfig:
             merged = {**old.model_dump(mode="json", exclude={"created_at", "updated_at"}), **body}
             cfg = validated(ModelDeploymentConfig, merged, "deployment config", workspace=workspace, name=name,
-                          version=old.version + 1, created_at=old.created_at)
+                            version=old.version + 1, created_at=old.created_at, updated_at=old.updated_at)
             self._model_for(workspace, cfg.model)
-            self._save(cfg)
-            self.store.add_version("deployment_config", workspace, name, cfg.version, cfg.model_dump(mode="json"))
+            return cfg
+
+        cfg = self.ctx.modify(lambda: self.ctx.load("deployment_config", self.ctx.workspace(workspace), name,
+                                                    ModelDeploymentConfig), change)
+        self.store.add_version("deployment_config", workspace, name, cfg.version, cfg.model_dump(mode="json"))
         return cfg.model_dump(mode="json")
 
     def get_deployment_config(self, workspace: str, name: str) -> dict:
-        self._workspace(workspace)
-        cfg = self._load("deployment_config", workspace, name, ModelDeploymentConfig).model_dump(mode="json")
+        self.ctx.workspace(workspace)
+        cfg = self.ctx.load("deployment_config", workspace, name, ModelDeploymentConfig).model_dump(mode="json")
         cfg["versions"] = self.store.versions("deployment_config", workspace, name)
         return cfg
 
     def list_deployment_configs(self, workspace: str) -> list[dict]:
-        self._workspace(workspace)
-        return [c.model_dump(mode="json") for c in self._all("deployment_config", ModelDeploymentConfig, workspace)]
+        self.ctx.workspace(workspace)
+        return [c.model_dump(mode="json") for c in self.ctx.all("deployment_config", ModelDeploymentConfig, workspace)]
 
     def delete_deployment_config(self, workspace: str, name: str) -> dict:
-        with self._lock:
-            self._workspace(workspace)
-            self._load("deployment_config", workspace, name, ModelDeploymentConfig)
-            users = [d.name for d in self._all("deployment", ModelDeployment, workspace) if d.config == name]
+        def attempt() -> ModelDeploymentConfig:
+            cfg = self.ctx.load("deployment_config", self.ctx.workspace(workspace), name, ModelDeploymentConfig)
+            users = [d.name for d in self.ctx.all("deployment", ModelDeployment, workspace) if d.config == name]
             if users:
                 raise Conflict(f"deployment config {name!r} is used by {', '.join(users)}")
-            self.store.delete("deployment_config", workspace, name)
+            if not self.ctx.remove(cfg):
+                raise Conflict(f"deployment config {name!r} changed while it was being deleted; try again")
+            return cfg
+
+        self.ctx.admitted(workspace, attempt, lambda cfg: self.ctx.create(cfg))
         return {"name": name, "deleted": True}
 
     # ---------------------------------------------------------------- deployments
     def _model_for(self, workspace: str, name: str) -> ModelEntity:
-        model = self._load("model", workspace, check_name(name, "model"), ModelEntity)
+        model = self.ctx.load("model", workspace, check_name(name, "model"), ModelEntity)
         if model.status != "ready" or model.artifact is None:
             raise Conflict(f"model {name!r} is {model.status}" + (f": {model.error}" if model.error else "; wait until it is ready"))
         return model
@@ -77,8 +87,8 @@ class DeploymentService(Core):
     def _gate(self, model: ModelEntity, allow_worse: bool, cfg: ModelDeploymentConfig) -> None:
         """Promotion gate, on the job's interval: a model whose interval lies below zero (`worse`) is not deployed, nor,
         where the config requires `improved`, one whose interval does not lie above it, without `allow_worse`. And the
-        graph the config asks for must be in the model's artifact (checked by `_graph_in_artifact` before the lock was
-        taken: a storage read), and its default size one the model serves."""
+        graph the config asks for must be in the model's artifact (a storage read, remembered once
+        found), and its default size one the model serves."""
         self._graph_in_artifact(model, cfg.precision)
         sizes = sorted(set(model.matryoshka_dims) | ({model.embedding_dim} if model.embedding_dim else set()))
         if cfg.default_dimensions is not None and sizes and cfg.default_dimensions not in sizes:
@@ -110,129 +120,150 @@ class DeploymentService(Core):
             raise InvalidRequest(f"precision {precision} needs {graph} in model {model.name!r}'s artifact "
                                  f"({model.artifact.uri}); write it with {how}, or use precision auto", "precision")
 
-    def _check_graph_first(self, workspace: str, model: str | None, config: str | None, precision: str | None) -> None:
-        """Before the lock: look the requested graph up in storage, so `_gate` under the lock finds it remembered.
-        Anything that does not resolve here is left to the checks under the lock, which name it."""
-        try:
-            cfg = self._load("deployment_config", workspace, config, ModelDeploymentConfig) if config else None
-            name = model or (cfg.model if cfg else None)
-            entity = self._load("model", workspace, name, ModelEntity) if name else None
-        except (NotFound, InvalidName):
-            return
-        wanted = precision or (cfg.precision if cfg else None)
-        if entity is not None and entity.artifact is not None and wanted:
-            self._graph_in_artifact(entity, wanted)
-
     def create_deployment(self, workspace: str, body: dict) -> dict:
-        self._workspace(workspace)
+        self.ctx.workspace(workspace)
         name = check_name(body.get("name"), "deployment")
         validated(DeploymentCreate, body, "deployment")
         allow_worse = bool(body.get("allow_worse", False))
-        self._check_graph_first(workspace, body.get("model"), body.get("config"), body.get("precision"))
-        with self._lock:
+        inline = "config" not in body
+
+        def attempt() -> tuple[ModelDeployment, ModelDeploymentConfig | None]:
             if self.store.get("deployment", workspace, name) is not None:
                 raise Conflict(f"deployment {name!r} already exists in workspace {workspace!r}")
-            inline = "config" not in body
             if not inline:
-                cfg = self._load("deployment_config", workspace, check_name(body["config"], "deployment config"),
-                                 ModelDeploymentConfig)
+                cfg = self.ctx.load("deployment_config", workspace, check_name(body["config"], "deployment config"),
+                                    ModelDeploymentConfig)
             else:  # inline settings: a config of the deployment's name, owned by it
                 settings = {k: v for k, v in body.items() if k not in ("name", "allow_worse")}
                 if self.store.get("deployment_config", workspace, name) is not None:
                     raise Conflict(f"deployment config {name!r} already exists: pass config: {name!r} to use it")
                 cfg = validated(ModelDeploymentConfig, {**settings, "name": name}, "deployment config",
-                              workspace=workspace, version=1)
+                                workspace=workspace, version=1)
             model = self._model_for(workspace, cfg.model)
             self._gate(model, allow_worse, cfg)  # before anything is stored
-            self._quota_for_deployment(workspace, cfg, name)
+            self.ctx.quota_for_deployment(workspace, cfg, name)
             if inline:
-                self._save(cfg)
-                self.store.add_version("deployment_config", workspace, name, 1, cfg.model_dump(mode="json"))
+                self.ctx.create(cfg)
             dep = ModelDeployment(workspace=workspace, name=name, config=cfg.name, config_version=cfg.version,
                                   model=model.name, allow_worse=allow_worse, owns_config=inline,
                                   status_history=[StatusChange(status="CREATED", reason=f"model {model.name}")])
-            self._save(dep)
+            try:
+                self.ctx.create(dep)
+            except Conflict:
+                if inline:
+                    self.ctx.remove(cfg)
+                raise
+            return dep, cfg if inline else None
+
+        def undo(made: tuple) -> None:
+            dep, cfg = made
+            self.ctx.remove(dep)
+            if cfg is not None:
+                self.ctx.remove(cfg)
+
+        dep, cfg = self.ctx.admitted(workspace, attempt, undo)
+        if cfg is not None:
+            self.store.add_version("deployment_config", workspace, name, 1, cfg.model_dump(mode="json"))
         return dep.model_dump(mode="json")
 
     def update_deployment(self, workspace: str, name: str, body: dict) -> dict:
         """Point a deployment at another model (or config version): a new generation starts beside the
         old one, and the routes move only once it answers (zero-downtime swap)."""
         validated(DeploymentUpdate, body, "deployment change")
-        current = self.store.get("deployment", workspace, name) or {}
-        self._check_graph_first(workspace, body.get("model"), body.get("config", current.get("config")),
-                                body.get("precision"))
-        with self._lock:
-            self._workspace(workspace)
-            dep = self._load("deployment", workspace, name, ModelDeployment)
+        self.ctx.workspace(workspace)
+        dep = self.ctx.load("deployment", workspace, name, ModelDeployment)
+        if dep.status == "DELETING":
+            raise Conflict(f"deployment {name!r} is being deleted")
+        allow_worse = bool(body.get("allow_worse", dep.allow_worse))
+        changes = {k: v for k, v in body.items() if k not in ("allow_worse", "config")}
+        cfg_name = check_name(body.get("config", dep.config), "deployment config")
+        cfg = self.ctx.load("deployment_config", workspace, cfg_name, ModelDeploymentConfig)
+        if changes:  # checked as the new version before it is written: its quota and its model's gate
+            merged = {**cfg.model_dump(mode="json", exclude={"created_at", "updated_at"}), **changes}
+            wanted = validated(ModelDeploymentConfig, merged, "deployment config")
+            self.ctx.quota_for_deployment(workspace, wanted, name)
+            self._gate(self._model_for(workspace, wanted.model), allow_worse, wanted)
+            cfg = ModelDeploymentConfig.model_validate(self.update_deployment_config(workspace, cfg_name, changes))
+        model = self._model_for(workspace, cfg.model)
+        self._gate(model, allow_worse, cfg)
+
+        def change(dep: ModelDeployment) -> ModelDeployment:
             if dep.status == "DELETING":
                 raise Conflict(f"deployment {name!r} is being deleted")
-            allow_worse = bool(body.get("allow_worse", dep.allow_worse))
-            changes = {k: v for k, v in body.items() if k not in ("allow_worse", "config")}
-            cfg_name = check_name(body.get("config", dep.config), "deployment config")
-            cfg = self._load("deployment_config", workspace, cfg_name, ModelDeploymentConfig)
-            if changes:
-                merged = {**cfg.model_dump(mode="json", exclude={"created_at", "updated_at"}), **changes}
-                self._quota_for_deployment(workspace, validated(ModelDeploymentConfig, merged, "deployment config"), name)
-                cfg = ModelDeploymentConfig.model_validate(self.update_deployment_config(workspace, cfg_name, changes))
-            model = self._model_for(workspace, cfg.model)
-            self._gate(model, allow_worse, cfg)
             if (dep.status == "READY" and dep.pending_model is None and model.name == dep.model
                     and (cfg.name, cfg.version) == (dep.config, dep.config_version)):
-                return dep.model_dump(mode="json")  # nothing changed: keep serving
-            dep = dep.touched(config=cfg.name, config_version=cfg.version, pending_model=model.name, allow_worse=allow_worse,
-                              status_history=dep.status_history + [StatusChange(
-                                  status=dep.status, reason=f"update to model {model.name} (config v{cfg.version})")])
-            self._save(dep)
+                return dep  # nothing changed: keep serving
+            return dep.model_copy(update={
+                "config": cfg.name, "config_version": cfg.version, "pending_model": model.name, "allow_worse": allow_worse,
+                "status_history": dep.status_history + [StatusChange(
+                    status=dep.status, reason=f"update to model {model.name} (config v{cfg.version})")]})
+
+        dep = self.ctx.modify(lambda: self.ctx.load("deployment", workspace, name, ModelDeployment), change)
         return dep.model_dump(mode="json")
 
     def get_deployment(self, workspace: str, name: str) -> dict:
-        self._workspace(workspace)
-        return self._load("deployment", workspace, name, ModelDeployment).model_dump(mode="json")
+        self.ctx.workspace(workspace)
+        return self.ctx.load("deployment", workspace, name, ModelDeployment).model_dump(mode="json")
 
     def export_deployment(self, workspace: str, name: str, fmt: str, image: str | None = None,
                           k8s_name: str | None = None) -> dict:
         """A manifest that serves the deployment's model elsewhere as it is served here (cluster.kuberay)."""
         if fmt not in kuberay.FORMATS:
             raise InvalidRequest(f"format {shown(fmt)} is not one of {', '.join(kuberay.FORMATS)}", "format")
-        self._workspace(workspace)
-        dep = self._load("deployment", workspace, name, ModelDeployment)
-        cfg = self._load("deployment_config", workspace, dep.config, ModelDeploymentConfig)
+        self.ctx.workspace(workspace)
+        dep = self.ctx.load("deployment", workspace, name, ModelDeployment)
+        cfg = self.ctx.load("deployment_config", workspace, dep.config, ModelDeploymentConfig)
         model = self._model_for(workspace, dep.model)
         return kuberay.rayservice(dep, cfg, model, image=image or os.environ.get("RAYEMBED_IMAGE"), name=k8s_name)
 
     def list_deployments(self, workspace: str) -> list[dict]:
-        self._workspace(workspace)
-        return [d.model_dump(mode="json") for d in self._all("deployment", ModelDeployment, workspace)]
+        self.ctx.workspace(workspace)
+        return [d.model_dump(mode="json") for d in self.ctx.all("deployment", ModelDeployment, workspace)]
 
     def delete_deployment(self, workspace: str, name: str) -> dict:
-        with self._lock:
-            self._workspace(workspace)
-            dep = self._load("deployment", workspace, name, ModelDeployment)
-            dep = self._deployment_status(dep, "DELETING", "deleted by request")
-            if self.store.delete("provider", workspace, name):
-                self._bump_routes()
+        dep = self.ctx.modify(lambda: self.ctx.load("deployment", self.ctx.workspace(workspace), name, ModelDeployment),
+                              lambda dep: _moved(dep, "DELETING", "deleted by request"))
+        if self.store.delete("provider", workspace, name):
+            self.ctx.routes.bump()
         return dep.model_dump(mode="json")
 
-    def _deployment_status(self, dep: ModelDeployment, status: str, reason: str, **changes) -> ModelDeployment:
-        history = dep.status_history + [StatusChange(status=status, reason=reason)]
-        dep = dep.touched(status=status, status_history=history[-50:], **changes)
-        self._save(dep)
-        return dep
+    def _status(self, dep: ModelDeployment, status: str, reason: str, **changes) -> ModelDeployment | None:
+        """Compare-and-set `dep` to `status`: None when it changed since it was read (the next pass sees it anew)."""
+        return self.ctx.replace(dep, _moved(dep, status, reason, **changes))
 
+    def verify_deployment(self, workspace: str, name: str) -> dict:
+        """Score the evaluation set through the serving generation again and record it (`rayembed deployments
+        verify`). A failure is recorded with its reason; the routes stay where they are (a swap is what moves them)."""
+        self.ctx.workspace(workspace)
+        dep = self.ctx.load("deployment", workspace, name, ModelDeployment)
+        if dep.status != "READY" or dep.app is None:
+            raise Conflict(f"deployment {name!r} is {dep.status}; only a READY deployment's replicas can be verified")
+        cfg = self.ctx.load("deployment_config", workspace, dep.config, ModelDeploymentConfig)
+        model = self.ctx.load("model", workspace, dep.model, ModelEntity)
+        verification = self.verification.verify(dep.app, model, cfg, dep.allow_worse, dep.generation, force=True)
 
-    def _reconcile_deployment(self, dep: ModelDeployment, apps: dict[str, tuple[str, str]]) -> None:
+        def change(current: ModelDeployment) -> ModelDeployment:
+            if current.app != dep.app:
+                raise Conflict(f"deployment {name!r} moved to {current.app} while {dep.app} was verified; verify again")
+            return _moved(current, current.status, f"verified again: {verification.reason}"[:1000], verification=verification)
+
+        return self.ctx.modify(lambda: self.ctx.load("deployment", workspace, name, ModelDeployment), change).model_dump(mode="json")
+
+    # ---------------------------------------------------------------- the reconcile step
+    def reconcile(self, dep: ModelDeployment, apps: dict[str, tuple[str, str]]) -> None:
+        """A deployment against Serve's applications (`apps`: name -> (status, message)): start a generation, watch
+        it come up, probe and verify it, move the routes, retire the old one; or delete everything it ran."""
         if dep.status == "DELETING":
             self._reconcile_delete(dep, apps)
             return
         due = [a for a, at in dep.retiring.items() if at <= time.time()]
         for app in due:
-            deployments.delete(app)
+            self.ctx.serve.delete(app)
         if due:
-            with self._lock:
-                fresh = self._fresh(dep, ModelDeployment)
-                if fresh is not None:
-                    dep = fresh.touched(retiring={a: t for a, t in fresh.retiring.items() if a not in due})
-                    self._save(dep)
+            dep = self.ctx.replace(dep, dep.model_copy(update={"retiring": {a: t for a, t in dep.retiring.items()
+                                                                            if a not in due}}))
+            if dep is None:
+                return  # changed meanwhile: the next pass retires what is still due
         if dep.status == "FAILED" and dep.pending_model is None:
             return
         # a generation to start: the first, a model swap, or a READY app that vanished (cluster restarted)
@@ -247,44 +278,37 @@ class DeploymentService(Core):
         if dep.pending_app is not None:
             self._watch_generation(dep, apps)
 
-
     def _start_generation(self, dep: ModelDeployment, lost: bool, vanished: str | None = None) -> None:
         target = dep.pending_model or dep.model
+        generation = dep.generation + 1
         try:
-            with self._lock:
-                model = self._model_for(dep.workspace, target)
-                cfg = self._load("deployment_config", dep.workspace, dep.config, ModelDeploymentConfig)
-            generation = dep.generation + 1
-            settings = deployments.provider_settings(dep, cfg, model, generation)
-            self._started_apps.add(settings.name)
-            deployments.start(settings)  # outside the lock: a call to Serve's controller
-            failure = None
+            model = self._model_for(dep.workspace, target)
+            cfg = self.ctx.load("deployment_config", dep.workspace, dep.config, ModelDeploymentConfig)
+            settings = self.ctx.serve.provider_settings(dep, cfg, model, generation)
         except Exception as exc:  # noqa: BLE001 - recorded on the deployment
-            failure = exc
-        with self._lock:
-            fresh = self._fresh(dep, ModelDeployment)
-        if fresh is None:  # deleted or changed meanwhile: the next pass starts what it wants now
-            if failure is None:
-                deployments.delete(settings.name)
+            self._status(dep, "FAILED" if dep.status != "READY" else "READY", f"could not start model {target}: {exc}"[:1000],
+                         pending_model=None, error=str(exc)[:1000])
             return
-        with self._lock:
-            dep = self._fresh(fresh, ModelDeployment)
-            if dep is None:
-                return
-            if failure is not None:
-                self._deployment_status(dep, "FAILED" if dep.status != "READY" else "READY",
-                                        f"could not start model {target}: {failure}"[:1000], pending_model=None,
-                                        error=str(failure)[:1000])
-                return
-            status = "READY" if dep.status == "READY" and not lost else "PENDING"
-            gone = vanished or (dep.app if lost else None)
-            reason = (f"application {gone} is gone (the cluster restarted); redeploying as generation {generation}" if gone
-                      else f"starting generation {generation} with model {target}")
-            if lost and self.store.delete("provider", dep.workspace, dep.name):
-                self._bump_routes()
-            self._deployment_status(dep, status, reason, generation=generation, pending_app=settings.name,
-                                    pending_model=target, pending_since=now(), error=None)
-
+        status = "READY" if dep.status == "READY" and not lost else "PENDING"
+        gone = vanished or (dep.app if lost else None)
+        reason = (f"application {gone} is gone (the cluster restarted); redeploying as generation {generation}" if gone
+                  else f"starting generation {generation} with model {target}")
+        # recorded before Serve is called: a deployment changed meanwhile starts nothing (the next pass looks again),
+        # and an actor that dies right after leaves a pending app that the next incarnation finds vanished
+        started = self._status(dep, status, reason, generation=generation, pending_app=settings.name,
+                               pending_model=target, pending_since=now(), error=None)
+        if started is None:
+            return
+        if lost and self.store.delete("provider", dep.workspace, dep.name):
+            self.ctx.routes.bump()
+        self._started_apps.add(settings.name)
+        try:
+            self.ctx.serve.start(settings)  # a call to Serve's controller
+        except Exception as exc:  # noqa: BLE001 - recorded on the deployment
+            self.ctx.modify(lambda: self.ctx.load("deployment", dep.workspace, dep.name, ModelDeployment),
+                            lambda d: _moved(d, "FAILED" if d.status != "READY" else "READY",
+                                             f"could not start model {target}: {exc}"[:1000], pending_app=None,
+                                             pending_model=None, error=str(exc)[:1000]))
 
     def _watch_generation(self, dep: ModelDeployment, apps: dict[str, tuple[str, str]]) -> None:
         status, message = apps.get(dep.pending_app, ("NOT_STARTED", ""))
@@ -297,61 +321,60 @@ class DeploymentService(Core):
             else:
                 return
         model = self.store.get("model", dep.workspace, dep.pending_model)
-        cfg = self._load("deployment_config", dep.workspace, dep.config, ModelDeploymentConfig)
+        cfg = self.ctx.load("deployment_config", dep.workspace, dep.config, ModelDeploymentConfig)
         verification = None
         if failure is None:
-            failure = deployments.probe(dep.pending_app, cfg.default_dimensions or (model or {}).get("embedding_dim"))
+            failure = self.ctx.serve.probe(dep.pending_app, cfg.default_dimensions or (model or {}).get("embedding_dim"))
             if failure is not None and time.time() - (dep.pending_since or dep.updated_at) < PENDING_TIMEOUT_S:
                 return  # replicas may still be warming up; probe again next tick
-        if failure is None and model is not None:  # outside the lock: the evaluation set through the replicas
-            verification = self._verify(dep.pending_app, ModelEntity.model_validate(model), cfg, dep.allow_worse,
-                                        dep.generation)
+        if failure is None and model is not None:  # the evaluation set through the replicas
+            verification = self.verification.verify(dep.pending_app, ModelEntity.model_validate(model), cfg,
+                                                    dep.allow_worse, dep.generation)
             if not verification.passed and not dep.allow_worse:
                 failure = f"verification failed: {verification.reason}"
-        if failure is not None:  # outside the lock: a call to Serve's controller
-            deployments.delete(dep.pending_app)
-        with self._lock:
-            dep = self._fresh(dep, ModelDeployment)
-            if dep is None:
-                return
-            if failure is not None:
-                swapping = dep.status == "READY"
-                reason = (f"swap to model {dep.pending_model} failed, still serving {dep.model}: " if swapping else "") + failure
-                # the deployment's verification stays the serving generation's; a failed swap's is in its reason
-                self._deployment_status(dep, "READY" if swapping else "FAILED", reason, pending_app=None,
-                                        pending_model=None, error=failure,
-                                        **({"verification": verification} if verification and not swapping else {}))
-                return
-            old = dep.app
-            retiring = dict(dep.retiring)
-            if old and old != dep.pending_app:
-                retiring[old] = time.time() + RETIRE_AFTER_S
-            said = f"; {verification.reason}" if verification else ""
-            dep = self._deployment_status(dep, "READY", f"model {dep.pending_model} answered a probe embedding{said}"[:1000],
-                                          app=dep.pending_app, model=dep.pending_model, pending_app=None,
-                                          pending_model=None, retiring=retiring, error=None, verification=verification)
-            base = f"{self.base_url}/v2/workspaces/{dep.workspace}/inference/gateway"
-            self._save(ModelProvider(workspace=dep.workspace, name=dep.name, deployment=dep.name, model=dep.model,
-                                     app=dep.app, embedding_dim=(model or {}).get("embedding_dim"),
-                                     routes={"model": f"{base}/model/{dep.model}/-/v1/embeddings",
-                                             "provider": f"{base}/provider/{dep.name}/-/v1/embeddings",
-                                             "openai": f"{self.base_url}/v1/embeddings"}))
-            self._bump_routes()
-
+        if failure is not None:
+            self.ctx.serve.delete(dep.pending_app)
+            swapping = dep.status == "READY"
+            reason = (f"swap to model {dep.pending_model} failed, still serving {dep.model}: " if swapping else "") + failure
+            # the deployment's verification stays the serving generation's; a failed swap's is in its reason
+            self._status(dep, "READY" if swapping else "FAILED", reason, pending_app=None, pending_model=None,
+                         error=failure, **({"verification": verification} if verification and not swapping else {}))
+            return
+        old = dep.app
+        retiring = dict(dep.retiring)
+        if old and old != dep.pending_app:
+            retiring[old] = time.time() + RETIRE_AFTER_S
+        said = f"; {verification.reason}" if verification else ""
+        ready = self._status(dep, "READY", f"model {dep.pending_model} answered a probe embedding{said}"[:1000],
+                             app=dep.pending_app, model=dep.pending_model, pending_app=None, pending_model=None,
+                             retiring=retiring, error=None, verification=verification)
+        if ready is None:
+            return  # changed meanwhile (deleted, repointed): the next pass sees it as it is now
+        base = f"{self.ctx.base_url}/v2/workspaces/{ready.workspace}/inference/gateway"
+        self.ctx.save(ModelProvider(workspace=ready.workspace, name=ready.name, deployment=ready.name, model=ready.model,
+                                    app=ready.app, embedding_dim=(model or {}).get("embedding_dim"),
+                                    routes={"model": f"{base}/model/{ready.model}/-/v1/embeddings",
+                                            "provider": f"{base}/provider/{ready.name}/-/v1/embeddings",
+                                            "openai": f"{self.ctx.base_url}/v1/embeddings"}))
+        self.ctx.routes.bump()
 
     def _reconcile_delete(self, dep: ModelDeployment, apps: dict[str, tuple[str, str]]) -> None:
         mine = [a for a in (dep.app, dep.pending_app, *dep.retiring) if a]
         alive = [a for a in mine if a in apps]
         for app in alive:
             if apps[app][0] != "DELETING":
-                deployments.delete(app)
+                self.ctx.serve.delete(app)
         if alive:
             return
-        with self._lock:
-            if self._fresh(dep, ModelDeployment) is None:
-                return
-            self.store.delete("deployment", dep.workspace, dep.name)
-            if dep.owns_config:
-                self.store.delete("deployment_config", dep.workspace, dep.config)
-            if self.store.delete("provider", dep.workspace, dep.name):
-                self._bump_routes()
+        if not self.ctx.remove(dep):
+            return
+        if dep.owns_config:
+            self.store.delete("deployment_config", dep.workspace, dep.config)
+        if self.store.delete("provider", dep.workspace, dep.name):
+            self.ctx.routes.bump()
+
+
+def _moved(dep: ModelDeployment, status: str, reason: str, **changes) -> ModelDeployment:
+    """`dep` in `status`, with the change (and its reason) in its history, the last 50 kept."""
+    history = dep.status_history + [StatusChange(status=status, reason=reason)]
+    return dep.model_copy(update={"status": status, "status_history": history[-50:], **changes})

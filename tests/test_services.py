@@ -1,0 +1,228 @@
+"""Each control-plane service alone: built with an in-memory store and fake Ray and Serve adapters, as
+cluster/controlplane.py builds it with the real ones. And the compare-and-set that replaced the one lock: concurrent
+requests never overwrite each other, and a workspace's quota holds against a burst of them."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from cluster.entities import Artifact, CustomizationJob, Dataset, ModelDeployment, ModelEntity, Workspace
+from cluster.services.base import Context
+from cluster.services.datasets import DatasetService
+from cluster.services.deployments import DeploymentService
+from cluster.services.jobs import JobService
+from cluster.services.models import ModelService
+from cluster.services.verification import VerificationService
+from cluster.services.workspaces import WorkspaceService
+from cluster.store import SQLiteStore
+from rayembed.artifact import REQUIRED_FILES
+from rayembed.errors import Conflict, QuotaExceeded
+from tests.conftest import SAMPLE
+
+
+class FakeRayJobs:
+    """cluster.ray_jobs.RayJobs without Ray: what was submitted, and each job's status as the test sets it."""
+
+    def __init__(self):
+        self.submitted, self.status, self.stopped = [], {}, []
+
+    def submit(self, entrypoint, submission_id, metadata, progress_uri=None):
+        self.submitted.append(submission_id)
+        self.status[submission_id] = "PENDING"
+
+    def stop(self, job_id):
+        self.stopped.append(job_id)
+
+    def info(self, job_id):
+        status = self.status.get(job_id)
+        return None if status is None else SimpleNamespace(status=status, message="")
+
+    def logs(self, job_id):
+        return "Traceback: boom"
+
+    def has_gpu(self):
+        return False
+
+
+class FakeServe:
+    """cluster.serve_apps without Serve: applications start RUNNING and answer the probe."""
+
+    def __init__(self):
+        from cluster import serve_apps
+
+        self.apps, self.provider_settings = {}, serve_apps.provider_settings
+
+    def start(self, settings):
+        self.apps[settings.name] = ("RUNNING", "")
+
+    def statuses(self):
+        return dict(self.apps)
+
+    def probe(self, app, dim):
+        return None
+
+    def delete(self, app):
+        self.apps.pop(app, None)
+
+
+class SlowStore(SQLiteStore):
+    """An in-memory store whose reads take a while, as PostgreSQL's round trips do: races get a window to happen."""
+
+    def list(self, kind, workspace=None):
+        time.sleep(0.01)
+        return super().list(kind, workspace)
+
+
+def context(tmp_path: Path, store=None) -> Context:
+    store = store or SQLiteStore(":memory:")
+    store.put("workspace", "", "default", Workspace(name="default", uid="0" * 12).model_dump(mode="json"))
+    return Context(store=store, storage=str(tmp_path / "storage"), home=tmp_path / "home", ray_jobs=FakeRayJobs(),
+                   serve=FakeServe(), base_url="http://gw", base_models=["all-MiniLM-L6-v2"])
+
+
+def artifact(tmp_path: Path) -> Path:
+    """A folder with the artifact's required files (empty JSON): enough to be deployed by a fake Serve."""
+    onnx = tmp_path / "art" / "onnx"
+    onnx.mkdir(parents=True)
+    for name in REQUIRED_FILES:
+        (onnx / name).write_text("{}")
+    return onnx
+
+
+def test_workspaces_alone_keys_close_the_api_and_grants_change_by_compare_and_set(tmp_path):
+    ctx = context(tmp_path)
+    ws = WorkspaceService(ctx)
+    ws.set_open_mode(True)
+    assert ws.open_mode() and ws.routes()["open"]
+    ws.create_workspace({"name": "team-a"})
+    with pytest.raises(Conflict, match="workspace 'team-a' already exists"):
+        ws.create_workspace({"name": "team-a"})
+    key = ws.create_key(["team-a"])
+    ws.revoke_key(key["id"])  # revoking the last key keeps the API closed
+    assert not ws.open_mode() and ws.routes()["open"] is False
+    grants = [tmp_path / f"g{i}" for i in range(6)]
+    threads = [threading.Thread(target=ws.grant_data, args=("team-a", str(g))) for g in grants]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(ws.get_workspace("team-a")["data_grants"]) == sorted(str(g) for g in grants)  # none lost
+
+
+def test_datasets_alone_an_upload_and_a_job_reading_the_dataset_exclude_each_other(tmp_path):
+    ctx = context(tmp_path)
+    datasets = DatasetService(ctx)
+    datasets.create_dataset("default", {"name": "docs"})
+    datasets.begin_upload("default", "docs", "training.jsonl", 10)
+    with pytest.raises(Conflict, match="being uploaded right now"):
+        datasets.begin_upload("default", "docs", "training.jsonl", 10)
+    with pytest.raises(Conflict, match="has an upload running"):
+        datasets.delete_dataset("default", "docs")
+    datasets.end_upload("default", "docs", "training.jsonl")
+    stored = {"uri": str(tmp_path / "t.jsonl"), "bytes": 10, "sha256": "0" * 64, "records": 1}
+    ds = datasets.add_dataset_file("default", "docs", "training.jsonl", stored)
+    assert ds["files"]["training.jsonl"]["bytes"] == 10 and ds["uploading"] == {}
+    ctx.save(CustomizationJob(name="cust-1", spec={"dataset": {"training": ds["uri"] + "/training.jsonl"}},
+                              output_model="m", output_dir="/o", status="running"))
+    with pytest.raises(Conflict, match="is read by job cust-1"):
+        datasets.begin_upload("default", "docs", "training.jsonl", 10)
+    with pytest.raises(QuotaExceeded, match="max_storage_gib"):
+        datasets.create_dataset("default", {"name": "big"}) and datasets.begin_upload("default", "big", "training.jsonl", 30 * 2**30)
+
+
+def test_models_alone_an_export_is_a_ray_job_and_its_reconcile_makes_it_ready_or_failed(tmp_path):
+    ctx = context(tmp_path)
+    models = ModelService(ctx)
+    made = models.create_model("default", {"name": "base", "base_model": "all-MiniLM-L6-v2"})
+    assert made["status"] == "exporting" and ctx.ray_jobs.submitted == [made["source_job"]]
+    ctx.ray_jobs.status[made["source_job"]] = "FAILED"
+    models.reconcile(ModelEntity.model_validate(made))
+    failed = models.get_model("default", "base")
+    assert failed["status"] == "failed" and "Traceback: boom" in failed["error"]
+    stale = ModelEntity.model_validate(made)  # a second pass with what it read before: loses the compare-and-set
+    models.reconcile(stale)
+    assert models.get_model("default", "base") == failed
+
+
+def test_jobs_alone_submit_follow_and_cancel_through_the_ray_adapter(tmp_path):
+    ctx = context(tmp_path)
+    datasets, models = DatasetService(ctx), ModelService(ctx)
+    jobs = JobService(ctx, datasets=datasets, models=models)
+    config = {"model": "all-MiniLM-L6-v2", "schedule": {"max_steps": 2},
+              "dataset": {"training": str(SAMPLE / "train.jsonl"), "evaluation": str(SAMPLE / "eval")}}
+    job = jobs.create_job("default", {"output_model": "tuned", "config": config}, operator=True)
+    assert job["status"] == "pending" and ctx.ray_jobs.submitted == [job["name"]]
+    with pytest.raises(Conflict, match="already creates model 'tuned'"):
+        jobs.create_job("default", {"output_model": "tuned", "config": config}, operator=True)
+    ctx.ray_jobs.status[job["name"]] = "RUNNING"
+    jobs.reconcile(CustomizationJob.model_validate(job))
+    assert jobs.get_job("default", job["name"])["status"] == "running"
+    jobs.reconcile(CustomizationJob.model_validate(job))  # stale: changes nothing
+    assert [h["status"] for h in jobs.get_job("default", job["name"])["status_history"]] == ["created", "pending", "running"]
+    cancelled = jobs.cancel_job("default", job["name"])
+    assert cancelled["status"] == "cancelled" and ctx.ray_jobs.stopped == [job["name"]]
+
+
+def test_a_burst_of_jobs_stays_within_the_workspace_quota(tmp_path):
+    """Twelve requests at once against max_active_jobs 2 (the store slowed to PostgreSQL's pace): exactly two jobs
+    start. Without the admission's compare-and-set on the workspace, every request passed the count."""
+    ctx = context(tmp_path, SlowStore(":memory:"))
+    jobs = JobService(ctx, datasets=DatasetService(ctx), models=ModelService(ctx))
+    config = {"model": "all-MiniLM-L6-v2", "schedule": {"max_steps": 2},
+              "dataset": {"training": str(SAMPLE / "train.jsonl"), "evaluation": str(SAMPLE / "eval")}}
+    outcomes: list[str] = []
+    start = threading.Barrier(12)
+
+    def create(i: int) -> None:
+        start.wait()
+        try:
+            jobs.create_job("default", {"output_model": f"m{i}", "config": config}, operator=True)
+            outcomes.append("created")
+        except Exception as exc:  # noqa: BLE001 - what each request got
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stored = [j for j in ctx.all("job", CustomizationJob) if j.status != "failed"]
+    assert outcomes.count("created") == 2 and len(stored) == 2, outcomes
+    assert set(outcomes) - {"created"} <= {"QuotaExceeded", "Unavailable"}
+
+
+def test_deployments_alone_ready_after_probe_and_verification_then_deleted(tmp_path):
+    ctx = context(tmp_path)
+    deployments = DeploymentService(ctx, verification=VerificationService(ctx))
+    ctx.save(ModelEntity(name="mini", base_model="b", artifact=Artifact(uri=str(artifact(tmp_path))), embedding_dim=8))
+    dep = deployments.create_deployment("default", {"name": "web", "model": "mini"})
+    with pytest.raises(Conflict, match="deployment 'web' already exists"):
+        deployments.create_deployment("default", {"name": "web", "model": "mini"})
+    load = lambda: ModelDeployment.model_validate(ctx.store.get("deployment", "default", "web"))  # noqa: E731
+    deployments.reconcile(load(), ctx.serve.statuses())  # starts generation 1
+    assert load().pending_app == "rayembed.default.web.g1" and "rayembed.default.web.g1" in ctx.serve.apps
+    deployments.reconcile(load(), ctx.serve.statuses())  # running, probed, no evaluation to verify: READY
+    ready = load()
+    assert ready.status == "READY" and ready.app == "rayembed.default.web.g1"
+    assert ctx.store.get("provider", "default", "web")["app"] == "rayembed.default.web.g1"
+    deployments.delete_deployment("default", "web")
+    deployments.reconcile(load(), ctx.serve.statuses())  # deletes the app
+    deployments.reconcile(load(), ctx.serve.statuses())  # then the entity, its own config and its provider
+    assert ctx.store.get("deployment", "default", "web") is None and ctx.store.get("provider", "default", "web") is None
+    assert ctx.store.get("deployment_config", "default", "web") is None and dep["owns_config"]
+
+
+def test_a_reconcile_and_a_request_on_one_entity_never_overwrite_each_other(tmp_path):
+    """The reconciler read the dataset, a request changed it meanwhile: the reconciler's write loses, the request's
+    change stays (before, the one lock ordered them; now the store's compare-and-set does)."""
+    ctx = context(tmp_path)
+    DatasetService(ctx).create_dataset("default", {"name": "docs"})
+    read = Dataset.model_validate(ctx.store.get("dataset", "default", "docs"))
+    DatasetService(ctx).begin_upload("default", "docs", "training.jsonl", 5)
+    assert ctx.replace(read, read.model_copy(update={"description": "stale"})) is None
+    assert "training.jsonl" in ctx.store.get("dataset", "default", "docs")["uploading"]
