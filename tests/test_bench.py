@@ -7,7 +7,9 @@ from bench.gpu_train import main as gpu_train
 
 def test_gpu_train_bench_tiny_on_cpu():
     result = gpu_train(["--size", "tiny", "--steps", "2", "--warmup", "1", "--batch", "2", "--seq", "32"])
-    assert result["sequences_per_step"] == 6 and result["train_tokens_per_s"] > 0
+    assert result["sequences_per_step"] == 6  # batch 2, each with its query, positive and a negative
+    tokens_per_step = result["sequences_per_step"] * result["seq"]
+    assert result["train_tokens_per_s"] == pytest.approx(tokens_per_step / result["step_seconds"], rel=1e-6)
     assert result["forward_tokens_per_s"] > result["train_tokens_per_s"]
 
 
@@ -38,7 +40,9 @@ def test_soak_runs_briefly_and_accounts_for_every_request(tmp_path, minilm_onnx)
     assert result["errors"] == 0 and result["requests"] > 10 and result["saturation_rps"] > result["rate_rps"] > 0, proc.stdout[-2000:]
     assert len(samples) >= 2 and any(k.startswith("ray::ServeReplica") for k in samples[-1]["rss_mib"])
     assert result["memory"]["total_after_warmup_mib"] > 100 and (tmp_path / "soak.png").stat().st_size > 10_000
-    assert proc.returncode == (0 if result["goal_met"] else 1)
+    # the goal (docs/benchmarks.md: no errors, memory growth under 5 % after warm-up), judged here from the numbers
+    met = result["errors"] == 0 and result["memory"]["total_growth_pct"] < 5.0
+    assert result["goal_met"] is met and proc.returncode == (0 if met else 1), result
 
 
 def test_hops_times_each_call_over_one_connection_and_drops_the_first_fifth():

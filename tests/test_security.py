@@ -169,3 +169,23 @@ def test_api_with_keys_over_http(plane, monkeypatch):
         asyncio.set_event_loop(asyncio.new_event_loop())
 
 
+
+
+def test_a_status_filter_lists_exactly_the_entities_in_that_status(plane, monkeypatch):
+    """`?status=` over jobs of known statuses (written by the test): each filter returns its own jobs, newest first,
+    and a status nothing is in returns an empty page rather than everything."""
+    from cluster.entities import CustomizationJob
+
+    srv = _Server(plane, monkeypatch)
+    try:
+        plane.set_open_mode(True)
+        srv.sync()
+        for i, status in enumerate(["completed", "failed", "running", "completed"]):
+            plane.ctx.save(CustomizationJob(name=f"cust-{i}", status=status, spec={}, output_model=f"m{i}",
+                                            output_dir="/o", created_at=1000.0 + i))
+        names = lambda status: [j["name"] for j in srv.request(  # noqa: E731
+            "GET", f"/v2/workspaces/default/customization/jobs?status={status}")[1]["data"]]
+        assert names("completed") == ["cust-3", "cust-0"] and names("failed") == ["cust-1"]
+        assert names("running") == ["cust-2"] and names("cancelled") == []
+    finally:
+        srv.stop()

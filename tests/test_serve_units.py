@@ -174,18 +174,6 @@ def test_config_yaml_files_in_the_repo_parse():
                                  context={"check_files": False})
 
 
-def test_serving_never_imports_torch():
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    code = ("import sys, serve.app, serve.__main__, serve.replica, serve.gateway; "
-            "print(sorted(m for m in ('torch', 'train', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
-
-
 def test_provider_deployment_options(tmp_path):
     from serve.settings import REPLICA_SERVE_ENV, ProviderSettings
 

@@ -239,3 +239,33 @@ def test_every_control_plane_call_is_routed_to_one_service():
         called |= set(re.findall(r"\.([a-z_]+)\.remote\(", text))
     missing = sorted(c for c in called if c not in ("embed", "info") and not hasattr(controlplane.ControlPlane, c))
     assert len(called) > 30 and missing == [], missing
+
+
+RATE = re.compile(r"per_s|_rps|rate|_over_|throughput|speedup", re.I)
+
+
+def weak_asserts(source: str) -> list[str]:
+    """Asserts that accept nearly any outcome: a rate checked only against `> 0` (or `>= 0`), and a verdict compared
+    with another copy of a verdict (taken from the same data, it cannot disagree)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Assert):
+            continue
+        for cmp in (n for n in ast.walk(node.test) if isinstance(n, ast.Compare)):
+            text = ast.unparse(cmp)
+            if (len(cmp.ops) == 1 and isinstance(cmp.ops[0], (ast.Gt, ast.GtE)) and isinstance(cmp.comparators[0], ast.Constant)
+                    and cmp.comparators[0].value == 0 and RATE.search(ast.unparse(cmp.left))):
+                found.append(f"line {node.lineno}: {text}")
+            sides = [cmp.left, *cmp.comparators]
+            if len(cmp.ops) == 1 and isinstance(cmp.ops[0], ast.Eq) and all(
+                    not isinstance(s, (ast.Constant, ast.Name)) and "verdict" in ast.unparse(s) for s in sides):
+                found.append(f"line {node.lineno}: {text}")
+    return found
+
+
+def test_no_test_accepts_any_rate_or_any_verdict():
+    assert weak_asserts("assert r['texts_per_s'] > 0") and weak_asserts("assert a.verdict == b['verdict']['outcome']")
+    assert not weak_asserts("assert r['a_over_b'] == pytest.approx(x / y)") and not weak_asserts("assert v['verdict'] == 'worse'")
+    assert not weak_asserts("assert result['saturation_rps'] > result['rate_rps'] > 0")
+    bad = {p.name: found for p in sorted((ROOT / "tests").glob("test_*.py")) if (found := weak_asserts(p.read_text()))}
+    assert bad == {}

@@ -65,9 +65,9 @@ def test_absurd_learning_rate_does_not_win_a_failing_trial_does_not_sink_the_swe
     assert rows[0.5]["ndcg"] < rows[3e-5]["ndcg"] - 0.5  # 0.06 against 0.85: lr 0.5 wrecks the model, and still runs
     ext = [t for t in trials if t["extension"]]  # one step past the winning end (3e-5 / 2.5), never towards 5.0
     assert len(ext) == 1 and ext[0]["status"] == "ok" and ext[0]["lr"] == pytest.approx(3e-5 / 2.5)
-    score = {t["lr"]: t["ndcg"] for t in trials if t["status"] == "ok"}
-    assert summary["best"]["ndcg"] == max(score.values()) and summary["best"]["lr"] == max(score, key=score.get)
-    assert summary["best"]["lr"] in (3e-5, ext[0]["lr"])
+    assert summary["best"]["lr"] in (3e-5, ext[0]["lr"]) and summary["best"]["ndcg"] > 0.8  # a sane lr, not 0.5
+    winner = yaml.safe_load((tmp_path / "sweep" / "best_job.yaml").read_text())
+    assert winner["optimizer"]["learning_rate"] == pytest.approx(summary["best"]["lr"])
     out = tmp_path / "sweep"
     assert {"results.json", "results.md", "sweep.png", "best_job.yaml"} <= {p.name for p in out.iterdir()}
     table = (out / "results.md").read_text()
