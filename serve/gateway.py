@@ -262,6 +262,16 @@ class GatewayCore:
         _, provider = self.table.openai(body.model, access_of(request.scope))
         return await self._embed(body, provider, body.model)
 
+    async def workspace_openai_embeddings(self, workspace: str, request: Request) -> Response:
+        """The OpenAI route of one workspace: `model` is a model entity's name there (`workspace/name` of this
+        workspace also works, so an id from its `/v1/models` goes back as it came)."""
+        body = await self._body(request)
+        _, provider = self.table.workspace_openai(workspace, body.model, access_of(request.scope))
+        return await self._embed(body, provider, body.model)
+
+    async def workspace_models(self, workspace: str, access: Access = OPEN) -> Response:
+        return json_response(self.table.listing(self.table.workspace_routes(workspace, access)))
+
     async def model_embeddings(self, workspace: str, name: str, request: Request) -> Response:
         route, provider = self.table.entity(workspace, name, access_of(request.scope))
         return await self._embed(await self._body(request), provider, model_id(route))
@@ -307,6 +317,18 @@ def inference_routes(app: FastAPI, core: Callable[[], GatewayCore]) -> None:
     @api_route("openai", metrics_of)
     async def openai_embeddings(request: Request) -> Response:
         return await core().openai_embeddings(request)
+
+    @app.post(GATEWAY + "/openai/-/v1/embeddings", operation_id="workspace_openai_embeddings",
+              summary="embeddings (OpenAI) within one workspace: `model` names one of its model entities", **embed)
+    @api_route("workspace_openai", metrics_of)
+    async def workspace_openai_embeddings(workspace: str, request: Request) -> Response:
+        return await core().workspace_openai_embeddings(workspace, request)
+
+    @app.get(GATEWAY + "/openai/-/v1/models", operation_id="workspace_models",
+             summary="the models served in one workspace (OpenAI)", responses=answers(200, ModelList, "its models"))
+    @api_route("workspace_models", metrics_of)
+    async def workspace_models(workspace: str, request: Request) -> Response:
+        return await core().workspace_models(workspace, access_of(request.scope))
 
     @app.post(GATEWAY + "/model/{name}/-/v1/embeddings", operation_id="model_embeddings",
               summary="embeddings from a model entity (any provider serving it)", **embed)

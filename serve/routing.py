@@ -67,6 +67,22 @@ class RoutingTable:
             raise NotFound(f"model {shown(model)} does not exist (known: {_known(self.model_ids(access))})",
                            "model") from None
 
+    def workspace_openai(self, workspace: str, model: str | None, access: Access = OPEN) -> tuple[ModelRoute, ProviderSettings]:
+        """`model` is a model entity of `workspace`: its name, or `workspace/name`; another workspace's id is not."""
+        self._workspace(workspace, access)
+        if not model:
+            raise InvalidRequest("model is required: one of " + _known(m.name for m in self.workspace_routes(workspace, access)),
+                                 "model")
+        named, _, name = model.rpartition("/")
+        if named and named != workspace:
+            raise InvalidRequest(f"model {shown(model)} names workspace {named!r}; this route serves workspace "
+                                 f"{workspace!r}: use /v1/embeddings, or that workspace's own route", "model")
+        return self.entity(workspace, name, access)
+
+    def workspace_routes(self, workspace: str, access: Access = OPEN) -> list[ModelRoute]:
+        self._workspace(workspace, access)
+        return [m for (w, _), m in sorted(self.models.items()) if w == workspace]
+
     def model_ids(self, access: Access = OPEN) -> list[str]:
         return sorted(model_id(m) for m in self.models.values() if access.allows(m.workspace))
 

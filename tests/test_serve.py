@@ -214,6 +214,7 @@ def test_routes_by_entity_provider_and_openai_model(gateway, offline):
         (gateway + "/v1/embeddings", {"model": "default/minilm", "input": TEXTS[0]}),
         (gateway + GW.format(ws="default") + "/model/minilm/-/v1/embeddings", {"input": TEXTS[0]}),
         (gateway + GW.format(ws="default") + "/provider/minilm-cpu/-/v1/embeddings", {"input": [TEXTS[0]]}),
+        (gateway + GW.format(ws="default") + "/openai/-/v1/embeddings", {"model": "minilm", "input": TEXTS[0]}),
     ]:
         status, res, _ = call(url, body)
         assert status == 200, (url, res)
@@ -221,6 +222,17 @@ def test_routes_by_entity_provider_and_openai_model(gateway, offline):
     status, res, _ = call(gateway + GW.format(ws="research") + "/provider/nemo-cpu/-/v1/embeddings",
                           {"input": TEXTS[0], "input_type": "query"})
     assert status == 200 and res["model"] == "research/nemo" and len(res["data"][0]["embedding"]) == 64
+    # the workspace's own OpenAI route: its models by name (or by the id its listing gives), none of another's
+    openai = gateway + GW.format(ws="research") + "/openai/-/v1"
+    for model in ("nemo", "research/nemo"):
+        status, res, _ = call(openai + "/embeddings", {"model": model, "input": TEXTS[0], "input_type": "query"})
+        assert status == 200 and res["model"] == model and len(res["data"][0]["embedding"]) == 64, res
+    status, res, _ = call(openai + "/embeddings", {"model": "minilm", "input": TEXTS[0]})
+    assert status == 404 and "model 'minilm' does not exist in workspace 'research'" in res["error"]["message"], res
+    status, res, _ = call(openai + "/embeddings", {"model": "default/minilm", "input": TEXTS[0]})
+    assert status == 400 and res["error"]["param"] == "model" and "names workspace 'default'" in res["error"]["message"]
+    status, res, _ = call(openai + "/models")
+    assert status == 200 and [m["id"] for m in res["data"]] == ["research/nemo"]
 
 
 def test_model_listings_and_health(gateway):

@@ -355,7 +355,8 @@ class DeploymentService(Service):
                                     app=ready.app, embedding_dim=(model or {}).get("embedding_dim"),
                                     routes={"model": f"{base}/model/{ready.model}/-/v1/embeddings",
                                             "provider": f"{base}/provider/{ready.name}/-/v1/embeddings",
-                                            "openai": f"{self.ctx.base_url}/v1/embeddings"}))
+                                            "openai": f"{self.ctx.base_url}/v1/embeddings",
+                                            "openai_workspace": f"{base}/openai/-/v1/embeddings"}))
         self.ctx.routes.bump()
 
     def _reconcile_delete(self, dep: ModelDeployment, apps: dict[str, tuple[str, str]]) -> None:
