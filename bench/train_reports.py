@@ -39,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args(argv)
 
-    import ray
 
     from bench.builders import build_tiny_bert
     from train.config import validate_config

@@ -20,7 +20,6 @@ import ray
 from typing import Literal
 
 from fastapi import FastAPI, Path, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
@@ -29,11 +28,12 @@ from pydantic import BaseModel
 
 from cluster import kuberay, schemas, upload_ingress
 from cluster.entities import DATASET_FILES, NAME_PATTERN
+from cluster.services.base import check_body
 from cluster.settings import CONTROL_PLANE, NAMESPACE
 from serve.auth import Access, BearerAuth, KeyRing, access_of
-from rayembed.errors import InvalidName, InvalidRequest, NotFound, PermissionDenied, ServeError, Unavailable, shown
-from serve.gateway import (GATEWAY_SERVE_ENV, GatewayCore, api_route, error_response, inference_routes, install_core,
-                           install_error_handlers, installed_core, json_response, read_body)
+from rayembed.errors import NotFound, PermissionDenied, ServeError, Unavailable, shown
+from serve.gateway import GATEWAY_SERVE_ENV, GatewayCore, inference_routes, install_core, installed_core
+from serve.http import api_route, error_response, install_error_handlers, json_response, read_body
 from serve.openapi import answers, install_openapi, json_body
 from serve.schemas import EmbeddingRequest, parse_json_object
 from serve.settings import GatewayConfig
@@ -48,7 +48,7 @@ app = FastAPI(title="rayembed", description="Customize and serve embedding model
               "(workspaces, models, customization jobs, deployment configs, deployments, providers) and the "
               "OpenAI/NIM-compatible inference gateway.", docs_url="/docs", redoc_url=None)
 inference_routes(app, installed_core)  # the core lives in serve.gateway (see the note there)
-install_error_handlers(app)
+install_error_handlers(app, name_rule=schemas.NAME_DOC)  # a name that breaks the rule is told the rule
 
 
 def _keys() -> KeyRing | None:
@@ -103,16 +103,6 @@ def _path_param(name: str):
     return Path(description=f"{PATH_DOC[name]} ({schemas.NAME_DOC})", pattern=NAME_PATTERN)
 
 
-@app.exception_handler(RequestValidationError)
-async def _invalid_parameter(request: Request, exc: RequestValidationError) -> Response:
-    """A path or query parameter FastAPI refused, in the envelope; a name that breaks the rule says the rule."""
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
-    if first.get("type") == "string_pattern_mismatch":
-        return error_response(InvalidName(f"{where} {shown(first.get('input'))} is invalid: use {schemas.NAME_DOC}", where))
-    return error_response(InvalidRequest(f"invalid request: {where}: {first.get('msg', 'see /docs')}", where or None))
-
-
 def _signature(params: list[str], listing: bool) -> inspect.Signature:
     """What FastAPI documents and passes: the request, the path parameters and, on a list route, the page."""
     kinds = inspect.Parameter.KEYWORD_ONLY
@@ -140,8 +130,8 @@ def management(verb: str, path: str, method: str, answer: type[BaseModel] | None
         args = [kw[p] for p in params]
         access = access_of(request.scope)
         _authorize(access, method, kw.get("workspace"))
-        if body is not None:
-            args.append(await _body(request))
+        if body is not None:  # checked here, once, before the actor is called (cluster/services/base.py: BODIES)
+            args.append(check_body(method, await _body(request)))
         result = await _call(method, *args)
         if method == "list_workspaces":
             result = [w for w in result if access.allows(w["name"])]

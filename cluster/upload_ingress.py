@@ -27,7 +27,7 @@ from cluster.entities import DATASET_FILES, NAME_PATTERN
 from cluster.settings import CONTROL_PLANE, NAMESPACE
 from rayembed.errors import NotFound, ServeError, Unavailable, shown
 from serve.auth import BearerAuth, KeyRing, access_of
-from serve.gateway import error_response, install_error_handlers, json_response
+from serve.http import error_response, install_error_handlers, json_response
 
 log = logging.getLogger("ray.serve")
 PREFIX = "/v2/uploads"

@@ -12,13 +12,13 @@ import hashlib
 import os
 import resource
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 from cluster.entities import DATASET_FILES
 from rayembed import storage
-from rayembed.errors import InvalidRequest, PayloadTooLarge, QuotaExceeded, RequestTimeout, shown
+from rayembed.errors import InvalidRequest, PayloadTooLarge, QuotaExceeded, shown
+from serve.http import body_chunks
 
 CHUNK_TIMEOUT_S = 60.0  # a client that stalls this long between chunks loses its upload
 MAX_AT_ONCE = 4  # uploads in flight in one API replica
@@ -59,27 +59,18 @@ class Slot:
 async def receive(request, target: str, limit: int) -> int:
     """The body, streamed into the storage object `target`: at most `limit` bytes, one chunk in memory at a time,
     within CHUNK_TIMEOUT_S between chunks and deadline_s() in all. -> its size."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"upload of {int(declared)} bytes; the limit is {limit} (RAYEMBED_MAX_UPLOAD_GB)")
     f, path = storage.filesystem(target)
-    f.create_dir(path.rpartition("/")[0], recursive=True)
-    size, ends = 0, time.monotonic() + deadline_s()
+    chunks = body_chunks(request, limit, deadline_s(), CHUNK_TIMEOUT_S, what="upload",
+                         advice="split the file, or ask the operator (RAYEMBED_MAX_UPLOAD_GB, RAYEMBED_UPLOAD_DEADLINE_S)")
+    first = await anext(chunks, b"")  # a body refused by its declared size is refused before anything is written
+    await asyncio.to_thread(f.create_dir, path.rpartition("/")[0], recursive=True)
+    size = len(first)
     out = await asyncio.to_thread(f.open_output_stream, path)
     try:
-        stream = request.stream().__aiter__()
-        while True:
-            left = ends - time.monotonic()
-            try:
-                chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, min(CHUNK_TIMEOUT_S, left)))
-            except StopAsyncIteration:
-                break
-            except asyncio.TimeoutError:
-                why = f"stalled for {CHUNK_TIMEOUT_S:g} s" if left > CHUNK_TIMEOUT_S else f"took longer than {deadline_s():g} s in all"
-                raise RequestTimeout(f"the upload {why} after {size} bytes (RAYEMBED_UPLOAD_DEADLINE_S)") from None
+        if first:
+            await asyncio.to_thread(out.write, first)
+        async for chunk in chunks:
             size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"upload larger than the limit of {limit} bytes (RAYEMBED_MAX_UPLOAD_GB)")
             await asyncio.to_thread(out.write, chunk)
     finally:
         await asyncio.to_thread(out.close)

@@ -16,8 +16,8 @@ from ray.serve import Application
 
 from rayembed.errors import NotFound, ServeError
 from serve.auth import BearerAuth, access_of
-from serve.gateway import (GATEWAY, RequestMetrics, api_route, error_response, install_error_handlers, json_response,
-                           read_body)
+from serve.gateway import GATEWAY
+from serve.http import RequestMetrics, api_route, error_response, install_error_handlers, json_response, read_body
 from serve.replica import EmbeddingReplica
 from serve.routing import RoutingTable
 from serve.schemas import parse_request, render

@@ -1,6 +1,6 @@
 """The inference gateway: routes embeddings requests to replicas by model entity, by provider, or by
-the OpenAI `model` field; answers every error with the OpenAI envelope from one handler
-(`error_response`) and records request metrics.
+the OpenAI `model` field (globally or within one workspace). Its HTTP edge (bodies, errors in the OpenAI envelope,
+metrics) is serve/http.py, shared with the platform's API.
 
 `GatewayCore` holds the routing table (swappable at run time) and the handlers; `inference_routes`
 mounts them on any FastAPI app: the standalone `Gateway` deployment here, and the control plane's
@@ -9,28 +9,19 @@ API ingress (cluster/api.py), whose table follows the deployments the control pl
 
 
 import asyncio
-import functools
 import logging
-import time
 from typing import Callable
 
-import orjson
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve import metrics
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
-from starlette.routing import Match
 
 from serve.auth import OPEN, Access, BearerAuth, KeyRing, access_of
-from rayembed.errors import (ClientGone, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, QueueFull,
-                          RequestTimeout, ServeError, Unauthorized, Unavailable, UnsupportedMediaType, UpstreamTimeout,
-                          envelope, status_of)
+from serve.http import RequestMetrics, api_route, error_response, install_error_handlers, json_response, read_body
+from rayembed.errors import ServeError, Unavailable, UpstreamTimeout
 from serve.routing import RoutingTable, model_id
 from serve.openapi import answers, install_openapi, json_body
 from serve.schemas import EmbeddingRequest, EmbeddingResponse, Health, ModelList, parse_request, render
@@ -46,124 +37,6 @@ REPLICA_ATTEMPTS = 3
 # §5). Set per deployment (runtime_env), since Serve reads them at process start. Model replicas do the same for
 # their user code (serve.settings.REPLICA_SERVE_ENV); they make no handle calls.
 GATEWAY_SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
-
-
-def json_response(body: dict | bytes, status: int = 200, headers: dict | None = None) -> Response:
-    content = body if isinstance(body, bytes) else orjson.dumps(body)
-    return Response(content=content, status_code=status, media_type="application/json", headers=headers)
-
-
-def _domain_error(exc: BaseException) -> BaseException:
-    """Name Serve's own failures in our terms (replicas return client errors as values, not raised)."""
-    if isinstance(exc, BackPressureError):
-        return QueueFull(f"the model's replicas and queue are full ({exc.message}); retry later")
-    if isinstance(exc, (DeploymentUnavailableError, RayActorError)):
-        return Unavailable(f"no healthy replica for this model: {exc}")
-    if isinstance(exc, ClientDisconnect):
-        return ClientGone("the client closed the connection before its request body arrived")
-    return exc
-
-
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """The JSON body of a POST/PATCH: declared as JSON, at most `limit` bytes, received within `timeout_s`
-    (a client that stalls or trickles does not hold a connection forever)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {int(declared)} bytes; the limit is {limit}: split the request")
-    chunks, size = [], 0
-
-    async def receive() -> None:
-        nonlocal size
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body larger than the limit of {limit} bytes: split the request")
-            chunks.append(chunk)
-
-    try:
-        await asyncio.wait_for(receive(), timeout_s)
-    except asyncio.TimeoutError:
-        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s ({size} bytes received"
-                             + (f" of {declared} declared" if declared else "") + ")") from None
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if size and media != "application/json" and not media.endswith("+json"):
-        got = f"Content-Type {media[:80]!r}" if media else "no Content-Type"
-        raise UnsupportedMediaType(f"the request body must be JSON: send the header Content-Type: application/json "
-                                   f"(got {got})")
-    return b"".join(chunks)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Unknown paths, wrong methods and FastAPI's own validation answer in the OpenAI envelope too, and
-    a trailing slash is an unknown path (not a 307 with an empty body)."""
-    app.router.redirect_slashes = False
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, exc: HTTPException) -> Response:
-        path = request.url.path
-        shown = path if len(path) <= 120 else path[:117] + "..."
-        if exc.status_code == 404:
-            return error_response(NotFound(f"no route {request.method} {shown}; see /docs"))
-        if exc.status_code == 405:  # every route of the path, not just the first one matched (one per method)
-            allow = ", ".join(sorted({m for r in request.app.routes if getattr(r, "methods", None)
-                                      and r.matches(request.scope)[0] != Match.NONE for m in r.methods} - {"HEAD"}))
-            return error_response(MethodNotAllowed(f"method {request.method} is not allowed on {shown}"
-                                                   + (f"; use {allow}" if allow else ""), allow))
-        return error_response(InvalidRequest(str(exc.detail)[:200]))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
-        return error_response(InvalidRequest(f"invalid request: {where + ': ' if where else ''}"
-                                             f"{first.get('msg', 'see /docs')}", where or None))
-
-
-def error_response(exc: BaseException) -> Response:
-    """The one place an exception becomes an HTTP answer; unknown errors are a 500 with no traceback."""
-    exc = _domain_error(exc)
-    status, err_type, code = status_of(exc)
-    if isinstance(exc, ServeError):
-        message, param = exc.message, exc.param
-    else:
-        log.exception("unhandled error in the gateway", exc_info=exc)
-        message, param = "internal error; the gateway log has the details", None
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
-    if isinstance(exc, MethodNotAllowed) and exc.allow:
-        headers = {"Allow": exc.allow}
-    if isinstance(exc, Unauthorized):
-        headers = {"WWW-Authenticate": 'Bearer realm="rayembed"'}
-    return json_response(envelope(message, err_type, param, code), status, headers)
-
-
-class RequestMetrics:
-    def __init__(self):
-        self.requests = metrics.Counter("rayembed_requests", "gateway requests by route and HTTP status",
-                                        tag_keys=("route", "status"))
-        self.latency = metrics.Histogram(
-            "rayembed_request_ms", "gateway request latency", tag_keys=("route", "status"),
-            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000])
-
-    def record(self, kind: str, status: int, start: float) -> None:
-        tags = {"route": kind, "status": str(status)}
-        self.requests.inc(tags=tags)
-        self.latency.observe((time.perf_counter() - start) * 1000, tags=tags)
-
-
-def api_route(kind: str, metrics_of: Callable[[], RequestMetrics]):
-    """Wrap a route: map every exception through `error_response` and record metrics."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        async def route(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                response = await fn(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - the single edge handler
-                response = error_response(exc)
-            metrics_of().record(kind, response.status_code, start)
-            return response
-        return route
-    return wrap
 
 
 class GatewayCore:

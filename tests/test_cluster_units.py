@@ -281,7 +281,7 @@ def test_a_submission_ray_refuses_leaves_no_ghost_job_and_answers_503(ray_sessio
     from cluster.controlplane import ControlPlane
     from rayembed.errors import NotFound, Unavailable, status_of
     from rayembed.runtime import free_port
-    from tests.conftest import ROOT, SAMPLE
+    from tests.conftest import SAMPLE
 
     cp = ControlPlane(str(tmp_path / "home"), f"http://127.0.0.1:{free_port()}", "http://127.0.0.1:1")
     cp._stop.set()  # no reconcile loop: this test drives the calls itself

@@ -16,7 +16,6 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest

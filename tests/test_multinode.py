@@ -27,7 +27,7 @@ from cluster.client import ApiError, Client
 from cluster.local import kill_processes
 from rayembed.runtime import free_port, serve_ingress_env
 from rayembed import storage
-from tests.conftest import ROOT, SAMPLE
+from tests.conftest import SAMPLE
 from tests.manifests import crd_errors, serve_config
 
 pytestmark = pytest.mark.timeout(2400)

@@ -5,11 +5,7 @@ ControlPlane object: 401 without a key, 404 for another workspace's names, 403 f
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -187,5 +183,30 @@ def test_a_status_filter_lists_exactly_the_entities_in_that_status(plane, monkey
             "GET", f"/v2/workspaces/default/customization/jobs?status={status}")[1]["data"]]
         assert names("completed") == ["cust-3", "cust-0"] and names("failed") == ["cust-1"]
         assert names("running") == ["cust-2"] and names("cancelled") == []
+    finally:
+        srv.stop()
+
+
+def test_a_management_body_is_checked_at_the_ingress_before_the_actor_is_called(plane, monkeypatch):
+    """A body its `*Create` model refuses answers 400 from the API ingress: the control plane never sees it; one it
+    accepts reaches the actor marked checked, so the service does not check it again."""
+    from cluster.services import base
+
+    srv = _Server(plane, monkeypatch)
+    seen, checks = [], []
+    real_create, real_check = plane.create_dataset, base.check_body
+    monkeypatch.setattr(plane, "create_dataset", lambda ws, body: seen.append(type(body).__name__) or real_create(ws, body))
+    monkeypatch.setattr(base, "BODIES", {k: (m, w, n, (lambda b, s=s, k=k: checks.append(k) or (s and s(b))))
+                                         for k, (m, w, n, s) in base.BODIES.items()})
+    try:
+        plane.set_open_mode(True)
+        srv.sync()
+        status, body, _ = srv.request("POST", "/v2/workspaces/default/datasets", body={"name": "docs", "descripton": "x"})
+        assert status == 400 and "descripton: Extra inputs are not permitted" in body["error"]["message"]
+        assert seen == [] and checks == ["create_dataset"]
+        status, body, _ = srv.request("POST", "/v2/workspaces/default/datasets", body={"name": "docs", "description": "x"})
+        assert status == 201 and body["description"] == "x"
+        assert seen == ["Checked"] and checks == ["create_dataset"] * 2  # once at the ingress, not again in the service
+        assert real_check("create_dataset", base.Checked({"name": "x"})) == {"name": "x"}
     finally:
         srv.stop()

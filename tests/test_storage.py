@@ -3,7 +3,6 @@ least recently used; and the state store on a real PostgreSQL server, with the s
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 from pathlib import Path

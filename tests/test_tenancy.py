@@ -6,7 +6,6 @@ written or read: no job or model row, no file outside team-a's folder, team-b's 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import pytest

@@ -6,7 +6,6 @@ validation nDCG@10; a failed trial is reported and the sweep goes on.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time

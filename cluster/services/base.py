@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from cluster.tenancy import Confinement
 from cluster.entities import (JOB_DONE, NAME, CustomizationJob, Dataset, Entity, ModelDeployment, ModelDeploymentConfig,
                               ModelEntity, ModelProvider, Workspace)
+from cluster import schemas
 from cluster.schemas import NAME_DOC as NAME_RULE
 from cluster.store import Store
 from rayembed import storage
@@ -56,6 +57,57 @@ def validated(model: type, body: dict, what: str, **fixed: Any):
             raise InvalidName(f"{where(e)} {shown(e['input'])} is invalid: use {NAME_RULE}", where(e)) from None
         problems = "; ".join(f"{where(e)}: {e['msg']}" for e in errors)
         raise InvalidRequest(f"invalid {what}: {problems}", where(errors[0])) from None
+
+
+class Checked(dict):
+    """A request body `check_body` accepted (the API ingress checks every body before the actor is called)."""
+
+
+def _model_body(body: dict) -> None:
+    base, artifact = body.get("base_model"), body.get("artifact")
+    if (base is None) == (artifact is None):
+        raise InvalidRequest("give exactly one of base_model (exported once) or artifact (an ONNX folder)", "base_model")
+    for key, value in (("base_model", base), ("artifact", artifact)):
+        if value is not None and not isinstance(value, str):
+            raise InvalidRequest(f"{key} must be a string (a folder path or model name), not {shown(value)}", key)
+
+
+def _job_body(body: dict) -> None:
+    if ("config" in body) == ("sweep" in body):
+        raise InvalidRequest("give exactly one of config (a training job config) or sweep (a learning-rate sweep)", "config")
+    kind = "sweep" if "sweep" in body else "config"
+    if not isinstance(body[kind], dict):
+        raise InvalidRequest(f"{kind} must be a JSON object", "config")
+
+
+# each management call that takes a body: its model (cluster/schemas.py), what it is called, the field holding the
+# new entity's name (checked first, with the rule), and any check of its shape made before the model's
+BODIES: dict[str, tuple[type, str, str | None, Callable[[dict], None] | None]] = {
+    "create_workspace": (schemas.WorkspaceCreate, "workspace", "name", None),
+    "create_dataset": (schemas.DatasetCreate, "dataset", "name", None),
+    "create_model": (schemas.ModelCreate, "model", "name", _model_body),
+    "create_job": (schemas.JobCreate, "customization job", "output_model", _job_body),
+    "create_deployment_config": (schemas.DeploymentConfigCreate, "deployment config", "name", None),
+    "update_deployment_config": (schemas.DeploymentConfigUpdate, "deployment config change", None, None),
+    "create_deployment": (schemas.DeploymentCreate, "deployment", "name", None),
+    "update_deployment": (schemas.DeploymentUpdate, "deployment change", None, None),
+}
+
+
+def check_body(method: str, body: Any) -> Checked:
+    """The body of management call `method`, checked once: by the API ingress before the actor is called, or by the
+    service for a Ray caller (the CLI). A body already checked passes as it is."""
+    if isinstance(body, Checked):
+        return body
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"the request body must be a JSON object, not {shown(body)}", "body")
+    model, what, name_field, shape = BODIES[method]
+    if name_field is not None:
+        check_name(body.get(name_field), "output model" if name_field == "output_model" else what, name_field)
+    if shape is not None:
+        shape(body)
+    validated(model, body, what)
+    return Checked(body)
 
 
 class Routes:

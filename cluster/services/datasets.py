@@ -7,9 +7,8 @@ import time
 import uuid
 
 from cluster.entities import DATASET_FILES, JOB_DONE, CustomizationJob, Dataset, DatasetFile
-from cluster.schemas import DatasetCreate
 from rayembed import storage
-from cluster.services.base import Service, check_name, validated
+from cluster.services.base import Service, check_body, check_name, validated
 from rayembed.errors import Conflict, InvalidRequest, QuotaExceeded, shown
 from cluster.uploads import deadline_s
 from rayembed.regression import SHIPPED as SHIPPED_REGRESSION_SETS
@@ -23,8 +22,7 @@ class DatasetService(Service):
     # ---------------------------------------------------------------- datasets (the files go through the API ingress)
     def create_dataset(self, workspace: str, body: dict) -> dict:
         self.ctx.workspace(workspace)
-        name = check_name(body.get("name"), "dataset")
-        validated(DatasetCreate, body, "dataset")
+        name = check_body("create_dataset", body)["name"]
         folder = f"{name}-{uuid.uuid4().hex[:12]}"  # never reused: a dataset made again never reaches old files
         ds = validated(Dataset, {"description": body.get("description", "")}, "dataset", workspace=workspace,
                        name=name, uri=storage.join(self.ctx.workspace_root(workspace), "datasets", folder))

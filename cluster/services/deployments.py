@@ -8,10 +8,9 @@ import time
 
 from cluster import kuberay
 from cluster.entities import ModelDeployment, ModelDeploymentConfig, ModelEntity, ModelProvider, StatusChange, now
-from cluster.schemas import DeploymentConfigCreate, DeploymentConfigUpdate, DeploymentCreate, DeploymentUpdate
 from rayembed import storage
 from rayembed.artifact import GRAPH_FP16, GRAPH_INT8
-from cluster.services.base import PENDING_TIMEOUT_S, RETIRE_AFTER_S, Context, Service, check_name, validated
+from cluster.services.base import PENDING_TIMEOUT_S, RETIRE_AFTER_S, Context, Service, check_body, check_name, validated
 from cluster.services.verification import VerificationService
 from rayembed.errors import Conflict, InvalidRequest, PromotionRefused, shown
 
@@ -31,8 +30,7 @@ class DeploymentService(Service):
     # ---------------------------------------------------------------- deployment configs
     def create_deployment_config(self, workspace: str, body: dict) -> dict:
         self.ctx.workspace(workspace)
-        name = check_name(body.get("name"), "deployment config")
-        validated(DeploymentConfigCreate, body, "deployment config")
+        name = check_body("create_deployment_config", body)["name"]
         cfg = validated(ModelDeploymentConfig, body, "deployment config", workspace=workspace, version=1)
         self._model_for(workspace, cfg.model)
         self.ctx.admitted(workspace, lambda: self.ctx.create(cfg), lambda _: self.ctx.remove(cfg))
@@ -40,7 +38,7 @@ class DeploymentService(Service):
         return cfg.model_dump(mode="json")
 
     def update_deployment_config(self, workspace: str, name: str, body: dict) -> dict:
-        validated(DeploymentConfigUpdate, body, "deployment config change")
+        body = check_body("update_deployment_config", body)
 
         def change(old: ModelDeploymentConfig) -> ModelDeploymentConfig:
             merged = {**old.model_dump(mode="json", exclude={"created_at", "updated_at"}), **body}
@@ -122,8 +120,7 @@ class DeploymentService(Service):
 
     def create_deployment(self, workspace: str, body: dict) -> dict:
         self.ctx.workspace(workspace)
-        name = check_name(body.get("name"), "deployment")
-        validated(DeploymentCreate, body, "deployment")
+        name = check_body("create_deployment", body)["name"]
         allow_worse = bool(body.get("allow_worse", False))
         inline = "config" not in body
 
@@ -169,7 +166,7 @@ class DeploymentService(Service):
     def update_deployment(self, workspace: str, name: str, body: dict) -> dict:
         """Point a deployment at another model (or config version): a new generation starts beside the
         old one, and the routes move only once it answers (zero-downtime swap)."""
-        validated(DeploymentUpdate, body, "deployment change")
+        body = check_body("update_deployment", body)
         self.ctx.workspace(workspace)
         dep = self.ctx.load("deployment", workspace, name, ModelDeployment)
         if dep.status == "DELETING":
@@ -305,10 +302,11 @@ class DeploymentService(Service):
         try:
             self.ctx.serve.start(settings)  # a call to Serve's controller
         except Exception as exc:  # noqa: BLE001 - recorded on the deployment
+            why = str(exc)[:1000]
             self.ctx.modify(lambda: self.ctx.load("deployment", dep.workspace, dep.name, ModelDeployment),
                             lambda d: _moved(d, "FAILED" if d.status != "READY" else "READY",
-                                             f"could not start model {target}: {exc}"[:1000], pending_app=None,
-                                             pending_model=None, error=str(exc)[:1000]))
+                                             f"could not start model {target}: {why}"[:1000], pending_app=None,
+                                             pending_model=None, error=why))
 
     def _watch_generation(self, dep: ModelDeployment, apps: dict[str, tuple[str, str]]) -> None:
         status, message = apps.get(dep.pending_app, ("NOT_STARTED", ""))

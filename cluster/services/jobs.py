@@ -10,8 +10,7 @@ import time
 
 from cluster import job_files
 from cluster.entities import JOB_DONE, CustomizationJob, ModelEntity, StatusChange, now
-from cluster.schemas import JobCreate
-from cluster.services.base import DEFAULT_GPU_MEMORY_GIB, SUBMIT_TIMEOUT_S, Context, Service, check_name, validated
+from cluster.services.base import DEFAULT_GPU_MEMORY_GIB, SUBMIT_TIMEOUT_S, Context, Service, check_body
 from cluster.services.datasets import DatasetService
 from cluster.services.models import ModelService
 from rayembed import storage
@@ -34,14 +33,10 @@ class JobService(Service):
         dataset by name and a model entity or an allowed base model; every location is the server's choice
         (cluster.tenancy). The operator (the CLI over Ray) may give paths and URIs."""
         self.ctx.workspace(workspace)
-        output_model = check_name(body.get("output_model"), "output model", "output_model")
-        if ("config" in body) == ("sweep" in body):
-            raise InvalidRequest("give exactly one of config (a training job config) or sweep (a learning-rate sweep)", "config")
+        body = check_body("create_job", body)
+        output_model = body["output_model"]
         kind = "sweep" if "sweep" in body else "training"
         spec = body[kind if kind == "sweep" else "config"]
-        if not isinstance(spec, dict):
-            raise InvalidRequest(f"{'sweep' if kind == 'sweep' else 'config'} must be a JSON object", "config")
-        validated(JobCreate, body, "customization job")
         if not operator:
             spec = self._tenant_spec(workspace, kind, spec)
         named = ((spec.get("job") if kind == "sweep" else spec) or {}).get("dataset")

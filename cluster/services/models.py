@@ -11,10 +11,9 @@ import uuid
 
 from cluster import job_files
 from cluster.entities import JOB_DONE, Artifact, CustomizationJob, Evaluation, ModelDeployment, ModelEntity
-from cluster.schemas import ModelCreate
 from rayembed import storage
 from rayembed.artifact import MANIFEST, REQUIRED_FILES, ArtifactError, parse_manifest
-from cluster.services.base import SUBMIT_TIMEOUT_S, Service, check_name, validated
+from cluster.services.base import SUBMIT_TIMEOUT_S, Service, check_body
 from rayembed.errors import Conflict, InvalidRequest, Unavailable, shown
 
 log = logging.getLogger(__name__)
@@ -39,14 +38,8 @@ class ModelService(Service):
         names a place. Its files go to a folder of its own, never reused, so a name registered again never reaches
         the old files."""
         self.ctx.workspace(workspace)
-        name = check_name(body.get("name"), "model")
+        name = check_body("create_model", body)["name"]
         base, artifact = body.get("base_model"), body.get("artifact")
-        if (base is None) == (artifact is None):
-            raise InvalidRequest("give exactly one of base_model (exported once) or artifact (an ONNX folder)", "base_model")
-        for field, value in (("base_model", base), ("artifact", artifact)):
-            if value is not None and not isinstance(value, str):
-                raise InvalidRequest(f"{field} must be a string (a folder path or model name), not {shown(value)}", field)
-        validated(ModelCreate, body, "model")
         if not operator:
             if artifact is not None:
                 raise InvalidRequest("artifact names a folder, which only the operator may register (`rayembed models "

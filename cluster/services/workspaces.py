@@ -6,9 +6,8 @@ import logging
 import uuid
 
 from cluster.entities import DEFAULT_WORKSPACE, ApiKey, ModelProvider, Quota, Workspace
-from cluster.schemas import WorkspaceCreate
 from serve import auth
-from cluster.services.base import WHAT, Service, check_name, validated
+from cluster.services.base import WHAT, Service, check_body, validated
 from rayembed import storage
 from rayembed.errors import Conflict, InvalidRequest, NotFound, shown
 from rayembed.locations import LocationError, parse
@@ -68,8 +67,7 @@ class WorkspaceService(Service):
         return [w.model_dump(mode="json") for w in self.ctx.all("workspace", Workspace)]
 
     def create_workspace(self, body: dict) -> dict:
-        name = check_name(body.get("name"), "workspace")
-        validated(WorkspaceCreate, body, "workspace")
+        body = check_body("create_workspace", body)
         ws = validated(Workspace, body, "workspace", uid=uuid.uuid4().hex[:12])
         self.ctx.create(ws, "workspace")
         self.ctx.routes.bump()
