@@ -164,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"enable_access_log": False})
-    apps = standalone_apps(config, APP_NAME)
-    serve.run_many([RunTarget(target=target, name=name, route_prefix=prefix) for name, target, prefix in apps])
     base = f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}"
+    apps = standalone_apps(config, APP_NAME, base)
+    serve.run_many([RunTarget(target=target, name=name, route_prefix=prefix) for name, target, prefix in apps])
     wait_http(base + "/v1/health/ready")
     direct = [(m, p) for m in config.models for p in m.providers if p.model_dir is not None]
     model = next(iter(config.models))

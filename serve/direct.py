@@ -17,7 +17,8 @@ from ray.serve import Application
 from rayembed.errors import NotFound, ServeError
 from serve.auth import BearerAuth, access_of
 from serve.gateway import GATEWAY
-from serve.http import RequestMetrics, api_route, error_response, install_error_handlers, json_response, read_body
+from serve.http import (ANSWERED_BY, MODEL_HEADER, RequestMetrics, api_route, error_response, install_error_handlers, json_response,
+                         read_body)
 from serve.replica import EmbeddingReplica
 from serve.routing import RoutingTable
 from serve.schemas import parse_request, render
@@ -59,7 +60,9 @@ async def embeddings(request: Request) -> Response:
     if isinstance(result, ServeError):
         raise result
     vectors, tokens = result
-    return json_response(render(vectors, body.encoding_format, replica.model, tokens))
+    # a gateway forwarding the OpenAI route names the model as its client did (workspace/name, or the bare name)
+    named = request.headers.get(MODEL_HEADER) or replica.model
+    return json_response(render(vectors, body.encoding_format, named[:200], tokens), headers={ANSWERED_BY: "provider"})
 
 
 @app.get("/v1/models")
@@ -89,9 +92,10 @@ class ProviderIngress(EmbeddingReplica.func_or_class):
         install(self)  # a module function: the class travels by value, its globals would be a copy
 
 
-def standalone_apps(config: GatewayConfig, gateway_name: str) -> list[tuple[str, Application, str]]:
+def standalone_apps(config: GatewayConfig, gateway_name: str, base_url: str | None = None) -> list[tuple[str, Application, str]]:
     """(application name, application, route prefix) for `python -m serve`: each provider with a model_dir as
-    its own application answering its provider route, then the gateway at / over them (through `app:`)."""
+    its own application answering its provider route, then the gateway at / over them (through `app:`, and, given
+    Serve's HTTP address `base_url`, over HTTP: the gateway forwards `/v1/embeddings` to the provider's route)."""
     from serve.app import gateway_app
 
     apps, models, table = [], [], RoutingTable(config)
@@ -106,7 +110,9 @@ def standalone_apps(config: GatewayConfig, gateway_name: str) -> list[tuple[str,
             target = ProviderIngress.options(**p.deployment_options()).bind(
                 p.model_dump(), listing, config.limits.model_dump(), config.auth.model_dump(), route.workspace)
             apps.append((name, target, provider_prefix(route.workspace, p.name)))
-            providers.append(ProviderSettings.model_validate({**p.model_dump(), "model_dir": None, "app": name}))
+            direct = f"{base_url}{provider_prefix(route.workspace, p.name)}/v1/embeddings" if base_url else None
+            providers.append(ProviderSettings.model_validate({**p.model_dump(), "model_dir": None, "app": name,
+                                                              "direct_url": direct}))
         models.append(route.model_copy(update={"providers": providers}))
     apps.append((gateway_name, gateway_app(config.model_copy(update={"models": models})), "/"))
     return apps

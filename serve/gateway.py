@@ -20,7 +20,8 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from serve.auth import OPEN, Access, BearerAuth, KeyRing, access_of
-from serve.http import RequestMetrics, api_route, error_response, install_error_handlers, json_response, read_body
+from serve.http import (ANSWERED_BY, MODEL_HEADER, RequestMetrics, api_route, error_response, install_error_handlers, json_response,
+                         read_body)
 from rayembed.errors import ServeError, Unavailable, UpstreamTimeout
 from serve.routing import RoutingTable, model_id
 from serve.openapi import answers, install_openapi, json_body
@@ -49,6 +50,7 @@ class GatewayCore:
         self.metrics = RequestMetrics()
         self._pending: dict[str, list[tuple[tuple, asyncio.Future]]] = {}  # provider -> requests for the next call
         self._sending: set[asyncio.Task] = set()
+        self._http = None  # aiohttp's session to the providers' own routes (made on the replica's loop, when first used)
 
     def set_table(self, config: GatewayConfig, workspaces: tuple[str, ...] | list[str] = (),
                   keys: KeyRing | None = KeyRing()) -> None:
@@ -130,17 +132,48 @@ class GatewayCore:
             if not future.done():
                 future.set_result(result)
 
-    async def openai_embeddings(self, request: Request) -> Response:
-        body = await self._body(request)
-        _, provider = self.table.openai(body.model, access_of(request.scope))
+    async def _openai(self, request: Request, route) -> Response:
+        """An OpenAI route's request: the body read and checked here, routed by its `model`; to a provider that
+        answers its own route over HTTP (`direct_url`) the body goes as it came, else through the app handle."""
+        limits = self.config.limits
+        raw = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
+        body = parse_request(raw)
+        _, provider = route(body.model, access_of(request.scope))
+        if provider.direct_url:
+            forwarded = await self._forward(provider, raw, request, body.model)
+            if forwarded is not None:
+                return forwarded
         return await self._embed(body, provider, body.model)
+
+    async def _forward(self, provider: ProviderSettings, raw: bytes, request: Request, model: str) -> Response | None:
+        """POST the body to the provider's own route over one keep-alive pool (its answer, errors included, goes back
+        as it is); None when it cannot be reached, so the handle path answers instead."""
+        import aiohttp
+
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=None),
+                                               timeout=aiohttp.ClientTimeout(total=provider.request_timeout_s))
+        headers = {"Content-Type": "application/json", MODEL_HEADER: model}
+        if auth := request.headers.get("authorization"):
+            headers["Authorization"] = auth
+        try:
+            async with self._http.post(provider.direct_url, data=raw, headers=headers) as answer:
+                content = await answer.read()
+                kept = {k: v for k, v in answer.headers.items()
+                        if k.lower() in ("retry-after", "www-authenticate", "allow", ANSWERED_BY)}
+                return Response(content=content, status_code=answer.status, media_type="application/json", headers=kept)
+        except (aiohttp.ClientError, OSError) as exc:
+            log.warning("provider %s did not answer on %s (%s); through its handle instead", provider.name,
+                        provider.direct_url, exc)
+            return None
+
+    async def openai_embeddings(self, request: Request) -> Response:
+        return await self._openai(request, self.table.openai)
 
     async def workspace_openai_embeddings(self, workspace: str, request: Request) -> Response:
         """The OpenAI route of one workspace: `model` is a model entity's name there (`workspace/name` of this
         workspace also works, so an id from its `/v1/models` goes back as it came)."""
-        body = await self._body(request)
-        _, provider = self.table.workspace_openai(workspace, body.model, access_of(request.scope))
-        return await self._embed(body, provider, body.model)
+        return await self._openai(request, lambda model, access: self.table.workspace_openai(workspace, model, access))
 
     async def workspace_models(self, workspace: str, access: Access = OPEN) -> Response:
         return json_response(self.table.listing(self.table.workspace_routes(workspace, access)))
@@ -186,7 +219,7 @@ def inference_routes(app: FastAPI, core: Callable[[], GatewayCore]) -> None:
              "openapi_extra": json_body(EmbeddingRequest)}
 
     @app.post("/v1/embeddings", operation_id="create_embeddings", summary="embeddings (OpenAI): `model` names a "
-              "model entity (workspace/name, or name in the key's workspace) or a deployment", **embed)
+              "model entity (workspace/name, or a bare name in the default workspace)", **embed)
     @api_route("openai", metrics_of)
     async def openai_embeddings(request: Request) -> Response:
         return await core().openai_embeddings(request)

@@ -28,6 +28,8 @@ from rayembed.errors import (ClientGone, InvalidName, InvalidRequest, MethodNotA
                              shown, status_of)
 
 log = logging.getLogger("ray.serve")
+MODEL_HEADER = "x-rayembed-model"  # the model as the client of a forwarding gateway named it (only echoed back)
+ANSWERED_BY = "x-rayembed-answered-by"  # which process rendered an embeddings answer: "gateway" or "provider"
 
 
 def json_response(body: dict | bytes, status: int = 200, headers: dict | None = None) -> Response:

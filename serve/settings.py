@@ -45,6 +45,9 @@ class ProviderSettings(Section):
                                   "or a published artifact's storage URI (s3://...): each node materializes it once")
     model_sha256: str | None = Field(None, description="the published artifact's digest: replicas refuse other files")
     app: str | None = Field(None, description="instead of model_dir: a running Serve application serving an EmbeddingReplica")
+    direct_url: str | None = Field(None, description="where the provider answers its own route over HTTP (`python -m "
+                                   "serve` sets it): the gateway forwards the OpenAI routes' bodies there, one hop "
+                                   "fewer than a handle call")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when the replica holds a GPU")
     precision: Literal["auto", "fp32", "fp16", "optimized", "int8"] = Field(
         "auto", description="auto: model.fp16.onnx on CUDA, model.opt.onnx (fused, parity-checked) on CPU, when exported; "

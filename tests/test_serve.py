@@ -521,7 +521,7 @@ def test_the_provider_route_is_answered_by_the_providers_own_application(gateway
 
     config = load_gateway_config({**table(artifacts), "models": [{"workspace": "lab", "name": "direct", "providers": [
         {"name": "dp", "model_dir": str(artifacts["minilm"]), "num_cpus": 0.25}]}]})
-    (app_name, provider_app, prefix), (gw_name, gw_app, _) = standalone_apps(config, "direct-test")
+    (app_name, provider_app, prefix), (gw_name, gw_app, _) = standalone_apps(config, "direct-test", gateway)
     assert prefix == provider_prefix("lab", "dp") == "/v2/workspaces/lab/inference/gateway/provider/dp/-"
     # The module's gateway (at /) has no workspace "lab": a 200 on this route can only come from the provider's app.
     assert call(gateway + prefix + "/v1/embeddings", {"input": "x"})[0] == 404
@@ -545,10 +545,16 @@ def test_the_provider_route_is_answered_by_the_providers_own_application(gateway
         assert status == 400 and body["error"]["param"] == "dimensions", body
         status, body, _ = call(gateway + prefix + "/v1/embeddings", method="GET")
         assert status == 405 and body["error"]["code"] == "method_not_allowed", body
-        # the gateway in front routes the OpenAI `model` field to the same replicas, through the app handle
-        status, body, _ = call(gateway + "/direct-test/v1/embeddings", {"model": "lab/direct", "input": TEXTS[:2]})
-        assert status == 200, body
+        # the gateway in front routes the OpenAI `model` field to the same replicas: it forwards the body to the
+        # provider's own route (one hop fewer than the app handle); the answer names the model as the client did
+        status, body, headers = call(gateway + "/direct-test/v1/embeddings", {"model": "lab/direct", "input": TEXTS[:2]})
+        assert status == 200 and headers["x-rayembed-answered-by"] == "provider" and body["model"] == "lab/direct", body
         np.testing.assert_allclose(vectors(body), offline["minilm"].embed(TEXTS[:2]), atol=1e-5)
+        status, body, headers = call(gateway + "/direct-test/v1/embeddings", {"model": "lab/direct", "input": ["x"] * 65})
+        assert status == 413 and body["error"]["param"] == "input"  # the provider's refusal comes back as it is
+        status, body, _ = call(gateway + "/direct-test" + GW.format(ws="lab") + "/openai/-/v1/embeddings",
+                               {"model": "direct", "input": TEXTS[:1]})
+        assert status == 200 and body["model"] == "direct", body
     finally:
         serve.delete(gw_name)
         serve.delete(app_name)
