@@ -267,8 +267,9 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-ROUTES = {"openai": "/v1/embeddings",  # through the gateway, routed by the `model` field
-          "provider": "/v2/workspaces/default/inference/gateway/provider/bench/-/v1/embeddings"}  # the model's own app
+ROUTES = {"openai": "/v1/embeddings",  # the gateway reads `model`, then forwards the body to the model's own app
+          "provider": "/v2/workspaces/default/inference/gateway/provider/bench/-/v1/embeddings",  # the model's own app
+          "model": "/v2/workspaces/default/inference/gateway/model/bench/-/v1/embeddings"}  # the gateway, a handle call
 
 
 def load(port: int, texts: Path, c: int, b: int, duration: float, route: str = "openai") -> dict:
@@ -339,8 +340,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the gateway configs with these provider settings over --provider, as JSON, "
                              "e.g. '{\"precision\": \"int8\", \"spin\": true}'; the table shows both")
     parser.add_argument("--routes", default="openai,provider",
-                        help="which URLs to load, each config alternating between them: openai (/v1/embeddings, through "
-                             "the gateway) and provider (the provider route, answered by the model's own application)")
+                        help="which URLs to load, each config alternating between them: openai (/v1/embeddings: the "
+                             "gateway forwards the body to the model's own route), provider (that route, answered by "
+                             "the model's own application) and model (the model-entity route: the gateway calls the "
+                             "replicas through a Serve handle)")
     parser.add_argument("--skip-ceiling", action="store_true", help="only the gateway (for quick config comparisons)")
     parser.add_argument("--gateway-replicas", type=int, default=1, help="replicas of the gateway deployment")
     parser.add_argument("--gateway-env", default="{}", help="gateway_env in the routing table, as JSON: Ray Serve "
