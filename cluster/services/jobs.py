@@ -307,3 +307,10 @@ class JobService(Core):
         progress = progress.model_copy(update={"step": progress.total_steps or progress.step, "percent": 100.0, "eta_seconds": 0})
         self._job_status(job, "completed", f"model {model.name} created: {model.evaluation.summary()}", finished_at=now(),
                          result=result, progress=progress)
+
+    # ---------------------------------------------------------------- metrics history (issue 36: the console plots it)
+    def job_metrics(self, workspace: str, job_id: str, page: int = 1, page_size: int = 500) -> dict:
+        """The job's training records and validations (cluster/metrics.py), one page of them."""
+        from cluster import metrics
+
+        return metrics.job_metrics(self.get_job(workspace, job_id), page, page_size)

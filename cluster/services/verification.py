@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from cluster import deployments, verify
 from cluster.entities import ModelDeployment, ModelDeploymentConfig, ModelEntity, Verification
-from cluster.services.base import Core
+from cluster.services.base import Core, validated
 from rayembed.errors import Conflict
 
 
@@ -47,3 +47,21 @@ class VerificationService(Core):
                                               verification=verification)
         return current.model_dump(mode="json")
 
+
+    def search_deployment(self, workspace: str, name: str, body: dict) -> dict:
+        """Side-by-side search (cluster/search.py): the query against the deployment's model's evaluation corpus,
+        ranked by its replicas and, with `compare_with`, by another deployment's; never under the lock."""
+        from cluster import search
+
+        self._workspace(workspace)
+        req = validated(search.SearchRequest, body, "search")
+        deps = [self._load("deployment", workspace, d, ModelDeployment) for d in [name, req.compare_with] if d]
+        for dep in deps:
+            if dep.status != "READY" or dep.app is None:
+                raise Conflict(f"deployment {dep.name!r} is {dep.status}; search needs a READY deployment")
+        evaluation = self._load("model", workspace, deps[0].model, ModelEntity).evaluation
+        if evaluation is None:
+            raise Conflict(f"model {deps[0].model!r} has no evaluation set to search (a base model, or an artifact "
+                           "registered without its job's eval.json): search from the tuned model's deployment")
+        sides = [(d.name, d.model, d.app, deployments.embedder(d.app)) for d in deps]
+        return search.search(sides, evaluation.dataset, req)
