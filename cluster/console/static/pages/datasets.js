@@ -12,6 +12,12 @@ function fileInputs() {
   return FILES.map(([path, what]) => [path, h("input", { type: "file", id: `file-${slug(path)}`, name: path, accept: path.endsWith(".tsv") ? ".tsv,text/tab-separated-values" : ".jsonl,.json,application/jsonl" }), what]);
 }
 
+// The validator's lines ("training.jsonl:3: field 'neg_doc' must be a list ...") as rows of line, field, problem.
+function lineProblems(message) {
+  return message.split("\n").map((l) => l.match(/^\s*\S+?:(\d+): (.*)$/)).filter(Boolean)
+    .map(([, line, problem]) => ({ line, problem, field: (problem.match(/field '([^']+)'/) || [])[1] }));
+}
+
 // Upload each chosen file in order (corpus and queries before the judgments); stop at the first refusal.
 async function uploadAll(name, inputs, status) {
   for (const [path, input] of inputs) {
@@ -23,7 +29,10 @@ async function uploadAll(name, inputs, status) {
       const f = d.files[path];
       status.append(h("div", {}, `${path}: ${fmt.int(f.records)} records stored`));
     } catch (err) {
-      status.append(h("div", { class: "error", role: "alert", id: "upload-error" }, `${path} was refused: ${err.message}`));
+      const problems = lineProblems(err.message);
+      status.append(h("div", { class: "error", role: "alert", id: "upload-error" }, `${path} was refused: ${err.message}`),
+        problems.length ? h("div", { id: "upload-problems" }, table([{ label: "line", num: true, cell: (p) => p.line },
+          { label: "field", cell: (p) => p.field || "—" }, { label: "problem", cell: (p) => p.problem }], problems)) : null);
       return false;
     }
   }

@@ -133,7 +133,7 @@ export async function form(main, _p, ctx) {
     h("fieldset", {}, h("legend", {}, "Fine-tuning"), h("label", { for: "ft-full" }, sft, " full SFT (all weights)"), " ",
       h("label", { for: "ft-lora" }, lora, " LoRA, merged")), loraBox,
     field("Learning rate", lr, "the card's default 5e-6"), field("Weight decay", wd, "the card's default 0.01"), field("Epochs", epochs, "the card's default 1"),
-    h("details", {}, h("summary", {}, "More settings"), field("Max steps", steps, "stop early (leave empty for the epochs)"),
+    h("details", {}, h("summary", {}, "More settings"), field("Max steps", steps, "instead of epochs (leave empty to train the epochs)"),
       field("Batch size", batch, "queries per optimizer step"), field("Max sequence length", seq), field("Matryoshka sizes", dims, "train several sizes at once; empty: full size only"),
       field("Log every N steps", every), h("label", { for: "job-sweep" }, sweep, " sweep the learning rate around it (5e-6, 1e-5, 2e-5; the winner becomes the model)")),
     h("div", {}, h("button", { type: "submit", class: "primary" }, "Start job")), status);
@@ -143,9 +143,8 @@ export async function form(main, _p, ctx) {
     const cfg = { model: model.value.trim(), dataset: { name: dataset.value },
       training: { finetuning_type: lora.checked ? "lora_merged" : "all_weights" },
       optimizer: { learning_rate: Number(lr.value), weight_decay: Number(wd.value) },
-      schedule: { epochs: Number(epochs.value) }, batch: { global_batch_size: Number(batch.value) }, output: { log_every_steps: Number(every.value) } };
+      schedule: steps.value ? { max_steps: Number(steps.value) } : { epochs: Number(epochs.value) }, batch: { global_batch_size: Number(batch.value) }, output: { log_every_steps: Number(every.value) } };
     if (lora.checked) cfg.training.lora = { rank: Number(rank.value), alpha: Number(alpha.value) };
-    if (steps.value) cfg.schedule.max_steps = Number(steps.value);
     if (seq.value) cfg.training.max_seq_length = Number(seq.value);
     if (dims.value.trim()) cfg.loss = { matryoshka_dims: dims.value.split(/[\s,]+/).filter(Boolean).map(Number) };
     const body = sweep.checked ? { output_model: output.value.trim(), sweep: { job: cfg } } : { output_model: output.value.trim(), config: cfg };
