@@ -144,7 +144,14 @@ def all_css(driver, selector: str):
 
 
 def shot(driver, name: str) -> None:
+    """The whole page (up to 2,400 pixels tall) at the window's width."""
+    width, height = driver.get_window_size()["width"], driver.get_window_size()["height"]
+    tall = min(2400, driver.execute_script("return document.documentElement.scrollHeight") + 140)
+    driver.set_window_size(width, max(height, tall))
+    driver.execute_script("window.scrollTo(0, 0)")
+    time.sleep(0.2)
     driver.save_screenshot(str(SHOTS / f"{name}.png"))
+    driver.set_window_size(width, height)
 
 
 def go(driver, live, hash_: str, heading: str) -> None:
@@ -359,19 +366,27 @@ def test_every_page_reads_at_1280_and_narrow_and_a_401_asks_again(live, browser)
         shot(browser, "narrow-model")
     finally:
         browser.set_window_size(1280, 800)
-    # keyboard: the skip link comes first, then the sections
+    # keyboard only: the skip link comes first, then the brand and the sections; Enter opens one
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
 
-    browser.execute_script("document.activeElement.blur(); window.scrollTo(0, 0)")
-    css(browser, "body").send_keys(Keys.TAB)
+    go(browser, live, "/", "Overview")
+    browser.refresh()
+    wait(browser, lambda d: css(d, "main h1").text == "Overview")
+    ActionChains(browser).send_keys(Keys.TAB).perform()
     assert browser.switch_to.active_element.text == "Skip to content"
+    ActionChains(browser).send_keys(Keys.TAB, Keys.TAB, Keys.TAB).perform()
+    assert browser.switch_to.active_element.text == "Models"
+    ActionChains(browser).send_keys(Keys.ENTER).perform()
+    wait(browser, lambda d: css(d, "main h1").text == "Models")
+    wait(browser, lambda d: d.switch_to.active_element.get_attribute("id") == "main")  # focus moved to the new page
     # a key the API no longer takes: the console asks for one again
     browser.execute_script("sessionStorage.setItem('rayembed.key', 'rek_000000000000_revoked-key-000000000000')")
-    go(browser, live, "/models", "Sign in")
+    go(browser, live, "/datasets", "Sign in")
     assert "sign in again" in css(browser, "#login-status").text.lower()
     css(browser, "#api-key").send_keys(live.key)
     css(browser, "#login button[type=submit]").click()
-    wait(browser, lambda d: css(d, "main h1").text in ("Overview", "Models"))
+    wait(browser, lambda d: css(d, "main h1").text == "Datasets")  # back where the user was
 
 
 def test_docs_lists_the_operations_with_no_request_leaving_loopback(live, browser):

@@ -111,10 +111,12 @@ async function start(fromLogin = false) {
   select.value = session.workspace();
   document.getElementById("nav").hidden = false;
   document.getElementById("who").hidden = false;
-  document.getElementById("logout").hidden = !session.key();
+  // the skip link moves focus to the page's content (its #main would be a route for the hash router)
+document.querySelector(".skip").addEventListener("click", (ev) => { ev.preventDefault(); main.focus(); });
+document.getElementById("logout").hidden = !session.key();
   if (fromLogin && !location.hash) location.hash = "#/";
   await route();
-  main.focus();
+  if (fromLogin) main.focus();
 }
 
 whenUnauthorized(() => { session.setKey(null); signIn("The API refused the key (revoked or mistyped); sign in again."); });

@@ -22,7 +22,8 @@ export function append(el, children) {
   return el;
 }
 
-export function clear(el) { el.replaceChildren(); return el; }
+// clear(el).append(...) puts the new children in through append() above (null skipped, strings as text)
+export function clear(el) { el.replaceChildren(); return { el, append: (...children) => append(el, children) }; }
 
 export function link(href, text) { return h("a", { href }, text); }
 

@@ -1,7 +1,7 @@
 // Datasets: the list, a dataset's files and records, and uploads from the browser (validated as a job will read
 // them: a bad line comes back with its line number and field).
 import { ApiError, get, page, post, upload, ws } from "../api.js";
-import { clear, errorBox, facts, field, fmt, h, link, pager, table } from "../dom.js";
+import { append, clear, errorBox, facts, field, fmt, h, link, pager, table } from "../dom.js";
 
 const FILES = [["training.jsonl", "training examples (JSONL: query, pos_doc, neg_doc)"], ["validation.jsonl", "validation examples (optional)"],
   ["evaluation/corpus.jsonl", "evaluation corpus (BEIR)"], ["evaluation/queries.jsonl", "evaluation queries (BEIR)"],
@@ -30,9 +30,9 @@ async function uploadAll(name, inputs, status) {
       status.append(h("div", {}, `${path}: ${fmt.int(f.records)} records stored`));
     } catch (err) {
       const problems = lineProblems(err.message);
-      status.append(h("div", { class: "error", role: "alert", id: "upload-error" }, `${path} was refused: ${err.message}`),
+      append(status, [h("div", { class: "error", role: "alert", id: "upload-error" }, `${path} was refused: ${err.message}`),
         problems.length ? h("div", { id: "upload-problems" }, table([{ label: "line", num: true, cell: (p) => p.line },
-          { label: "field", cell: (p) => p.field || "—" }, { label: "problem", cell: (p) => p.problem }], problems)) : null);
+          { label: "field", cell: (p) => p.field || "—" }, { label: "problem", cell: (p) => p.problem }], problems)) : null]);
       return false;
     }
   }

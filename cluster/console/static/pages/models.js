@@ -42,13 +42,17 @@ function evaluationTable(ev) {
 
 function reportCard(card) {
   const rows = [...card.rows].sort((a, b) => a.dims - b.dims || card.precisions.indexOf(a.precision) - card.precisions.indexOf(b.precision));
-  const sug = card.suggested && Object.keys(card.suggested).length ? h("p", { class: "notice", id: "suggested" }, "Suggested: ",
-    Object.entries(card.suggested).map(([k, v]) => `${k} ${typeof v === "object" ? JSON.stringify(v) : v}`).join(" · ")) : null;
+  const pick = (s, what) => (s ? h("li", {}, `${what}: ${s.dims} dimensions, ${s.precision}, ${fmt.int(s.bytes_per_vector)} bytes a vector, nDCG@10 ${fmt.num(s["ndcg@10"])} (best ${fmt.num(s["best_ndcg@10"])})`) : null);
+  const sg = card.suggested || {};
+  const sug = sg.dimensions || sg.storage ? h("div", { class: "notice", id: "suggested" },
+    `Suggested (the ${sg.side || "tuned"} model, within ${sg.tolerance ?? "?"} of its best nDCG@10):`,
+    h("ul", {}, pick(sg.dimensions, "smallest size"), pick(sg.storage, "cheapest storage"))) : null;
   const series = card.precisions.map((p) => ({ name: p, points: rows.filter((r) => r.precision === p && r.tuned).map((r) => [r.dims, r.tuned["ndcg@10"]]) }));
   return h("section", { class: "card", id: "report-card", "aria-labelledby": "card-h" },
     h("h2", { id: "card-h" }, "Report card"),
     h("p", { class: "hint" }, `Every size x every way of storing the vectors, on ${card.documents} documents and ${card.queries} queries: what each costs and what it keeps.`),
     sug, legend(card.precisions), lineChart(series, { title: "tuned nDCG@10 by size", xLabel: "dimensions", yLabel: "nDCG@10", logX: card.sizes.length > 1, id: "card-chart" }),
+    h("details", {}, h("summary", {}, "How each precision is scored"), h("ul", {}, Object.entries(card.methods || {}).map(([k, v]) => h("li", {}, h("strong", {}, k), `: ${v}`)))),
     table([
       { label: "dims", num: true, cell: (r) => r.dims },
       { label: "precision", cell: (r) => r.precision },
