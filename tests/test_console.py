@@ -57,6 +57,17 @@ def test_the_metrics_history_is_bounded_evenly_spaced_and_paged(tmp_path, monkey
     assert empty["data"] == [] and empty["pagination"]["total_results"] == 0
 
 
+def test_the_wheel_ships_every_console_file(built_wheel):
+    """The console works offline only if every file it serves is in the wheel (package data is a list by hand)."""
+    import zipfile
+
+    shipped = set(zipfile.ZipFile(built_wheel).namelist())
+    static = ROOT / "cluster" / "console" / "static"
+    files = {p.relative_to(ROOT).as_posix() for p in static.rglob("*") if p.is_file()}
+    assert "cluster/console/static/vendor/swagger-ui/LICENSE" in files and len(files) > 15
+    assert files <= shipped, sorted(files - shipped)
+
+
 # ---------------------------------------------------------------- the live platform and the browser
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, tiny_bert):
@@ -236,6 +247,7 @@ def test_upload_shows_the_bad_line_and_a_description_is_only_text(live, browser)
 
 def test_a_job_from_the_form_shows_its_progress_and_loss_curve_moving(live, browser, tiny_bert):
     go(browser, live, "/jobs/new?dataset=tiny-data", "New job")
+    wait(browser, lambda d: css(d, "#job-lr"))
     # the model card's conservative defaults, and its advice against this dataset's size
     assert [css(browser, f"#job-{f}").get_attribute("value") for f in ("lr", "wd", "epochs")] == ["5e-6", "0.01", "1"]
     assert "5,000-10,000" in css(browser, "#size-advice").text and "has 64" in css(browser, "#size-advice").text
@@ -316,6 +328,7 @@ def test_deploy_it_try_it_and_search_side_by_side(live, browser):
     live.api.models.wait_ready("tiny-base", timeout_s=300)
     live.api.deployments.create("tiny-base", model="tiny-base", num_cpus=0.25)  # the search's other side
     go(browser, live, "/deployments?model=tiny-tuned", "Deployments")
+    wait(browser, lambda d: css(d, "#dep-cpus"))
     css(browser, "#dep-cpus").clear()
     css(browser, "#dep-cpus").send_keys("0.25")
     shot(browser, "deployments")

@@ -75,7 +75,8 @@ export async function detail(main, [id], ctx) {
     if (!spec.firstChild) spec.append(h("summary", {}, "Config as submitted"), h("pre", {}, JSON.stringify(job.spec, null, 2)));
     try {
       const text = await get(ws(`/customization/jobs/${encodeURIComponent(id)}/logs`), { raw: true });
-      logs.textContent = text.trimEnd().split("\n").slice(-40).join("\n") || "(no output yet)";
+      // Ray colours its log lines (ANSI escapes): shown as plain text
+      logs.textContent = text.replace(/\x1b\[[0-9;]*m/g, "").trimEnd().split("\n").slice(-40).join("\n") || "(no output yet)";
     } catch (err) { logs.textContent = `(logs not available: ${err.message})`; }
     return DONE.includes(job.status);
   }

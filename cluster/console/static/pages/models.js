@@ -64,10 +64,10 @@ function reportCard(card) {
 }
 
 export async function detail(main, [name]) {
-  const m = await get(ws(`/models/${encodeURIComponent(name)}`));
+  const [m, all] = await Promise.all([get(ws(`/models/${encodeURIComponent(name)}`)), get(ws("/deployments?page_size=1000"))]);
+  const deps = all.data.filter((d) => d.model === m.name || d.pending_model === m.name);
   main.append(h("h1", {}, `Model ${m.name}`), h("p", {}, badge(m.status), " ", m.description || ""));
   if (m.error) main.append(h("div", { class: "error" }, m.error));
-  const deps = (await get(ws("/deployments?page_size=1000"))).data.filter((d) => d.model === m.name || d.pending_model === m.name);
   main.append(h("section", { class: "card", "aria-labelledby": "lin-h" }, h("h2", { id: "lin-h" }, "Lineage"),
     h("div", { class: "lineage", id: "lineage" },
       m.source_job ? link(`#/jobs/${encodeURIComponent(m.source_job)}`, `job ${m.source_job}`) : h("span", { class: "muted" }, `base ${m.base_model}`),

@@ -45,6 +45,8 @@ export async function detail(main, [id], ctx) {
     h("section", { class: "card" }, h("h2", {}, "Trials"), table([
       { label: "learning rate", num: true, cell: (t) => String(t.lr) }, { label: "status", cell: (t) => badge(t.status === "ok" ? "completed" : t.status) },
       { label: "nDCG@10", num: true, cell: (t) => fmt.num(t.ndcg) }, { label: "Recall@10", num: true, cell: (t) => fmt.num(t.recall) },
+      { label: "loss", num: true, cell: (t) => fmt.num(t.loss) }, { label: "val loss", num: true, cell: (t) => fmt.num(t.val_loss) },
+      { label: "seconds", num: true, cell: (t) => fmt.num(t.seconds, 0) }, { label: "extension", cell: (t) => (t.extension ? "yes" : "") },
       { label: "", cell: (t) => (best && t.lr === best.lr ? "★ winner" : t.error || "") }], trials)));
     return DONE.includes(j.status);
   };
