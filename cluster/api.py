@@ -267,6 +267,8 @@ app.add_api_route(WS + "/deployments/{name}/export", export_deployment, methods=
                   response_model=None, responses=answers(200, None, "the manifest", content={
                       "application/yaml": {"schema": {"type": "string"}}, "application/json": {"schema": {"type": "object"}}}),
                   summary="a KubeRay RayService manifest that serves the deployment's model on a serving-only cluster")
+
+
 @api_route("management", _metrics)
 async def job_metrics(request: Request, workspace: str = _path_param("workspace"), job_id: str = _path_param("job_id"),
                       page: int = Query(1, ge=1, le=schemas.MAX_PAGE, description="from 1"),

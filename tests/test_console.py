@@ -402,6 +402,27 @@ def test_every_page_reads_at_1280_and_narrow_and_a_401_asks_again(live, browser)
     wait(browser, lambda d: css(d, "main h1").text == "Datasets")  # back where the user was
 
 
+def test_a_paged_list_of_a_hundred_answers_in_under_a_second_and_undeploy(live, browser):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: live.api.datasets.create(f"many-{i:03d}", description=f"dataset {i}"), range(100)))
+    go(browser, live, "/models", "Models")
+    start = time.monotonic()
+    browser.execute_script("location.hash = '#/datasets'")
+    wait(browser, lambda d: "(102 in all)" in css(d, "#datasets .pager").text, every=0.02)
+    seconds = time.monotonic() - start
+    assert len(all_css(browser, "#datasets tbody tr")) == 20 and seconds < 1.0, seconds
+    print(json.dumps({"datasets page, 102 datasets": round(seconds, 3)}))
+    # undeploy from the deployment's page (the browser's confirm, accepted): the list no longer serves it
+    go(browser, live, "/deployments/tiny-base", "Deployment tiny-base")
+    wait(browser, lambda d: css(d, "#undeploy")).click()
+    browser.switch_to.alert.accept()
+    wait(browser, lambda d: css(d, "main h1").text == "Deployments")
+    wait(browser, lambda d: "tiny-base" not in css(d, "#deployments").text or "DELETING" in css(d, "#deployments").text)
+    assert live.api.deployments.retrieve("tiny-tuned").status == "READY"
+
+
 def test_docs_lists_the_operations_with_no_request_leaving_loopback(live, browser):
     browser.get_log("performance")  # drop what the console's pages sent
     browser.get(live.base_url + "/docs")  # this tab's key (sessionStorage) reads /openapi.json

@@ -47,7 +47,6 @@ class VerificationService(Core):
                                               verification=verification)
         return current.model_dump(mode="json")
 
-
     def search_deployment(self, workspace: str, name: str, body: dict) -> dict:
         """Side-by-side search (cluster/search.py): the query against the deployment's model's evaluation corpus,
         ranked by its replicas and, with `compare_with`, by another deployment's; never under the lock."""

@@ -18,7 +18,7 @@ function ticks(lo, hi, n = 5) {
 
 const label = (v) => (Math.abs(v) >= 1000 ? Math.round(v).toString() : Math.abs(v) < 0.01 && v !== 0 ? v.toExponential(1) : (+v.toPrecision(3)).toString());
 
-// series: [{name, points: [[x, y], ...]}]; opts: {title, xLabel, yLabel, logX, best: [x, y], id}
+// series: [{name, points: [[x, y], ...]}]; opts: {title, xLabel, yLabel, logX, xTicks, best: [x, y], id, empty}
 export function lineChart(series, opts = {}) {
   const all = series.flatMap((se) => se.points).filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
   const fx = opts.logX ? (x) => Math.log10(x) : (x) => x;
@@ -40,7 +40,7 @@ export function lineChart(series, opts = {}) {
     svg.append(s("line", { x1: L, x2: W - R, y1: py(v), y2: py(v), class: "gridline" }));
     svg.append(s("text", { x: L - 6, y: py(v) + 4, "text-anchor": "end" }, label(v)));
   }
-  for (const v of ticks(x0, x1)) {
+  for (const v of opts.xTicks ? opts.xTicks.map(fx) : ticks(x0, x1)) {  // xTicks: the points' own x (sizes, rates)
     const x = opts.logX ? 10 ** v : v;
     svg.append(s("text", { x: px(x), y: H - B + 16, "text-anchor": "middle" }, label(x)));
   }

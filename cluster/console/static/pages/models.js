@@ -51,7 +51,7 @@ function reportCard(card) {
   return h("section", { class: "card", id: "report-card", "aria-labelledby": "card-h" },
     h("h2", { id: "card-h" }, "Report card"),
     h("p", { class: "hint" }, `Every size x every way of storing the vectors, on ${card.documents} documents and ${card.queries} queries: what each costs and what it keeps.`),
-    sug, legend(card.precisions), lineChart(series, { title: "tuned nDCG@10 by size", xLabel: "dimensions", yLabel: "nDCG@10", logX: card.sizes.length > 1, id: "card-chart" }),
+    sug, legend(card.precisions), lineChart(series, { title: "tuned nDCG@10 by size", xLabel: "dimensions", yLabel: "nDCG@10", logX: card.sizes.length > 1, xTicks: card.sizes, id: "card-chart" }),
     h("details", {}, h("summary", {}, "How each precision is scored"), h("ul", {}, Object.entries(card.methods || {}).map(([k, v]) => h("li", {}, h("strong", {}, k), `: ${v}`)))),
     table([
       { label: "dims", num: true, cell: (r) => r.dims },

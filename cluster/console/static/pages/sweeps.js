@@ -41,7 +41,7 @@ export async function detail(main, [id], ctx) {
       j.result && j.result.eval && j.result.eval.verdict ? ["against the base", `${j.result.eval.verdict.outcome}, ${intervalText(j.result.eval.verdict.interval, j.result.eval.verdict["delta_ndcg@10"])}`] : null])
       : h("p", { class: "muted" }, DONE.includes(j.status) ? "no trial succeeded" : "when the trials finish")),
     h("section", { class: "card" }, h("h2", {}, "Validation nDCG@10 by learning rate"),
-      lineChart([{ name: "trials", points: ok.map((t) => [t.lr, t.ndcg]) }], { title: "nDCG@10 by learning rate", xLabel: "learning rate (log)", yLabel: "nDCG@10", logX: true, best: best && best.ndcg != null ? [best.lr, best.ndcg] : null, id: "sweep-chart" })),
+      lineChart([{ name: "trials", points: ok.map((t) => [t.lr, t.ndcg]) }], { title: "nDCG@10 by learning rate", xLabel: "learning rate (log)", yLabel: "nDCG@10", logX: true, xTicks: ok.length ? ok.map((t) => t.lr) : null, best: best && best.ndcg != null ? [best.lr, best.ndcg] : null, id: "sweep-chart" })),
     h("section", { class: "card" }, h("h2", {}, "Trials"), table([
       { label: "learning rate", num: true, cell: (t) => String(t.lr) }, { label: "status", cell: (t) => badge(t.status === "ok" ? "completed" : t.status) },
       { label: "nDCG@10", num: true, cell: (t) => fmt.num(t.ndcg) }, { label: "Recall@10", num: true, cell: (t) => fmt.num(t.recall) },
