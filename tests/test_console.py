@@ -219,7 +219,8 @@ def test_upload_shows_the_bad_line_and_a_description_is_only_text(live, browser)
     _upload(browser, "broken", XSS, {"training.jsonl": bad})
     error = wait(browser, lambda d: css(d, "#upload-error"), timeout=60)
     assert "training.jsonl:3: field 'neg_doc' must be a list" in error.text, error.text
-    assert [c.text for c in all_css(browser, "#upload-problems tbody td")][:2] == ["3", "neg_doc"], css(browser, "#upload-status").get_attribute("outerHTML")  # line, field
+    cells = [c.text for c in all_css(browser, "#upload-problems tbody td")]
+    assert cells[:2] == ["3", "neg_doc"], css(browser, "#upload-status").get_attribute("outerHTML")  # line, field
     shot(browser, "datasets-upload-error")
 
     good = live.files / "good" / "training.jsonl"
@@ -307,7 +308,8 @@ def test_the_finished_model_shows_its_report_card(live, browser):
     model = live.api.models.retrieve("tiny-tuned")
     card = model.evaluation.card
     go(browser, live, "/models", "Models")
-    rows = wait(browser, lambda d: [r.text for r in all_css(d, "#models tbody tr")] if len(all_css(d, "#models tbody tr")) == 2 else None)
+    rows = wait(browser, lambda d: [r.text for r in all_css(d, "#models tbody tr")] if len(all_css(d, "#models tbody tr")) == 2
+                else None)
     tuned = next(r for r in rows if r.startswith("tiny-tuned"))
     assert model.evaluation.verdict in tuned and "95% CI" in tuned and "16, 32" in tuned
     go(browser, live, "/models/tiny-tuned", "Model tiny-tuned")
@@ -353,7 +355,7 @@ def test_deploy_it_try_it_and_search_side_by_side(live, browser):
     assert Select(css(browser, "#search-compare")).first_selected_option.get_attribute("value") == "tiny-base"
     box.send_keys(query)
     css(browser, "#search-form button[type=submit]").click()
-    sides = wait(browser, lambda d: all_css(d, "#search-out section.hits") if len(all_css(d, "#search-out section.hits")) == 2 else None,
+    sides = wait(browser, lambda d: (lambda found: found if len(found) == 2 else None)(all_css(d, "#search-out section.hits")),
                  timeout=120)
     assert [s.get_attribute("data-deployment") for s in sides] == ["tiny-tuned", "tiny-base"]
     for side in sides:
@@ -366,7 +368,8 @@ def test_deploy_it_try_it_and_search_side_by_side(live, browser):
 
 
 def test_every_page_reads_at_1280_and_narrow_and_a_401_asks_again(live, browser):
-    for hash_, heading, name in [("/jobs", "Jobs", "jobs"), ("/sweeps", "Sweeps", "sweeps"), ("/", "Overview", "overview-after")]:
+    for hash_, heading, name in [("/jobs", "Jobs", "jobs"), ("/sweeps", "Sweeps", "sweeps"),
+                                 ("/", "Overview", "overview-after")]:
         go(browser, live, hash_, heading)
         time.sleep(0.5)
         shot(browser, name)
