@@ -26,7 +26,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from pydantic import BaseModel
 
-from cluster import kuberay, schemas, upload_ingress
+from cluster import console, kuberay, metrics, schemas, search, upload_ingress
 from cluster.entities import DATASET_FILES, NAME_PATTERN
 from cluster.services.base import check_body
 from cluster.settings import CONTROL_PLANE, NAMESPACE
@@ -46,7 +46,7 @@ WS = "/v2/workspaces/{workspace}"
 
 app = FastAPI(title="rayembed", description="Customize and serve embedding models on Ray: management API "
               "(workspaces, models, customization jobs, deployment configs, deployments, providers) and the "
-              "OpenAI/NIM-compatible inference gateway.", docs_url="/docs", redoc_url=None)
+              "OpenAI/NIM-compatible inference gateway.", docs_url=None, redoc_url=None)  # /docs: cluster/console (offline)
 inference_routes(app, installed_core)  # the core lives in serve.gateway (see the note there)
 install_error_handlers(app, name_rule=schemas.NAME_DOC)  # a name that breaks the rule is told the rule
 
@@ -56,6 +56,7 @@ def _keys() -> KeyRing | None:
 
 
 app.add_middleware(BearerAuth, ring=_keys, on_error=error_response)
+console.install(app)  # /console and /docs: static pages outside BearerAuth; they call the API with the user's key
 ADMIN_ONLY = {"create_workspace": "creating", "delete_workspace": "deleting"}
 
 
@@ -205,6 +206,7 @@ for _verb, _path, _method, _answer, _opts in [
     ("PATCH", WS + "/deployments/{name}", "update_deployment", Out.DeploymentOut, {"body": S.DeploymentUpdate}),
     ("DELETE", WS + "/deployments/{name}", "delete_deployment", Out.DeploymentOut, {}),
     ("POST", WS + "/deployments/{name}/verify", "verify_deployment", Out.DeploymentOut, {}),
+    ("POST", WS + "/deployments/{name}/search", "search_deployment", search.SearchOut, {"body": search.SearchRequest}),
     ("GET", WS + "/providers", "list_providers", Out.ProviderOut, {"listing": True}),
     ("GET", WS + "/providers/{name}", "get_provider", Out.ProviderOut, {}),
 ]:
@@ -255,7 +257,20 @@ app.add_api_route(WS + "/deployments/{name}/export", export_deployment, methods=
                   response_model=None, responses=answers(200, None, "the manifest", content={
                       "application/yaml": {"schema": {"type": "string"}}, "application/json": {"schema": {"type": "object"}}}),
                   summary="a KubeRay RayService manifest that serves the deployment's model on a serving-only cluster")
-install_openapi(app, [schemas.WorkspaceCreate, schemas.ModelCreate, schemas.DatasetCreate, schemas.JobCreate,
+
+
+@api_route("management", _metrics)
+async def job_metrics(request: Request, workspace: str = _path_param("workspace"), job_id: str = _path_param("job_id"),
+                      page: int = Query(1, ge=1, le=schemas.MAX_PAGE, description="from 1"),
+                      page_size: int = Query(metrics.DEFAULT_POINTS, ge=1, le=schemas.MAX_PAGE_SIZE)) -> Response:
+    _authorize(access_of(request.scope), "job_metrics", workspace)
+    return json_response(_out(metrics.JobMetricsOut, await _call("job_metrics", workspace, job_id, page, page_size)))
+
+
+app.add_api_route(WS + "/customization/jobs/{job_id}/metrics", job_metrics, methods=["GET"], operation_id="job_metrics",
+                  response_model=None, responses=answers(200, metrics.JobMetricsOut, "the metrics history"),
+                  summary="the job's training records (step, loss, lr, examples/s) and validations, downsampled, paged")
+install_openapi(app, [search.SearchRequest, schemas.WorkspaceCreate, schemas.ModelCreate, schemas.DatasetCreate, schemas.JobCreate,
                       schemas.DeploymentConfigCreate, schemas.DeploymentConfigUpdate, schemas.DeploymentCreate,
                       schemas.DeploymentUpdate, EmbeddingRequest])
 

@@ -44,10 +44,11 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "datasets": ("create_dataset", "list_datasets", "get_dataset", "begin_upload", "end_upload", "add_dataset_file",
                  "delete_dataset"),
     "models": ("list_models", "get_model", "create_model", "delete_model"),
-    "jobs": ("create_job", "list_jobs", "get_job", "job_status", "cancel_job", "resume_job", "job_logs"),
+    "jobs": ("create_job", "list_jobs", "get_job", "job_status", "cancel_job", "resume_job", "job_logs", "job_metrics"),
     "deployments": ("create_deployment_config", "update_deployment_config", "get_deployment_config",
                     "list_deployment_configs", "delete_deployment_config", "create_deployment", "update_deployment",
-                    "get_deployment", "export_deployment", "list_deployments", "delete_deployment", "verify_deployment"),
+                    "get_deployment", "export_deployment", "list_deployments", "delete_deployment", "verify_deployment",
+                    "search_deployment"),
 }
 
 

@@ -191,6 +191,7 @@ def up(s: Settings, num_cpus: int | None = None, num_gpus: int | None = None, lo
     serve.run(build_upload_app(), name=UPLOAD_APP, route_prefix=PREFIX)  # uploads: never through the API's replica
     wait_http(s.base_url + "/v1/health/live")
     log(f"api: {s.base_url} (OpenAPI docs {s.base_url}/docs)")
+    log(f"console: {s.base_url}/console")
     return record
 
 

@@ -52,10 +52,12 @@ SAMPLE = ROOT / "data" / "debian-pkgdesc-sample"
 # worker is free. (xdist's own `--dist loadgroup` does this by renaming items, which pytest 9 no longer allows.)
 # Work starts longest first, so that no long test is left to run alone at the end: SLOW_S holds the seconds each
 # slow test (or grouped module) took on the 2-core VM beside the other worker. Only the order depends on them.
-TOGETHER = ("tests/test_multinode.py", "tests/test_platform.py", "tests/test_serve.py", "tests/test_kuberay.py")
+TOGETHER = ("tests/test_multinode.py", "tests/test_platform.py", "tests/test_serve.py", "tests/test_kuberay.py",
+            "tests/test_console.py")
 SLOW_S = {
     "tests/test_platform.py": 693, "tests/test_job.py::test_the_readme_minilm_job": 349, "tests/test_multinode.py": 320,
-    "tests/test_serve.py": 292, "tests/test_kuberay.py": 120, "tests/test_tune.py::test_absurd": 115,
+    "tests/test_serve.py": 292, "tests/test_console.py": 215, "tests/test_kuberay.py": 120,
+    "tests/test_tune.py::test_absurd": 115,
     "tests/test_install.py::test_serving_install": 130, "tests/test_bench.py::test_soak": 64,
     "tests/test_job.py::test_full_sft": 62, "tests/test_serve_cli.py": 30, "tests/test_job.py::test_killed_worker": 75,
     "tests/test_job.py::test_job_console": 49, "tests/test_batch.py::test_corpus_embedding_matches": 35,

@@ -30,6 +30,7 @@ from train.step import compile_encoder, make_optimizer, micro_batch_loss, tokeni
 from train.model import build_bi_encoder, inspect_model, merge_lora, quiet_libraries, resolve_prefixes, save_hf_directory
 from train.staging import stage_inputs
 from rayembed.artifact import TextTokenizer
+from rayembed.history import MetricsHistory
 from rayembed.progress import ProgressWriter, progress_line, progress_record
 
 STATE_FILE = "train_state.json"
@@ -150,6 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
     loss_value, train_start = float("nan"), time.time()
     last_report = -math.inf  # time.monotonic() of the last report to Ray Train
     progress = ProgressWriter()
+    history = MetricsHistory.for_run(given.output.dir, resumed_from)  # the job's metrics route plots it
     for step in range(start_step, total):
         rows = batch_rows(step, per_epoch, len(train_idx), G, cfg.training.seed)
         batches = [tokenize(tokenizer, [reader[int(i)] for i in chunk], prefixes, n_neg)
@@ -174,6 +176,7 @@ def train_loop_per_worker(config: dict) -> None:
             sys.stdout.write(progress_line(done, total, loss_value, metrics["examples_per_s"], G) + "\n")
             sys.stdout.flush()
             progress(progress_record(done, total, loss_value, metrics["examples_per_s"], G))  # the control plane's copy
+            history.record(done, total, loss_value, metrics["lr"], metrics["examples_per_s"])
             if done % cfg.output.checkpoint_every_steps == 0 and done < total:
                 with tempfile.TemporaryDirectory() as tmp:
                     save_state(Path(tmp), model, optimizer, scheduler, done, {"resumed_from_step": resumed_from})
@@ -195,6 +198,7 @@ def train_loop_per_worker(config: dict) -> None:
     val_set = retrieval_set_from_examples(ExampleReader(val_idx, EVAL_NEGATIVES))
     val_emb = embed_set(model, tokenizer, val_set, prefixes, device, cfg.precision)
     val_metrics = mean_metrics(per_query_scores(*val_emb, val_set))
+    history.validate(total, total, {"val_loss": val_loss, **val_metrics})
     eval_set, eval_name, tuned_emb = val_set, "validation split", val_emb
     if cfg.dataset.evaluation:
         from train.data import load_beir

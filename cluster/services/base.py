@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from cluster.tenancy import Confinement
 from cluster.entities import (JOB_DONE, NAME, CustomizationJob, Dataset, Entity, ModelDeployment, ModelDeploymentConfig,
                               ModelEntity, ModelProvider, Workspace)
-from cluster import schemas
+from cluster import schemas, search
 from cluster.schemas import NAME_DOC as NAME_RULE
 from cluster.store import Store
 from rayembed import storage
@@ -91,6 +91,7 @@ BODIES: dict[str, tuple[type, str, str | None, Callable[[dict], None] | None]] =
     "update_deployment_config": (schemas.DeploymentConfigUpdate, "deployment config change", None, None),
     "create_deployment": (schemas.DeploymentCreate, "deployment", "name", None),
     "update_deployment": (schemas.DeploymentUpdate, "deployment change", None, None),
+    "search_deployment": (search.SearchRequest, "search", None, None),
 }
 
 

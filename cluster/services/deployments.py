@@ -246,6 +246,24 @@ class DeploymentService(Service):
 
         return self.ctx.modify(lambda: self.ctx.load("deployment", workspace, name, ModelDeployment), change).model_dump(mode="json")
 
+    def search_deployment(self, workspace: str, name: str, body: dict) -> dict:
+        """Side-by-side search (cluster/search.py): the query against the deployment's model's evaluation corpus,
+        ranked by its replicas and, with `compare_with`, by another deployment's."""
+        from cluster import search
+
+        self.ctx.workspace(workspace)
+        req = search.SearchRequest.model_validate(check_body("search_deployment", body))
+        deps = [self.ctx.load("deployment", workspace, d, ModelDeployment) for d in [name, req.compare_with] if d]
+        for dep in deps:
+            if dep.status != "READY" or dep.app is None:
+                raise Conflict(f"deployment {dep.name!r} is {dep.status}; search needs a READY deployment")
+        evaluation = self.ctx.load("model", workspace, deps[0].model, ModelEntity).evaluation
+        if evaluation is None:
+            raise Conflict(f"model {deps[0].model!r} has no evaluation set to search (a base model, or an artifact "
+                           "registered without its job's eval.json): search from the tuned model's deployment")
+        sides = [(d.name, d.model, d.app, self.ctx.serve.embedder(d.app)) for d in deps]
+        return search.search(sides, evaluation.dataset, req)
+
     # ---------------------------------------------------------------- the reconcile step
     def reconcile(self, dep: ModelDeployment, apps: dict[str, tuple[str, str]]) -> None:
         """A deployment against Serve's applications (`apps`: name -> (status, message)): start a generation, watch

@@ -265,6 +265,13 @@ class JobService(Service):
                         result=result, progress=progress) is None:
             self.ctx.remove(model)  # the job changed meanwhile (cancelled): no model; the next pass looks again
 
+    # ---------------------------------------------------------------- metrics history (the console plots it)
+    def job_metrics(self, workspace: str, job_id: str, page: int = 1, page_size: int = 500) -> dict:
+        """The job's training records and validations (cluster/metrics.py), one page of them."""
+        from cluster import metrics
+
+        return metrics.job_metrics(self.get_job(workspace, job_id), page, page_size)
+
 
 def _moved(job: CustomizationJob, status: str, reason: str = "", **changes) -> CustomizationJob:
     """`job` in `status`, with the change in its history (a change to the same status adds none)."""
