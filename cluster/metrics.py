@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from cluster import jobs
+from cluster import job_files
 from cluster.schemas import Answer, Pagination
 from rayembed import storage
 from rayembed.history import FILE, downsample
@@ -49,7 +49,7 @@ class JobMetricsOut(Answer):
 
 def metrics_uri(output_dir: str) -> str:
     """Beside the job's progress record."""
-    return storage.join(storage.parent(jobs.progress_uri(output_dir)), FILE)
+    return storage.join(storage.parent(job_files.progress_uri(output_dir)), FILE)
 
 
 def read_history(output_dir: str) -> dict:
