@@ -161,7 +161,7 @@ def up(s: Settings, num_cpus: int | None = None, num_gpus: int | None = None, lo
 
     from cluster.api import build_api_app
     from cluster.controlplane import ControlPlane
-    from cluster.services.jobs import driver_reservation
+    from cluster.ray_jobs import driver_reservation
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # one line per step below is what a person reads
     log(f"ray: {record['gcs_address']} (dashboard {record['dashboard_url']}; Serve ingress: "

@@ -279,3 +279,21 @@ def test_every_module_of_the_tree_imports():
             "    except Exception as exc:\n        bad.append(f'{m}: {type(exc).__name__}: {exc}')\nprint(bad)")
     proc = subprocess.run([sys.executable, "-c", code, *modules], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert len(modules) > 100 and proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_every_import_of_the_trees_own_names_resolves():
+    """Every `from <our package> import name`, at module level or inside a function, names something that exists:
+    an import inside a function runs only when that path runs, so a rename could leave one behind."""
+    code = ("import ast, importlib, pathlib, sys\nroot = pathlib.Path(sys.argv[1])\nbad = []\n"
+            "for pkg in sys.argv[2:]:\n    for p in sorted((root / pkg).rglob('*.py')):\n"
+            "        for n in ast.walk(ast.parse(p.read_text())):\n"
+            "            if isinstance(n, ast.ImportFrom) and n.module and n.level == 0 and n.module.split('.')[0] in sys.argv[2:]:\n"
+            "                m = importlib.import_module(n.module)\n"
+            "                for a in n.names:\n"
+            "                    if not hasattr(m, a.name):\n"
+            "                        try:\n                            importlib.import_module(n.module + '.' + a.name)\n"
+            "                        except ImportError:\n                            bad.append(f'{p.relative_to(root)}:{n.lineno}: {n.module}.{a.name}')\n"
+            "print(bad)")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), *PACKAGES, "bench", "tests", "examples"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip().splitlines()[-1:] == ["[]"], proc.stdout[-3000:] + proc.stderr[-3000:]
