@@ -110,7 +110,7 @@ def test_quickstart_story_on_a_tiny_model(platform, tiny_bert):
     assert [h.status for h in job.status_history][-1] == "completed" and "pending" in [h.status for h in job.status_history]
     model = c.models.retrieve("tiny-debian")
     assert model.status == "ready" and model.embedding_dim == 32 and model.source_job == job.name
-    assert model.evaluation.verdict == "inconclusive" and model.evaluation.interval.low < 0 < model.evaluation.interval.high
+    assert model.evaluation.verdict == "inconclusive" and model.evaluation.interval.low <= 0 <= model.evaluation.interval.high
     assert model.evaluation.tuned["ndcg@10"] == job.result["eval"]["tuned"]["ndcg@10"]
     assert Path(model.artifact.hf_uri, "config.json").is_file()
     assert model.parameter_count > 10_000
@@ -341,12 +341,16 @@ def test_the_api_is_typed_paged_and_fuzzed(platform, tmp_path):
                        [x.name for x in d.datasets.list()], [j.name for j in d.customization.jobs.list()])
     before = outside()
     # schemathesis, as a new user would run it, in the fuzz workspace (tests/schemathesis.toml); model registration
-    # is left out (a random base_model name would start an export job per example)
+    # is left out (a random base_model name would start an export job per example), and so is deleting a workspace:
+    # the config pins {workspace} to the fuzz workspace, so once its inferred links have emptied it, the stateful
+    # phase deletes the fixture itself and reads the next 404 as "created resource not found" (what deleting a
+    # workspace answers is tested in test_security, test_tenancy and test_names_unknowns_and_workspace_isolation)
     report = tmp_path / "schemathesis.json"
     proc = subprocess.run([str(Path(sys.executable).parent / "schemathesis"), "--config-file",
                            str(ROOT / "tests" / "schemathesis.toml"), "run", platform.base_url + "/openapi.json",
                            "--checks", "all", "--exclude-checks", "positive_data_acceptance", "-n", "25", "--seed", "7",
-                           "--exclude-operation-id", "create_model", "--exclude-path", "/v1/health/ready",
+                           "--exclude-operation-id", "create_model", "--exclude-operation-id", "delete_workspace",
+                           "--exclude-path", "/v1/health/ready",
                            "--report", "json", "--report-json-path", str(report)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]

@@ -586,8 +586,12 @@ def test_provider_app_429_and_503(gateway, artifacts, offline, ray_session):
     assert status == 503 and "ghost-app" in body["error"]["message"]
 
     payload = {"model": "tight", "input": [" ".join(["word"] * 200)] * 32}
-    with ThreadPoolExecutor(12) as pool:
-        answers = list(pool.map(lambda _: call(gateway + "/v1/embeddings", payload), range(12)))
+    answers: list = []
+    for _ in range(3):  # the gateway sends requests that arrive together as one call: a busy machine may need waves
+        with ThreadPoolExecutor(16) as pool:
+            answers += list(pool.map(lambda _: call(gateway + "/v1/embeddings", payload), range(16)))
+        if any(a[0] == 429 for a in answers):
+            break
     codes = sorted(a[0] for a in answers)
     assert 200 in codes and 429 in codes, codes
     limited = next(a for a in answers if a[0] == 429)
