@@ -348,7 +348,7 @@ def test_the_api_is_typed_paged_and_fuzzed(platform, tmp_path):
     report = tmp_path / "schemathesis.json"
     proc = subprocess.run([str(Path(sys.executable).parent / "schemathesis"), "--config-file",
                            str(ROOT / "tests" / "schemathesis.toml"), "run", platform.base_url + "/openapi.json",
-                           "--checks", "all", "--exclude-checks", "positive_data_acceptance", "-n", "25", "--seed", "7",
+                           "--checks", "all", "--exclude-checks", "positive_data_acceptance", "-n", "12", "--seed", "7",
                            "--exclude-operation-id", "create_model", "--exclude-operation-id", "delete_workspace",
                            "--exclude-path", "/v1/health/ready",
                            "--report", "json", "--report-json-path", str(report)],
