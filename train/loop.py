@@ -138,8 +138,8 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         state = restore_state(checkpoint, model, optimizer, scheduler, device)
-        if state.get("final"):
-            _report(state["metrics"])
+        if state.get("final"):  # it had finished: the restored final checkpoint is the run's result
+            _report({**state["metrics"], "resumed_from_step": state["step"]})
             return
         start_step = resumed_from = state["step"]
 
