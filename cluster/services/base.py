@@ -16,7 +16,7 @@ from typing import Any, Callable, TypeVar
 from pydantic import ValidationError
 
 from cluster.tenancy import Confinement
-from cluster.entities import (JOB_DONE, NAME, CustomizationJob, Dataset, Entity, ModelDeployment, ModelDeploymentConfig,
+from cluster.entities import (JOB_DONE, NAME, CustomizationJob, Dataset, ModelDeployment, ModelDeploymentConfig,
                               ModelEntity, ModelProvider, Workspace)
 from cluster import schemas, search
 from cluster.schemas import NAME_DOC as NAME_RULE
@@ -198,13 +198,6 @@ class Context:
 
     def all(self, kind: str, model: type, workspace: str | None = None) -> list:
         return [model.model_validate(b) for b in self.store.list(kind, workspace)]
-
-    def fresh(self, entity: Entity, model: type):
-        """The stored entity if nobody changed it since `entity` was read, else None (skip this tick)."""
-        body = self.store.get(KIND_OF[model], entity.workspace, entity.name)
-        if body is None or body["updated_at"] != entity.updated_at:
-            return None
-        return model.model_validate(body)
 
     # ---------------------------------------------------------------- workspaces: existence, folder, limits
     def workspace(self, workspace: str) -> str:
