@@ -168,7 +168,7 @@ def shot(driver, name: str) -> None:
 def go(driver, live, hash_: str, heading: str) -> None:
     driver.get(f"{live.base_url}/console#{hash_}") if not driver.current_url.startswith(live.base_url + "/console") \
         else driver.execute_script("location.hash = arguments[0]", hash_)
-    wait(driver, lambda d: css(d, "main h1").text.startswith(heading))
+    wait(driver, lambda d: css(d, "main h1").text.startswith(heading) and css(d, "main").get_attribute("aria-busy") is None)
 
 
 def csp_violations(driver) -> list[str]:
@@ -205,6 +205,31 @@ def _upload(browser, name: str, description: str, files: dict[str, Path]) -> Non
     for path, local in files.items():
         css(browser, f"#file-{slug(path)}").send_keys(str(local))
     css(browser, "#new-dataset button[type=submit]").click()
+
+
+def test_what_a_user_types_while_a_page_loads_is_kept(live, browser):
+    """A form's fields exist before its page's data arrives. On a slow link a user types into them at once; when
+    the page has rendered, the console must not move focus away (their next keystrokes would be lost)."""
+    from selenium.webdriver.common.keys import Keys
+
+    go(browser, live, "/", "Overview")
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.emulateNetworkConditions", {
+        "offline": False, "latency": 1500, "downloadThroughput": -1, "uploadThroughput": -1})
+    try:
+        browser.execute_script("location.hash = '#/datasets'")
+        field = wait(browser, lambda d: css(d, "#ds-description"))
+        assert css(browser, "main").get_attribute("aria-busy") == "true"  # the list is still on its way
+        field.click()
+        field.send_keys("typed ")
+        wait(browser, lambda d: css(d, "main").get_attribute("aria-busy") is None, timeout=20)
+        browser.switch_to.active_element.send_keys("while it loaded", Keys.TAB)
+    finally:
+        browser.execute_cdp_cmd("Network.emulateNetworkConditions", {
+            "offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+    assert css(browser, "#ds-description").get_attribute("value") == "typed while it loaded"
+    browser.refresh()  # an empty form for the next test
+    wait(browser, lambda d: css(d, "#ds-name") and css(d, "main").get_attribute("aria-busy") is None)
 
 
 def test_upload_shows_the_bad_line_and_a_description_is_only_text(live, browser):

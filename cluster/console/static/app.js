@@ -39,9 +39,19 @@ function context(gen, query) {
   };
 }
 
+// While a page renders, main is aria-busy (screen readers wait; so can a test).
 async function route() {
   stopTimers();
   const gen = ++generation;
+  main.setAttribute("aria-busy", "true");
+  try {
+    await renderRoute(gen);
+  } finally {
+    if (gen === generation) main.removeAttribute("aria-busy");
+  }
+}
+
+async function renderRoute(gen) {
   const [path, q] = (location.hash.replace(/^#/, "") || "/").split("?");
   const query = new URLSearchParams(q || "");
   for (const a of document.querySelectorAll("#nav a")) a.removeAttribute("aria-current");
@@ -66,6 +76,7 @@ async function route() {
 function signIn(message) {
   stopTimers();
   generation++;
+  main.removeAttribute("aria-busy");
   document.getElementById("nav").hidden = true;
   document.getElementById("who").hidden = true;
   const input = h("input", { type: "password", id: "api-key", name: "api-key", autocomplete: "off", required: true,
@@ -114,13 +125,20 @@ async function start(fromLogin = false) {
   // the skip link moves focus to the page's content (its #main would be a route for the hash router)
 document.querySelector(".skip").addEventListener("click", (ev) => { ev.preventDefault(); main.focus(); });
 document.getElementById("logout").hidden = !session.key();
-  if (fromLogin && !location.hash) location.hash = "#/";
+  // replaceState fires no hashchange: one render, not two racing over main
+  if (fromLogin && !location.hash) history.replaceState(null, "", "#/");
   await route();
   if (fromLogin) main.focus();
 }
 
 whenUnauthorized(() => { session.setKey(null); signIn("The API refused the key (revoked or mistyped); sign in again."); });
-document.getElementById("workspace").addEventListener("change", (ev) => { session.setWorkspace(ev.target.value); location.hash = "#/"; route(); });
+document.getElementById("workspace").addEventListener("change", (ev) => { session.setWorkspace(ev.target.value);
+  if (location.hash === "#/") route(); else location.hash = "#/";  // a new hash routes through hashchange
+});
 document.getElementById("logout").addEventListener("click", () => { session.setKey(null); signIn(); });
-window.addEventListener("hashchange", () => { if (!document.getElementById("nav").hidden) route().then(() => main.focus()); });
+// Focus moves to the new page once it has rendered, unless the user is already typing in it: stealing focus then
+// would drop their keystrokes (a form's fields exist before its page's data arrives).
+window.addEventListener("hashchange", () => {
+  if (!document.getElementById("nav").hidden) route().then(() => { if (!main.contains(document.activeElement)) main.focus(); });
+});
 start().catch((err) => clear(main).append(errorBox(err)));
