@@ -196,6 +196,39 @@ def test_a_burst_of_jobs_stays_within_the_workspace_quota(tmp_path):
     assert set(outcomes) - {"created"} <= {"QuotaExceeded", "Unavailable"}
 
 
+def test_concurrent_changes_to_a_workspaces_deployments_stay_within_its_replica_quota(tmp_path):
+    """Four deployments of one replica each (max_replicas 8); four requests at once each take theirs to 3 replicas.
+    Only two fit: each request alone saw the others at 1 (3 + 3 <= 8), so without the admission all four passed."""
+    ctx = context(tmp_path, SlowStore(":memory:"))
+    deployments = DeploymentService(ctx, verification=VerificationService(ctx))
+    ctx.save(ModelEntity(name="mini", base_model="b", artifact=Artifact(uri=str(artifact(tmp_path))), embedding_dim=8))
+    for i in range(4):
+        deployments.create_deployment("default", {"name": f"web{i}", "model": "mini"})
+    outcomes: list[str] = []
+    start = threading.Barrier(4)
+
+    def grow(i: int) -> None:
+        start.wait()
+        try:
+            deployments.update_deployment("default", f"web{i}", {"num_replicas": 3})
+            outcomes.append("grown")
+        except Exception as exc:  # noqa: BLE001 - what each request got
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=grow, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    replicas = [ctx.store.get("deployment_config", "default", f"web{i}")["num_replicas"] for i in range(4)]
+    assert outcomes.count("grown") == 2 and sorted(replicas) == [1, 1, 3, 3], (outcomes, replicas)
+    assert set(outcomes) - {"grown"} <= {"QuotaExceeded", "Unavailable"}
+    # a refused change left its config as it was: version 1, and no version 2 recorded
+    for i, n in enumerate(replicas):
+        versions = ctx.store.versions("deployment_config", "default", f"web{i}")
+        assert len(versions) == (2 if n == 3 else 1), (i, versions)
+
+
 def test_deployments_alone_ready_after_probe_and_verification_then_deleted(tmp_path):
     ctx = context(tmp_path)
     deployments = DeploymentService(ctx, verification=VerificationService(ctx))

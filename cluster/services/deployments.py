@@ -39,18 +39,17 @@ class DeploymentService(Service):
 
     def update_deployment_config(self, workspace: str, name: str, body: dict) -> dict:
         body = check_body("update_deployment_config", body)
-
-        def change(old: ModelDeploymentConfig) -> ModelDeploymentConfig:
-            merged = {**old.model_dump(mode="json", exclude={"created_at", "updated_at"}), **body}
-            cfg = validated(ModelDeploymentConfig, merged, "deployment config", workspace=workspace, name=name,
-                            version=old.version + 1, created_at=old.created_at, updated_at=old.updated_at)
-            self._model_for(workspace, cfg.model)
-            return cfg
-
         cfg = self.ctx.modify(lambda: self.ctx.load("deployment_config", self.ctx.workspace(workspace), name,
-                                                    ModelDeploymentConfig), change)
+                                                    ModelDeploymentConfig), lambda old: self._next_version(old, body))
         self.store.add_version("deployment_config", workspace, name, cfg.version, cfg.model_dump(mode="json"))
         return cfg.model_dump(mode="json")
+
+    def _next_version(self, old: ModelDeploymentConfig, changes: dict) -> ModelDeploymentConfig:
+        merged = {**old.model_dump(mode="json", exclude={"created_at", "updated_at"}), **changes}
+        cfg = validated(ModelDeploymentConfig, merged, "deployment config", workspace=old.workspace, name=old.name,
+                        version=old.version + 1, created_at=old.created_at, updated_at=old.updated_at)
+        self._model_for(old.workspace, cfg.model)
+        return cfg
 
     def get_deployment_config(self, workspace: str, name: str) -> dict:
         self.ctx.workspace(workspace)
@@ -175,12 +174,8 @@ class DeploymentService(Service):
         changes = {k: v for k, v in body.items() if k not in ("allow_worse", "config")}
         cfg_name = check_name(body.get("config", dep.config), "deployment config")
         cfg = self.ctx.load("deployment_config", workspace, cfg_name, ModelDeploymentConfig)
-        if changes:  # checked as the new version before it is written: its quota and its model's gate
-            merged = {**cfg.model_dump(mode="json", exclude={"created_at", "updated_at"}), **changes}
-            wanted = validated(ModelDeploymentConfig, merged, "deployment config")
-            self.ctx.quota_for_deployment(workspace, wanted, name)
-            self._gate(self._model_for(workspace, wanted.model), allow_worse, wanted)
-            cfg = ModelDeploymentConfig.model_validate(self.update_deployment_config(workspace, cfg_name, changes))
+        if changes:
+            cfg = self._admit_config_change(workspace, name, cfg_name, changes, allow_worse)
         model = self._model_for(workspace, cfg.model)
         self._gate(model, allow_worse, cfg)
 
@@ -197,6 +192,28 @@ class DeploymentService(Service):
 
         dep = self.ctx.modify(lambda: self.ctx.load("deployment", workspace, name, ModelDeployment), change)
         return dep.model_dump(mode="json")
+
+    def _admit_config_change(self, workspace: str, name: str, cfg_name: str, changes: dict,
+                             allow_worse: bool) -> ModelDeploymentConfig:
+        """The config's next version, checked before it is written (the workspace's replica quota, its model's gate)
+        and written as an admission: two changes at once to one workspace's deployments cannot both pass the quota."""
+        def attempt() -> tuple[ModelDeploymentConfig, ModelDeploymentConfig]:
+            old = self.ctx.load("deployment_config", workspace, cfg_name, ModelDeploymentConfig)
+            wanted = self._next_version(old, changes)
+            self.ctx.quota_for_deployment(workspace, wanted, name)
+            self._gate(self._model_for(workspace, wanted.model), allow_worse, wanted)
+            stored = self.ctx.replace(old, wanted)
+            if stored is None:
+                raise Conflict(f"deployment config {cfg_name!r} changed while this update ran; try again")
+            return old, stored
+
+        def undo(made: tuple[ModelDeploymentConfig, ModelDeploymentConfig]) -> None:
+            old, stored = made
+            self.ctx.replace(stored, old)  # the version before, as it was
+
+        _, cfg = self.ctx.admitted(workspace, attempt, undo)
+        self.store.add_version("deployment_config", workspace, cfg_name, cfg.version, cfg.model_dump(mode="json"))
+        return cfg
 
     def get_deployment(self, workspace: str, name: str) -> dict:
         self.ctx.workspace(workspace)
