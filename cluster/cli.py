@@ -148,6 +148,12 @@ def workspaces_quota(args) -> int:
     return 0
 
 
+def workspaces_policy(args) -> int:
+    ws = _control_plane_call()("set_policy", args.workspace_name, args.require_improved == "yes")
+    print(f"workspace {ws['name']}: require_improved {str(ws['require_improved']).lower()}")
+    return 0
+
+
 def keys_create(args) -> int:
     if bool(args.scope) == args.all_workspaces:
         raise RuntimeError("keys create needs --for WORKSPACE (repeatable) or --all-workspaces")
@@ -484,7 +490,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("id", help="the key's id (`rayembed keys list`)")
     v.set_defaults(fn=keys_revoke)
 
-    wss = verbs("workspaces", "the operator's settings of a workspace (over Ray): data grants and quotas")
+    wss = verbs("workspaces", "the operator's settings of a workspace (over Ray): data grants, quotas, policy")
     for verb, fn, help in (("grant", workspaces_grant, "let the workspace's jobs read under PREFIX (a folder or URI)"),
                            ("revoke-grant", workspaces_revoke_grant, "take a grant back")):
         v = wss.add_parser(verb, help=help)
@@ -498,6 +504,11 @@ def parser() -> argparse.ArgumentParser:
     for name, field in Quota.model_fields.items():
         v.add_argument("--" + name.replace("_", "-"), dest=name, type=field.annotation, help=field.description)
     v.set_defaults(fn=workspaces_quota)
+    v = wss.add_parser("policy", help="the workspace's promotion policy")
+    v.add_argument("workspace_name", metavar="WORKSPACE")
+    v.add_argument("--require-improved", choices=("yes", "no"), required=True,
+                   help="yes: its deployments serve only models whose job's 95%% interval lies above zero")
+    v.set_defaults(fn=workspaces_policy)
 
     models = verbs("models", "model entities")
     models.add_parser("list", help="every model with its status, size and verdict").set_defaults(fn=models_list)

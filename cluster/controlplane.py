@@ -40,6 +40,7 @@ RECONCILE_WORKERS = 16  # entities reconciled at once (each task is mostly waiti
 ROUTES: dict[str, tuple[str, ...]] = {
     "workspaces": ("create_key", "open_mode", "set_open_mode", "list_keys", "revoke_key", "list_workspaces",
                    "create_workspace", "get_workspace", "delete_workspace", "grant_data", "revoke_grant", "set_quota",
+                   "set_policy",
                    "list_providers", "get_provider", "routes"),
     "datasets": ("create_dataset", "list_datasets", "get_dataset", "begin_upload", "end_upload", "add_dataset_file",
                  "delete_dataset"),

@@ -60,6 +60,9 @@ class Workspace(BaseModel):
     data_grants: list[str] = Field(default_factory=list, description="locations outside the storage root its jobs "
                                    "may read (set by the operator)")
     quota: Quota = Field(default_factory=Quota)
+    require_improved: bool = Field(False, description="deploy only models whose job's 95% interval lies above zero, "
+                                   "whatever their deployment config says (set by the operator; a request's "
+                                   "allow_worse still overrides it, and the deployment records that)")
     created_at: float = Field(default_factory=now)
     updated_at: float = Field(default_factory=now)
 

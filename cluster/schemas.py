@@ -179,6 +179,7 @@ class WorkspaceOut(Answer):
     data_grants: list[str] = Field(default_factory=list, description="where its jobs may read besides its datasets "
                                    "(set by the operator)")
     quota: QuotaOut | None = Field(None, description="its limits (set by the operator)")
+    require_improved: bool = Field(False, description="its deployments serve only improved models (set by the operator)")
     created_at: datetime
     updated_at: datetime
 

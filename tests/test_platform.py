@@ -419,6 +419,17 @@ def test_promotion_gate_refuses_a_worse_model_unless_overridden(platform, tmp_pa
     c.deployments.delete("worse")
     c.deployments.wait_deleted("worse")
     assert "worse" not in [cfg.name for cfg in c.deployment_configs.list()]  # its inline config went with it
+    # the operator's workspace policy (over Ray): the quickstart's model, inconclusive, is then refused too
+    out = platform.cli("workspaces", "policy", "default", "--require-improved", "yes").stdout
+    assert "workspace default: require_improved true" in out
+    try:
+        assert c.workspaces.retrieve("default").require_improved is True
+        with pytest.raises(ApiError) as err:
+            c.deployments.create("strict", model="tiny-debian", num_cpus=0.25)
+        assert err.value.status == 409 and "workspace 'default' (its operator's policy) requires an improved model" \
+            in err.value.message and "model 'tiny-debian' is inconclusive" in err.value.message, err.value.message
+    finally:
+        platform.cli("workspaces", "policy", "default", "--require-improved", "no")
 
 
 def _embed(platform, provider: str) -> np.ndarray:

@@ -208,5 +208,17 @@ def test_the_promotion_gate_acts_on_the_interval(tmp_path, monkeypatch):
         assert cp.get_deployment("default", "b1")["model"] == "better"
         cp.create_deployment("default", {"name": "w2", "model": "worse", "allow_worse": True})
         cp.create_deployment("default", {"name": "u3", "model": "unsure", "require_improved": True, "allow_worse": True})
+        # the operator's workspace policy: every deployment there requires `improved`, whatever its config says
+        assert cp.set_policy("default", True)["require_improved"] is True
+        with pytest.raises(PromotionRefused, match=r"workspace 'default' \(its operator's policy\) requires an improved "
+                                                   r"model .* model 'unsure' is inconclusive"):
+            cp.create_deployment("default", {"name": "u4", "model": "unsure"})
+        cp.create_deployment("default", {"name": "b2", "model": "better"})
+        with pytest.raises(PromotionRefused, match="workspace 'default' .* requires an improved model"):
+            cp.update_deployment("default", "b2", {"model": "unsure"})
+        cp.create_deployment("default", {"name": "u5", "model": "unsure", "allow_worse": True})
+        assert cp.get_deployment("default", "u5")["allow_worse"] is True  # the override is on the record
+        assert cp.set_policy("default", False)["require_improved"] is False
+        cp.create_deployment("default", {"name": "u6", "model": "unsure"})
     finally:
         cp._stop.set()

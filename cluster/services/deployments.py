@@ -7,7 +7,8 @@ import os
 import time
 
 from cluster import kuberay
-from cluster.entities import ModelDeployment, ModelDeploymentConfig, ModelEntity, ModelProvider, StatusChange, now
+from cluster.entities import (ModelDeployment, ModelDeploymentConfig, ModelEntity, ModelProvider, StatusChange,
+                              Workspace, now)
 from rayembed import storage
 from rayembed.artifact import GRAPH_FP16, GRAPH_INT8
 from cluster.services.base import PENDING_TIMEOUT_S, RETIRE_AFTER_S, Context, Service, check_body, check_name, validated
@@ -97,11 +98,16 @@ class DeploymentService(Service):
         if ev is not None and ev.verdict == "worse":
             raise PromotionRefused(f"model {model.name!r} is worse than its base model: {ev.summary()}. "
                                    "Deploy it anyway with allow_worse: true, or train again", "model")
-        if cfg.require_improved and (ev is None or ev.verdict != "improved"):
+        if ev is not None and ev.verdict == "improved":
+            return
+        ws = Workspace.model_validate(self.store.get("workspace", "", model.workspace) or {"name": model.workspace})
+        who = (f"deployment config {cfg.name!r}" if cfg.require_improved else
+               f"workspace {ws.name!r} (its operator's policy)" if ws.require_improved else None)
+        if who:
             why = (f"is {ev.verdict}: {ev.summary()}" + (f"; {ev.note}" if ev.note else "")) if ev else "has no evaluation"
-            raise PromotionRefused(f"deployment config {cfg.name!r} requires an improved model (a 95% interval above "
-                                   f"zero); model {model.name!r} {why}. Evaluate on more queries or train again, or "
-                                   "deploy it anyway with allow_worse: true", "model")
+            raise PromotionRefused(f"{who} requires an improved model (a 95% interval above zero); model "
+                                   f"{model.name!r} {why}. Evaluate on more queries or train again, or deploy it anyway "
+                                   "with allow_worse: true", "model")
 
     def _graph_in_artifact(self, model: ModelEntity, precision: str) -> None:
         """The graph `precision` names is in the model's artifact (a storage read; a sealed artifact never changes)."""

@@ -132,6 +132,13 @@ class WorkspaceService(Service):
 
         return self._change(workspace, change).model_dump(mode="json")
 
+    def set_policy(self, workspace: str, require_improved: bool) -> dict:
+        """Whether every deployment in `workspace` requires an improved model (the promotion gate, DeploymentService)."""
+        if not isinstance(require_improved, bool):
+            raise InvalidRequest(f"require_improved must be true or false, not {shown(require_improved)}", "require_improved")
+        return self._change(workspace, lambda ws: ws if ws.require_improved == require_improved else
+                            ws.model_copy(update={"require_improved": require_improved})).model_dump(mode="json")
+
     def _change(self, workspace: str, change) -> Workspace:
         return self.ctx.modify(lambda: Workspace.model_validate(self.store.get("workspace", "", self.ctx.workspace(workspace))),
                                change)
