@@ -326,6 +326,18 @@ def cycles(model_dir: Path, texts_path: Path, n: int, seconds: float, duration: 
     return out + [{"what": "cycles_median", **medians}]
 
 
+def print_over_provider(rows: list[dict]) -> None:
+    """Each route's p50 minus the provider route's in the same round (routes loaded back to back), and the median."""
+    by = {(r["settings"], r["concurrency"], r["batch"], r["round"], r["route"]): r["p50_ms"] for r in rows}
+    print("\n| settings | c x b | route | p50 over the provider route's, per round (ms) | median |\n| --- | --- | --- | --- | --- |")
+    for settings, c, b, route in dict.fromkeys((s, c, b, rt) for s, c, b, _, rt in by if rt != "provider"):
+        deltas = [round(p50 - by[(settings, c, b, i, "provider")], 2) for (s, cc, bb, i, rt), p50 in by.items()
+                  if (s, cc, bb, rt) == (settings, c, b, route) and (settings, c, b, i, "provider") in by]
+        if deltas:
+            print(f"| {settings} | {c} x {b} | {route} | {', '.join(f'{d:+.2f}' for d in deltas)} | "
+                  f"{float(np.median(deltas)):+.2f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path)
@@ -345,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
                              "the model's own application) and model (the model-entity route: the gateway calls the "
                              "replicas through a Serve handle)")
     parser.add_argument("--skip-ceiling", action="store_true", help="only the gateway (for quick config comparisons)")
+    parser.add_argument("--alternate", type=int, metavar="ROUNDS", default=1,
+                        help="load each config's routes this many times, in turn (ABBA...), and print each route's p50 "
+                             "over the provider route's, per round and its median (the VM's drift taken out)")
     parser.add_argument("--gateway-replicas", type=int, default=1, help="replicas of the gateway deployment")
     parser.add_argument("--gateway-env", default="{}", help="gateway_env in the routing table, as JSON: Ray Serve "
                         "settings for the gateway's processes over the defaults (serve.gateway.GATEWAY_SERVE_ENV); "
@@ -395,9 +410,11 @@ def main(argv: list[str] | None = None) -> int:
                                 grid=((2, False), (2, True)), batches=(1, 16, 32))
             for spec in args.configs.split(","):
                 c, b = (int(x) for x in spec.split("x"))
-                for route in args.routes.split(","):
-                    rows.append({**load(args.port, texts_path, c, b, args.duration, route), "settings": label,
-                                 "provider": settings})
+                routes = args.routes.split(",")
+                for i in range(args.alternate):
+                    for route in routes if i % 2 == 0 else routes[::-1]:
+                        rows.append({**load(args.port, texts_path, c, b, args.duration, route), "settings": label,
+                                     "provider": settings, "round": i + 1})
         finally:
             stop_server(proc)
     if not args.skip_ceiling:
@@ -425,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in (r for r in rows if r["what"] == "gateway"):
         print(f"| {r['settings']} | {r['route']} | {r['concurrency']} x {r['batch']} | {r['texts_per_s']} | {r['texts_per_s'] / best:.2f} | "
               f"{r['texts_per_s'] / best_beside:.2f} | {r['p50_ms']} | {r['p99_ms']} | {sum(r['errors'].values())} |")
+    if args.alternate > 1:
+        print_over_provider([r for r in rows if r["what"] == "gateway"])
     with (args.work / "results.jsonl").open("a") as fh:
         for r in rows:
             fh.write(json.dumps({"provider": provider, **r, "gateway_replicas": args.gateway_replicas,
