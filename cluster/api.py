@@ -104,8 +104,9 @@ def _path_param(name: str):
     return Path(description=f"{PATH_DOC[name]} ({schemas.NAME_DOC})", pattern=NAME_PATTERN)
 
 
-def _signature(params: list[str], listing: bool) -> inspect.Signature:
-    """What FastAPI documents and passes: the request, the path parameters and, on a list route, the page."""
+def _signature(params: list[str], listing: bool, filters: dict[str, str]) -> inspect.Signature:
+    """What FastAPI documents and passes: the request, the path parameters and, on a list route, the page (and the
+    route's own filters: field -> description)."""
     kinds = inspect.Parameter.KEYWORD_ONLY
     out = [inspect.Parameter("request", kinds, annotation=Request)]
     out += [inspect.Parameter(p, kinds, annotation=str, default=_path_param(p)) for p in params]
@@ -117,12 +118,14 @@ def _signature(params: list[str], listing: bool) -> inspect.Signature:
                                   default=Query("-created_at", description=SORT_DOC)),
                 inspect.Parameter("status", kinds, annotation=str | None,
                                   default=Query(None, max_length=64, description="only entities in this status"))]
+        out += [inspect.Parameter(f, kinds, annotation=str | None, default=Query(None, max_length=64, description=doc))
+                for f, doc in filters.items()]
     return inspect.Signature(out)
 
 
 def management(verb: str, path: str, method: str, answer: type[BaseModel] | None, *, body: type[BaseModel] | None = None,
                status: int = 200, listing: bool = False, text: bool = False, summary: str = "",
-               links: dict | None = None) -> None:
+               links: dict | None = None, filters: dict[str, str] | None = None) -> None:
     """One management route: path parameters (in order) and the JSON body go to the actor's `method`; its answer
     goes out through `answer` (ISO 8601 times, the documented fields only), a list as one page of them."""
     params = re.findall(r"{(\w+)}", path)
@@ -139,12 +142,13 @@ def management(verb: str, path: str, method: str, answer: type[BaseModel] | None
         if text:
             return PlainTextResponse(result)
         if listing:
-            page = schemas.page_of(result, kw["page"], kw["page_size"], kw["sort"], kw["status"])
+            page = schemas.page_of(result, kw["page"], kw["page_size"], kw["sort"], kw["status"],
+                                   {f: kw[f] for f in filters or {}})
             page["data"] = [_out(answer, item) for item in page["data"]]
             return json_response(page)
         return json_response(_out(answer, result), status)
 
-    handler.__signature__ = _signature(params, listing)
+    handler.__signature__ = _signature(params, listing, filters or {})
     handler.__name__ = method
     shown_as = schemas.Page[answer] if listing else answer
     content = {"text/plain": {"schema": {"type": "string"}}} if text else None
@@ -183,7 +187,8 @@ for _verb, _path, _method, _answer, _opts in [
                                                                   "links": _links("get_dataset", delete="delete_dataset")}),
     ("GET", WS + "/datasets/{name}", "get_dataset", Out.DatasetOut, {}),
     ("DELETE", WS + "/datasets/{name}", "delete_dataset", Out.Deleted, {}),
-    ("GET", WS + "/customization/jobs", "list_jobs", Out.JobOut, {"listing": True}),
+    ("GET", WS + "/customization/jobs", "list_jobs", Out.JobOut, {"listing": True, "filters": {
+        "kind": "only jobs of this kind: training or sweep"}}),
     ("POST", WS + "/customization/jobs", "create_job", Out.JobOut, {"body": S.JobCreate, "status": 201, "links": _links(
         "get_job", "job_id", status="job_status", cancel="cancel_job")}),
     ("GET", WS + "/customization/jobs/{job_id}", "get_job", Out.JobOut, {}),

@@ -117,17 +117,19 @@ class _Resource:
         return "/".join([f"/v2/workspaces/{workspace or self._workspace}/{self._path}", *parts]).rstrip("/")
 
     def page(self, page: int = 1, page_size: int = schemas.PAGE_SIZE, sort: str = "-created_at", status: str | None = None,
-             workspace: str | None = None) -> Page:
-        """One page of the list, and its `pagination` (totals)."""
-        params = {"page": page, "page_size": page_size, "sort": sort, **({"status": status} if status else {})}
+             workspace: str | None = None, **filters: str) -> Page:
+        """One page of the list, and its `pagination` (totals); `status` and a route's own `filters` (jobs: `kind`)."""
+        params = {"page": page, "page_size": page_size, "sort": sort, **({"status": status} if status else {}),
+                  **{k: v for k, v in filters.items() if v is not None}}
         return self._http.request("GET", self._url(workspace=workspace), params=params, retries=5,
                                   model=Page[self.model])
 
-    def list(self, sort: str = "-created_at", status: str | None = None, workspace: str | None = None) -> list:
-        """Every item (all pages), newest first by default; `status` filters."""
+    def list(self, sort: str = "-created_at", status: str | None = None, workspace: str | None = None,
+             **filters: str) -> list:
+        """Every item (all pages), newest first by default; `status` and a route's own `filters` (jobs: `kind`)."""
         items, number = [], 1
         while True:
-            page = self.page(number, schemas.MAX_PAGE_SIZE, sort, status, workspace)
+            page = self.page(number, schemas.MAX_PAGE_SIZE, sort, status, workspace, **filters)
             items += page.data
             if number >= page.pagination.total_pages:
                 return items

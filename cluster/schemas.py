@@ -3,7 +3,7 @@
 Requests: the control plane validates every body with these models (after the checks that give the common mistakes
 their own message), so the documented schema is the one enforced. Answers: the API ingress passes each entity
 through its `*Out` model (times as ISO 8601 UTC, nothing undocumented), and the client returns the same models.
-Lists are paged: `page`, `page_size`, `sort`, a `status` filter, and a `pagination` object with totals.
+Lists are paged: `page`, `page_size`, `sort`, a `status` filter (jobs: `kind` too), and a `pagination` object with totals.
 """
 
 from __future__ import annotations
@@ -335,15 +335,21 @@ MAX_PAGE = 1_000_000  # a page number past any list (and within a JSON integer e
 SORTS = ("created_at", "-created_at", "updated_at", "-updated_at", "name", "-name")
 
 
-def page_of(items: list[dict], page: int, page_size: int, sort: str, status: str | None) -> dict:
-    """One page of `items` (the control plane's dicts, every one of them): filtered by status, sorted, sliced."""
+def page_of(items: list[dict], page: int, page_size: int, sort: str, status: str | None,
+            where: dict[str, str | None] | None = None) -> dict:
+    """One page of `items` (the control plane's dicts, every one of them): filtered by status (and by `where`'s
+    fields: a job's kind), sorted, sliced."""
+    where = {k: v for k, v in (where or {}).items() if v is not None}
     if status is not None:
         items = [i for i in items if str(i.get("status", "")).lower() == status.lower()]
+    for field, value in where.items():
+        items = [i for i in items if str(i.get(field, "")).lower() == value.lower()]
     key = sort.lstrip("-")
     items = sorted(items, key=lambda i: (i.get(key) is None, i.get(key) or 0, i.get("name", "")),
                    reverse=sort.startswith("-"))
     total = len(items)
     chunk = items[(page - 1) * page_size: page * page_size]
-    return {"object": "list", "data": chunk, "sort": sort, "filter": {"status": status} if status is not None else {},
+    return {"object": "list", "data": chunk, "sort": sort,
+            "filter": {**({"status": status} if status is not None else {}), **where},
             "pagination": {"page": page, "page_size": page_size, "current_page_size": len(chunk),
                            "total_pages": max(1, math.ceil(total / page_size)), "total_results": total}}

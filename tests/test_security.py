@@ -181,11 +181,16 @@ def test_a_status_filter_lists_exactly_the_entities_in_that_status(plane, monkey
         srv.sync()
         for i, status in enumerate(["completed", "failed", "running", "completed"]):
             plane.ctx.save(CustomizationJob(name=f"cust-{i}", status=status, spec={}, output_model=f"m{i}",
-                                            output_dir="/o", created_at=1000.0 + i))
-        names = lambda status: [j["name"] for j in srv.request(  # noqa: E731
-            "GET", f"/v2/workspaces/default/customization/jobs?status={status}")[1]["data"]]
-        assert names("completed") == ["cust-3", "cust-0"] and names("failed") == ["cust-1"]
-        assert names("running") == ["cust-2"] and names("cancelled") == []
+                                            output_dir="/o", created_at=1000.0 + i, kind="sweep" if i == 1 else "training"))
+        names = lambda query: [j["name"] for j in srv.request(  # noqa: E731
+            "GET", f"/v2/workspaces/default/customization/jobs?{query}")[1]["data"]]
+        assert names("status=completed") == ["cust-3", "cust-0"] and names("status=failed") == ["cust-1"]
+        assert names("status=running") == ["cust-2"] and names("status=cancelled") == []
+        # a job's kind (the console's sweeps page pages sweeps only, not the sweeps among a page of jobs)
+        assert names("kind=sweep") == ["cust-1"] and names("kind=training") == ["cust-3", "cust-2", "cust-0"]
+        assert names("kind=sweep&status=completed") == []
+        page = srv.request("GET", "/v2/workspaces/default/customization/jobs?kind=sweep&page_size=1")[1]
+        assert page["filter"] == {"kind": "sweep"} and page["pagination"]["total_results"] == 1
     finally:
         srv.stop()
 

@@ -10,8 +10,8 @@ export async function list(main, _p, ctx) {
   const box = h("div", { id: "sweeps" });
   main.append(box);
   const show = async (n) => {
-    const r = await page(ws("/customization/jobs"), { page: n, page_size: 100 });
-    const sweeps = r.data.filter((j) => j.kind === "sweep");
+    const r = await page(ws("/customization/jobs"), { page: n, kind: "sweep" });
+    const sweeps = r.data;
     clear(box).append(table([
       { label: "sweep", cell: (j) => link(`#/sweeps/${encodeURIComponent(j.name)}`, j.name) },
       { label: "status", cell: (j) => badge(j.status) },
