@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -18,11 +17,11 @@ import pytest
 
 from cluster.client import Client
 from cluster.local import free_port
+from tests.browser import all_css, chromium, css, wait
 from tests.conftest import ROOT, SAMPLE, sample_lines
 from tests.test_platform import Platform
 
 pytestmark = pytest.mark.timeout(900)
-CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
 SHOTS = Path(os.environ.get("CONSOLE_SCREENSHOTS", ROOT / "test-artifacts" / "console"))
 XSS = "<img src=x onerror=alert(1)>"
 STEPS = 200  # long enough on 2 cores that the page sees the run between its first and last record
@@ -105,53 +104,9 @@ def status_of(url: str, key: str | None = None) -> int:
 
 @pytest.fixture(scope="module")
 def browser(live):
-    if not (Path(CHROMIUM).exists() and Path(DRIVER).exists()):
-        pytest.fail("tests/test_console.py needs Debian's chromium and chromium-driver (.ci/run installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800",
-                "--disable-gpu", "--no-first-run", "--disable-extensions", "--disable-background-networking",
-                "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):  # the network beyond loopback is cut
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
-    driver.set_page_load_timeout(60)
     SHOTS.mkdir(parents=True, exist_ok=True)
-    try:
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-
-
-def wait(driver, what, timeout: float = 30, every: float = 0.2):
-    """Poll `what(driver)` until it is truthy; return it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            got = what(driver)
-            if got:
-                return got
-        except Exception:  # noqa: BLE001 - not there yet (stale or missing element)
-            if time.monotonic() > deadline:
-                raise
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout} s for {getattr(what, '__name__', what)}")
-        time.sleep(every)
-
-
-def css(driver, selector: str):
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.CSS_SELECTOR, selector)
-
-
-def all_css(driver, selector: str):
-    from selenium.webdriver.common.by import By
-
-    return driver.find_elements(By.CSS_SELECTOR, selector)
 
 
 def shot(driver, name: str) -> None:

@@ -516,6 +516,20 @@ def test_sweep_job_and_cancel(platform, tiny_bert, train_file):
 
     winner = yaml.safe_load((Path(model.artifact.uri) / "config.yaml").read_text())
     assert model.evaluation is not None and winner["optimizer"]["learning_rate"] == best
+    # the console's sweeps pages, against this sweep (open mode on loopback: no key asked)
+    from tests.browser import all_css, chromium, css, wait
+
+    with chromium() as browser:
+        browser.get(f"{platform.base_url}/console#/sweeps")
+        row = wait(browser, lambda d: [r.text for r in all_css(d, "#sweeps tbody tr") if job.name in r.text])
+        assert "completed" in row[0] and "tiny-swept" in row[0], row
+        browser.get(f"{platform.base_url}/console#/sweeps/{job.name}")
+        rows = wait(browser, lambda d: [[c.text for c in r.find_elements("css selector", "td")]
+                                         for r in all_css(d, "main table tbody tr")] or None)
+        assert sorted(float(r[0]) for r in rows) == sorted(t["lr"] for t in trials)  # one row per trial
+        assert [float(r[0]) for r in rows if "winner" in r[-1]] == [best]
+        assert float(css(browser, "#winner dd").text) == best
+        assert css(browser, "#sweep-chart polyline[data-series='trials']").get_attribute("data-points") == "2"
 
     doomed = c.customization.jobs.create("tiny-cancelled", config=tiny_job(str(tiny_bert), train_file, 5000))
     cancelled = c.customization.jobs.cancel(doomed.name)
