@@ -532,8 +532,12 @@ def test_sweep_job_and_cancel(platform, tiny_bert, train_file):
         assert css(browser, "#sweep-chart polyline[data-series='trials']").get_attribute("data-points") == "2"
 
     doomed = c.customization.jobs.create("tiny-cancelled", config=tiny_job(str(tiny_bert), train_file, 5000))
-    cancelled = c.customization.jobs.cancel(doomed.name)
-    assert cancelled.status == "cancelled"
+    with chromium() as browser:  # cancelled from its page in the console (the browser's confirm, accepted)
+        browser.get(f"{platform.base_url}/console#/jobs/{doomed.name}")
+        wait(browser, lambda d: css(d, "#cancel")).click()
+        browser.switch_to.alert.accept()
+        wait(browser, lambda d: css(d, "#job-head .badge").text == "cancelled")
+    assert c.customization.jobs.retrieve(doomed.name).status == "cancelled"
     with pytest.raises(ApiError) as err:
         c.customization.jobs.cancel(doomed.name)
     assert err.value.status == 409
@@ -626,9 +630,16 @@ def test_job_driver_killed_is_reported_failed_and_resumes_from_its_checkpoint(pl
     with pytest.raises(ApiError) as err:
         c.customization.jobs.resume("cust-000000000000")
     assert err.value.status == 404
-    resumed = c.customization.jobs.resume(job.name)
-    assert resumed.status == "pending" and resumed.ray_job_id == f"{job.name}-2"
-    assert "last checkpoint" in resumed.status_history[-1].reason
+    # resumed as a person does it: the console's Resume button on the job's page
+    from tests.browser import chromium, css, wait
+
+    with chromium() as browser:
+        browser.get(f"{platform.base_url}/console#/jobs/{job.name}")
+        wait(browser, lambda d: css(d, "#resume")).click()
+        wait(browser, lambda d: css(d, "#job-head .badge").text in ("pending", "running"))
+    resumed = c.customization.jobs.retrieve(job.name)
+    assert resumed.status in ("pending", "running") and resumed.ray_job_id == f"{job.name}-2"
+    assert any("last checkpoint" in change.reason for change in resumed.status_history[-2:]), resumed.status_history
     done = c.customization.jobs.wait(job.name, timeout_s=900)
     assert done.status == "completed", done.error
     assert done.result["eval"]["training"]["resumed_from_step"] >= 5
