@@ -78,6 +78,27 @@ class SlowStore(SQLiteStore):
         return super().list(kind, workspace)
 
 
+def at_once(n: int, request) -> list[str]:
+    """`request(i)` for i in range(n) on n threads released together: "done" or the exception's name, each."""
+    outcomes: list[str] = []
+    start = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        start.wait()
+        try:
+            request(i)
+            outcomes.append("done")
+        except Exception as exc:  # noqa: BLE001 - what each request got
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
+
+
 def context(tmp_path: Path, store=None) -> Context:
     store = store or SQLiteStore(":memory:")
     store.put("workspace", "", "default", Workspace(name="default", uid="0" * 12).model_dump(mode="json"))
@@ -175,25 +196,10 @@ def test_a_burst_of_jobs_stays_within_the_workspace_quota(tmp_path):
     jobs = JobService(ctx, datasets=DatasetService(ctx), models=ModelService(ctx))
     config = {"model": "all-MiniLM-L6-v2", "schedule": {"max_steps": 2},
               "dataset": {"training": str(SAMPLE / "train.jsonl"), "evaluation": str(SAMPLE / "eval")}}
-    outcomes: list[str] = []
-    start = threading.Barrier(12)
-
-    def create(i: int) -> None:
-        start.wait()
-        try:
-            jobs.create_job("default", {"output_model": f"m{i}", "config": config}, operator=True)
-            outcomes.append("created")
-        except Exception as exc:  # noqa: BLE001 - what each request got
-            outcomes.append(type(exc).__name__)
-
-    threads = [threading.Thread(target=create, args=(i,)) for i in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = at_once(12, lambda i: jobs.create_job("default", {"output_model": f"m{i}", "config": config}, operator=True))
     stored = [j for j in ctx.all("job", CustomizationJob) if j.status != "failed"]
-    assert outcomes.count("created") == 2 and len(stored) == 2, outcomes
-    assert set(outcomes) - {"created"} <= {"QuotaExceeded", "Unavailable"}
+    assert outcomes.count("done") == 2 and len(stored) == 2, outcomes
+    assert set(outcomes) - {"done"} <= {"QuotaExceeded", "Unavailable"}
 
 
 def test_concurrent_changes_to_a_workspaces_deployments_stay_within_its_replica_quota(tmp_path):
@@ -204,25 +210,10 @@ def test_concurrent_changes_to_a_workspaces_deployments_stay_within_its_replica_
     ctx.save(ModelEntity(name="mini", base_model="b", artifact=Artifact(uri=str(artifact(tmp_path))), embedding_dim=8))
     for i in range(4):
         deployments.create_deployment("default", {"name": f"web{i}", "model": "mini"})
-    outcomes: list[str] = []
-    start = threading.Barrier(4)
-
-    def grow(i: int) -> None:
-        start.wait()
-        try:
-            deployments.update_deployment("default", f"web{i}", {"num_replicas": 3})
-            outcomes.append("grown")
-        except Exception as exc:  # noqa: BLE001 - what each request got
-            outcomes.append(type(exc).__name__)
-
-    threads = [threading.Thread(target=grow, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = at_once(4, lambda i: deployments.update_deployment("default", f"web{i}", {"num_replicas": 3}))
     replicas = [ctx.store.get("deployment_config", "default", f"web{i}")["num_replicas"] for i in range(4)]
-    assert outcomes.count("grown") == 2 and sorted(replicas) == [1, 1, 3, 3], (outcomes, replicas)
-    assert set(outcomes) - {"grown"} <= {"QuotaExceeded", "Unavailable"}
+    assert outcomes.count("done") == 2 and sorted(replicas) == [1, 1, 3, 3], (outcomes, replicas)
+    assert set(outcomes) - {"done"} <= {"QuotaExceeded", "Unavailable"}
     # a refused change left its config as it was: version 1, and no version 2 recorded
     for i, n in enumerate(replicas):
         versions = ctx.store.versions("deployment_config", "default", f"web{i}")
