@@ -59,6 +59,7 @@ class FakeServe:
 
     def start(self, settings):
         self.apps[settings.name] = ("RUNNING", "")
+        self.started = getattr(self, "started", []) + [settings]
 
     def statuses(self):
         return dict(self.apps)
@@ -218,6 +219,30 @@ def test_concurrent_changes_to_a_workspaces_deployments_stay_within_its_replica_
     for i, n in enumerate(replicas):
         versions = ctx.store.versions("deployment_config", "default", f"web{i}")
         assert len(versions) == (2 if n == 3 else 1), (i, versions)
+
+
+def test_a_config_edited_past_the_quota_is_not_run_until_a_change_that_checks_it(tmp_path):
+    """max_replicas 2. A deployment's config edited to 3 replicas (PATCH .../deployment-configs/NAME) changes nothing
+    that runs: the deployment keeps its version, a restarted generation starts from it, the quota counts it, and
+    moving the deployment to the edited version (PATCH .../deployments/NAME with no body) is refused (429)."""
+    ctx = context(tmp_path)
+    ctx.modify(lambda: Workspace.model_validate(ctx.store.get("workspace", "", "default")),
+               lambda ws: ws.model_copy(update={"quota": ws.quota.model_copy(update={"max_replicas": 2})}))
+    deployments = DeploymentService(ctx, verification=VerificationService(ctx))
+    ctx.save(ModelEntity(name="mini", base_model="b", artifact=Artifact(uri=str(artifact(tmp_path))), embedding_dim=8))
+    deployments.create_deployment("default", {"name": "d1", "model": "mini", "num_cpus": 0.25})
+    assert deployments.update_deployment_config("default", "d1", {"num_replicas": 3})["version"] == 2
+    with pytest.raises(QuotaExceeded, match=r"max_replicas 2"):
+        deployments.update_deployment("default", "d1", {})
+    with pytest.raises(QuotaExceeded, match=r"max_replicas 2"):
+        deployments.update_deployment("default", "d1", {"config": "d1"})
+    load = lambda: ModelDeployment.model_validate(ctx.store.get("deployment", "default", "d1"))  # noqa: E731
+    assert load().config_version == 1
+    deployments.reconcile(load(), ctx.serve.statuses())  # its first generation: from version 1, one replica
+    assert [s.num_replicas for s in ctx.serve.started] == [1]
+    deployments.create_deployment("default", {"name": "d2", "model": "mini", "num_cpus": 0.25})  # 1 + 1 <= 2
+    with pytest.raises(QuotaExceeded):
+        deployments.create_deployment("default", {"name": "d3", "model": "mini", "num_cpus": 0.25})
 
 
 def test_deployments_alone_ready_after_probe_and_verification_then_deleted(tmp_path):

@@ -251,6 +251,15 @@ class Context:
                                 f"(max_active_jobs {quota.max_active_jobs}); wait for one to finish or cancel one",
                                 "config")
 
+    def config_of(self, dep: ModelDeployment) -> ModelDeploymentConfig | None:
+        """The config version `dep` runs (it records it; a config edited since changes nothing until the deployment
+        is updated to it, which checks the quota): from the config's history, else the config as it is now."""
+        for body in self.store.versions("deployment_config", dep.workspace, dep.config):
+            if body.get("version") == dep.config_version:
+                return ModelDeploymentConfig.model_validate(body)
+        body = self.store.get("deployment_config", dep.workspace, dep.config)
+        return ModelDeploymentConfig.model_validate(body) if body is not None else None
+
     def quota_for_deployment(self, workspace: str, cfg, name: str) -> None:
         """The workspace's limits on replicas (over all its deployments but `name`, plus this one at its most) and on
         the CPUs and GPUs of one deployment."""
@@ -266,9 +275,8 @@ class Context:
                                     f"workspace's quota is {limit:g} ({key}): use fewer replicas or smaller ones")
         others = 0
         for dep in self.all("deployment", ModelDeployment, workspace):
-            body = self.store.get("deployment_config", workspace, dep.config) if dep.name != name else None
-            if body is not None:
-                others += most(ModelDeploymentConfig.model_validate(body))
+            if dep.name != name and (running := self.config_of(dep)) is not None:
+                others += most(running)
         if others + replicas > quota.max_replicas:
             raise QuotaExceeded(f"workspace {workspace!r} runs up to {others} replicas in its other deployments; "
                                 f"{replicas} more pass its quota (max_replicas {quota.max_replicas})")

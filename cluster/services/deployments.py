@@ -13,7 +13,7 @@ from rayembed import storage
 from rayembed.artifact import GRAPH_FP16, GRAPH_INT8
 from cluster.services.base import PENDING_TIMEOUT_S, RETIRE_AFTER_S, Context, Service, check_body, check_name, validated
 from cluster.services.verification import VerificationService
-from rayembed.errors import Conflict, InvalidRequest, PromotionRefused, shown
+from rayembed.errors import Conflict, InvalidRequest, NotFound, PromotionRefused, shown
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,21 @@ class DeploymentService(Service):
                 "status_history": dep.status_history + [StatusChange(
                     status=dep.status, reason=f"update to model {model.name} (config v{cfg.version})")]})
 
-        dep = self.ctx.modify(lambda: self.ctx.load("deployment", workspace, name, ModelDeployment), change)
+        def attempt() -> tuple[ModelDeployment, ModelDeployment]:
+            # the version it moves to meets the quota, whether this request wrote it or it was edited through
+            # its config (PATCH .../deployment-configs/NAME) since the deployment last moved
+            self.ctx.quota_for_deployment(workspace, cfg, name)
+            seen: list[ModelDeployment] = []
+            after = self.ctx.modify(lambda: seen.append(self.ctx.load("deployment", workspace, name, ModelDeployment))
+                                    or seen[-1], change)
+            return seen[-1], after
+
+        def undo(made: tuple[ModelDeployment, ModelDeployment]) -> None:
+            before, after = made
+            if after is not before:
+                self.ctx.replace(after, before)
+
+        _, dep = self.ctx.admitted(workspace, attempt, undo)
         return dep.model_dump(mode="json")
 
     def _admit_config_change(self, workspace: str, name: str, cfg_name: str, changes: dict,
@@ -321,7 +335,9 @@ class DeploymentService(Service):
         generation = dep.generation + 1
         try:
             model = self._model_for(dep.workspace, target)
-            cfg = self.ctx.load("deployment_config", dep.workspace, dep.config, ModelDeploymentConfig)
+            cfg = self.ctx.config_of(dep)
+            if cfg is None:
+                raise NotFound(f"deployment config {dep.config!r} does not exist in workspace {dep.workspace!r}")
             settings = self.ctx.serve.provider_settings(dep, cfg, model, generation)
         except Exception as exc:  # noqa: BLE001 - recorded on the deployment
             self._status(dep, "FAILED" if dep.status != "READY" else "READY", f"could not start model {target}: {exc}"[:1000],
