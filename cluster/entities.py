@@ -122,6 +122,8 @@ class Dataset(Entity):
     files: dict[str, DatasetFile] = Field(default_factory=dict, description="upload path -> the stored file")
     uploading: dict[str, float] = Field(default_factory=dict, description="upload path -> when its upload began "
                                         "(no job may start on the dataset meanwhile)")
+    uploading_bytes: dict[str, int] = Field(default_factory=dict, description="upload path -> the size it declared "
+                                            "(counted against the storage quota while it runs)")
 
     def job_fields(self) -> dict[str, str]:
         """The job config's dataset keys this dataset fills."""
@@ -179,6 +181,8 @@ class CustomizationJob(Entity):
     result: dict[str, Any] | None = None
     gpu_estimate: dict[str, Any] | None = None
     warnings: list[str] = Field(default_factory=list)
+    by_operator: bool = Field(False, description="created over Ray by the operator (its places are the operator's); "
+                              "a tenant's job is checked again against the workspace's rights when it is resumed")
 
 
 class Batching(BaseModel):

@@ -34,7 +34,10 @@ class PreparedJob:
 
 
 def _invalid(exc: ConfigError, what: str) -> InvalidRequest:
-    return InvalidRequest(f"invalid {what}: " + "; ".join(exc.problems), what)
+    """Every problem in the message; the first one's key as the error's `param` (`config.resources.cpus_per_worker`)."""
+    key = exc.problems[0].split(": ", 1)[0] if exc.problems else ""
+    param = f"{what}.{key}" if key and key != "<root>" and " " not in key else what
+    return InvalidRequest(f"invalid {what}: " + "; ".join(exc.problems), param)
 
 
 def prepare(kind: str, spec: dict, job_dir: str, gpu_memory_gib: float | None) -> PreparedJob:

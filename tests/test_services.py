@@ -157,6 +157,31 @@ def test_datasets_alone_an_upload_and_a_job_reading_the_dataset_exclude_each_oth
         datasets.create_dataset("default", {"name": "big"}) and datasets.begin_upload("default", "big", "training.jsonl", 30 * 2**30)
 
 
+def test_uploads_running_at_once_count_against_the_storage_quota(tmp_path):
+    """A quota of 32 KiB; four uploads of 12 KiB each begin at once into four datasets: two fit. An upload that ends
+    (stored or failed) no longer counts as running; a stored one counts as its file. Before, each upload saw only
+    the files already stored, and all four began."""
+    ctx = context(tmp_path, SlowStore(":memory:"))
+    ctx.modify(lambda: Workspace.model_validate(ctx.store.get("workspace", "", "default")),
+               lambda ws: ws.model_copy(update={"quota": ws.quota.model_copy(update={"max_storage_gib": 32 / 2**20})}))
+    datasets = DatasetService(ctx)
+    for i in range(4):
+        datasets.create_dataset("default", {"name": f"ds{i}"})
+    outcomes = at_once(4, lambda i: datasets.begin_upload("default", f"ds{i}", "training.jsonl", 12 * 2**10))
+    assert outcomes.count("done") == 2 and set(outcomes) - {"done"} <= {"QuotaExceeded", "Unavailable"}, outcomes
+    running = [d.name for d in ctx.all("dataset", Dataset) if d.uploading]
+    assert len(running) == 2 and all(d.uploading_bytes == {"training.jsonl": 12 * 2**10}
+                                     for d in ctx.all("dataset", Dataset) if d.uploading)
+    with pytest.raises(QuotaExceeded, match=r"uploads 24576 more now"):
+        datasets.begin_upload("default", next(f"ds{i}" for i in range(4) if f"ds{i}" not in running), "training.jsonl", 9000)
+    datasets.end_upload("default", running[0], "training.jsonl")  # failed: its bytes are free again
+    stored = {"uri": str(tmp_path / "t.jsonl"), "bytes": 12 * 2**10, "sha256": "0" * 64, "records": 1}
+    assert datasets.add_dataset_file("default", running[1], "training.jsonl", stored)["uploading_bytes"] == {}
+    datasets.begin_upload("default", running[0], "training.jsonl", 12 * 2**10)  # 12 stored + 12 running + 0 <= 32
+    with pytest.raises(QuotaExceeded):
+        datasets.begin_upload("default", running[1], "validation.jsonl", 9 * 2**10)  # 12 + 12 + 9 > 32
+
+
 def test_models_alone_an_export_is_a_ray_job_and_its_reconcile_makes_it_ready_or_failed(tmp_path):
     ctx = context(tmp_path)
     models = ModelService(ctx)

@@ -162,11 +162,29 @@ def test_what_a_tenant_may_name_still_runs(plane, tenants, tmp_path):
     plane.grant_data("team-a", str(shared))
     status, answer, _ = srv.request("POST", f"{WS}/team-a/customization/jobs", key=a, body=body)
     assert status == 201 and answer["spec"]["dataset"]["training"] == str(shared / "t.jsonl"), answer
+    granted = answer["name"]
     status, answer, _ = srv.request("POST", f"{WS}/team-b/customization/jobs", key=keys["team-b"], body={
         "output_model": "stolen", "config": job(dataset={"training": str(shared / "t.jsonl")})})
     assert status == 400  # team-a's grant is team-a's
     with pytest.raises(Exception, match="overlaps the storage root"):
         plane.grant_data("team-a", str(Path(plane.ctx.storage)))
+    # a job that read under a grant is resumed while the grant stands, and not once it is revoked
+    resume = lambda: srv.request("POST", f"{WS}/team-a/customization/jobs/{granted}/resume", key=a)  # noqa: E731
+    cancel = lambda: srv.request("POST", f"{WS}/team-a/customization/jobs/{granted}/cancel", key=a)  # noqa: E731
+    assert cancel()[0] == 200 and resume()[0] == 200 and cancel()[0] == 200
+    plane.revoke_grant("team-a", str(shared))
+    status, answer, _ = resume()
+    assert status == 400 and answer["error"]["param"] == "config.dataset.training", answer
+    assert "outside the locations this workspace may read" in answer["error"]["message"]
+    # what a job may not be named or reserve, and a sweep whose job is no config: 400s naming the key
+    for body, field in [({"config": job(name="..")}, "config.name"),
+                        ({"config": job(resources={"worker_resources": {"node:__internal_head__": 0.001}})},
+                         "config.resources.worker_resources"),
+                        ({"config": job(resources={"worker_resources": {"CPU": 64}})}, "config.resources.worker_resources"),
+                        ({"sweep": {"job": "/tmp/evil.yaml"}}, "sweep.job")]:
+        status, answer, _ = srv.request("POST", f"{WS}/team-a/customization/jobs", key=a,
+                                        body={"output_model": "refused", **body})
+        assert status == 400 and answer["error"]["param"] == field, (body, answer)
 
 
 def test_quotas_refuse_with_429_naming_the_limit(plane, tenants):

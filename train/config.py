@@ -177,10 +177,28 @@ class Resources(Section):
                                                "worker also reserves, to steer it to labelled nodes (e.g. {trainer: 1} "
                                                "for nodes started with --resources '{\"trainer\": 1}').")
 
+    @field_validator("worker_resources")
+    @classmethod
+    def _custom_resources_only(cls, value: dict[str, float]) -> dict[str, float]:
+        """Ray's own resources have their fields (cpus_per_worker, use_gpu); a node:ADDRESS resource would pin the
+        worker to one node (the head's included) by address."""
+        for key, amount in value.items():
+            if key in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"{key!r} is Ray's own resource: set resources.cpus_per_worker or resources.use_gpu")
+            if key.startswith(("node:", "accelerator_type:")):
+                raise ValueError(f"{key!r} pins the worker to a node by address or type: start the nodes meant for "
+                                 "training with a custom resource (ray start --resources '{\"trainer\": 1}') and "
+                                 "name that")
+            if not 0 < amount < float("inf"):
+                raise ValueError(f"{key!r}: {amount} must be a positive number")
+        return value
+
 
 class JobConfig(Section):
     model: str = Field(json_schema_extra={"place": "model"}, description="Base model: a local Hugging Face directory, a Hub id, or all-MiniLM-L6-v2 (packaged).")
-    name: str = Field("rayembed-job", pattern=r"^[A-Za-z0-9_.-]+$", description="Job name (Ray Train run name).")
+    name: str = Field("rayembed-job", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$", max_length=128,
+                      description="Job name (Ray Train run name: a folder under the checkpoints' storage path, so it "
+                      "does not start with a dot).")
     prefixes: Prefixes = Prefixes()
     dataset: DatasetConfig
     training: TrainingSection = TrainingSection()

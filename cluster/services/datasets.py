@@ -56,13 +56,19 @@ class DatasetService(Service):
             if self._uploading(ds).get(path):
                 raise Conflict(f"{path} of dataset {name!r} is being uploaded right now; wait for that upload")
             quota = self.ctx.quota(workspace)
-            used = sum(f.bytes for d in self.ctx.all("dataset", Dataset, workspace) for p, f in d.files.items()
-                       if not (d.name == name and p == path))
-            if used + declared_bytes > int(quota.max_storage_gib * 2**30):
-                raise QuotaExceeded(f"workspace {workspace!r} holds {used} bytes of datasets; {declared_bytes} more would "
-                                    f"pass its quota (max_storage_gib {quota.max_storage_gib:g}); delete a dataset first",
-                                    "body")
-            marked = self.ctx.replace(ds, ds.model_copy(update={"uploading": {**self._uploading(ds), path: time.time()}}))
+            held = [(d.name, p, f.bytes) for d in self.ctx.all("dataset", Dataset, workspace) for p, f in d.files.items()]
+            coming = [(d.name, p, d.uploading_bytes.get(p, 0)) for d in self.ctx.all("dataset", Dataset, workspace)
+                      for p in self._uploading(d)]  # uploads running now count as the size they declared
+            used = sum(n for d, p, n in held if (d, p) != (name, path))
+            running = sum(n for d, p, n in coming if (d, p) != (name, path))
+            if used + running + declared_bytes > int(quota.max_storage_gib * 2**30):
+                raise QuotaExceeded(f"workspace {workspace!r} holds {used} bytes of datasets and uploads {running} more "
+                                    f"now; {declared_bytes} more would pass its quota (max_storage_gib "
+                                    f"{quota.max_storage_gib:g}); delete a dataset first", "body")
+            live = self._uploading(ds)
+            marked = self.ctx.replace(ds, ds.model_copy(update={
+                "uploading": {**live, path: time.time()},
+                "uploading_bytes": {**{p: n for p, n in ds.uploading_bytes.items() if p in live}, path: declared_bytes}}))
             if marked is None:
                 raise Conflict(f"dataset {name!r} changed while the upload began; try again")
             return marked
@@ -72,8 +78,7 @@ class DatasetService(Service):
 
     def _unmark(self, path: str):
         def undo(ds: Dataset) -> None:
-            self.ctx.modify(lambda: self.ctx.load("dataset", ds.workspace, ds.name, Dataset),
-                            lambda d: d.model_copy(update={"uploading": {p: t for p, t in d.uploading.items() if p != path}}))
+            self.ctx.modify(lambda: self.ctx.load("dataset", ds.workspace, ds.name, Dataset), lambda d: _unmarked(d, path))
         return undo
 
     def end_upload(self, workspace: str, name: str, path: str) -> None:
@@ -91,8 +96,7 @@ class DatasetService(Service):
             raise InvalidRequest(f"{shown(path)} is not a dataset file: use one of {', '.join(DATASET_FILES)}", "path")
         file = DatasetFile.model_validate(stored)
         ds = self.ctx.modify(lambda: self.ctx.load("dataset", self.ctx.workspace(workspace), name, Dataset),
-                             lambda d: d.model_copy(update={"files": {**d.files, path: file},
-                                                            "uploading": {p: t for p, t in d.uploading.items() if p != path}}))
+                             lambda d: _unmarked(d, path).model_copy(update={"files": {**d.files, path: file}}))
         return ds.model_dump(mode="json")
 
     def _jobs_reading(self, ds: Dataset) -> list[str]:
@@ -159,3 +163,9 @@ class DatasetService(Service):
                                  f"its corpus.jsonl, queries.jsonl and qrels/test.tsv first", key)
         rest = {k: v for k, v in given.items() if k != "regression_dataset"}
         return {**spec, "dataset": {**rest, "regression": folder}}
+
+
+def _unmarked(ds: Dataset, path: str) -> Dataset:
+    """`ds` with `path`'s upload no longer running."""
+    return ds.model_copy(update={"uploading": {p: t for p, t in ds.uploading.items() if p != path},
+                                 "uploading_bytes": {p: n for p, n in ds.uploading_bytes.items() if p != path}})

@@ -14,7 +14,9 @@ from cluster.services.base import DEFAULT_GPU_MEMORY_GIB, SUBMIT_TIMEOUT_S, Cont
 from cluster.services.datasets import DatasetService
 from cluster.services.models import ModelService
 from rayembed import storage
-from rayembed.errors import Conflict, InvalidRequest, Unavailable
+from rayembed.config import places
+from rayembed.errors import Conflict, InvalidRequest, Unavailable, shown
+from rayembed.locations import Location, LocationError, parse
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,8 @@ class JobService(Service):
         spec = body[kind if kind == "sweep" else "config"]
         if not operator:
             spec = self._tenant_spec(workspace, kind, spec)
-        named = ((spec.get("job") if kind == "sweep" else spec) or {}).get("dataset")
+        given = spec.get("job") if kind == "sweep" else spec
+        named = given.get("dataset") if isinstance(given, dict) else None
         dataset_name = named.get("name") if isinstance(named, dict) else None
         if kind == "sweep" and isinstance(spec.get("job"), dict):
             spec = {**spec, "job": self.datasets.resolve_spec(workspace, spec["job"], "sweep.job")}
@@ -53,7 +56,8 @@ class JobService(Service):
         prepared = job_files.prepare(kind, spec, job_dir, gpu_gib)
         job = CustomizationJob(workspace=workspace, name=job_id, kind=kind, spec=prepared.spec, output_model=output_model,
                                output_dir=prepared.artifact_dir, ray_job_id=job_id, warnings=prepared.warnings,
-                               gpu_estimate=prepared.gpu_estimate, status_history=[StatusChange(status="created")])
+                               gpu_estimate=prepared.gpu_estimate, status_history=[StatusChange(status="created")],
+                               by_operator=operator)
 
         def attempt() -> CustomizationJob:  # again, against concurrent requests: quota, name, no upload on its dataset
             self.ctx.quota_for_job(workspace)
@@ -146,6 +150,8 @@ class JobService(Service):
             raise Conflict(f"job {job_id} is {job.status}; only a failed or cancelled job can be resumed")
         if job.kind != "training":
             raise Conflict(f"job {job_id} is a sweep: create it again (a sweep's trials are not resumed)")
+        if not job.by_operator:
+            self._readable_today(job)
         config_path = storage.join(storage.parent(job.output_dir), "job.yaml")
         if not storage.is_file(config_path):
             raise Conflict(f"job {job_id}'s config {config_path} is gone; create the job again")
@@ -177,6 +183,24 @@ class JobService(Service):
             raise Unavailable(f"Ray did not accept the resubmission: {type(exc).__name__}: {exc}"[:1000] +
                               f"; job {job_id} is still {job.status}: retry in a few seconds") from None
         return resumed.model_dump(mode="json")
+
+    def _readable_today(self, job: CustomizationJob) -> None:
+        """A tenant's job, resumed, reads only what its workspace may read today: its own folder (its datasets, models
+        and mining cache), its grants as they are now (one revoked since is a 400), a base model still allowed."""
+        from train.config import JobConfig
+
+        own = parse(self.ctx.workspace_root(job.workspace), "the workspace's folder")
+        confinement = self.ctx.confinement(job.workspace)
+        for key, kind, value in places(JobConfig, job.spec):
+            where = f"config.{key}"
+            if kind == "write" or _within(value, own):
+                continue
+            if kind == "model":
+                if value not in self.ctx.base_models:
+                    raise InvalidRequest(f"{where}: base model {shown(value)} is no longer one the operator allows "
+                                         f"({', '.join(self.ctx.base_models)}); create the job again on one of them", where)
+            else:
+                confinement.read(value, where)
 
     def job_logs(self, workspace: str, job_id: str) -> str:
         self.ctx.workspace(workspace)
@@ -277,3 +301,10 @@ def _moved(job: CustomizationJob, status: str, reason: str = "", **changes) -> C
     """`job` in `status`, with the change in its history (a change to the same status adds none)."""
     history = job.status_history + ([StatusChange(status=status, reason=reason)] if status != job.status else [])
     return job.model_copy(update={"status": status, "status_history": history, **changes})
+
+
+def _within(value, root: Location) -> bool:
+    try:
+        return parse(value, "location").within(root)
+    except LocationError:
+        return False
