@@ -2,7 +2,7 @@
 (never more than the size limit, a chunk at a time, within a total deadline), then a Ray task with its own
 CPU and memory reservation validates it as a job will (line-numbered errors) and moves it into the dataset's
 folder; the API replica that answers /v1/embeddings holds one chunk at a time. How many uploads run at once
-is limited per key and overall. The control plane records the stored file (cluster.services.datasets).
+is limited per key, per workspace and overall. The control plane records the stored file (cluster.services.datasets).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from serve.http import body_chunks
 
 CHUNK_TIMEOUT_S = 60.0  # a client that stalls this long between chunks loses its upload
 MAX_AT_ONCE = 4  # uploads in flight in one API replica
-MAX_PER_KEY = 2  # ... and per API key (or per client, with no keys)
+MAX_PER_KEY = 2  # ... and per API key (or per client, with no keys), and per workspace (a tenant's second key
+# does not take the other half of the slots)
 VALIDATE_MEMORY_BYTES = 2 * 2**30  # the validating task's reservation, and its address-space cap
-_running: dict[str, int] = {}  # key id -> uploads in flight (this replica)
+_running: dict[tuple[str, str], int] = {}  # ("key", id) and ("workspace", name) -> uploads in flight (this replica)
 
 
 def max_upload_bytes() -> int:
@@ -37,23 +38,28 @@ def deadline_s() -> float:
 
 
 class Slot:
-    """One of the replica's upload slots for `who`; QuotaExceeded (429) when all are taken."""
+    """One of the replica's upload slots for the key (or client) `who` uploading into `workspace`; QuotaExceeded
+    (429) when the replica's, the key's or the workspace's are all taken."""
 
-    def __init__(self, who: str):
-        self.who = who
+    def __init__(self, who: str, workspace: str):
+        self.counts = (("key", who), ("workspace", workspace))
 
     def __enter__(self) -> "Slot":
-        if sum(_running.values()) >= MAX_AT_ONCE:
+        if sum(n for (kind, _), n in _running.items() if kind == "key") >= MAX_AT_ONCE:
             raise QuotaExceeded(f"{MAX_AT_ONCE} uploads are running on this API replica; retry when one finishes")
-        if _running.get(self.who, 0) >= MAX_PER_KEY:
-            raise QuotaExceeded(f"this key has {MAX_PER_KEY} uploads running; retry when one finishes")
-        _running[self.who] = _running.get(self.who, 0) + 1
+        for (kind, name) in self.counts:
+            if _running.get((kind, name), 0) >= MAX_PER_KEY:
+                held = "this key has" if kind == "key" else f"workspace {name!r} has"
+                raise QuotaExceeded(f"{held} {MAX_PER_KEY} uploads running; retry when one finishes")
+        for c in self.counts:
+            _running[c] = _running.get(c, 0) + 1
         return self
 
     def __exit__(self, *exc) -> None:
-        _running[self.who] -= 1
-        if not _running[self.who]:
-            del _running[self.who]
+        for c in self.counts:
+            _running[c] -= 1
+            if not _running[c]:
+                del _running[c]
 
 
 async def receive(request, target: str, limit: int) -> int:
@@ -137,7 +143,7 @@ async def upload(request, dataset: dict, path: str, who: str) -> dict:
 
     if path not in DATASET_FILES:
         raise InvalidRequest(f"{shown(path)} is not a dataset file: use one of {', '.join(DATASET_FILES)}", "path")
-    with Slot(who):
+    with Slot(who, dataset["workspace"]):
         upload_id = uuid.uuid4().hex[:12]
         staged = storage.join(dataset["uri"], ".staging", upload_id)
         try:

@@ -404,3 +404,23 @@ def test_a_tenant_names_its_regression_set_by_dataset_or_by_the_shipped_name(tmp
     with pytest.raises(InvalidRequest, match="config.dataset.regression: .* is outside the locations"):
         confinement.job(JobConfig, {**raw, "dataset": {**raw["dataset"], "regression": "/etc"}}, "config")
     cp._stop.set()
+
+
+def test_upload_slots_are_limited_per_replica_per_key_and_per_workspace():
+    """Two keys of one workspace share its 2 slots (a tenant's second key does not take the rest of the replica's 4)."""
+    from cluster import uploads
+    from rayembed.errors import QuotaExceeded
+
+    with uploads.Slot("k1", "ws-a"), uploads.Slot("k2", "ws-a"):
+        with pytest.raises(QuotaExceeded, match="workspace 'ws-a' has 2 uploads running"):
+            with uploads.Slot("k3", "ws-a"):
+                pass
+        with uploads.Slot("k3", "ws-b"), uploads.Slot("k4", "ws-c"):
+            with pytest.raises(QuotaExceeded, match="4 uploads are running on this API replica"):
+                with uploads.Slot("k5", "ws-d"):
+                    pass
+    with uploads.Slot("k1", "ws-a"), uploads.Slot("k1", "ws-b"):
+        with pytest.raises(QuotaExceeded, match="this key has 2 uploads running"):
+            with uploads.Slot("k1", "ws-c"):
+                pass
+    assert uploads._running == {}  # every slot given back, refused ones too
