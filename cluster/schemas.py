@@ -212,6 +212,8 @@ class DatasetOut(EntityOut):
     uri: str
     files: dict[str, DatasetFile] = {}
     uploading: dict[str, float] = Field(default_factory=dict, description="files being uploaded -> since when")
+    uploading_bytes: dict[str, int] = Field(default_factory=dict, description="files being uploaded -> the size each "
+                                            "declared (counted against the storage quota meanwhile)")
 
 
 class JobOut(EntityOut):
@@ -229,6 +231,8 @@ class JobOut(EntityOut):
     result: dict[str, Any] | None = None
     gpu_estimate: dict[str, Any] | None = None
     warnings: list[str] = []
+    by_operator: bool = Field(False, description="created by the operator over Ray; a tenant's job is checked again "
+                              "against the workspace's rights when it is resumed")
 
 
 class JobStatusOut(Answer):

@@ -235,6 +235,13 @@ class DeploymentService(Service):
         self.store.add_version("deployment_config", workspace, cfg_name, cfg.version, cfg.model_dump(mode="json"))
         return cfg
 
+    def _running_config(self, dep: ModelDeployment) -> ModelDeploymentConfig:
+        """The config version `dep` records, the one its generations run (an edit of the config since is not)."""
+        cfg = self.ctx.config_of(dep)
+        if cfg is None:
+            raise NotFound(f"deployment config {dep.config!r} does not exist in workspace {dep.workspace!r}")
+        return cfg
+
     def get_deployment(self, workspace: str, name: str) -> dict:
         self.ctx.workspace(workspace)
         return self.ctx.load("deployment", workspace, name, ModelDeployment).model_dump(mode="json")
@@ -246,7 +253,7 @@ class DeploymentService(Service):
             raise InvalidRequest(f"format {shown(fmt)} is not one of {', '.join(kuberay.FORMATS)}", "format")
         self.ctx.workspace(workspace)
         dep = self.ctx.load("deployment", workspace, name, ModelDeployment)
-        cfg = self.ctx.load("deployment_config", workspace, dep.config, ModelDeploymentConfig)
+        cfg = self._running_config(dep)
         model = self._model_for(workspace, dep.model)
         return kuberay.rayservice(dep, cfg, model, image=image or os.environ.get("RAYEMBED_IMAGE"), name=k8s_name)
 
@@ -272,7 +279,7 @@ class DeploymentService(Service):
         dep = self.ctx.load("deployment", workspace, name, ModelDeployment)
         if dep.status != "READY" or dep.app is None:
             raise Conflict(f"deployment {name!r} is {dep.status}; only a READY deployment's replicas can be verified")
-        cfg = self.ctx.load("deployment_config", workspace, dep.config, ModelDeploymentConfig)
+        cfg = self._running_config(dep)
         model = self.ctx.load("model", workspace, dep.model, ModelEntity)
         verification = self.verification.verify(dep.app, model, cfg, dep.allow_worse, dep.generation, force=True)
 
@@ -335,9 +342,7 @@ class DeploymentService(Service):
         generation = dep.generation + 1
         try:
             model = self._model_for(dep.workspace, target)
-            cfg = self.ctx.config_of(dep)
-            if cfg is None:
-                raise NotFound(f"deployment config {dep.config!r} does not exist in workspace {dep.workspace!r}")
+            cfg = self._running_config(dep)
             settings = self.ctx.serve.provider_settings(dep, cfg, model, generation)
         except Exception as exc:  # noqa: BLE001 - recorded on the deployment
             self._status(dep, "FAILED" if dep.status != "READY" else "READY", f"could not start model {target}: {exc}"[:1000],
@@ -376,7 +381,7 @@ class DeploymentService(Service):
             else:
                 return
         model = self.store.get("model", dep.workspace, dep.pending_model)
-        cfg = self.ctx.load("deployment_config", dep.workspace, dep.config, ModelDeploymentConfig)
+        cfg = self._running_config(dep)
         verification = None
         if failure is None:
             failure = self.ctx.serve.probe(dep.pending_app, cfg.default_dimensions or (model or {}).get("embedding_dim"))
