@@ -195,6 +195,7 @@ for _verb, _path, _method, _answer, _opts in [
     ("GET", WS + "/customization/jobs/{job_id}/status", "job_status", Out.JobStatusOut, {}),
     ("POST", WS + "/customization/jobs/{job_id}/cancel", "cancel_job", Out.JobOut, {}),
     ("POST", WS + "/customization/jobs/{job_id}/resume", "resume_job", Out.JobOut, {}),
+    ("DELETE", WS + "/customization/jobs/{job_id}", "delete_job", Out.Deleted, {}),
     ("GET", WS + "/customization/jobs/{job_id}/logs", "job_logs", None, {"text": True}),
     ("GET", WS + "/deployment-configs", "list_deployment_configs", Out.DeploymentConfigOut, {"listing": True}),
     ("POST", WS + "/deployment-configs", "create_deployment_config", Out.DeploymentConfigOut, {

@@ -330,6 +330,12 @@ def jobs_resume(args) -> int:
     return _finish(c, args.id) if args.wait else 0
 
 
+def jobs_delete(args) -> int:
+    _client(args).customization.jobs.delete(args.id)
+    print(f"job {args.id}: deleted, with its folder")
+    return 0
+
+
 def _load_spec(args) -> dict:
     """The YAML file with --set overrides applied (validated by the control plane, not here)."""
     from rayembed.config import parse_overrides, read_yaml, set_path
@@ -557,7 +563,9 @@ def parser() -> argparse.ArgumentParser:
     for verb, fn, help in (("get", jobs_get, "one job as JSON"), ("logs", jobs_logs, "the job's Ray log"),
                            ("wait", jobs_wait, "follow a job with a progress bar until it ends"),
                            ("cancel", jobs_cancel, "stop a job"),
-                           ("resume", jobs_resume, "submit a failed or cancelled job again, from its last checkpoint")):
+                           ("resume", jobs_resume, "submit a failed or cancelled job again, from its last checkpoint"),
+                           ("delete", jobs_delete, "a finished job and its folder (checkpoints, output); delete the "
+                                                   "model it made first")):
         v = jobs.add_parser(verb, help=help)
         v.add_argument("id")
         if verb == "resume":

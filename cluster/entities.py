@@ -47,7 +47,8 @@ class Quota(BaseModel):
     max_replicas: int = Field(8, ge=0, description="replicas over all its deployments (autoscaling: their maximum)")
     max_cpus_per_deployment: float = Field(8.0, ge=0, description="num_cpus x replicas of one deployment")
     max_gpus_per_deployment: float = Field(1.0, ge=0, description="num_gpus x replicas of one deployment")
-    max_storage_gib: float = Field(20.0, ge=0, description="its datasets' files")
+    max_storage_gib: float = Field(20.0, ge=0, description="what it holds in storage: its datasets' files, its "
+                                   "jobs' folders (checkpoints, outputs) and its models' folders")
 
 
 class Workspace(BaseModel):

@@ -215,6 +215,44 @@ def test_jobs_alone_submit_follow_and_cancel_through_the_ray_adapter(tmp_path):
     assert cancelled["status"] == "cancelled" and ctx.ray_jobs.stopped == [job["name"]]
 
 
+def test_what_jobs_and_models_hold_counts_against_the_storage_quota_and_a_finished_job_can_be_deleted(tmp_path):
+    """max_storage_gib 64 KiB. A finished job's folder of 80 KiB (its checkpoints) stops a new job, a resume, an export
+    and an upload (429 naming what is held); the job cannot be deleted while its model exists, and once deleted its
+    folder is gone and new work starts again."""
+    ctx = context(tmp_path)
+    ctx.modify(lambda: Workspace.model_validate(ctx.store.get("workspace", "", "default")),
+               lambda ws: ws.model_copy(update={"quota": ws.quota.model_copy(update={"max_storage_gib": 64 / 2**20})}))
+    datasets, models = DatasetService(ctx), ModelService(ctx)
+    jobs = JobService(ctx, datasets=datasets, models=models)
+    folder = Path(ctx.workspace_root("default")) / "jobs" / "cust-old"
+    (folder / "output" / "checkpoints").mkdir(parents=True)
+    (folder / "output" / "checkpoints" / "state.bin").write_bytes(b"\0" * 80 * 2**10)
+    ctx.save(CustomizationJob(name="cust-old", spec={}, output_model="old", output_dir=str(folder / "output"),
+                              status="failed"))
+    ctx.save(ModelEntity(name="old", base_model="b", source_job="cust-old", embedding_dim=8,
+                         artifact=Artifact(uri=str(folder / "output" / "onnx"))))
+    config = {"model": "all-MiniLM-L6-v2", "schedule": {"max_steps": 2},
+              "dataset": {"training": str(SAMPLE / "train.jsonl"), "evaluation": str(SAMPLE / "eval")}}
+    with pytest.raises(QuotaExceeded, match=r"holds 80\.0 KiB \(datasets 0 bytes, jobs 80\.0 KiB, models 0 bytes\)"):
+        jobs.create_job("default", {"output_model": "new", "config": config}, operator=True)
+    with pytest.raises(QuotaExceeded, match="max_storage_gib"):
+        jobs.resume_job("default", "cust-old")
+    with pytest.raises(QuotaExceeded, match="max_storage_gib"):
+        models.create_model("default", {"name": "minilm", "base_model": "all-MiniLM-L6-v2"})
+    datasets.create_dataset("default", {"name": "docs"})
+    with pytest.raises(QuotaExceeded, match=r"holds 0 bytes of datasets and 81920 of jobs and models"):
+        datasets.begin_upload("default", "docs", "training.jsonl", 10)
+    with pytest.raises(Conflict, match="made model 'old'"):
+        jobs.delete_job("default", "cust-old")
+    ctx.remove(ModelEntity.model_validate(ctx.store.get("model", "default", "old")))
+    assert jobs.delete_job("default", "cust-old") == {"name": "cust-old", "deleted": True}
+    assert not folder.exists() and ctx.store.get("job", "default", "cust-old") is None
+    assert jobs.create_job("default", {"output_model": "new", "config": config}, operator=True)["status"] == "pending"
+    running = ctx.all("job", CustomizationJob)[0].name
+    with pytest.raises(Conflict, match="cancel it first"):
+        jobs.delete_job("default", running)
+
+
 def test_a_burst_of_jobs_stays_within_the_workspace_quota(tmp_path):
     """Twelve requests at once against max_active_jobs 2 (the store slowed to PostgreSQL's pace): exactly two jobs
     start. Without the admission's compare-and-set on the workspace, every request passed the count."""

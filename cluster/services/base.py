@@ -260,6 +260,24 @@ class Context:
         body = self.store.get("deployment_config", dep.workspace, dep.config)
         return ModelDeploymentConfig.model_validate(body) if body is not None else None
 
+    def storage_used(self, workspace: str) -> dict[str, int]:
+        """Bytes the workspace holds: its datasets' files (as recorded), its jobs' and models' folders (listed)."""
+        root = self.workspace_root(workspace)
+        return {"datasets": sum(f.bytes for d in self.all("dataset", Dataset, workspace) for f in d.files.values()),
+                "jobs": sum(storage.list_files(storage.join(root, "jobs")).values()),
+                "models": sum(storage.list_files(storage.join(root, "models")).values())}
+
+    def quota_for_storage(self, workspace: str, field: str = "config") -> None:
+        """New work that writes (a job, a resumed job, a model export) starts only while the workspace holds less than
+        its storage quota; what it then writes is bounded by its own size, not checked on the way."""
+        quota = self.quota(workspace)
+        used = self.storage_used(workspace)
+        if sum(used.values()) >= quota.max_storage_gib * 2**30:
+            held = ", ".join(f"{kind} {_size(n)}" for kind, n in used.items())
+            raise QuotaExceeded(f"workspace {workspace!r} holds {_size(sum(used.values()))} ({held}), its "
+                                f"quota (max_storage_gib {quota.max_storage_gib:g}); delete finished jobs (DELETE "
+                                ".../customization/jobs/ID), models or datasets first", field)
+
     def quota_for_deployment(self, workspace: str, cfg, name: str) -> None:
         """The workspace's limits on replicas (over all its deployments but `name`, plus this one at its most) and on
         the CPUs and GPUs of one deployment."""
@@ -289,3 +307,11 @@ class Service:
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.store = ctx.store
+
+
+def _size(n: int) -> str:
+    """Bytes as a person reads them: 80.0 KiB, 1.25 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{n} bytes"

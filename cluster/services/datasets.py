@@ -47,6 +47,9 @@ class DatasetService(Service):
             raise InvalidRequest("send the upload with a Content-Length header (its size is checked against the "
                                  "workspace's storage quota before it is read)", "body")
 
+        used = self.ctx.storage_used(self.ctx.workspace(workspace))
+        others = used["jobs"] + used["models"]  # listed once, before the admission (it may be tried again)
+
         def attempt() -> Dataset:
             ds = self.ctx.load("dataset", self.ctx.workspace(workspace), name, Dataset)
             users = self._jobs_reading(ds)
@@ -61,10 +64,11 @@ class DatasetService(Service):
                       for p in self._uploading(d)]  # uploads running now count as the size they declared
             used = sum(n for d, p, n in held if (d, p) != (name, path))
             running = sum(n for d, p, n in coming if (d, p) != (name, path))
-            if used + running + declared_bytes > int(quota.max_storage_gib * 2**30):
-                raise QuotaExceeded(f"workspace {workspace!r} holds {used} bytes of datasets and uploads {running} more "
-                                    f"now; {declared_bytes} more would pass its quota (max_storage_gib "
-                                    f"{quota.max_storage_gib:g}); delete a dataset first", "body")
+            if used + running + others + declared_bytes > int(quota.max_storage_gib * 2**30):
+                raise QuotaExceeded(f"workspace {workspace!r} holds {used} bytes of datasets and {others} of jobs and "
+                                    f"models, and uploads {running} more now; {declared_bytes} more would pass its quota "
+                                    f"(max_storage_gib {quota.max_storage_gib:g}); delete a dataset, a finished job "
+                                    "or a model first", "body")
             live = self._uploading(ds)
             marked = self.ctx.replace(ds, ds.model_copy(update={
                 "uploading": {**live, path: time.time()},

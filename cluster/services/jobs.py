@@ -49,6 +49,7 @@ class JobService(Service):
         else:
             spec = self.datasets.resolve_spec(workspace, spec, "config")
         self.ctx.quota_for_job(workspace)
+        self.ctx.quota_for_storage(workspace)
         self.models._name_free(workspace, output_model)  # fails fast, before anything is written
         job_id = job_files.new_job_id()
         job_dir = storage.join(self.ctx.workspace_root(workspace), "jobs", job_id)
@@ -152,6 +153,7 @@ class JobService(Service):
             raise Conflict(f"job {job_id} is a sweep: create it again (a sweep's trials are not resumed)")
         if not job.by_operator:
             self._readable_today(job)
+        self.ctx.quota_for_storage(workspace, "job_id")
         config_path = storage.join(storage.parent(job.output_dir), "job.yaml")
         if not storage.is_file(config_path):
             raise Conflict(f"job {job_id}'s config {config_path} is gone; create the job again")
@@ -183,6 +185,25 @@ class JobService(Service):
             raise Unavailable(f"Ray did not accept the resubmission: {type(exc).__name__}: {exc}"[:1000] +
                               f"; job {job_id} is still {job.status}: retry in a few seconds") from None
         return resumed.model_dump(mode="json")
+
+    def delete_job(self, workspace: str, job_id: str) -> dict:
+        """A finished job, and its folder (config, checkpoints, progress, output). Refused while it runs, and while
+        the model it made exists: that model's files are in the job's folder."""
+        def attempt() -> CustomizationJob:
+            job = self.ctx.load("job", self.ctx.workspace(workspace), job_id, CustomizationJob)
+            if job.status not in JOB_DONE:
+                raise Conflict(f"job {job_id} is {job.status}; cancel it first")
+            made = [m.name for m in self.ctx.all("model", ModelEntity, workspace) if m.source_job == job.name]
+            if made:
+                raise Conflict(f"job {job_id} made model {made[0]!r}, whose files are in the job's folder; delete the "
+                               "model first (its deployments before it)")
+            if not self.ctx.remove(job):
+                raise Conflict(f"job {job_id} changed while it was being deleted; try again")
+            return job
+
+        job = self.ctx.admitted(workspace, attempt, lambda j: self.ctx.create(j))
+        storage.delete_tree(storage.join(self.ctx.workspace_root(workspace), "jobs", job.name))  # the id: never reused
+        return {"name": job_id, "deleted": True}
 
     def _readable_today(self, job: CustomizationJob) -> None:
         """A tenant's job, resumed, reads only what its workspace may read today: its own folder (its datasets, models

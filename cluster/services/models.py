@@ -61,8 +61,9 @@ class ModelService(Service):
                                  description=str(body.get("description", "")))
 
         def attempt() -> ModelEntity:
-            if artifact is None:
+            if artifact is None:  # an export: a Ray job that writes (the operator's registrations are the operator's)
                 self.ctx.quota_for_job(workspace)
+                self.ctx.quota_for_storage(workspace, "name")
             self._name_free(workspace, name)
             self.ctx.create(entity)
             return entity
