@@ -549,6 +549,18 @@ def test_sweep_job_and_cancel(platform, tiny_bert, train_file):
     assert status.strip() == "STOPPED"
     with pytest.raises(ApiError):
         c.models.retrieve("tiny-cancelled")
+    # deleted from its page (confirm accepted): the job and its folder go; the sweep, whose model exists, stays
+    with chromium() as browser:
+        browser.get(f"{platform.base_url}/console#/jobs/{doomed.name}")
+        wait(browser, lambda d: css(d, "#delete-job")).click()
+        browser.switch_to.alert.accept()
+        wait(browser, lambda d: css(d, "main h1").text == "Jobs")
+    with pytest.raises(ApiError) as err:
+        c.customization.jobs.retrieve(doomed.name)
+    assert err.value.status == 404 and not Path(doomed.output_dir).parent.exists()
+    with pytest.raises(ApiError) as err:
+        c.customization.jobs.delete(job.name)
+    assert err.value.status == 409 and "made model 'tiny-swept'" in err.value.message
 
 
 def test_actor_killed_mid_job_then_cluster_restarted(platform, tiny_bert, train_file):

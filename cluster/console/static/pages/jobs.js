@@ -1,6 +1,6 @@
 // Jobs: the list with live progress; a job's page with its live loss curve, validation, status history, log tail,
 // cancel and resume; and the new-job form with the model card's conservative defaults and its dataset-size advice.
-import { get, page, post, ws } from "../api.js";
+import { del, get, page, post, ws } from "../api.js";
 import { badge, clear, errorBox, facts, field, fmt, h, link, pager, progressBar, table } from "../dom.js";
 import { legend, lineChart } from "../chart.js";
 
@@ -55,6 +55,7 @@ export async function detail(main, [id], ctx) {
     const actions = h("div", { class: "actions" });
     if (!DONE.includes(job.status)) actions.append(h("button", { type: "button", class: "danger", id: "cancel", onclick: cancel }, "Cancel"));
     if (["failed", "cancelled"].includes(job.status) && job.kind === "training") actions.append(h("button", { type: "button", id: "resume", onclick: resume }, "Resume from the last checkpoint"));
+    if (DONE.includes(job.status)) actions.append(h("button", { type: "button", class: "danger", id: "delete-job", onclick: remove }, "Delete"));
     clear(head).append(h("p", {}, badge(job.status), ` ${job.kind} job → model `,
       job.status === "completed" ? link(`#/models/${encodeURIComponent(job.output_model)}`, job.output_model) : job.output_model),
     job.error ? h("div", { class: "error", id: "job-error" }, job.error) : null,
@@ -84,6 +85,10 @@ export async function detail(main, [id], ctx) {
     if (!confirm(`Cancel job ${id}? Its checkpoints stay; it can be resumed.`)) return;
     try { await post(ws(`/customization/jobs/${encodeURIComponent(id)}/cancel`)); } catch (err) { head.append(errorBox(err)); }
     await refresh();
+  }
+  async function remove() {  // refused (409, shown) while the model the job made exists: its files are in the job's folder
+    if (!confirm(`Delete job ${id} and its folder (checkpoints, output)?`)) return;
+    try { await del(ws(`/customization/jobs/${encodeURIComponent(id)}`)); ctx.go("#/jobs"); } catch (err) { head.append(errorBox(err)); }
   }
   async function resume() {
     try { await post(ws(`/customization/jobs/${encodeURIComponent(id)}/resume`)); } catch (err) { head.append(errorBox(err)); }
