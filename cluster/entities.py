@@ -223,6 +223,9 @@ class ModelDeployment(Entity):
     pending_app: str | None = Field(None, description="a new generation being started (a model swap)")
     pending_model: str | None = Field(None, description="the model the pending generation serves")
     pending_since: float | None = None
+    serving_config: str | None = Field(None, description="the config the serving generation (app) was started from")
+    serving_config_version: int | None = Field(None, description="... and its version (a swap pending or failed "
+                                               "leaves config_version elsewhere: quotas count both)")
     retiring: dict[str, float] = Field(default_factory=dict, description="old generations -> when they are deleted")
     allow_worse: bool = False
     owns_config: bool = Field(False, description="its config was created inline with it and goes with it")

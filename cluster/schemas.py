@@ -277,6 +277,8 @@ class DeploymentOut(EntityOut):
     pending_app: str | None = None
     pending_model: str | None = None
     pending_since: datetime | None = None
+    serving_config: str | None = Field(None, description="the config the serving generation was started from")
+    serving_config_version: int | None = Field(None, description="... and its version")
     retiring: dict[str, datetime] = Field({}, description="old generations -> when they are deleted")
     allow_worse: bool = False
     owns_config: bool = False

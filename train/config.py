@@ -183,7 +183,7 @@ class Resources(Section):
         """Ray's own resources have their fields (cpus_per_worker, use_gpu); a node:ADDRESS resource would pin the
         worker to one node (the head's included) by address."""
         for key, amount in value.items():
-            if key in ("CPU", "GPU", "memory", "object_store_memory"):
+            if key in ("CPU", "GPU", "TPU", "HPU", "NPU", "neuron_cores", "memory", "object_store_memory") or "_group_" in key:
                 raise ValueError(f"{key!r} is Ray's own resource: set resources.cpus_per_worker or resources.use_gpu")
             if key.startswith(("node:", "accelerator_type:")):
                 raise ValueError(f"{key!r} pins the worker to a node by address or type: start the nodes meant for "

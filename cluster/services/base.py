@@ -251,21 +251,34 @@ class Context:
                                 f"(max_active_jobs {quota.max_active_jobs}); wait for one to finish or cancel one",
                                 "config")
 
-    def config_of(self, dep: ModelDeployment) -> ModelDeploymentConfig | None:
-        """The config version `dep` runs (it records it; a config edited since changes nothing until the deployment
-        is updated to it, which checks the quota): from the config's history, else the config as it is now."""
-        for body in self.store.versions("deployment_config", dep.workspace, dep.config):
-            if body.get("version") == dep.config_version:
-                return ModelDeploymentConfig.model_validate(body)
-        body = self.store.get("deployment_config", dep.workspace, dep.config)
+    def config_of(self, dep: ModelDeployment, serving: bool = False) -> ModelDeploymentConfig | None:
+        """The config version `dep` records (a config edited since changes nothing until the deployment is updated
+        to it, which checks the quota), or with `serving` the one its serving generation was started from: from the
+        config's history, else the config as it is now (a version stored before today's fields, unreadable now,
+        too)."""
+        name, version = ((dep.serving_config, dep.serving_config_version) if serving and dep.serving_config_version
+                         else (dep.config, dep.config_version))
+        for body in self.store.versions("deployment_config", dep.workspace, name):
+            if body.get("version") == version:
+                try:
+                    return ModelDeploymentConfig.model_validate(body)
+                except ValidationError:
+                    break
+        body = self.store.get("deployment_config", dep.workspace, name)
         return ModelDeploymentConfig.model_validate(body) if body is not None else None
 
     def storage_used(self, workspace: str) -> dict[str, int]:
-        """Bytes the workspace holds: its datasets' files (as recorded), its jobs' and models' folders (listed)."""
+        """Bytes the workspace holds: its datasets' files (as recorded) and the declared size of its uploads running,
+        its jobs', models' and mining cache's folders (listed)."""
+        from cluster.uploads import deadline_s
+
         root = self.workspace_root(workspace)
-        return {"datasets": sum(f.bytes for d in self.all("dataset", Dataset, workspace) for f in d.files.values()),
-                "jobs": sum(storage.list_files(storage.join(root, "jobs")).values()),
-                "models": sum(storage.list_files(storage.join(root, "models")).values())}
+        datasets = self.all("dataset", Dataset, workspace)
+        live = time.time() - deadline_s() - 600  # a mark older than this is an upload that died
+        listed = {kind: sum(storage.list_files(storage.join(root, kind)).values()) for kind in ("jobs", "models", "mining")}
+        return {"datasets": sum(f.bytes for d in datasets for f in d.files.values()),
+                "uploading": sum(d.uploading_bytes.get(p, 0) for d in datasets for p, t in d.uploading.items() if t > live),
+                **listed}
 
     def quota_for_storage(self, workspace: str, field: str = "config") -> None:
         """New work that writes (a job, a resumed job, a model export) starts only while the workspace holds less than
@@ -273,7 +286,7 @@ class Context:
         quota = self.quota(workspace)
         used = self.storage_used(workspace)
         if sum(used.values()) >= quota.max_storage_gib * 2**30:
-            held = ", ".join(f"{kind} {_size(n)}" for kind, n in used.items())
+            held = ", ".join(f"{kind} {_size(n)}" for kind, n in used.items() if n) or "nothing"
             raise QuotaExceeded(f"workspace {workspace!r} holds {_size(sum(used.values()))} ({held}), its "
                                 f"quota (max_storage_gib {quota.max_storage_gib:g}); delete finished jobs (DELETE "
                                 ".../customization/jobs/ID), models or datasets first", field)
@@ -293,8 +306,8 @@ class Context:
                                     f"workspace's quota is {limit:g} ({key}): use fewer replicas or smaller ones")
         others = 0
         for dep in self.all("deployment", ModelDeployment, workspace):
-            if dep.name != name and (running := self.config_of(dep)) is not None:
-                others += most(running)
+            if dep.name != name:  # what it records, or what its serving generation runs while a swap is pending
+                others += max((most(c) for c in (self.config_of(dep), self.config_of(dep, serving=True)) if c), default=0)
         if others + replicas > quota.max_replicas:
             raise QuotaExceeded(f"workspace {workspace!r} runs up to {others} replicas in its other deployments; "
                                 f"{replicas} more pass its quota (max_replicas {quota.max_replicas})")

@@ -48,7 +48,7 @@ class DatasetService(Service):
                                  "workspace's storage quota before it is read)", "body")
 
         used = self.ctx.storage_used(self.ctx.workspace(workspace))
-        others = used["jobs"] + used["models"]  # listed once, before the admission (it may be tried again)
+        others = used["jobs"] + used["models"] + used["mining"]  # listed once, before the admission (it may run again)
 
         def attempt() -> Dataset:
             ds = self.ctx.load("dataset", self.ctx.workspace(workspace), name, Dataset)

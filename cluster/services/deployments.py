@@ -170,7 +170,9 @@ class DeploymentService(Service):
 
     def update_deployment(self, workspace: str, name: str, body: dict) -> dict:
         """Point a deployment at another model (or config version): a new generation starts beside the
-        old one, and the routes move only once it answers (zero-downtime swap)."""
+        old one, and the routes move only once it answers (zero-downtime swap). One admission: the config's next
+        version (when the body changes settings) and the deployment's move to it are checked against the quota
+        and written together, or neither is."""
         body = check_body("update_deployment", body)
         self.ctx.workspace(workspace)
         dep = self.ctx.load("deployment", workspace, name, ModelDeployment)
@@ -179,12 +181,43 @@ class DeploymentService(Service):
         allow_worse = bool(body.get("allow_worse", dep.allow_worse))
         changes = {k: v for k, v in body.items() if k not in ("allow_worse", "config")}
         cfg_name = check_name(body.get("config", dep.config), "deployment config")
-        cfg = self.ctx.load("deployment_config", workspace, cfg_name, ModelDeploymentConfig)
-        if changes:
-            cfg = self._admit_config_change(workspace, name, cfg_name, changes, allow_worse)
-        model = self._model_for(workspace, cfg.model)
-        self._gate(model, allow_worse, cfg)
+        self.ctx.load("deployment_config", workspace, cfg_name, ModelDeploymentConfig)
 
+        def attempt() -> tuple[tuple, tuple]:
+            old = self.ctx.load("deployment_config", workspace, cfg_name, ModelDeploymentConfig)
+            cfg = self._next_version(old, changes) if changes else old
+            # the version it moves to meets the quota and the gate, whether this request writes it or it was
+            # edited through its config (PATCH .../deployment-configs/NAME) since the deployment last moved
+            self.ctx.quota_for_deployment(workspace, cfg, name)
+            model = self._model_for(workspace, cfg.model)
+            self._gate(model, allow_worse, cfg)
+            if changes and (cfg := self.ctx.replace(old, cfg)) is None:
+                raise Conflict(f"deployment config {cfg_name!r} changed while this update ran; try again")
+            try:
+                before, after = self._move(workspace, name, cfg, model, allow_worse)
+            except Exception:
+                if changes:
+                    self.ctx.replace(cfg, old)  # the version before, as it was
+                raise
+            return (old, cfg), (before, after)
+
+        def undo(made: tuple[tuple, tuple]) -> None:
+            (old, cfg), (before, after) = made
+            if after is not before:  # only the fields this request set go back (a reconcile may have moved it since)
+                self.ctx.modify(lambda: self.ctx.load("deployment", workspace, name, ModelDeployment),
+                                lambda d: d.model_copy(update={k: getattr(before, k) for k in (
+                                    "config", "config_version", "pending_model", "allow_worse")}))
+            if cfg is not old and self.ctx.replace(cfg, old) is None:
+                log.warning("deployment config %s/%s v%d stayed after a lost admission", workspace, cfg_name, cfg.version)
+
+        (_, cfg), (_, dep) = self.ctx.admitted(workspace, attempt, undo)
+        if changes:
+            self.store.add_version("deployment_config", workspace, cfg_name, cfg.version, cfg.model_dump(mode="json"))
+        return dep.model_dump(mode="json")
+
+    def _move(self, workspace: str, name: str, cfg: ModelDeploymentConfig, model: ModelEntity,
+              allow_worse: bool) -> tuple[ModelDeployment, ModelDeployment]:
+        """The deployment pointed at `model` and `cfg`'s version (compare-and-set): (as it was, as it is)."""
         def change(dep: ModelDeployment) -> ModelDeployment:
             if dep.status == "DELETING":
                 raise Conflict(f"deployment {name!r} is being deleted")
@@ -196,44 +229,10 @@ class DeploymentService(Service):
                 "status_history": dep.status_history + [StatusChange(
                     status=dep.status, reason=f"update to model {model.name} (config v{cfg.version})")]})
 
-        def attempt() -> tuple[ModelDeployment, ModelDeployment]:
-            # the version it moves to meets the quota, whether this request wrote it or it was edited through
-            # its config (PATCH .../deployment-configs/NAME) since the deployment last moved
-            self.ctx.quota_for_deployment(workspace, cfg, name)
-            seen: list[ModelDeployment] = []
-            after = self.ctx.modify(lambda: seen.append(self.ctx.load("deployment", workspace, name, ModelDeployment))
-                                    or seen[-1], change)
-            return seen[-1], after
-
-        def undo(made: tuple[ModelDeployment, ModelDeployment]) -> None:
-            before, after = made
-            if after is not before:
-                self.ctx.replace(after, before)
-
-        _, dep = self.ctx.admitted(workspace, attempt, undo)
-        return dep.model_dump(mode="json")
-
-    def _admit_config_change(self, workspace: str, name: str, cfg_name: str, changes: dict,
-                             allow_worse: bool) -> ModelDeploymentConfig:
-        """The config's next version, checked before it is written (the workspace's replica quota, its model's gate)
-        and written as an admission: two changes at once to one workspace's deployments cannot both pass the quota."""
-        def attempt() -> tuple[ModelDeploymentConfig, ModelDeploymentConfig]:
-            old = self.ctx.load("deployment_config", workspace, cfg_name, ModelDeploymentConfig)
-            wanted = self._next_version(old, changes)
-            self.ctx.quota_for_deployment(workspace, wanted, name)
-            self._gate(self._model_for(workspace, wanted.model), allow_worse, wanted)
-            stored = self.ctx.replace(old, wanted)
-            if stored is None:
-                raise Conflict(f"deployment config {cfg_name!r} changed while this update ran; try again")
-            return old, stored
-
-        def undo(made: tuple[ModelDeploymentConfig, ModelDeploymentConfig]) -> None:
-            old, stored = made
-            self.ctx.replace(stored, old)  # the version before, as it was
-
-        _, cfg = self.ctx.admitted(workspace, attempt, undo)
-        self.store.add_version("deployment_config", workspace, cfg_name, cfg.version, cfg.model_dump(mode="json"))
-        return cfg
+        seen: list[ModelDeployment] = []
+        after = self.ctx.modify(lambda: seen.append(self.ctx.load("deployment", workspace, name, ModelDeployment))
+                                or seen[-1], change)
+        return seen[-1], after
 
     def _running_config(self, dep: ModelDeployment) -> ModelDeploymentConfig:
         """The config version `dep` records, the one its generations run (an edit of the config since is not)."""
@@ -346,7 +345,7 @@ class DeploymentService(Service):
             settings = self.ctx.serve.provider_settings(dep, cfg, model, generation)
         except Exception as exc:  # noqa: BLE001 - recorded on the deployment
             self._status(dep, "FAILED" if dep.status != "READY" else "READY", f"could not start model {target}: {exc}"[:1000],
-                         pending_model=None, error=str(exc)[:1000])
+                         pending_model=None, error=str(exc)[:1000], **_serving_again(dep))
             return
         status = "READY" if dep.status == "READY" and not lost else "PENDING"
         gone = vanished or (dep.app if lost else None)
@@ -368,7 +367,7 @@ class DeploymentService(Service):
             self.ctx.modify(lambda: self.ctx.load("deployment", dep.workspace, dep.name, ModelDeployment),
                             lambda d: _moved(d, "FAILED" if d.status != "READY" else "READY",
                                              f"could not start model {target}: {why}"[:1000], pending_app=None,
-                                             pending_model=None, error=why))
+                                             pending_model=None, error=why, **_serving_again(d)))
 
     def _watch_generation(self, dep: ModelDeployment, apps: dict[str, tuple[str, str]]) -> None:
         status, message = apps.get(dep.pending_app, ("NOT_STARTED", ""))
@@ -398,7 +397,8 @@ class DeploymentService(Service):
             reason = (f"swap to model {dep.pending_model} failed, still serving {dep.model}: " if swapping else "") + failure
             # the deployment's verification stays the serving generation's; a failed swap's is in its reason
             self._status(dep, "READY" if swapping else "FAILED", reason, pending_app=None, pending_model=None,
-                         error=failure, **({"verification": verification} if verification and not swapping else {}))
+                         error=failure, **_serving_again(dep),
+                         **({"verification": verification} if verification and not swapping else {}))
             return
         old = dep.app
         retiring = dict(dep.retiring)
@@ -407,7 +407,8 @@ class DeploymentService(Service):
         said = f"; {verification.reason}" if verification else ""
         ready = self._status(dep, "READY", f"model {dep.pending_model} answered a probe embedding{said}"[:1000],
                              app=dep.pending_app, model=dep.pending_model, pending_app=None, pending_model=None,
-                             retiring=retiring, error=None, verification=verification)
+                             retiring=retiring, error=None, verification=verification,
+                             serving_config=dep.config, serving_config_version=dep.config_version)
         if ready is None:
             return  # changed meanwhile (deleted, repointed): the next pass sees it as it is now
         base = f"{self.ctx.base_url}/v2/workspaces/{ready.workspace}/inference/gateway"
@@ -433,6 +434,14 @@ class DeploymentService(Service):
             self.store.delete("deployment_config", dep.workspace, dep.config)
         if self.store.delete("provider", dep.workspace, dep.name):
             self.ctx.routes.bump()
+
+
+def _serving_again(dep: ModelDeployment) -> dict:
+    """A swap that failed while the old generation serves: the record goes back to the config version that serves
+    (so quotas, verification, export and a redeploy after a restart read what runs)."""
+    if dep.status == "READY" and dep.serving_config_version:
+        return {"config": dep.serving_config, "config_version": dep.serving_config_version}
+    return {}
 
 
 def _moved(dep: ModelDeployment, status: str, reason: str, **changes) -> ModelDeployment:

@@ -197,12 +197,20 @@ class JobService(Service):
             if made:
                 raise Conflict(f"job {job_id} made model {made[0]!r}, whose files are in the job's folder; delete the "
                                "model first (its deployments before it)")
+            info = self.ctx.ray_jobs.info(job.ray_job_id) if job.ray_job_id else None
+            if info is not None and getattr(info.status, "value", str(info.status)) in ("PENDING", "RUNNING"):
+                raise Conflict(f"job {job_id} is {job.status}, but its Ray job {job.ray_job_id} is still stopping (it "
+                               "would write into its folder again); try again in a few seconds")
             if not self.ctx.remove(job):
                 raise Conflict(f"job {job_id} changed while it was being deleted; try again")
             return job
 
         job = self.ctx.admitted(workspace, attempt, lambda j: self.ctx.create(j))
-        storage.delete_tree(storage.join(self.ctx.workspace_root(workspace), "jobs", job.name))  # the id: never reused
+        try:
+            storage.delete_tree(storage.join(self.ctx.workspace_root(workspace), "jobs", job.name))  # the id: never reused
+        except Exception as exc:  # noqa: BLE001 - the record comes back, so the files can be deleted again
+            self.ctx.create(job)
+            raise Unavailable(f"job {job_id}'s folder could not be deleted ({type(exc).__name__}: {exc}); retry") from None
         return {"name": job_id, "deleted": True}
 
     def _readable_today(self, job: CustomizationJob) -> None:

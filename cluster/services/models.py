@@ -60,10 +60,13 @@ class ModelService(Service):
                                  artifact=Artifact(uri=out), source_job=f"export-{workspace}-{name}-{job_files.new_job_id()[5:13]}",
                                  description=str(body.get("description", "")))
 
+        if artifact is None:  # an export: a Ray job that writes (the operator's registrations are the operator's)
+            self.ctx.quota_for_job(workspace)
+            self.ctx.quota_for_storage(workspace, "name")  # its folders listed once, outside the admission
+
         def attempt() -> ModelEntity:
-            if artifact is None:  # an export: a Ray job that writes (the operator's registrations are the operator's)
+            if artifact is None:
                 self.ctx.quota_for_job(workspace)
-                self.ctx.quota_for_storage(workspace, "name")
             self._name_free(workspace, name)
             self.ctx.create(entity)
             return entity
