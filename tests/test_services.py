@@ -337,6 +337,25 @@ def test_a_swap_pending_or_failed_counts_what_still_serves(tmp_path):
         deployments.create_deployment("default", {"name": "bb", "model": "mini", "num_cpus": 0.25, "num_replicas": 7})
 
 
+def test_a_config_made_again_under_an_old_name_never_reads_the_old_ones_versions(tmp_path):
+    """A config edited to v3 and deleted; one made again under its name lists only its own versions, and a
+    deployment of it at v1 runs its settings, not the old config's (the history keeps both, told apart)."""
+    ctx = context(tmp_path)
+    deployments = DeploymentService(ctx, verification=VerificationService(ctx))
+    ctx.save(ModelEntity(name="mini", base_model="b", artifact=Artifact(uri=str(artifact(tmp_path))), embedding_dim=8))
+    deployments.create_deployment_config("default", {"name": "shared", "model": "mini", "num_cpus": 0.25})
+    for n in (2, 3):
+        deployments.update_deployment_config("default", "shared", {"num_replicas": n})
+    deployments.delete_deployment_config("default", "shared")
+    time.sleep(0.01)  # another creation time
+    deployments.create_deployment_config("default", {"name": "shared", "model": "mini", "num_cpus": 0.5})
+    listed = deployments.get_deployment_config("default", "shared")["versions"]
+    assert [(v["version"], v["num_cpus"]) for v in listed] == [(1, 0.5)], listed
+    deployments.create_deployment("default", {"name": "web", "config": "shared"})
+    dep = ModelDeployment.model_validate(ctx.store.get("deployment", "default", "web"))
+    assert ctx.config_of(dep).num_cpus == 0.5 and ctx.config_of(dep).num_replicas == 1
+
+
 def test_deployments_alone_ready_after_probe_and_verification_then_deleted(tmp_path):
     ctx = context(tmp_path)
     deployments = DeploymentService(ctx, verification=VerificationService(ctx))

@@ -258,14 +258,22 @@ class Context:
         too)."""
         name, version = ((dep.serving_config, dep.serving_config_version) if serving and dep.serving_config_version
                          else (dep.config, dep.config_version))
-        for body in self.store.versions("deployment_config", dep.workspace, name):
+        current = self.store.get("deployment_config", dep.workspace, name)
+        for body in self.config_versions(dep.workspace, name, current):
             if body.get("version") == version:
                 try:
                     return ModelDeploymentConfig.model_validate(body)
                 except ValidationError:
                     break
-        body = self.store.get("deployment_config", dep.workspace, name)
-        return ModelDeploymentConfig.model_validate(body) if body is not None else None
+        return ModelDeploymentConfig.model_validate(current) if current is not None else None
+
+    def config_versions(self, workspace: str, name: str, current: dict | None) -> list[dict]:
+        """The stored versions of the config `current` (its history keeps those of a deleted config of the same name
+        too: they are told apart by when the config was created)."""
+        if current is None:
+            return []
+        return [v for v in self.store.versions("deployment_config", workspace, name)
+                if v.get("created_at") == current.get("created_at")]
 
     def storage_used(self, workspace: str) -> dict[str, int]:
         """Bytes the workspace holds: its datasets' files (as recorded) and the declared size of its uploads running,

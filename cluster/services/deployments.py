@@ -55,7 +55,7 @@ class DeploymentService(Service):
     def get_deployment_config(self, workspace: str, name: str) -> dict:
         self.ctx.workspace(workspace)
         cfg = self.ctx.load("deployment_config", workspace, name, ModelDeploymentConfig).model_dump(mode="json")
-        cfg["versions"] = self.store.versions("deployment_config", workspace, name)
+        cfg["versions"] = self.ctx.config_versions(workspace, name, self.store.get("deployment_config", workspace, name))
         return cfg
 
     def list_deployment_configs(self, workspace: str) -> list[dict]:
