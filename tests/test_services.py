@@ -172,7 +172,7 @@ def test_uploads_running_at_once_count_against_the_storage_quota(tmp_path):
     running = [d.name for d in ctx.all("dataset", Dataset) if d.uploading]
     assert len(running) == 2 and all(d.uploading_bytes == {"training.jsonl": 12 * 2**10}
                                      for d in ctx.all("dataset", Dataset) if d.uploading)
-    with pytest.raises(QuotaExceeded, match=r"uploads 24576 more now"):
+    with pytest.raises(QuotaExceeded, match=r"holds 24\.0 KiB \(uploading 24\.0 KiB\); 8\.8 KiB more would pass"):
         datasets.begin_upload("default", next(f"ds{i}" for i in range(4) if f"ds{i}" not in running), "training.jsonl", 9000)
     datasets.end_upload("default", running[0], "training.jsonl")  # failed: its bytes are free again
     stored = {"uri": str(tmp_path / "t.jsonl"), "bytes": 12 * 2**10, "sha256": "0" * 64, "records": 1}
@@ -240,7 +240,7 @@ def test_what_jobs_and_models_hold_counts_against_the_storage_quota_and_a_finish
     with pytest.raises(QuotaExceeded, match="max_storage_gib"):
         models.create_model("default", {"name": "minilm", "base_model": "all-MiniLM-L6-v2"})
     datasets.create_dataset("default", {"name": "docs"})
-    with pytest.raises(QuotaExceeded, match=r"holds 0 bytes of datasets and 81920 of jobs and models"):
+    with pytest.raises(QuotaExceeded, match=r"holds 80\.0 KiB \(jobs 80\.0 KiB\); 10 bytes more would pass"):
         datasets.begin_upload("default", "docs", "training.jsonl", 10)
     with pytest.raises(Conflict, match="made model 'old'"):
         jobs.delete_job("default", "cust-old")

@@ -275,29 +275,32 @@ class Context:
         return [v for v in self.store.versions("deployment_config", workspace, name)
                 if v.get("created_at") == current.get("created_at")]
 
-    def storage_used(self, workspace: str) -> dict[str, int]:
-        """Bytes the workspace holds: its datasets' files (as recorded) and the declared size of its uploads running,
-        its jobs', models' and mining cache's folders (listed)."""
-        from cluster.uploads import deadline_s
-
-        root = self.workspace_root(workspace)
+    def datasets_used(self, workspace: str, replacing: tuple[str, str] | None = None) -> dict[str, int]:
+        """Bytes of the workspace's datasets (as recorded; a file being `replacing`'s (dataset, path) left out) and of
+        its uploads running, at the size each declared."""
         datasets = self.all("dataset", Dataset, workspace)
-        live = time.time() - deadline_s() - 600  # a mark older than this is an upload that died
-        listed = {kind: sum(storage.list_files(storage.join(root, kind)).values()) for kind in ("jobs", "models", "mining")}
-        return {"datasets": sum(f.bytes for d in datasets for f in d.files.values()),
-                "uploading": sum(d.uploading_bytes.get(p, 0) for d in datasets for p, t in d.uploading.items() if t > live),
-                **listed}
+        return {"datasets": sum(f.bytes for d in datasets for p, f in d.files.items() if (d.name, p) != replacing),
+                "uploading": sum(d.uploading_bytes.get(p, 0) for d in datasets for p in running_uploads(d))}
 
-    def quota_for_storage(self, workspace: str, field: str = "config") -> None:
-        """New work that writes (a job, a resumed job, a model export) starts only while the workspace holds less than
-        its storage quota; what it then writes is bounded by its own size, not checked on the way."""
+    def folders_used(self, workspace: str) -> dict[str, int]:
+        """Bytes in the workspace's jobs', models' and mining cache's folders (listed in storage)."""
+        root = self.workspace_root(workspace)
+        return {kind: sum(storage.list_files(storage.join(root, kind)).values()) for kind in ("jobs", "models", "mining")}
+
+    def quota_for_storage(self, workspace: str, field: str = "config", more: int = 0,
+                          used: dict[str, int] | None = None) -> None:
+        """New work that writes (a job, a resumed job, a model export; an upload of `more` bytes) starts only while
+        the workspace holds less than its storage quota; what a job then writes is bounded by its own size."""
         quota = self.quota(workspace)
-        used = self.storage_used(workspace)
-        if sum(used.values()) >= quota.max_storage_gib * 2**30:
+        used = used or {**self.datasets_used(workspace), **self.folders_used(workspace)}
+        total = sum(used.values())
+        limit = quota.max_storage_gib * 2**30
+        if (total + more > limit) if more else (total >= limit):
             held = ", ".join(f"{kind} {_size(n)}" for kind, n in used.items() if n) or "nothing"
-            raise QuotaExceeded(f"workspace {workspace!r} holds {_size(sum(used.values()))} ({held}), its "
-                                f"quota (max_storage_gib {quota.max_storage_gib:g}); delete finished jobs (DELETE "
-                                ".../customization/jobs/ID), models or datasets first", field)
+            adding = f"; {_size(more)} more would pass its quota" if more else ", its quota"
+            raise QuotaExceeded(f"workspace {workspace!r} holds {_size(total)} ({held}){adding} (max_storage_gib "
+                                f"{quota.max_storage_gib:g}); delete finished jobs (DELETE .../customization/jobs/ID), "
+                                "models or datasets first", field)
 
     def quota_for_deployment(self, workspace: str, cfg, name: str) -> None:
         """The workspace's limits on replicas (over all its deployments but `name`, plus this one at its most) and on
@@ -314,8 +317,12 @@ class Context:
                                     f"workspace's quota is {limit:g} ({key}): use fewer replicas or smaller ones")
         others = 0
         for dep in self.all("deployment", ModelDeployment, workspace):
-            if dep.name != name:  # what it records, or what its serving generation runs while a swap is pending
-                others += max((most(c) for c in (self.config_of(dep), self.config_of(dep, serving=True)) if c), default=0)
+            if dep.name == name:
+                continue
+            runs = [self.config_of(dep)]  # what it records, and what its serving generation runs if a swap is pending
+            if dep.serving_config_version and (dep.serving_config, dep.serving_config_version) != (dep.config, dep.config_version):
+                runs.append(self.config_of(dep, serving=True))
+            others += max((most(c) for c in runs if c), default=0)
         if others + replicas > quota.max_replicas:
             raise QuotaExceeded(f"workspace {workspace!r} runs up to {others} replicas in its other deployments; "
                                 f"{replicas} more pass its quota (max_replicas {quota.max_replicas})")
@@ -336,3 +343,11 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
     return f"{n} bytes"
+
+
+def running_uploads(ds: Dataset) -> dict[str, float]:
+    """The dataset's uploads still running: path -> when it began (a mark older than the upload deadline is one
+    that died)."""
+    from cluster.uploads import deadline_s
+
+    return {p: t for p, t in ds.uploading.items() if time.time() - t < deadline_s() + 600}

@@ -8,9 +8,8 @@ import uuid
 
 from cluster.entities import DATASET_FILES, JOB_DONE, CustomizationJob, Dataset, DatasetFile
 from rayembed import storage
-from cluster.services.base import Service, check_body, check_name, validated
-from rayembed.errors import Conflict, InvalidRequest, QuotaExceeded, shown
-from cluster.uploads import deadline_s
+from cluster.services.base import Service, check_body, check_name, running_uploads, validated
+from rayembed.errors import Conflict, InvalidRequest, shown
 from rayembed.regression import SHIPPED as SHIPPED_REGRESSION_SETS
 
 log = logging.getLogger(__name__)
@@ -47,8 +46,7 @@ class DatasetService(Service):
             raise InvalidRequest("send the upload with a Content-Length header (its size is checked against the "
                                  "workspace's storage quota before it is read)", "body")
 
-        used = self.ctx.storage_used(self.ctx.workspace(workspace))
-        others = used["jobs"] + used["models"] + used["mining"]  # listed once, before the admission (it may run again)
+        folders = self.ctx.folders_used(self.ctx.workspace(workspace))  # listed once, before the admission (it may run again)
 
         def attempt() -> Dataset:
             ds = self.ctx.load("dataset", self.ctx.workspace(workspace), name, Dataset)
@@ -58,17 +56,8 @@ class DatasetService(Service):
                                "before uploading its files again (or create another dataset)")
             if self._uploading(ds).get(path):
                 raise Conflict(f"{path} of dataset {name!r} is being uploaded right now; wait for that upload")
-            quota = self.ctx.quota(workspace)
-            held = [(d.name, p, f.bytes) for d in self.ctx.all("dataset", Dataset, workspace) for p, f in d.files.items()]
-            coming = [(d.name, p, d.uploading_bytes.get(p, 0)) for d in self.ctx.all("dataset", Dataset, workspace)
-                      for p in self._uploading(d)]  # uploads running now count as the size they declared
-            used = sum(n for d, p, n in held if (d, p) != (name, path))
-            running = sum(n for d, p, n in coming if (d, p) != (name, path))
-            if used + running + others + declared_bytes > int(quota.max_storage_gib * 2**30):
-                raise QuotaExceeded(f"workspace {workspace!r} holds {used} bytes of datasets and {others} of jobs and "
-                                    f"models, and uploads {running} more now; {declared_bytes} more would pass its quota "
-                                    f"(max_storage_gib {quota.max_storage_gib:g}); delete a dataset, a finished job "
-                                    "or a model first", "body")
+            used = {**self.ctx.datasets_used(workspace, replacing=(name, path)), **folders}  # the file replaced: not held
+            self.ctx.quota_for_storage(workspace, "body", more=declared_bytes, used=used)
             live = self._uploading(ds)
             marked = self.ctx.replace(ds, ds.model_copy(update={
                 "uploading": {**live, path: time.time()},
@@ -91,8 +80,7 @@ class DatasetService(Service):
             self._unmark(path)(Dataset.model_validate(self.store.get("dataset", workspace, name)))
 
     def _uploading(self, ds: Dataset) -> dict[str, float]:
-        """The dataset's uploads still running (a mark older than the upload deadline is one that died)."""
-        return {p: t for p, t in ds.uploading.items() if time.time() - t < deadline_s() + 600}
+        return running_uploads(ds)
 
     def add_dataset_file(self, workspace: str, name: str, path: str, stored: dict) -> dict:
         """Record a file the upload task validated and stored at the dataset's folder (a new upload replaces it)."""

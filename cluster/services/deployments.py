@@ -181,7 +181,6 @@ class DeploymentService(Service):
         allow_worse = bool(body.get("allow_worse", dep.allow_worse))
         changes = {k: v for k, v in body.items() if k not in ("allow_worse", "config")}
         cfg_name = check_name(body.get("config", dep.config), "deployment config")
-        self.ctx.load("deployment_config", workspace, cfg_name, ModelDeploymentConfig)
 
         def attempt() -> tuple[tuple, tuple]:
             old = self.ctx.load("deployment_config", workspace, cfg_name, ModelDeploymentConfig)
